@@ -1,0 +1,70 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (process alive),
+//! `/readyz` (accepting traffic; turns 503 as soon as a drain starts).
+//! Kept on its own port so branch traffic can never reach it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::proxy::Gateway;
+use crate::server::{Handler, HttpResponse, Shutdown};
+
+/// Admin endpoints over the gateway's state.
+pub struct Admin {
+    gateway: Arc<Gateway>,
+    shutdown: Shutdown,
+}
+
+impl Admin {
+    /// Admin view of a gateway; `/readyz` follows `shutdown`.
+    #[must_use]
+    pub fn new(gateway: Arc<Gateway>, shutdown: Shutdown) -> Self {
+        Self { gateway, shutdown }
+    }
+
+    fn answer(&self, method: &Method, path: &str) -> HttpResponse {
+        let (status, content_type, body) = match (method, path) {
+            (&Method::GET, "/metrics") => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                Bytes::from(self.gateway.render_metrics()),
+            ),
+            (&Method::GET, "/healthz") => {
+                (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+            }
+            (&Method::GET, "/readyz") if self.shutdown.is_triggered() => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                Bytes::from_static(b"draining\n"),
+            ),
+            (&Method::GET, "/readyz") => {
+                (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                Bytes::from_static(b"not found\n"),
+            ),
+        };
+        let mut response = Response::new(Full::new(body));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response
+    }
+}
+
+impl Handler for Admin {
+    fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        _peer: SocketAddr,
+    ) -> impl Future<Output = HttpResponse> + Send + 'static {
+        async move { self.answer(request.method(), request.uri().path()) }
+    }
+}

@@ -1,0 +1,392 @@
+//! Short-lived answers and in-flight calls, one moka cache per kind: identical requests
+//! coalesce into one Diia call, and a cached answer is only ever found by its own acquirer.
+//!
+//! Each entry is a [`Slot`]: either a pending call (a shared future over a spawned task)
+//! or a finished answer. The task is spawned, not driven by the first client, so a
+//! leader whose client hangs up still finishes the call and fills the cache: a
+//! single-use barcode must never be sent to Diia twice. Waiters are woken by the shared
+//! future (no polling) and bounded by their own request deadline. A pending entry
+//! expires after `max_pending` (the longest an upstream call can take), the "lock age"
+//! that stops a lost task from blocking a key forever.
+//!
+//! Keys are keyed digests that include the bearer session token (see [`crate::keys`]);
+//! a key can therefore never match a request of another acquirer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use moka::Expiry;
+use moka::ops::compute::Op;
+use serde::Deserialize;
+
+use crate::config::SESSION_TOKEN_LIFETIME;
+use crate::error::GatewayError;
+use crate::keys::CacheKey;
+use crate::upstream::{Answer, Outcome};
+
+/// How long answers of one cache live, by what they say.
+#[derive(Debug, Clone, Copy)]
+pub enum Policy {
+    /// Identification results: positive answers for `ttl`, definitive negatives shorter.
+    Verification {
+        /// Life of a 2xx answer.
+        ttl: Duration,
+        /// Life of a 400/404/410/422 answer (used, expired, not found, invalid).
+        negative_ttl: Duration,
+    },
+    /// Session tokens: until `margin` before the token's own expiry.
+    SessionToken {
+        /// Drop the token this long before Diia would.
+        margin: Duration,
+    },
+    /// Sharing requests: every definitive answer is replayed for `ttl`.
+    Sharing {
+        /// The barcode's remaining life at most.
+        ttl: Duration,
+    },
+}
+
+impl Policy {
+    /// How long an outcome may be kept; `None` means never (5xx, 429, 401, timeouts).
+    #[must_use]
+    pub fn ttl(&self, outcome: &Outcome) -> Option<Duration> {
+        let answer = outcome.as_ref().ok()?;
+        let status = answer.status.as_u16();
+        let definitive_negative = matches!(status, 400 | 404 | 409 | 410 | 422);
+        let ttl = match *self {
+            Self::Verification { ttl, negative_ttl } => match status {
+                200..=299 => ttl,
+                _ if definitive_negative => negative_ttl,
+                _ => return None,
+            },
+            Self::SessionToken { margin } if status == 200 => session_token_ttl(answer, margin)?,
+            Self::SessionToken { .. } => return None,
+            Self::Sharing { ttl } if (200..=299).contains(&status) || definitive_negative => ttl,
+            Self::Sharing { .. } => return None,
+        };
+        (!ttl.is_zero()).then_some(ttl)
+    }
+}
+
+/// The time a session token may be served from cache: its JWT `exp` (read, not trusted
+/// for anything else) minus `margin`, never beyond Diia's 2-hour life minus `margin`.
+fn session_token_ttl(answer: &Answer, margin: Duration) -> Option<Duration> {
+    #[derive(Deserialize)]
+    struct TokenBody<'a> {
+        #[serde(borrow)]
+        token: &'a str,
+    }
+    #[derive(Deserialize)]
+    struct Claims {
+        exp: Option<u64>,
+    }
+    let ceiling = SESSION_TOKEN_LIFETIME.checked_sub(margin)?;
+    let body: TokenBody<'_> = serde_json::from_slice(&answer.body).ok()?;
+    let claims = body
+        .token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|json| serde_json::from_slice::<Claims>(&json).ok());
+    let Some(exp) = claims.and_then(|c| c.exp) else {
+        return Some(ceiling);
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    let left = Duration::from_secs(exp)
+        .checked_sub(now)?
+        .checked_sub(margin)?;
+    Some(left.min(ceiling))
+}
+
+type SharedOutcome = Shared<BoxFuture<'static, Arc<Outcome>>>;
+
+/// A cache entry: a call under way, or its answer.
+#[derive(Clone)]
+enum Slot {
+    Pending {
+        id: u64,
+        tag: Option<CacheKey>,
+        outcome: SharedOutcome,
+    },
+    Ready {
+        tag: Option<CacheKey>,
+        outcome: Arc<Outcome>,
+        ttl: Duration,
+    },
+}
+
+impl Slot {
+    fn tag(&self) -> Option<CacheKey> {
+        match self {
+            Self::Pending { tag, .. } | Self::Ready { tag, .. } => *tag,
+        }
+    }
+}
+
+struct SlotExpiry {
+    max_pending: Duration,
+}
+
+impl SlotExpiry {
+    fn life(&self, slot: &Slot) -> Option<Duration> {
+        Some(match slot {
+            Slot::Pending { .. } => self.max_pending,
+            Slot::Ready { ttl, .. } => *ttl,
+        })
+    }
+}
+
+impl Expiry<CacheKey, Slot> for SlotExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        slot: &Slot,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        self.life(slot)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        slot: &Slot,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        self.life(slot)
+    }
+}
+
+/// How a request was answered by the cache layer; drives `Cache-Status` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// A stored answer.
+    Hit,
+    /// This request made the upstream call; `stored` when its answer was kept.
+    Miss {
+        /// Whether the answer was stored.
+        stored: bool,
+    },
+    /// Joined another request's call under way.
+    Coalesced,
+    /// The key is taken by a request with another tag (another sharing `requestId`).
+    TagMismatch,
+}
+
+/// A coalescing, TTL-bounded answer cache.
+#[derive(Clone)]
+pub struct AnswerCache {
+    inner: moka::future::Cache<CacheKey, Slot>,
+    policy: Policy,
+    next_id: Arc<AtomicU64>,
+}
+
+/// Weight of an entry beyond its body: key, slot and bookkeeping.
+const ENTRY_OVERHEAD: usize = 256;
+
+impl AnswerCache {
+    /// A cache bounded to about `max_bytes` of answers; pending calls expire after `max_pending`.
+    #[must_use]
+    pub fn new(policy: Policy, max_bytes: u64, max_pending: Duration) -> Self {
+        let inner = moka::future::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_key: &CacheKey, slot: &Slot| -> u32 {
+                let body = match slot {
+                    Slot::Ready { outcome, .. } => {
+                        outcome.as_ref().as_ref().map_or(0, |a| a.body.len())
+                    }
+                    Slot::Pending { .. } => 0,
+                };
+                u32::try_from(body + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+            })
+            .expire_after(SlotExpiry { max_pending })
+            .build();
+        Self {
+            inner,
+            policy,
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Entries (answers and pending calls) currently held; approximate, for metrics.
+    #[must_use]
+    pub fn entry_count(&self) -> u64 {
+        self.inner.entry_count()
+    }
+
+    /// Runs moka's deferred maintenance now; tests use it for exact counts.
+    pub async fn sync(&self) {
+        self.inner.run_pending_tasks().await;
+    }
+
+    /// A stored answer for `key`, or joins the call under way, or starts `fetch` as the
+    /// one call for everyone. `tag` must match the tag of whoever created the entry.
+    /// Waiting ends at `deadline` with [`GatewayError::UpstreamTimeout`].
+    pub async fn get_or_fetch<F, Fut>(
+        &self,
+        key: CacheKey,
+        tag: Option<CacheKey>,
+        deadline: tokio::time::Instant,
+        fetch: F,
+    ) -> Result<(Arc<Outcome>, Lookup), GatewayError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        if let Some(slot) = self.inner.get(&key).await {
+            return join(slot, tag, deadline).await;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = self
+            .inner
+            .entry(key)
+            .or_insert_with(async { self.spawn_call(key, id, tag, fetch()) })
+            .await;
+        let leader = entry.is_fresh();
+        let slot = entry.into_value();
+        if !leader {
+            return join(slot, tag, deadline).await;
+        }
+        let Slot::Pending { outcome, .. } = slot else {
+            return Err(GatewayError::Internal);
+        };
+        let outcome = tokio::time::timeout_at(deadline, outcome)
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout)?;
+        let stored = self.policy.ttl(&outcome).is_some();
+        Ok((outcome, Lookup::Miss { stored }))
+    }
+
+    fn spawn_call<Fut>(&self, key: CacheKey, id: u64, tag: Option<CacheKey>, call: Fut) -> Slot
+    where
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        let cache = self.inner.clone();
+        let policy = self.policy;
+        let task = tokio::spawn(async move {
+            let outcome = Arc::new(call.await);
+            let ttl = policy.ttl(&outcome);
+            let settled = Arc::clone(&outcome);
+            cache
+                .entry(key)
+                .and_compute_with(|current| {
+                    let ours = matches!(
+                        current.as_ref().map(moka::Entry::value),
+                        Some(Slot::Pending { id: current_id, .. }) if *current_id == id
+                    );
+                    let op = match (ours, ttl) {
+                        (false, _) => Op::Nop,
+                        (true, Some(ttl)) => Op::Put(Slot::Ready {
+                            tag,
+                            outcome: settled,
+                            ttl,
+                        }),
+                        (true, None) => Op::Remove,
+                    };
+                    std::future::ready(op)
+                })
+                .await;
+            outcome
+        });
+        let outcome = task
+            .map(|joined| joined.unwrap_or_else(|_| Arc::new(Err(GatewayError::Internal))))
+            .boxed()
+            .shared();
+        Slot::Pending { id, tag, outcome }
+    }
+}
+
+async fn join(
+    slot: Slot,
+    tag: Option<CacheKey>,
+    deadline: tokio::time::Instant,
+) -> Result<(Arc<Outcome>, Lookup), GatewayError> {
+    if slot.tag() != tag {
+        return Ok((
+            Arc::new(Err(GatewayError::SharingAlreadyRequested)),
+            Lookup::TagMismatch,
+        ));
+    }
+    match slot {
+        Slot::Ready { outcome, .. } => Ok((outcome, Lookup::Hit)),
+        Slot::Pending { outcome, .. } => {
+            let outcome = tokio::time::timeout_at(deadline, outcome)
+                .await
+                .map_err(|_| GatewayError::UpstreamTimeout)?;
+            Ok((outcome, Lookup::Coalesced))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::StatusCode;
+
+    fn answer(status: u16, body: &str) -> Outcome {
+        Ok(Answer {
+            status: StatusCode::from_u16(status).expect("status"),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            content_type: None,
+            trace_id: None,
+            retry_after: None,
+        })
+    }
+
+    #[test]
+    fn verification_policy_keeps_only_definitive_answers() {
+        let policy = Policy::Verification {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(10),
+        };
+        assert_eq!(
+            policy.ttl(&answer(200, "{}")),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            policy.ttl(&answer(400, "{}")),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            policy.ttl(&answer(404, "{}")),
+            Some(Duration::from_secs(10))
+        );
+        for status in [401, 403, 429, 500, 502, 503, 504] {
+            assert_eq!(policy.ttl(&answer(status, "{}")), None, "{status}");
+        }
+        assert_eq!(policy.ttl(&Err(GatewayError::UpstreamTimeout)), None);
+    }
+
+    #[test]
+    fn session_token_ttl_follows_the_jwt_exp() {
+        let margin = Duration::from_secs(300);
+        let policy = Policy::SessionToken { margin };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let payload = URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{}}}"#, now + 1000));
+        let body = format!(r#"{{"token":"h.{payload}.s"}}"#);
+        let ttl = policy.ttl(&answer(200, &body)).expect("cacheable");
+        assert!(
+            ttl <= Duration::from_secs(700) && ttl >= Duration::from_secs(690),
+            "{ttl:?}"
+        );
+        let opaque = policy
+            .ttl(&answer(200, r#"{"token":"opaque"}"#))
+            .expect("cacheable");
+        assert_eq!(opaque, SESSION_TOKEN_LIFETIME - margin);
+        let expired = URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{}}}"#, now + 10));
+        assert_eq!(
+            policy.ttl(&answer(200, &format!(r#"{{"token":"h.{expired}.s"}}"#))),
+            None
+        );
+        assert_eq!(policy.ttl(&answer(401, "{}")), None);
+    }
+}

@@ -1,0 +1,310 @@
+//! Every answer the gateway makes up itself: the one place statuses and error codes are chosen.
+//!
+//! Bodies follow Diia's own error shape (`name`, `message`, `code`) so branch backends
+//! that already parse Diia errors need no change, plus `gatewayCode`, a stable
+//! machine-readable code of ours. Matches are exhaustive: a new variant cannot silently
+//! become a 500.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+/// A field that a request body must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequiredField {
+    /// `branchId`
+    BranchId,
+    /// `barcode` (or `qrcode` on `document-request`)
+    BarcodeOrQrcode,
+    /// `barcode`
+    Barcode,
+    /// `requestId`
+    RequestId,
+    /// `offerId`
+    OfferId,
+}
+
+/// Why the gateway answered instead of Diia (or on Diia's behalf).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// No route of Diia's acquirer API matches the path.
+    #[error("unknown route")]
+    UnknownRoute,
+    /// The path exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// No `Authorization` header where Diia needs one.
+    #[error("missing authorization")]
+    MissingAuthorization,
+    /// `Authorization` is not `Bearer <session token>`.
+    #[error("invalid authorization")]
+    InvalidAuthorization,
+    /// The acquirer token in the token-exchange path is empty or malformed.
+    #[error("invalid acquirer token")]
+    InvalidAcquirerToken,
+    /// The body is larger than the configured cap.
+    #[error("body too large")]
+    BodyTooLarge,
+    /// The client did not send its body within the deadline.
+    #[error("body read timed out")]
+    BodyTimeout,
+    /// The body could not be read from the connection.
+    #[error("body read failed")]
+    BodyRead,
+    /// The body is not a JSON object.
+    #[error("invalid json")]
+    InvalidJson,
+    /// A required field is missing or not a string.
+    #[error("missing field {0:?}")]
+    MissingField(RequiredField),
+    /// The barcode is not a 13-digit EAN-13 code.
+    #[error("invalid barcode")]
+    InvalidBarcode,
+    /// A field value is out of shape (too long, not a string, control characters).
+    #[error("invalid field")]
+    InvalidField,
+    /// A query parameter required by the endpoint is missing or malformed.
+    #[error("invalid query")]
+    InvalidQuery,
+    /// A sharing request with another `requestId` is already under way for this barcode.
+    #[error("sharing already requested")]
+    SharingAlreadyRequested,
+    /// This branch spent its budget.
+    #[error("branch rate limited")]
+    BranchRateLimited {
+        /// When the branch may try again.
+        retry_after: Duration,
+        /// Pre-rendered `RateLimit-Policy` header value.
+        policy: HeaderValue,
+    },
+    /// The gateway-wide budget toward Diia stayed empty for the configured wait.
+    #[error("diia budget exhausted")]
+    DiiaBudgetExhausted {
+        /// Estimated time until the budget refills.
+        retry_after: Duration,
+    },
+    /// Diia asked us to back off (429/503 with `Retry-After`); every upstream call waits.
+    #[error("diia asked to back off")]
+    DiiaBackoff {
+        /// Remaining back-off time.
+        retry_after: Duration,
+    },
+    /// Diia could not be reached (connect, TLS or connection failure).
+    #[error("upstream unreachable")]
+    UpstreamUnreachable,
+    /// Diia answered with something that is not valid HTTP or is too large.
+    #[error("upstream protocol error")]
+    UpstreamProtocol,
+    /// Diia did not answer within the upstream deadline (or the request deadline passed).
+    #[error("upstream timeout")]
+    UpstreamTimeout,
+    /// A bug: should never be seen. Logged with detail, rendered without.
+    #[error("internal error")]
+    Internal,
+}
+
+impl GatewayError {
+    /// The HTTP status the client sees.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::UnknownRoute => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MissingAuthorization | Self::InvalidAuthorization => StatusCode::UNAUTHORIZED,
+            Self::InvalidAcquirerToken
+            | Self::MissingField(_)
+            | Self::InvalidBarcode
+            | Self::InvalidField
+            | Self::InvalidQuery => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyRead | Self::InvalidJson => StatusCode::BAD_REQUEST,
+            Self::SharingAlreadyRequested => StatusCode::CONFLICT,
+            Self::BranchRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::DiiaBudgetExhausted { .. } | Self::DiiaBackoff { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Our stable machine-readable code, also the `outcome` detail in logs.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownRoute => "unknown_route",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::MissingAuthorization => "missing_authorization",
+            Self::InvalidAuthorization => "invalid_authorization",
+            Self::InvalidAcquirerToken => "invalid_acquirer_token",
+            Self::BodyTooLarge => "body_too_large",
+            Self::BodyTimeout => "body_timeout",
+            Self::BodyRead => "body_read_failed",
+            Self::InvalidJson => "invalid_json",
+            Self::MissingField(_) => "missing_field",
+            Self::InvalidBarcode => "invalid_barcode",
+            Self::InvalidField => "invalid_field",
+            Self::InvalidQuery => "invalid_query",
+            Self::SharingAlreadyRequested => "sharing_already_requested",
+            Self::BranchRateLimited { .. } => "branch_rate_limited",
+            Self::DiiaBudgetExhausted { .. } => "diia_budget_exhausted",
+            Self::DiiaBackoff { .. } => "diia_backoff",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamProtocol => "upstream_protocol_error",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// Diia's `name` for the same class of error.
+    fn name(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => "ValidationError",
+            StatusCode::UNAUTHORIZED => "UnauthorizedError",
+            StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::TOO_MANY_REQUESTS => "TooManyRequestsError",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => "GatewayError",
+            StatusCode::CONFLICT => "ConflictError",
+            _ => "BadRequestError",
+        }
+    }
+
+    /// A human sentence; never carries request data (so it is safe to render and log).
+    fn message(&self) -> &'static str {
+        match self {
+            Self::UnknownRoute => "No such route in Diia's acquirer API",
+            Self::MethodNotAllowed => "Method not allowed on this route",
+            Self::MissingAuthorization => "Empty token",
+            Self::InvalidAuthorization => "Authorization must be 'Bearer <session token>'",
+            Self::InvalidAcquirerToken => "Acquirer token in the path is empty or malformed",
+            Self::BodyTooLarge => "Request body exceeds the gateway's limit",
+            Self::BodyTimeout => "Request body was not received in time",
+            Self::BodyRead => "Request body could not be read",
+            Self::InvalidJson => "Request body is not a JSON object",
+            Self::MissingField(RequiredField::BranchId) => "Field branchId is required",
+            Self::MissingField(RequiredField::Barcode) => "Field barcode is required",
+            Self::MissingField(RequiredField::BarcodeOrQrcode) => {
+                "Field barcode or qrcode is required"
+            }
+            Self::MissingField(RequiredField::RequestId) => "Field requestId is required",
+            Self::MissingField(RequiredField::OfferId) => "Field offerId is required",
+            Self::InvalidBarcode => "Barcode must be 13 digits with a valid EAN-13 check digit",
+            Self::InvalidField => "A field has an invalid value",
+            Self::InvalidQuery => "Query must carry barcode (13-digit EAN-13) and requestId",
+            Self::SharingAlreadyRequested => {
+                "A sharing request with another requestId is already under way for this barcode"
+            }
+            Self::BranchRateLimited { .. } => "Too many requests from this branch",
+            Self::DiiaBudgetExhausted { .. } => "Diia request budget exhausted, retry later",
+            Self::DiiaBackoff { .. } => "Diia asked to back off, retry later",
+            Self::UpstreamUnreachable => "Diia is unreachable",
+            Self::UpstreamProtocol => "Diia answered with an invalid response",
+            Self::UpstreamTimeout => "Diia did not answer in time",
+            Self::Internal => "Internal gateway error",
+        }
+    }
+
+    /// The `Retry-After` this error asks the client to honour, if any.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::BranchRateLimited { retry_after, .. }
+            | Self::DiiaBudgetExhausted { retry_after }
+            | Self::DiiaBackoff { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// Renders the JSON error response.
+    #[must_use]
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let body = format!(
+            r#"{{"name":"{}","message":"{}","code":{},"gatewayCode":"{}"}}"#,
+            self.name(),
+            self.message(),
+            status.as_u16(),
+            self.code()
+        );
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, JSON_CONTENT_TYPE.clone());
+        if let Some(wait) = self.retry_after() {
+            let secs = retry_after_secs(wait);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            if let Self::BranchRateLimited { policy, .. } = self {
+                headers.insert("ratelimit-policy", policy.clone());
+                if let Ok(value) = HeaderValue::try_from(format!("\"branch\";r=0;t={secs}")) {
+                    headers.insert("ratelimit", value);
+                }
+            }
+        }
+        if matches!(self, Self::MethodNotAllowed) {
+            headers.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, POST, PUT, DELETE"),
+            );
+        }
+        response
+    }
+}
+
+/// `application/json; charset=utf-8`, as Diia sends.
+pub static JSON_CONTENT_TYPE: HeaderValue =
+    HeaderValue::from_static("application/json; charset=utf-8");
+
+/// Whole seconds for `Retry-After`, rounded up and never 0 (a 0 invites a hot retry loop).
+#[must_use]
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_never_zero_and_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn error_body_is_diia_shaped_json() {
+        let response = GatewayError::InvalidBarcode.to_response();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = response.into_body();
+        let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(body))
+            .expect("full body is ready")
+            .expect("infallible")
+            .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(json["code"], 422);
+        assert_eq!(json["name"], "ValidationError");
+        assert_eq!(json["gatewayCode"], "invalid_barcode");
+    }
+
+    #[test]
+    fn branch_limit_carries_ratelimit_headers() {
+        let err = GatewayError::BranchRateLimited {
+            retry_after: Duration::from_millis(1500),
+            policy: HeaderValue::from_static("\"branch\";q=60;w=60"),
+        };
+        let response = err.to_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(response.headers()["ratelimit"], "\"branch\";r=0;t=2");
+        assert_eq!(
+            response.headers()["ratelimit-policy"],
+            "\"branch\";q=60;w=60"
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! Keyed hashes: cache keys that bind every entry to its acquirer, and log fingerprints.
+//!
+//! One per-process secret key (from the OS RNG) feeds blake3 in keyed mode, so neither
+//! a cache key nor a log fingerprint can be reversed or precomputed by someone who only
+//! sees logs: a barcode has ~10^12 values, few enough to brute-force an unkeyed hash.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use subtle::ConstantTimeEq;
+
+/// A 256-bit keyed digest used as a cache key. Equality is constant-time, so comparing
+/// keys that embed credentials leaks nothing through timing.
+#[derive(Clone, Copy)]
+pub struct CacheKey([u8; 32]);
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for CacheKey {}
+
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The digest is uniformly random; 8 of its bytes are a perfect hash already.
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(head));
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CacheKey({:02x}{:02x}{:02x}{:02x}…)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
+    }
+}
+
+impl CacheKey {
+    /// The digest bytes.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+/// Builds a [`CacheKey`] from length-prefixed parts, so `("ab","c")` and `("a","bc")` differ.
+pub struct KeyBuilder(blake3::Hasher);
+
+impl KeyBuilder {
+    /// Adds one part.
+    pub fn part(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+
+    /// The finished key.
+    #[must_use]
+    pub fn finish(&self) -> CacheKey {
+        CacheKey(*self.0.finalize().as_bytes())
+    }
+}
+
+/// The process's secret for keyed hashing.
+#[derive(Clone)]
+pub struct Secrets {
+    key: [u8; 32],
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secrets(<redacted>)")
+    }
+}
+
+impl Secrets {
+    /// A fresh random key from the OS.
+    pub fn random() -> std::io::Result<Self> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+        Ok(Self { key })
+    }
+
+    /// A fixed key, for benchmarks and tests that need reproducible keys.
+    #[must_use]
+    pub fn fixed(key: [u8; 32]) -> Self {
+        Self { key }
+    }
+
+    /// Starts a cache key in a domain (`domain` separates caches that share the key space).
+    #[must_use]
+    pub fn key(&self, domain: &'static str) -> KeyBuilder {
+        let mut builder = KeyBuilder(blake3::Hasher::new_keyed(&self.key));
+        builder.part(domain.as_bytes());
+        builder
+    }
+
+    /// A short keyed fingerprint that can stand in for a secret value in logs.
+    #[must_use]
+    pub fn fingerprint(&self, value: &[u8]) -> Fingerprint {
+        let digest = self.key("log").part(value).finish();
+        let mut head = [0u8; 6];
+        head.copy_from_slice(&digest.as_bytes()[..6]);
+        Fingerprint(head)
+    }
+}
+
+/// A 48-bit keyed fingerprint; displays as 12 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 6]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_length_prefixed() {
+        let secrets = Secrets::fixed([7; 32]);
+        let a = secrets.key("d").part(b"ab").part(b"c").finish();
+        let b = secrets.key("d").part(b"a").part(b"bc").finish();
+        assert_ne!(a, b);
+        assert_eq!(a, secrets.key("d").part(b"ab").part(b"c").finish());
+    }
+
+    #[test]
+    fn domains_and_secrets_separate_keys() {
+        let one = Secrets::fixed([1; 32]);
+        let two = Secrets::fixed([2; 32]);
+        assert_ne!(
+            one.key("a").part(b"x").finish(),
+            one.key("b").part(b"x").finish()
+        );
+        assert_ne!(
+            one.key("a").part(b"x").finish(),
+            two.key("a").part(b"x").finish()
+        );
+        assert_ne!(one.fingerprint(b"x"), two.fingerprint(b"x"));
+    }
+}

@@ -1,0 +1,190 @@
+//! diia-gateway: a verification gateway in front of Diia's acquirer API.
+//!
+//! Branch backends point their Diia base URL at the gateway and change nothing else.
+//! The gateway refuses malformed requests before they leave the box, answers repeated
+//! verifications from a short-lived cache (so a re-scan of a single-use barcode still
+//! works), makes one Diia call for any number of identical concurrent requests, never
+//! pushes a second consent request for the same barcode, shares session tokens between
+//! branches, and rate-limits per branch and toward Diia.
+//!
+//! # Layout
+//! - [`config`]: TOML → validated [`Config`]
+//! - [`error`]: [`GatewayError`], the only place statuses and error codes are chosen
+//! - [`barcode`]: the EAN-13 [`barcode::Barcode`] newtype, redacting
+//! - [`route`]: `(method, path)` → [`route::Endpoint`]
+//! - [`request`]: header and body validation
+//! - [`keys`]: keyed hashes for cache keys and log fingerprints
+//! - [`cache`]: moka caches with coalescing and replay
+//! - [`limit`]: governor limits per branch and toward Diia
+//! - [`upstream`]: hyper + rustls client toward Diia
+//! - [`proxy`]: the request lifecycle (stages) over all of the above
+//! - [`metrics`], [`admin`]: what SREs see
+//! - [`server`]: accept loop and graceful shutdown
+//! - [`sim`]: the Diia simulator
+
+pub mod admin;
+pub mod barcode;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod limit;
+pub mod metrics;
+pub mod proxy;
+pub mod request;
+pub mod route;
+pub mod server;
+pub mod sim;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+pub use crate::config::Config;
+pub use crate::error::GatewayError;
+use crate::keys::Secrets;
+use crate::limit::DiiaBudget;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::server::{Shutdown, accept_loop};
+use crate::sim::{SimHandle, Simulator};
+use crate::upstream::Upstream;
+
+/// How often idle branch budgets are forgotten.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(30);
+
+/// A running gateway (and, with `[simulator]`, its in-process simulator).
+pub struct RunningGateway {
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    shutdown: Shutdown,
+    tasks: Vec<JoinHandle<()>>,
+    simulator: Option<SimHandle>,
+}
+
+impl RunningGateway {
+    /// The branch-facing address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin address.
+    #[must_use]
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The embedded simulator, when the config asked for one.
+    #[must_use]
+    pub fn simulator(&self) -> Option<&SimHandle> {
+        self.simulator.as_ref()
+    }
+
+    /// The gateway's shared state (metrics, for tests and the load tool).
+    #[must_use]
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// A handle that starts the drain when triggered.
+    #[must_use]
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Drains and stops: readiness drops, listeners close, in-flight requests finish.
+    pub async fn stop(mut self) {
+        self.shutdown.trigger();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if let Some(simulator) = self.simulator.take() {
+            simulator.stop().await;
+        }
+    }
+
+    /// Runs until the shutdown handle is triggered, then drains.
+    pub async fn wait(self) {
+        self.shutdown.wait().await;
+        self.stop().await;
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+/// Binds the listeners and starts serving; returns once both accept connections.
+pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
+    let simulator = match &config.simulator {
+        Some(sim_config) => Some(Simulator::start(sim_config.clone()).await?),
+        None => None,
+    };
+    let base_url = simulator
+        .as_ref()
+        .map_or_else(|| config.upstream.base_url.clone(), SimHandle::base_url);
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let budget = DiiaBudget::new(&config.limits.diia);
+    let upstream = Arc::new(Upstream::new(
+        &config.upstream,
+        &base_url,
+        budget,
+        Arc::clone(&metrics),
+    )?);
+    let gateway = Arc::new(Gateway::new(
+        Arc::clone(&config),
+        Secrets::random()?,
+        upstream,
+        metrics,
+    ));
+
+    let listener = TcpListener::bind(config.server.listen).await?;
+    let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
+    let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let shutdown = Shutdown::new();
+    let drain = config.server.request_deadline + Duration::from_secs(1);
+    let admin = Arc::new(Admin::new(Arc::clone(&gateway), shutdown.clone()));
+    let housekeeping = {
+        let gateway = Arc::clone(&gateway);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(HOUSEKEEPING_PERIOD);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => gateway.housekeeping().await,
+                    () = shutdown.wait() => break,
+                }
+            }
+        })
+    };
+    let tasks = vec![
+        tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&gateway),
+            shutdown.clone(),
+            drain,
+        )),
+        tokio::spawn(accept_loop(admin_listener, admin, shutdown.clone(), drain)),
+        housekeeping,
+    ];
+    tracing::info!(%addr, %admin_addr, upstream = %base_url, embedded_simulator = simulator.is_some(), "diia-gateway listening");
+    Ok(RunningGateway {
+        addr,
+        admin_addr,
+        gateway,
+        shutdown,
+        tasks,
+        simulator,
+    })
+}

@@ -1,0 +1,262 @@
+//! Prometheus metrics: handles registered once with bounded label sets, so the hot path
+//! is a relaxed atomic add on a handle fetched by array index.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::GatewayError;
+use crate::route::Endpoint;
+use crate::upstream::Outcome;
+
+/// How one request ended, from the gateway's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Answered from cache.
+    Hit,
+    /// Sent to Diia (cache-eligible endpoint).
+    Miss,
+    /// Waited for an identical request's Diia call.
+    Coalesced,
+    /// A repeated sharing request answered with the first answer.
+    Replayed,
+    /// Forwarded to Diia without caching (branches, offers, status).
+    Passthrough,
+    /// Refused by validation (4xx of ours); never reached Diia.
+    Rejected,
+    /// Refused by a rate limit, Diia's budget or Diia's back-off.
+    Limited,
+    /// Diia failed: unreachable, timeout, invalid answer.
+    UpstreamError,
+}
+
+impl RequestOutcome {
+    const ALL: [Self; 8] = [
+        Self::Hit,
+        Self::Miss,
+        Self::Coalesced,
+        Self::Replayed,
+        Self::Passthrough,
+        Self::Rejected,
+        Self::Limited,
+        Self::UpstreamError,
+    ];
+
+    /// The `outcome` label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Coalesced => "coalesced",
+            Self::Replayed => "replayed",
+            Self::Passthrough => "passthrough",
+            Self::Rejected => "rejected",
+            Self::Limited => "limited",
+            Self::UpstreamError => "upstream_error",
+        }
+    }
+
+    /// Whether this outcome spared Diia a call.
+    #[must_use]
+    pub fn saved_a_call(self) -> bool {
+        matches!(self, Self::Hit | Self::Coalesced | Self::Replayed)
+    }
+
+    /// The outcome of a request the gateway answered with its own error.
+    #[must_use]
+    pub fn of_error(error: &GatewayError) -> Self {
+        match error {
+            GatewayError::BranchRateLimited { .. }
+            | GatewayError::DiiaBudgetExhausted { .. }
+            | GatewayError::DiiaBackoff { .. } => Self::Limited,
+            GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamProtocol
+            | GatewayError::UpstreamTimeout
+            | GatewayError::Internal => Self::UpstreamError,
+            GatewayError::UnknownRoute
+            | GatewayError::MethodNotAllowed
+            | GatewayError::MissingAuthorization
+            | GatewayError::InvalidAuthorization
+            | GatewayError::InvalidAcquirerToken
+            | GatewayError::BodyTooLarge
+            | GatewayError::BodyTimeout
+            | GatewayError::BodyRead
+            | GatewayError::InvalidJson
+            | GatewayError::MissingField(_)
+            | GatewayError::InvalidBarcode
+            | GatewayError::InvalidField
+            | GatewayError::InvalidQuery
+            | GatewayError::SharingAlreadyRequested => Self::Rejected,
+        }
+    }
+}
+
+type Labels2 = [(&'static str, &'static str); 2];
+type Labels1 = [(&'static str, &'static str); 1];
+
+/// Slots in the request table: one per endpoint plus one for requests that matched none.
+const ENDPOINT_SLOTS: usize = Endpoint::ALL.len() + 1;
+
+/// All metric handles.
+pub struct Metrics {
+    registry: Registry,
+    requests: Vec<[Counter; RequestOutcome::ALL.len()]>,
+    errors: Family<Labels1, Counter>,
+    upstream_latency: Vec<Histogram>,
+    upstream_calls: Family<Labels2, Counter>,
+    saved: Counter,
+    cache_entries: Family<Labels1, Gauge>,
+    branches_tracked: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("diia_gateway");
+        let requests_family = Family::<Labels2, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by endpoint and outcome (hit, miss, coalesced, replayed, passthrough, rejected, limited, upstream_error)",
+            requests_family.clone(),
+        );
+        let endpoint_labels = Endpoint::ALL.iter().map(|e| e.label()).chain(["none"]);
+        let requests = endpoint_labels
+            .map(|endpoint| {
+                RequestOutcome::ALL.map(|outcome| {
+                    requests_family
+                        .get_or_create(&[("endpoint", endpoint), ("outcome", outcome.label())])
+                        .clone()
+                })
+            })
+            .collect();
+        let errors = Family::<Labels1, Counter>::default();
+        registry.register(
+            "errors",
+            "Answers the gateway made up itself, by gatewayCode",
+            errors.clone(),
+        );
+        let latency_family = Family::<Labels1, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+        });
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending a request to Diia to having its whole answer",
+            latency_family.clone(),
+        );
+        let upstream_latency = Endpoint::ALL
+            .iter()
+            .map(|e| {
+                latency_family
+                    .get_or_create(&[("endpoint", e.label())])
+                    .clone()
+            })
+            .collect();
+        let upstream_calls = Family::<Labels2, Counter>::default();
+        registry.register(
+            "upstream_calls",
+            "Calls made to Diia by endpoint and result (2xx, 4xx, 5xx, or the gateway error)",
+            upstream_calls.clone(),
+        );
+        let saved = Counter::default();
+        registry.register(
+            "diia_calls_saved",
+            "Requests answered without a Diia call (hit, coalesced, replayed)",
+            saved.clone(),
+        );
+        let cache_entries = Family::<Labels1, Gauge>::default();
+        registry.register(
+            "cache_entries",
+            "Entries held per cache (answers and calls under way)",
+            cache_entries.clone(),
+        );
+        let branches_tracked = Gauge::default();
+        registry.register(
+            "branches_tracked",
+            "Branches with a rate-limit state in memory",
+            branches_tracked.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            errors,
+            upstream_latency,
+            upstream_calls,
+            saved,
+            cache_entries,
+            branches_tracked,
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn request(
+        &self,
+        endpoint: Option<Endpoint>,
+        outcome: RequestOutcome,
+        error: Option<&GatewayError>,
+    ) {
+        let slot = endpoint.map_or(ENDPOINT_SLOTS - 1, Endpoint::index);
+        if let Some(row) = self.requests.get(slot) {
+            row[outcome as usize].inc();
+        }
+        if outcome.saved_a_call() {
+            self.saved.inc();
+        }
+        if let Some(error) = error {
+            self.errors.get_or_create(&[("code", error.code())]).inc();
+        }
+    }
+
+    /// Counts one call to Diia and its latency.
+    pub fn upstream_call(&self, endpoint: Endpoint, elapsed: Duration, outcome: &Outcome) {
+        if let Some(histogram) = self.upstream_latency.get(endpoint.index()) {
+            histogram.observe(elapsed.as_secs_f64());
+        }
+        let result = match outcome {
+            Ok(answer) if answer.status.is_success() => "2xx",
+            Ok(answer) if answer.status.is_client_error() => "4xx",
+            Ok(_) => "5xx",
+            Err(error) => error.code(),
+        };
+        self.upstream_calls
+            .get_or_create(&[("endpoint", endpoint.label()), ("result", result)])
+            .inc();
+    }
+
+    /// Requests counted for an endpoint and outcome (tests and the load tool read this).
+    #[must_use]
+    pub fn requests(&self, endpoint: Endpoint, outcome: RequestOutcome) -> u64 {
+        self.requests
+            .get(endpoint.index())
+            .map_or(0, |row| row[outcome as usize].get())
+    }
+
+    /// Prometheus text exposition, with point-in-time gauges refreshed first.
+    #[must_use]
+    pub fn render(&self, cache_entries: &[(&'static str, u64)], branches_tracked: usize) -> String {
+        for (cache, entries) in cache_entries {
+            self.cache_entries
+                .get_or_create(&[("cache", cache)])
+                .set(i64::try_from(*entries).unwrap_or(i64::MAX));
+        }
+        self.branches_tracked
+            .set(i64::try_from(branches_tracked).unwrap_or(i64::MAX));
+        let mut text = String::with_capacity(16 * 1024);
+        if encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}

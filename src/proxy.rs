@@ -1,0 +1,482 @@
+//! The request lifecycle, written once:
+//!
+//! 1. **route**: `(method, path)` → [`Endpoint`], or 404/405 (nothing leaves the box);
+//! 2. **identify caller**: bearer session token (401 without), or the acquirer token in
+//!    the token-exchange path;
+//! 3. **read body**: bounded by size (413) and time (408);
+//! 4. **validate**: JSON syntax (400), required fields and barcode (422);
+//! 5. **per-branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`);
+//! 6. **cache / coalesce / replay** keyed by acquirer + endpoint + fields;
+//! 7. **Diia budget** (wait, then 503), Diia's back-off (503), **upstream call** with
+//!    deadline (502/504), inside a spawned task that outlives the client;
+//! 8. **respond** with Diia's status and body, `Cache-Status`, metrics, redacted access log.
+//!
+//! Each stage is a plain `async fn` returning `Result<_, GatewayError>`; [`Gateway::serve`]
+//! is the one place that turns an error into a response, counts and logs it. Validation
+//! comes before the branch limit so that malformed traffic is refused without spending a
+//! branch's budget, and the branch limit comes before the cache so that one branch
+//! cannot hog the gateway even with cache hits.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, Response, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+use crate::barcode::Barcode;
+use crate::cache::{AnswerCache, Lookup, Policy};
+use crate::config::Config;
+use crate::error::{GatewayError, JSON_CONTENT_TYPE};
+use crate::keys::Secrets;
+use crate::limit::{BranchIdentity, BranchLimiter};
+use crate::metrics::{Metrics, RequestOutcome};
+use crate::request::{JsonBody, SharingSubject, bearer_token, status_query};
+use crate::route::{Endpoint, route};
+use crate::server::{Handler, HttpResponse};
+use crate::upstream::{Outcome, Upstream, UpstreamRequest};
+
+static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
+static HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit");
+static REPLAY: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=replay");
+static MISS_STORED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; stored");
+static MISS: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss");
+static COLLAPSED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; collapsed");
+
+/// The gateway: shared state behind every request. Cheap to share as `Arc<Gateway>`.
+pub struct Gateway {
+    config: Arc<Config>,
+    secrets: Secrets,
+    answers: AnswerCache,
+    tokens: AnswerCache,
+    sharing: AnswerCache,
+    branches: BranchLimiter,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+}
+
+/// A successful pass through the stages.
+struct Reply {
+    response: HttpResponse,
+    outcome: RequestOutcome,
+}
+
+/// What the access log may say about a request: only labels and keyed fingerprints.
+#[derive(Default)]
+struct Trace {
+    endpoint: Option<Endpoint>,
+    barcode: Option<Barcode>,
+}
+
+/// Renders a keyed fingerprint only when a log line is actually written.
+struct Redacted<'a>(&'a Secrets, Option<Barcode>);
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1 {
+            Some(barcode) => write!(f, "{}", self.0.fingerprint(&barcode.as_u64().to_le_bytes())),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+impl Gateway {
+    /// Builds the gateway around an upstream client.
+    #[must_use]
+    pub fn new(
+        config: Arc<Config>,
+        secrets: Secrets,
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let max_pending =
+            config.upstream.timeout + config.limits.diia.max_wait + Duration::from_secs(1);
+        let answers = AnswerCache::new(
+            Policy::Verification {
+                ttl: config.cache.ttl,
+                negative_ttl: config.cache.negative_ttl,
+            },
+            config.cache.max_bytes,
+            max_pending,
+        );
+        let tokens = AnswerCache::new(
+            Policy::SessionToken {
+                margin: config.tokens.refresh_margin,
+            },
+            16 * 1024 * 1024,
+            max_pending,
+        );
+        let sharing = AnswerCache::new(
+            Policy::Sharing {
+                ttl: config.sharing.replay_ttl,
+            },
+            config.cache.max_bytes / 4,
+            max_pending,
+        );
+        Self {
+            branches: BranchLimiter::new(&config.limits.branch),
+            config,
+            secrets,
+            answers,
+            tokens,
+            sharing,
+            upstream,
+            metrics,
+        }
+    }
+
+    /// The metric handles.
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Prometheus text for `/metrics`.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(
+            &[
+                ("answers", self.answers.entry_count()),
+                ("tokens", self.tokens.entry_count()),
+                ("sharing", self.sharing.entry_count()),
+            ],
+            self.branches.tracked(),
+        )
+    }
+
+    /// Periodic upkeep: forget idle branch budgets, settle cache bookkeeping.
+    pub async fn housekeeping(&self) {
+        self.branches.forget_idle();
+        self.answers.sync().await;
+        self.tokens.sync().await;
+        self.sharing.sync().await;
+    }
+
+    /// Answers one request: the outer layer that renders, counts and logs.
+    pub async fn serve(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+        let started = Instant::now();
+        let mut trace = Trace::default();
+        let (response, outcome, error) =
+            match self.process(request, peer, started, &mut trace).await {
+                Ok(Reply { response, outcome }) => (response, outcome, None),
+                Err(error) => {
+                    if error == GatewayError::Internal {
+                        tracing::error!("internal error while answering a request");
+                    }
+                    (
+                        error.to_response(),
+                        RequestOutcome::of_error(&error),
+                        Some(error),
+                    )
+                }
+            };
+        self.metrics
+            .request(trace.endpoint, outcome, error.as_ref());
+        tracing::info!(
+            target: "diia_gateway::access",
+            endpoint = trace.endpoint.map_or("none", Endpoint::label),
+            status = response.status().as_u16(),
+            outcome = outcome.label(),
+            code = error.as_ref().map_or("-", GatewayError::code),
+            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            barcode = %Redacted(&self.secrets, trace.barcode),
+            peer = %peer.ip(),
+        );
+        response
+    }
+
+    async fn process(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        started: Instant,
+        trace: &mut Trace,
+    ) -> Result<Reply, GatewayError> {
+        let (parts, body) = request.into_parts();
+        let routed = route(&parts.method, parts.uri.path())?;
+        trace.endpoint = Some(routed.endpoint);
+        let deadline =
+            tokio::time::Instant::from_std(started + self.config.server.request_deadline);
+        if routed.endpoint == Endpoint::TokenExchange {
+            let acquirer_token = routed
+                .path_param
+                .ok_or(GatewayError::InvalidAcquirerToken)?;
+            return self
+                .token_exchange(&parts, acquirer_token, peer, deadline)
+                .await;
+        }
+        let token = bearer_token(&parts.headers)?;
+        let body = self.read_body(&parts, body).await?;
+        match routed.endpoint {
+            Endpoint::DocumentIdentification | Endpoint::DocumentIdentificationAge => {
+                self.identify(routed.endpoint, &parts, token, body, deadline, trace)
+                    .await
+            }
+            Endpoint::DocumentRequest => self.share(&parts, token, body, deadline, trace).await,
+            endpoint => {
+                self.pass_through(
+                    endpoint,
+                    &parts,
+                    routed.path_param,
+                    body,
+                    peer,
+                    deadline,
+                    trace,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn read_body(&self, parts: &Parts, body: Incoming) -> Result<Bytes, GatewayError> {
+        let limit = self.config.server.body_limit;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(GatewayError::BodyTooLarge);
+        }
+        let collected = tokio::time::timeout(
+            self.config.server.body_timeout,
+            Limited::new(body, limit).collect(),
+        )
+        .await
+        .map_err(|_| GatewayError::BodyTimeout)?;
+        match collected {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                Err(GatewayError::BodyTooLarge)
+            }
+            Err(_) => Err(GatewayError::BodyRead),
+        }
+    }
+
+    async fn token_exchange(
+        &self,
+        parts: &Parts,
+        acquirer_token: &str,
+        peer: SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> Result<Reply, GatewayError> {
+        self.branches.check(BranchIdentity::Client(peer.ip()))?;
+        let credentials = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        let key = self
+            .secrets
+            .key("session-token")
+            .part(acquirer_token.as_bytes())
+            .part(credentials)
+            .finish();
+        let (outcome, lookup) = self
+            .tokens
+            .get_or_fetch(key, None, deadline, || {
+                self.fetch(upstream_request(
+                    Endpoint::TokenExchange,
+                    parts,
+                    Bytes::new(),
+                ))
+            })
+            .await?;
+        reply(&outcome, lookup, false)
+    }
+
+    async fn identify(
+        &self,
+        endpoint: Endpoint,
+        parts: &Parts,
+        token: &[u8],
+        body: Bytes,
+        deadline: tokio::time::Instant,
+        trace: &mut Trace,
+    ) -> Result<Reply, GatewayError> {
+        let json = JsonBody::parse(&body)?;
+        let branch = json.branch_id()?;
+        trace.barcode = Some(json.barcode()?);
+        self.branches.check(BranchIdentity::Branch(branch))?;
+        let mut key = self.secrets.key("answer");
+        key.part(token).part(endpoint.label().as_bytes());
+        json.key_into(&mut key);
+        let (outcome, lookup) = self
+            .answers
+            .get_or_fetch(key.finish(), None, deadline, || {
+                self.fetch(upstream_request(endpoint, parts, body.clone()))
+            })
+            .await?;
+        reply(&outcome, lookup, false)
+    }
+
+    async fn share(
+        &self,
+        parts: &Parts,
+        token: &[u8],
+        body: Bytes,
+        deadline: tokio::time::Instant,
+        trace: &mut Trace,
+    ) -> Result<Reply, GatewayError> {
+        let json = JsonBody::parse(&body)?;
+        let branch = json.branch_id()?;
+        let subject = json.sharing_subject()?;
+        let request_id = json.request_id()?;
+        self.branches.check(BranchIdentity::Branch(branch))?;
+        let mut key = self.secrets.key("sharing");
+        key.part(token);
+        match subject {
+            SharingSubject::Barcode(barcode) => {
+                trace.barcode = Some(barcode);
+                key.part(b"barcode").part(&barcode.as_u64().to_le_bytes())
+            }
+            SharingSubject::Qrcode(code) => key.part(b"qrcode").part(code.as_bytes()),
+        };
+        let tag = self
+            .secrets
+            .key("sharing-request")
+            .part(request_id.as_bytes())
+            .finish();
+        let (outcome, lookup) = self
+            .sharing
+            .get_or_fetch(key.finish(), Some(tag), deadline, || {
+                self.fetch(upstream_request(
+                    Endpoint::DocumentRequest,
+                    parts,
+                    body.clone(),
+                ))
+            })
+            .await?;
+        reply(&outcome, lookup, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pass_through(
+        &self,
+        endpoint: Endpoint,
+        parts: &Parts,
+        path_branch: Option<&str>,
+        body: Bytes,
+        peer: SocketAddr,
+        deadline: tokio::time::Instant,
+        trace: &mut Trace,
+    ) -> Result<Reply, GatewayError> {
+        match endpoint {
+            Endpoint::DocumentRequestStatus => {
+                trace.barcode = Some(status_query(parts.uri.query())?.0);
+            }
+            Endpoint::OfferRequestDynamic => {
+                let json = JsonBody::parse(&body)?;
+                json.offer_id()?;
+                json.request_id()?;
+            }
+            _ if matches!(parts.method, Method::POST | Method::PUT) => {
+                JsonBody::parse(&body)?;
+            }
+            _ => {}
+        }
+        let who = match path_branch {
+            Some(id) => BranchIdentity::Branch(id),
+            None => BranchIdentity::Client(peer.ip()),
+        };
+        self.branches.check(who)?;
+        let request = upstream_request(endpoint, parts, body);
+        let answer = tokio::time::timeout_at(deadline, self.upstream.call(request))
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout)??;
+        let mut response = answer_response(&answer);
+        if answer.status.is_server_error() {
+            response.headers_mut().remove(&CACHE_STATUS);
+            return Ok(Reply {
+                response,
+                outcome: RequestOutcome::UpstreamError,
+            });
+        }
+        Ok(Reply {
+            response,
+            outcome: RequestOutcome::Passthrough,
+        })
+    }
+
+    /// The leader's call, as an owned future that can run in its own task.
+    fn fetch(&self, request: UpstreamRequest) -> impl Future<Output = Outcome> + Send + 'static {
+        let upstream = Arc::clone(&self.upstream);
+        async move { upstream.call(request).await }
+    }
+}
+
+impl Handler for Gateway {
+    fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = HttpResponse> + Send + 'static {
+        async move { self.serve(request, peer).await }
+    }
+}
+
+fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamRequest {
+    UpstreamRequest {
+        endpoint,
+        method: parts.method.clone(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+        authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
+        trace_id: parts.headers.get(&DIIA_TRACE_ID).cloned(),
+        content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+        body,
+    }
+}
+
+/// Diia's answer as a response: status, body, content type, trace id, retry-after.
+fn answer_response(answer: &crate::upstream::Answer) -> HttpResponse {
+    let mut response = Response::new(Full::new(answer.body.clone()));
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        answer
+            .content_type
+            .clone()
+            .unwrap_or_else(|| JSON_CONTENT_TYPE.clone()),
+    );
+    if let Some(trace_id) = &answer.trace_id {
+        headers.insert(DIIA_TRACE_ID.clone(), trace_id.clone());
+    }
+    if let Some(retry_after) = &answer.retry_after {
+        headers.insert(header::RETRY_AFTER, retry_after.clone());
+    }
+    response
+}
+
+/// Turns a cache-layer result into a reply with `Cache-Status`.
+fn reply(outcome: &Outcome, lookup: Lookup, sharing: bool) -> Result<Reply, GatewayError> {
+    let answer = match outcome {
+        Ok(answer) => answer,
+        Err(error) => return Err(error.clone()),
+    };
+    let (status, outcome) = match lookup {
+        Lookup::Hit if sharing => (&REPLAY, RequestOutcome::Replayed),
+        Lookup::Hit => (&HIT, RequestOutcome::Hit),
+        Lookup::Miss { stored: true } => (&MISS_STORED, RequestOutcome::Miss),
+        Lookup::Miss { stored: false } => (&MISS, RequestOutcome::Miss),
+        Lookup::Coalesced => (&COLLAPSED, RequestOutcome::Coalesced),
+        Lookup::TagMismatch => return Err(GatewayError::SharingAlreadyRequested),
+    };
+    let outcome = if answer.status.is_server_error() && !outcome.saved_a_call() {
+        RequestOutcome::UpstreamError
+    } else {
+        outcome
+    };
+    let mut response = answer_response(answer);
+    response
+        .headers_mut()
+        .insert(CACHE_STATUS.clone(), status.clone());
+    Ok(Reply { response, outcome })
+}

@@ -1,0 +1,127 @@
+//! The accept loop shared by the gateway, its admin listener and the simulator.
+//!
+//! HTTP/1.1 and HTTP/2 (h2c prior knowledge) on one port via hyper-util's auto builder.
+//! On shutdown the loop stops accepting, then lets open connections finish their
+//! in-flight requests (hyper's graceful shutdown) within a bounded drain time.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What every handler answers: a fully buffered body (answers are small and cacheable).
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// A request handler: request plus peer address in, response out, never an error.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = HttpResponse> + Send + 'static;
+}
+
+/// Signals shutdown to every loop holding a receiver; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    sender: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    /// A fresh, untriggered signal.
+    #[must_use]
+    pub fn new() -> Self {
+        let (sender, _) = watch::channel(false);
+        Self {
+            sender: Arc::new(sender),
+        }
+    }
+
+    /// Starts shutdown everywhere.
+    pub fn trigger(&self) {
+        self.sender.send_replace(true);
+    }
+
+    /// Whether shutdown has started.
+    #[must_use]
+    pub fn is_triggered(&self) -> bool {
+        *self.sender.borrow()
+    }
+
+    /// Resolves once shutdown has started.
+    pub async fn wait(&self) {
+        let mut receiver = self.sender.subscribe();
+        // An error means the sender is gone, which only happens when we are gone too.
+        let _ = receiver.wait_for(|triggered| *triggered).await;
+    }
+}
+
+/// Accepts connections until `shutdown`, then drains for at most `drain`.
+pub async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    shutdown: Shutdown,
+    drain: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = Arc::clone(&handler);
+                let service = service_fn(move |request| {
+                    let handler = Arc::clone(&handler);
+                    async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                });
+            }
+            () = shutdown.wait() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed with connections still open");
+    }
+}
