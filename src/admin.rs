@@ -26,12 +26,12 @@ impl Admin {
         Self { gateway, shutdown }
     }
 
-    fn answer(&self, method: &Method, path: &str) -> HttpResponse {
+    async fn answer(&self, method: &Method, path: &str) -> HttpResponse {
         let (status, content_type, body) = match (method, path) {
             (&Method::GET, "/metrics") => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                Bytes::from(self.gateway.render_metrics()),
+                Bytes::from(self.gateway.render_metrics().await),
             ),
             (&Method::GET, "/healthz") => {
                 (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
@@ -65,6 +65,6 @@ impl Handler for Admin {
         request: Request<Incoming>,
         _peer: SocketAddr,
     ) -> impl Future<Output = HttpResponse> + Send + 'static {
-        async move { self.answer(request.method(), request.uri().path()) }
+        async move { self.answer(request.method(), request.uri().path()).await }
     }
 }

@@ -136,9 +136,11 @@ impl Gateway {
         &self.metrics
     }
 
-    /// Prometheus text for `/metrics`.
-    #[must_use]
-    pub fn render_metrics(&self) -> String {
+    /// Prometheus text for `/metrics`; settles cache bookkeeping first so counts are exact.
+    pub async fn render_metrics(&self) -> String {
+        self.answers.sync().await;
+        self.tokens.sync().await;
+        self.sharing.sync().await;
         self.metrics.render(
             &[
                 ("answers", self.answers.entry_count()),

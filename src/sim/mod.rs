@@ -320,7 +320,7 @@ impl Simulator {
                     &parts.method,
                     routed.endpoint,
                     routed.path_param,
-                    parts.uri.query(),
+                    &parts.uri,
                     &body,
                 ),
                 Err(refusal) => Err(refusal),
@@ -337,9 +337,10 @@ impl Simulator {
         method: &Method,
         endpoint: Endpoint,
         path_param: Option<&str>,
-        query: Option<&str>,
+        uri: &http::Uri,
         body: &[u8],
     ) -> Result<(StatusCode, String), SimError> {
+        let (path, query) = (uri.path(), uri.query());
         let ok = |body: String| Ok((StatusCode::OK, body));
         let branch_id = path_param.unwrap_or_default();
         match endpoint {
@@ -410,7 +411,11 @@ impl Simulator {
                     ok(format!(r#"{{"_id":"{id}"}}"#))
                 }
                 Method::GET => ok(self.state.offers_json(branch_id)),
-                _ => Err(SimError::new(404, "NotFoundError", "Offer not found")),
+                _ => {
+                    let offer_id = path.rsplit('/').next().unwrap_or_default();
+                    self.state.delete_offer(branch_id, offer_id)?;
+                    ok(r#"{"success":true}"#.to_owned())
+                }
             },
         }
     }
