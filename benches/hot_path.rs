@@ -1,1 +1,214 @@
-fn main() {}
+//! Hot-path benchmarks: each stage a request passes through on its way to a cache hit,
+//! then a whole cache-hit request over loopback.
+//!
+//! Run: `cargo bench --bench hot_path` (add `-- --quick` for a fast pass).
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use diia_gateway::barcode::Barcode;
+use diia_gateway::cache::{AnswerCache, Policy};
+use diia_gateway::config::{BranchLimitConfig, Config, DiiaLimitConfig};
+use diia_gateway::error::GatewayError;
+use diia_gateway::keys::Secrets;
+use diia_gateway::limit::{BranchIdentity, BranchLimiter, DiiaBudget};
+use diia_gateway::request::JsonBody;
+use diia_gateway::sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig};
+use diia_gateway::upstream::Answer;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const BODY: &[u8] = br#"{"branchId":"a1b2c3d4e5f60718293a4b5c","barcode":"3389798072091"}"#;
+const TOKEN: &[u8] = b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJleHAiOjE3OTk5OTk5OTl9.c2lnbmF0dXJl";
+
+fn barcode_validation(c: &mut Criterion) {
+    let mut group = c.benchmark_group("barcode_validation");
+    group.bench_function("valid", |b| {
+        b.iter(|| Barcode::parse(black_box("3389798072091")));
+    });
+    group.bench_function("bad_check_digit", |b| {
+        b.iter(|| Barcode::parse(black_box("3389798072090")));
+    });
+    group.finish();
+}
+
+fn request_parsing(c: &mut Criterion) {
+    c.bench_function("request_parsing/identification_body", |b| {
+        b.iter(|| {
+            let body = JsonBody::parse(black_box(BODY)).unwrap();
+            (body.branch_id().unwrap().len(), body.barcode().unwrap())
+        });
+    });
+}
+
+fn cache_key(c: &mut Criterion) {
+    let secrets = Secrets::fixed([9; 32]);
+    let body = JsonBody::parse(BODY).unwrap();
+    c.bench_function("cache_key/derive", |b| {
+        b.iter(|| {
+            let mut key = secrets.key("answer");
+            key.part(black_box(TOKEN)).part(b"document_identification");
+            body.key_into(&mut key);
+            key.finish()
+        });
+    });
+}
+
+fn answer() -> Answer {
+    Answer {
+        status: StatusCode::OK,
+        body: Bytes::from_static(br#"{"success":true}"#),
+        content_type: None,
+        trace_id: None,
+        retry_after: None,
+    }
+}
+
+fn cache_lookup(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cache = AnswerCache::new(
+        Policy::Verification {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(10),
+        },
+        64 * 1024 * 1024,
+        Duration::from_secs(10),
+    );
+    let secrets = Secrets::fixed([9; 32]);
+    let key = secrets.key("answer").part(TOKEN).finish();
+    let deadline = || tokio::time::Instant::now() + Duration::from_secs(10);
+    runtime.block_on(async {
+        cache
+            .get_or_fetch(key, None, deadline(), || async { Ok(answer()) })
+            .await
+            .unwrap();
+        cache.sync().await;
+    });
+    c.bench_function("cache/hit", |b| {
+        b.to_async(&runtime).iter(|| async {
+            cache
+                .get_or_fetch(black_box(key), None, deadline(), || async { Ok(answer()) })
+                .await
+                .unwrap()
+        });
+    });
+    let mut n = 0u64;
+    c.bench_function("cache/insert_miss", |b| {
+        b.to_async(&runtime).iter(|| {
+            n += 1;
+            let key = secrets.key("insert").part(&n.to_le_bytes()).finish();
+            let cache = &cache;
+            async move {
+                cache
+                    .get_or_fetch(key, None, deadline(), || async { Ok(answer()) })
+                    .await
+                    .unwrap()
+            }
+        });
+    });
+}
+
+fn rate_limits(c: &mut Criterion) {
+    let branches = BranchLimiter::new(&BranchLimitConfig {
+        per_minute: NonZeroU32::new(u32::MAX).unwrap(),
+        burst: NonZeroU32::new(u32::MAX).unwrap(),
+    });
+    c.bench_function("rate_limit/branch_check", |b| {
+        b.iter(|| {
+            branches.check(BranchIdentity::Branch(black_box(
+                "a1b2c3d4e5f60718293a4b5c",
+            )))
+        });
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let budget = DiiaBudget::new(&DiiaLimitConfig {
+        per_second: NonZeroU32::new(u32::MAX).unwrap(),
+        burst: NonZeroU32::new(u32::MAX).unwrap(),
+        ..DiiaLimitConfig::default()
+    });
+    c.bench_function("rate_limit/diia_budget_acquire", |b| {
+        b.to_async(&runtime).iter(|| budget.acquire());
+    });
+}
+
+fn error_rendering(c: &mut Criterion) {
+    c.bench_function("error/render_invalid_barcode", |b| {
+        b.iter(|| black_box(GatewayError::InvalidBarcode).to_response());
+    });
+}
+
+/// A whole cache-hit request: hyper client → gateway over loopback → cached answer.
+fn end_to_end(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (gateway, client, token, body) = runtime.block_on(async {
+        let mut config = Config::default();
+        config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.server.admin_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.limits.branch.per_minute = NonZeroU32::new(u32::MAX).unwrap();
+        config.limits.branch.burst = NonZeroU32::new(u32::MAX).unwrap();
+        config.simulator = Some(SimConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            auto_issue: true,
+            ..SimConfig::default()
+        });
+        let gateway = diia_gateway::start(config).await.unwrap();
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let url = format!(
+            "http://{}/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}",
+            gateway.addr()
+        );
+        let request = http::Request::get(url)
+            .header("authorization", format!("Basic {DEMO_AUTH_TOKEN}"))
+            .body(Full::default())
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes())
+                .unwrap();
+        let token = format!("Bearer {}", json["token"].as_str().unwrap());
+        let barcode = Barcode::from_base(338_979_807_209).unwrap().digits();
+        let body = Bytes::from(format!(r#"{{"branchId":"bench","barcode":"{barcode}"}}"#));
+        (gateway, client, token, body)
+    });
+    let url = format!(
+        "http://{}/api/v1/acquirers/document-identification",
+        gateway.addr()
+    );
+    let send = || {
+        let request = http::Request::post(url.as_str())
+            .header("authorization", token.as_str())
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let response = client.request(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.into_body().collect().await.unwrap()
+        }
+    };
+    runtime.block_on(send()); // fill the cache
+    c.bench_function("end_to_end/cache_hit_over_loopback", |b| {
+        b.to_async(&runtime).iter(send);
+    });
+    runtime.block_on(gateway.stop());
+}
+
+criterion_group!(
+    benches,
+    barcode_validation,
+    request_parsing,
+    cache_key,
+    cache_lookup,
+    rate_limits,
+    error_rendering,
+    end_to_end
+);
+criterion_main!(benches);

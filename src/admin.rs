@@ -60,11 +60,11 @@ impl Admin {
 }
 
 impl Handler for Admin {
-    fn handle(
+    async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
         _peer: SocketAddr,
-    ) -> impl Future<Output = HttpResponse> + Send + 'static {
-        async move { self.answer(request.method(), request.uri().path()).await }
+    ) -> HttpResponse {
+        self.answer(request.method(), request.uri().path()).await
     }
 }

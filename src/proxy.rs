@@ -412,12 +412,8 @@ impl Gateway {
 }
 
 impl Handler for Gateway {
-    fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> impl Future<Output = HttpResponse> + Send + 'static {
-        async move { self.serve(request, peer).await }
+    async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+        self.serve(request, peer).await
     }
 }
 

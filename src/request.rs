@@ -134,10 +134,10 @@ pub fn status_query(query: Option<&str>) -> Result<(Barcode, &str), GatewayError
     for pair in query.unwrap_or_default().split('&') {
         match pair.split_once('=') {
             Some(("barcode", value)) => {
-                barcode = Some(Barcode::parse(value).map_err(|_| GatewayError::InvalidQuery)?)
+                barcode = Some(Barcode::parse(value).map_err(|_| GatewayError::InvalidQuery)?);
             }
             Some(("requestId", value)) if !value.is_empty() && value.len() <= MAX_ID => {
-                request_id = Some(value)
+                request_id = Some(value);
             }
             _ => {}
         }

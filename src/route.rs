@@ -172,63 +172,63 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayErr
 mod tests {
     use super::*;
 
-    fn ok(method: Method, path: &str) -> Route<'_> {
-        route(&method, path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    fn ok<'a>(method: &Method, path: &'a str) -> Route<'a> {
+        route(method, path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     #[test]
     fn routes_the_acquirer_surface() {
-        let r = ok(Method::GET, "/api/v1/auth/acquirer/demo_test_token_1");
+        let r = ok(&Method::GET, "/api/v1/auth/acquirer/demo_test_token_1");
         assert_eq!(
             r,
             Route::new(Endpoint::TokenExchange, Some("demo_test_token_1"))
         );
         assert_eq!(
-            ok(Method::POST, "/api/v1/acquirers/document-identification").endpoint,
+            ok(&Method::POST, "/api/v1/acquirers/document-identification").endpoint,
             Endpoint::DocumentIdentification
         );
         assert_eq!(
             ok(
-                Method::POST,
+                &Method::POST,
                 "/api/v1/acquirers/document-identification/age"
             )
             .endpoint,
             Endpoint::DocumentIdentificationAge
         );
         assert_eq!(
-            ok(Method::POST, "/api/v1/acquirers/document-request").endpoint,
+            ok(&Method::POST, "/api/v1/acquirers/document-request").endpoint,
             Endpoint::DocumentRequest
         );
         assert_eq!(
-            ok(Method::GET, "/api/v1/acquirers/document-request/status").endpoint,
+            ok(&Method::GET, "/api/v1/acquirers/document-request/status").endpoint,
             Endpoint::DocumentRequestStatus
         );
         assert_eq!(
-            ok(Method::GET, "/api/v2/acquirers/branches").endpoint,
+            ok(&Method::GET, "/api/v2/acquirers/branches").endpoint,
             Endpoint::Branches
         );
         assert_eq!(
-            ok(Method::POST, "/api/v2/acquirers/branch").endpoint,
+            ok(&Method::POST, "/api/v2/acquirers/branch").endpoint,
             Endpoint::Branches
         );
         assert_eq!(
-            ok(Method::DELETE, "/api/v2/acquirers/branch/abc").path_param,
+            ok(&Method::DELETE, "/api/v2/acquirers/branch/abc").path_param,
             Some("abc")
         );
         assert_eq!(
-            ok(Method::POST, "/api/v1/acquirers/branch/abc/offer").endpoint,
+            ok(&Method::POST, "/api/v1/acquirers/branch/abc/offer").endpoint,
             Endpoint::Offers
         );
         assert_eq!(
-            ok(Method::GET, "/api/v1/acquirers/branch/abc/offers").endpoint,
+            ok(&Method::GET, "/api/v1/acquirers/branch/abc/offers").endpoint,
             Endpoint::Offers
         );
         assert_eq!(
-            ok(Method::DELETE, "/api/v1/acquirers/branch/abc/offer/o1").endpoint,
+            ok(&Method::DELETE, "/api/v1/acquirers/branch/abc/offer/o1").endpoint,
             Endpoint::Offers
         );
         let dynamic = ok(
-            Method::POST,
+            &Method::POST,
             "/api/v2/acquirers/branch/b1/offer-request/dynamic",
         );
         assert_eq!(

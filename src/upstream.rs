@@ -130,20 +130,22 @@ impl Upstream {
         let outcome = result.unwrap_or(Err(GatewayError::UpstreamTimeout));
         self.metrics
             .upstream_call(endpoint, started.elapsed(), &outcome);
-        if let Ok(answer) = &outcome {
-            if matches!(
-                answer.status,
-                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-            ) {
-                if let Some(wait) = retry_after(answer) {
-                    tracing::warn!(
-                        status = answer.status.as_u16(),
-                        wait_ms = wait.as_millis(),
-                        "Diia asked to back off; pausing upstream calls"
-                    );
-                    self.budget.pause(wait);
-                }
-            }
+        let backoff = outcome
+            .as_ref()
+            .ok()
+            .filter(|a| {
+                matches!(
+                    a.status,
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                )
+            })
+            .and_then(retry_after);
+        if let Some(wait) = backoff {
+            tracing::warn!(
+                wait_ms = wait.as_millis(),
+                "Diia asked to back off; pausing upstream calls"
+            );
+            self.budget.pause(wait);
         }
         outcome
     }

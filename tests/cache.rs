@@ -1,6 +1,8 @@
 //! Verification answers are cached per acquirer: re-scans work, negatives expire sooner,
 //! failures are never kept, and acquirers never see each other's entries.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

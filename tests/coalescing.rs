@@ -1,5 +1,7 @@
 //! Identical concurrent requests make one Diia call, and that call survives its client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;

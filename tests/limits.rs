@@ -1,5 +1,7 @@
 //! Rate limits: per branch first, then the budget toward Diia, and Diia's own brake.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! SREs see what the gateway does: counters move, health endpoints answer.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use http::{Method, StatusCode};

@@ -1,5 +1,7 @@
 //! Branches, offers and deep links are forwarded unchanged (drop-in upstream).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use http::{Method, StatusCode};

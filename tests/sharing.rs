@@ -1,5 +1,7 @@
 //! A sharing request never pushes a second consent request to the customer's phone.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! The session-token exchange is shared by every branch of an acquirer.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! Every validation rule answers with a documented JSON error and costs Diia nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use http::{Method, StatusCode};

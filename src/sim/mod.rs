@@ -279,19 +279,19 @@ impl Simulator {
         self.state.count(Some(routed.endpoint));
 
         let faults = self.faults.load_full();
-        if let Some(quota) = &faults.quota {
-            if quota.check().is_err() {
-                let mut response = error(&SimError::new(
-                    429,
-                    "TooManyRequestsError",
-                    "Too many requests",
-                ));
-                let secs = crate::error::retry_after_secs(faults.faults.quota_retry_after);
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-                return response;
-            }
+        if let Some(quota) = &faults.quota
+            && quota.check().is_err()
+        {
+            let mut response = error(&SimError::new(
+                429,
+                "TooManyRequestsError",
+                "Too many requests",
+            ));
+            let secs = crate::error::retry_after_secs(faults.faults.quota_retry_after);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return response;
         }
         let latency = faults.faults.sample_latency();
         if !latency.is_zero() {
@@ -471,12 +471,12 @@ impl Simulator {
 }
 
 impl Handler for Simulator {
-    fn handle(
+    async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
         _peer: SocketAddr,
-    ) -> impl Future<Output = HttpResponse> + Send + 'static {
-        async move { self.answer(request).await }
+    ) -> HttpResponse {
+        self.answer(request).await
     }
 }
 
