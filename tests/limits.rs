@@ -90,6 +90,30 @@ async fn empty_diia_budget_waits_then_503() {
 }
 
 #[tokio::test]
+async fn a_short_wait_for_diia_budget_is_absorbed() {
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.limits.diia.per_second = 5.try_into().unwrap();
+            c.limits.diia.burst = 1.try_into().unwrap();
+            c.limits.diia.max_wait = Duration::from_millis(500);
+        },
+    )
+    .await;
+    let barcode = h.issue_barcode().await;
+    let token = h.session_token().await; // spends the burst
+    let started = std::time::Instant::now();
+    // The budget refills one call every 200ms: this request waits, then goes through.
+    let reply = h.identify(&token, "b", &barcode).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "it had to wait for budget"
+    );
+    assert_eq!(h.sim_calls("document_identification").await, 1);
+}
+
+#[tokio::test]
 async fn diia_429_pauses_all_upstream_calls() {
     let h = Harness::start().await;
     let token = h.session_token().await;

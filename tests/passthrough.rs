@@ -131,3 +131,23 @@ async fn diia_401_is_passed_on_unchanged() {
     assert_eq!(reply.json()["message"], "Not authorized");
     assert_eq!(h.sim_calls("branches").await, 1);
 }
+
+#[tokio::test]
+async fn diia_trace_id_is_forwarded_both_ways() {
+    let h = Harness::start().await;
+    let token = h.session_token().await;
+    let barcode = h.issue_barcode().await;
+    let bearer = format!("Bearer {token}");
+    let trace = "0f8fad5b-d9cb-469f-a165-70867728950e";
+    let reply = h
+        .send(
+            Method::POST,
+            "/api/v1/acquirers/document-identification",
+            &[("authorization", &bearer), ("diia-trace-id", trace)],
+            &format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // The simulator echoes the trace id it received: it reached Diia and came back.
+    assert_eq!(reply.header("diia-trace-id"), Some(trace));
+}

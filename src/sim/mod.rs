@@ -476,7 +476,13 @@ impl Handler for Simulator {
         request: Request<Incoming>,
         _peer: SocketAddr,
     ) -> HttpResponse {
-        self.answer(request).await
+        // Like Diia's gateway, keep the caller's trace id when it sends one.
+        let trace_id = request.headers().get("diia-trace-id").cloned();
+        let mut response = self.answer(request).await;
+        if let Some(trace_id) = trace_id {
+            response.headers_mut().insert("diia-trace-id", trace_id);
+        }
+        response
     }
 }
 
