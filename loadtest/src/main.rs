@@ -1,0 +1,165 @@
+//! `loadtest`: open-loop load against diia-gateway, and a capacity report.
+//!
+//! ```sh
+//! cargo build --release --workspace
+//! target/release/loadtest run --scenario config/scenario-peak.toml
+//! target/release/loadtest capacity --scenario config/scenario-peak.toml
+//! ```
+//! By default it starts `diia-sim` and `diia-gateway` (found next to itself) on loopback;
+//! `--gateway URL --sim URL` targets running instances instead (loopback only).
+
+mod drive;
+mod report;
+mod scenario;
+mod target;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::report::Capacity;
+use crate::scenario::Scenario;
+use crate::target::Target;
+
+/// Open-loop load generator and capacity report for diia-gateway.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Scenario file.
+    #[arg(long, default_value = "config/scenario-peak.toml")]
+    scenario: PathBuf,
+    /// Gateway base URL to target instead of starting one (must be loopback).
+    #[arg(long, requires = "sim")]
+    gateway: Option<String>,
+    /// Simulator base URL (for its call counters) when targeting running instances.
+    #[arg(long, requires = "gateway")]
+    sim: Option<String>,
+    /// Override the scenario's run duration (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Output directory for JSON and SVG.
+    #[arg(long, default_value = "target/loadtest")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One run at the scenario's rate (or --rate).
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Offered requests per second (default: the scenario's).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Sweep offered load and answer: Diia quota, gateway cores, where p99 leaves the target.
+    Capacity {
+        #[command(flatten)]
+        common: Common,
+        /// Offered load steps, as multiples of the scenario's rate.
+        #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8,16")]
+        steps: Vec<f64>,
+    },
+}
+
+fn is_loopback(url: &str) -> bool {
+    let host = url
+        .trim_start_matches("http://")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or_default();
+    host == "localhost" || host.starts_with("127.") || host == "[" || url.contains("[::1]")
+}
+
+fn prepare(common: &Common) -> Result<(Scenario, Target), String> {
+    let mut scenario = Scenario::load(&common.scenario)?;
+    if let Some(duration) = common.duration {
+        scenario.duration = duration;
+    }
+    std::fs::create_dir_all(&common.out).map_err(|e| format!("{}: {e}", common.out.display()))?;
+    let target = match (&common.gateway, &common.sim) {
+        (Some(gateway), Some(sim)) => {
+            if !is_loopback(gateway) || !is_loopback(sim) {
+                return Err("load is only ever sent to loopback addresses".to_owned());
+            }
+            Target::external(gateway.clone(), sim.clone())
+        }
+        _ => Target::spawn(&scenario)?,
+    };
+    Ok((scenario, target))
+}
+
+async fn execute(command: Command) -> Result<(), String> {
+    match command {
+        Command::Run { common, rate } => {
+            let (scenario, target) = prepare(&common)?;
+            let rate = rate.unwrap_or_else(|| scenario.offered_rate());
+            eprintln!(
+                "running '{}' at {rate:.1} req/s for {:?}",
+                scenario.name, scenario.duration
+            );
+            let result = drive::run(&target, &scenario, rate, scenario.duration).await?;
+            print!("{}", report::table(std::slice::from_ref(&result)));
+            let path = common.out.join(format!("run-{}.json", scenario.name));
+            report::write_json(&path, &result)?;
+            eprintln!("wrote {}", path.display());
+        }
+        Command::Capacity { common, steps } => {
+            let (scenario, target) = prepare(&common)?;
+            let base = scenario.offered_rate();
+            let mut results = Vec::new();
+            for multiple in steps {
+                let rate = base * multiple;
+                eprintln!(
+                    "step {multiple}x: {rate:.1} req/s for {:?}",
+                    scenario.duration
+                );
+                results.push(drive::run(&target, &scenario, rate, scenario.duration).await?);
+            }
+            results.sort_by(|a, b| a.offered_rate.total_cmp(&b.offered_rate));
+            print!("{}", report::table(&results));
+            let capacity = Capacity::from_sweep(&scenario, results);
+            print!("{}", capacity.summary());
+            let json = common.out.join(format!("capacity-{}.json", scenario.name));
+            let svg = common.out.join(format!("capacity-{}.svg", scenario.name));
+            report::write_json(&json, &capacity)?;
+            report::plot(
+                &svg,
+                &format!("diia-gateway: latency vs offered load ({})", scenario.name),
+                &capacity.steps,
+                capacity.p99_target_ms,
+            )?;
+            eprintln!("wrote {} and {}", json.display(), svg.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("loadtest: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("loadtest: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
