@@ -26,6 +26,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
 use hyper::body::Incoming;
 
 use crate::barcode::Barcode;
@@ -39,6 +40,8 @@ use crate::request::{JsonBody, SharingSubject, bearer_token, status_query};
 use crate::route::{Endpoint, route};
 use crate::server::{Handler, HttpResponse};
 use crate::upstream::{Outcome, Upstream, UpstreamRequest};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
 static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
@@ -159,8 +162,13 @@ impl Gateway {
         self.sharing.sync().await;
     }
 
-    /// Answers one request: the outer layer that renders, counts and logs.
-    pub async fn serve(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+    /// Answers one request: the outer layer that renders, counts and logs. Generic over
+    /// the body so benchmarks and tests can drive it without a socket.
+    pub async fn serve<B>(&self, request: Request<B>, peer: SocketAddr) -> HttpResponse
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
         let started = Instant::now();
         let mut trace = Trace::default();
         let (response, outcome, error) =
@@ -192,13 +200,17 @@ impl Gateway {
         response
     }
 
-    async fn process(
+    async fn process<B>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         peer: SocketAddr,
         started: Instant,
         trace: &mut Trace,
-    ) -> Result<Reply, GatewayError> {
+    ) -> Result<Reply, GatewayError>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
         let (parts, body) = request.into_parts();
         let routed = route(&parts.method, parts.uri.path())?;
         trace.endpoint = Some(routed.endpoint);
@@ -235,7 +247,11 @@ impl Gateway {
         }
     }
 
-    async fn read_body(&self, parts: &Parts, body: Incoming) -> Result<Bytes, GatewayError> {
+    async fn read_body<B>(&self, parts: &Parts, body: B) -> Result<Bytes, GatewayError>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
         let limit = self.config.server.body_limit;
         let declared = parts
             .headers

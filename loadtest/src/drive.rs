@@ -45,6 +45,30 @@ pub struct Percentiles {
     pub mean: f64,
 }
 
+impl Percentiles {
+    /// Reads a shared histogram.
+    pub fn of(histogram: &Mutex<Histogram<u64>>) -> Result<Self, String> {
+        let histogram = histogram
+            .lock()
+            .map_err(|_| "histogram lock poisoned".to_owned())?;
+        Ok(Self {
+            p50: histogram.value_at_quantile(0.50),
+            p90: histogram.value_at_quantile(0.90),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            max: histogram.max(),
+            mean: histogram.mean(),
+        })
+    }
+}
+
+/// An empty latency histogram, 1 µs to 120 s at 3 significant digits.
+pub fn histogram() -> Result<Arc<Mutex<Histogram<u64>>>, String> {
+    Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
+        .map(|h| Arc::new(Mutex::new(h)))
+        .map_err(|e| e.to_string())
+}
+
 /// What one run at one offered rate measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
@@ -78,11 +102,29 @@ pub struct RunResult {
 
 /// The request a scan turns into.
 #[derive(Clone)]
-struct Scan {
-    kind: &'static str,
-    path: &'static str,
-    body: Bytes,
-    expected: StatusCode,
+pub struct Scan {
+    /// What it is, for counts.
+    pub kind: &'static str,
+    /// Path on the proxy.
+    pub path: &'static str,
+    /// JSON body.
+    pub body: Bytes,
+    /// The status a correct proxy answers.
+    pub expected: StatusCode,
+}
+
+impl Scan {
+    /// An identification request.
+    pub fn identification(kind: &'static str, branch_id: &str, barcode: &str) -> Self {
+        Self {
+            kind,
+            path: "/api/v1/acquirers/document-identification",
+            body: Bytes::from(format!(
+                r#"{{"branchId":"{branch_id}","barcode":"{barcode}"}}"#
+            )),
+            expected: StatusCode::OK,
+        }
+    }
 }
 
 /// Per-branch memory for re-scans; owned by the scheduling task alone.
@@ -140,7 +182,8 @@ impl Branches {
     }
 }
 
-fn random_barcode() -> Barcode {
+/// A fresh valid barcode (the simulator runs with `auto_issue`).
+pub fn random_barcode() -> Barcode {
     loop {
         if let Some(barcode) = Barcode::from_base(fastrand::u64(100_000_000_000..=999_999_999_999))
         {
@@ -213,10 +256,13 @@ pub async fn diia_calls(client: &HttpClient, sim: &str) -> Result<u64, String> {
         .ok_or_else(|| "no total in /sim/stats".to_owned())
 }
 
+/// Answers as expected, and the rest by kind.
 #[derive(Default)]
-struct Tally {
-    ok: u64,
-    errors: BTreeMap<String, u64>,
+pub struct Tally {
+    /// Expected answers.
+    pub ok: u64,
+    /// Unexpected ones by kind.
+    pub errors: BTreeMap<String, u64>,
 }
 
 /// Offers `rate` requests per second for `duration` and measures everything.
@@ -231,13 +277,13 @@ pub async fn run(
     let mut branches = Branches {
         last: vec![None; usize::try_from(scenario.branches).unwrap_or(1)],
     };
+    let mut next = || branches.next(scenario);
     // Warm-up: same schedule, not measured.
     offer(
         &client,
         &target.gateway,
         &token,
-        scenario,
-        &mut branches,
+        &mut next,
         rate,
         scenario.warmup,
         None,
@@ -246,16 +292,13 @@ pub async fn run(
 
     let calls_before = diia_calls(&client, &target.sim).await?;
     let cpu_before = target.gateway_cpu_seconds();
-    let histogram = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).map_err(|e| e.to_string())?,
-    ));
+    let histogram = histogram()?;
     let started = Instant::now();
     let (sent, tally, kinds) = offer(
         &client,
         &target.gateway,
         &token,
-        scenario,
-        &mut branches,
+        &mut next,
         rate,
         duration,
         Some(Arc::clone(&histogram)),
@@ -302,14 +345,12 @@ pub async fn run(
     })
 }
 
-/// Sends on schedule; returns requests sent, their tally and counts by kind.
-#[allow(clippy::too_many_arguments)]
-async fn offer(
+/// Sends what `next` makes on schedule; returns requests sent, their tally and counts by kind.
+pub async fn offer(
     client: &HttpClient,
     gateway: &str,
     token: &Arc<str>,
-    scenario: &Scenario,
-    branches: &mut Branches,
+    next: &mut dyn FnMut() -> Scan,
     rate: f64,
     duration: Duration,
     histogram: Option<Arc<Mutex<Histogram<u64>>>>,
@@ -323,7 +364,7 @@ async fn offer(
     for i in 0..total {
         let due = start + Duration::from_secs_f64(i as f64 * interval);
         tokio::time::sleep_until(due).await;
-        let scan = branches.next(scenario);
+        let scan = next();
         *kinds.entry(scan.kind.to_owned()).or_insert(0) += 1;
         let request = Request::builder()
             .method(Method::POST)

@@ -8,6 +8,7 @@
 //! By default it starts `diia-sim` and `diia-gateway` (found next to itself) on loopback;
 //! `--gateway URL --sim URL` targets running instances instead (loopback only).
 
+mod compare;
 mod drive;
 mod report;
 mod scenario;
@@ -67,6 +68,40 @@ enum Command {
         /// Offered load steps, as multiples of the scenario's rate.
         #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8,16")]
         steps: Vec<f64>,
+    },
+    /// The same load against the gateway and a peer proxy (see loadtest/compare-nginx.sh).
+    Compare {
+        /// Gateway base URL (loopback).
+        #[arg(long)]
+        gateway: String,
+        /// Peer proxy base URL (loopback), in front of the same simulator.
+        #[arg(long)]
+        peer: String,
+        /// Peer's name in the report.
+        #[arg(long, default_value = "nginx")]
+        peer_name: String,
+        /// Simulator base URL, for its call counters.
+        #[arg(long)]
+        sim: String,
+        /// Offered rates of the cache-hit sweep.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1000,2000,4000,6000,8000,12000,16000"
+        )]
+        rates: Vec<f64>,
+        /// Length of each step.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+        /// p99 target for "throughput at target".
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10ms")]
+        p99_target: Duration,
+        /// Rate at which p99 is compared.
+        #[arg(long, default_value_t = 2000.0)]
+        fixed_rate: f64,
+        /// Output directory.
+        #[arg(long, default_value = "target/loadtest")]
+        out: PathBuf,
     },
 }
 
@@ -138,6 +173,40 @@ async fn execute(command: Command) -> Result<(), String> {
                 capacity.p99_target_ms,
             )?;
             eprintln!("wrote {} and {}", json.display(), svg.display());
+        }
+        Command::Compare {
+            gateway,
+            peer,
+            peer_name,
+            sim,
+            rates,
+            duration,
+            p99_target,
+            fixed_rate,
+            out,
+        } => {
+            if ![&gateway, &peer, &sim].iter().all(|url| is_loopback(url)) {
+                return Err("load is only ever sent to loopback addresses".to_owned());
+            }
+            std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            let settings = compare::Settings {
+                rates,
+                duration,
+                p99_target,
+                fixed_rate,
+                distinct_keys: 200,
+                duplicates: 5,
+            };
+            eprintln!("measuring diia-gateway at {gateway}");
+            let ours =
+                compare::measure("diia-gateway", &gateway, &gateway, &sim, &settings).await?;
+            eprintln!("measuring {peer_name} at {peer}");
+            let theirs = compare::measure(&peer_name, &peer, &gateway, &sim, &settings).await?;
+            let comparison = compare::Comparison::new(ours, theirs);
+            print!("{}", comparison.summary(&settings));
+            let path = out.join(format!("compare-{peer_name}.json"));
+            report::write_json(&path, &comparison)?;
+            eprintln!("wrote {}", path.display());
         }
     }
     Ok(())
