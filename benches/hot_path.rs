@@ -5,6 +5,8 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -201,8 +203,44 @@ fn end_to_end(c: &mut Criterion) {
     runtime.block_on(gateway.stop());
 }
 
+/// The gateway driven in-process (no client socket): a cache hit, and a miss that goes
+/// to the simulator over loopback (the simulator's own time included).
+fn in_process(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bench = runtime.block_on(support::InProcess::start());
+    let mut barcodes = support::Barcodes::new(338_979_000_000);
+    let barcode = barcodes.next();
+    let body = Bytes::from(format!(
+        r#"{{"branchId":"bench-branch","barcode":"{}"}}"#,
+        barcode.digits()
+    ));
+    runtime.block_on(async {
+        assert_eq!(
+            bench.serve(bench.identification(barcode)).await.status(),
+            200
+        )
+    });
+    c.bench_function("end_to_end/in_process_cache_hit", |b| {
+        b.to_async(&runtime)
+            .iter(|| bench.serve(bench.identification_body(body.clone())));
+    });
+    c.bench_function("end_to_end/in_process_miss_via_simulator", |b| {
+        b.to_async(&runtime).iter(|| {
+            let request = bench.identification(barcodes.next());
+            bench.serve(request)
+        });
+    });
+    c.bench_function("end_to_end/baseline_direct_to_simulator", |b| {
+        b.to_async(&runtime).iter(|| bench.direct(barcodes.next()));
+    });
+}
+
 criterion_group!(
     benches,
+    in_process,
     barcode_validation,
     request_parsing,
     cache_key,

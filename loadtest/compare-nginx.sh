@@ -53,6 +53,8 @@ CONF
 # and barcode like the gateway), cache lock coalesces concurrent misses, keep-alive upstream.
 # NGINX cannot key a rate limit on a JSON body field, so it limits per client address.
 mkdir -p "$work/cache"
+# NGINX workers run as an unprivileged user: let them into the work directory.
+chmod -R a+rwx "$work"
 cat > "$work/nginx.conf" <<CONF
 worker_processes auto;
 pid $work/nginx.pid;

@@ -1,0 +1,62 @@
+//! Heap allocations per request on the hit path (and, for contrast, the miss path),
+//! counted by an instrumented global allocator.
+//!
+//! Run: `cargo bench --bench allocations`
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::alloc::System;
+
+use bytes::Bytes;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use support::{Barcodes, InProcess};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const REQUESTS: usize = 2_000;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let bench = InProcess::start().await;
+        let mut barcodes = Barcodes::new(338_979_807_000);
+        let barcode = barcodes.next();
+        let body = Bytes::from(format!(r#"{{"branchId":"bench-branch","barcode":"{}"}}"#, barcode.digits()));
+        assert_eq!(bench.serve(bench.identification(barcode)).await.status(), 200);
+
+        let requests: Vec<_> = (0..REQUESTS).map(|_| bench.identification_body(body.clone())).collect();
+        let region = Region::new(GLOBAL);
+        for request in requests {
+            let response = bench.serve(request).await;
+            debug_assert_eq!(response.status(), 200);
+        }
+        let hit = region.change();
+
+        let misses: Vec<_> = (0..200).map(|_| bench.identification(barcodes.next())).collect();
+        let region = Region::new(GLOBAL);
+        for request in misses {
+            let response = bench.serve(request).await;
+            debug_assert_eq!(response.status(), 200);
+        }
+        let miss = region.change();
+
+        let per = |n: usize, count: usize| n as f64 / count as f64;
+        println!("allocations per request (request building excluded):");
+        println!(
+            "  cache hit : {:>6.1} allocations, {:>8.0} bytes",
+            per(hit.allocations + hit.reallocations, REQUESTS),
+            per(hit.bytes_allocated, REQUESTS)
+        );
+        println!(
+            "  cache miss: {:>6.1} allocations, {:>8.0} bytes (client and simulator sides included)",
+            per(miss.allocations + miss.reallocations, 200),
+            per(miss.bytes_allocated, 200)
+        );
+    });
+}

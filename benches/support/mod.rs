@@ -1,0 +1,156 @@
+//! Shared bench setup: a gateway driven in-process (no client socket) in front of an
+//! in-process simulator over loopback.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use diia_gateway::barcode::Barcode;
+use diia_gateway::config::Config;
+use diia_gateway::keys::Secrets;
+use diia_gateway::limit::DiiaBudget;
+use diia_gateway::metrics::Metrics;
+use diia_gateway::proxy::Gateway;
+use diia_gateway::route::Endpoint;
+use diia_gateway::server::HttpResponse;
+use diia_gateway::sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, SimHandle, Simulator};
+use diia_gateway::upstream::{Upstream, UpstreamRequest};
+use http::{HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Full};
+
+/// The client address the gateway sees.
+pub const PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
+/// A gateway plus the simulator behind it.
+pub struct InProcess {
+    pub gateway: Gateway,
+    pub sim: SimHandle,
+    pub bearer: HeaderValue,
+    /// A second client to the same simulator, for the "no gateway" baseline.
+    pub direct: Upstream,
+}
+
+impl InProcess {
+    /// Starts the simulator (auto-issuing barcodes) and builds a gateway in front of it.
+    pub async fn start() -> Self {
+        let sim = Simulator::start(SimConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            auto_issue: true,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let mut config = Config::default();
+        config.upstream.base_url = sim.base_url();
+        config.limits.branch.per_minute = NonZeroU32::new(u32::MAX).unwrap();
+        config.limits.branch.burst = NonZeroU32::new(u32::MAX).unwrap();
+        config.limits.diia.per_second = NonZeroU32::new(u32::MAX).unwrap();
+        config.limits.diia.burst = NonZeroU32::new(u32::MAX).unwrap();
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let budget = DiiaBudget::new(&config.limits.diia);
+        let upstream = Arc::new(
+            Upstream::new(
+                &config.upstream,
+                &sim.base_url(),
+                budget,
+                Arc::clone(&metrics),
+            )
+            .unwrap(),
+        );
+        let direct_budget = DiiaBudget::new(&config.limits.diia);
+        let direct = Upstream::new(
+            &config.upstream,
+            &sim.base_url(),
+            direct_budget,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let gateway = Gateway::new(config, Secrets::fixed([5; 32]), upstream, metrics);
+        let exchange = Request::get(format!("/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}"))
+            .header("authorization", format!("Basic {DEMO_AUTH_TOKEN}"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let answer = gateway
+            .serve(exchange, PEER)
+            .await
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+        let bearer =
+            HeaderValue::try_from(format!("Bearer {}", json["token"].as_str().unwrap())).unwrap();
+        Self {
+            gateway,
+            sim,
+            bearer,
+            direct,
+        }
+    }
+
+    /// The same identification sent straight to the simulator, without the gateway.
+    pub async fn direct(&self, barcode: Barcode) -> u16 {
+        let body = format!(
+            r#"{{"branchId":"bench-branch","barcode":"{}"}}"#,
+            barcode.digits()
+        );
+        let request = UpstreamRequest {
+            endpoint: Endpoint::DocumentIdentification,
+            method: Method::POST,
+            path_and_query: "/api/v1/acquirers/document-identification".to_owned(),
+            authorization: Some(self.bearer.clone()),
+            trace_id: None,
+            content_type: None,
+            body: Bytes::from(body),
+        };
+        self.direct
+            .call(request)
+            .await
+            .map_or(0, |answer| answer.status.as_u16())
+    }
+
+    /// An identification request for a barcode, as a branch backend sends it.
+    pub fn identification(&self, barcode: Barcode) -> Request<Full<Bytes>> {
+        let body = format!(
+            r#"{{"branchId":"bench-branch","barcode":"{}"}}"#,
+            barcode.digits()
+        );
+        self.identification_body(Bytes::from(body))
+    }
+
+    /// The same with a prepared body (no formatting inside a measured loop).
+    pub fn identification_body(&self, body: Bytes) -> Request<Full<Bytes>> {
+        let mut request = Request::post("/api/v1/acquirers/document-identification")
+            .body(Full::new(body))
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", self.bearer.clone());
+        request
+    }
+
+    /// Serves one request in-process.
+    pub async fn serve(&self, request: Request<Full<Bytes>>) -> HttpResponse {
+        self.gateway.serve(request, PEER).await
+    }
+}
+
+/// Distinct valid barcodes, one per call.
+pub struct Barcodes(u64);
+
+impl Barcodes {
+    pub fn new(start: u64) -> Self {
+        Self(start)
+    }
+
+    pub fn next(&mut self) -> Barcode {
+        self.0 += 1;
+        Barcode::from_base(self.0).unwrap()
+    }
+}
