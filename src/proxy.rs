@@ -263,12 +263,12 @@ impl Gateway {
         }
         let collected = tokio::time::timeout(
             self.config.server.body_timeout,
-            Limited::new(body, limit).collect(),
+            read_all(Limited::new(body, limit)),
         )
         .await
         .map_err(|_| GatewayError::BodyTimeout)?;
         match collected {
-            Ok(collected) => Ok(collected.to_bytes()),
+            Ok(bytes) => Ok(bytes),
             Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
                 Err(GatewayError::BodyTooLarge)
             }
@@ -431,6 +431,34 @@ impl Handler for Gateway {
     async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
         self.serve(request, peer).await
     }
+}
+
+/// The whole body as one `Bytes`. A body that arrives in one frame (the usual case for a
+/// small JSON request) is passed on without a copy or an allocation, which
+/// `http_body_util::Collected` (a frame list) cannot do; trailers are ignored.
+async fn read_all<B: Body<Data = Bytes>>(body: B) -> Result<Bytes, B::Error> {
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match (&first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(head), None) => {
+                let mut buffer = bytes::BytesMut::with_capacity(head.len() + data.len());
+                buffer.extend_from_slice(head);
+                buffer.extend_from_slice(&data);
+                joined = Some(buffer);
+            }
+            (Some(_), Some(buffer)) => buffer.extend_from_slice(&data),
+        }
+    }
+    Ok(joined
+        .map(bytes::BytesMut::freeze)
+        .or(first)
+        .unwrap_or_default())
 }
 
 fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamRequest {

@@ -4,10 +4,12 @@
 //! bytes themselves are forwarded to Diia unchanged. Top-level fields are kept in key
 //! order so that two bodies with the same fields in another order share a cache key.
 
-use std::collections::BTreeMap;
+use std::fmt;
 
 use http::HeaderMap;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
 use crate::barcode::Barcode;
 use crate::error::{GatewayError, RequiredField};
@@ -38,10 +40,45 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&[u8], GatewayError> {
     Ok(token)
 }
 
+/// Top-level fields of a body, inline up to this many (Diia bodies carry 2 to 6).
+const INLINE_FIELDS: usize = 8;
+
+/// `(name, raw value)` pairs sorted by name, the last of duplicate names kept (as
+/// JavaScript's `JSON.parse`, and so Diia, does). Inline storage: no heap allocation for
+/// an ordinary body (a `BTreeMap` here cost one per request; see the `allocations` bench).
+#[derive(Debug, Default)]
+struct Fields<'a>(SmallVec<[(&'a str, &'a RawValue); INLINE_FIELDS]>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut fields: SmallVec<[(&'de str, &'de RawValue); INLINE_FIELDS]> =
+                    SmallVec::new();
+                while let Some(entry) = map.next_entry::<&'de str, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                // Reverse, then stable-sort: among equal names the last one comes first,
+                // and `dedup_by` keeps the first of each run.
+                fields.reverse();
+                fields.sort_by(|a, b| a.0.cmp(b.0));
+                fields.dedup_by(|a, b| a.0 == b.0);
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
 /// A JSON object body, borrowed from the request bytes, fields sorted by key.
 #[derive(Debug)]
 pub struct JsonBody<'a> {
-    fields: BTreeMap<&'a str, &'a RawValue>,
+    fields: Fields<'a>,
 }
 
 impl<'a> JsonBody<'a> {
@@ -51,9 +88,17 @@ impl<'a> JsonBody<'a> {
         Ok(Self { fields })
     }
 
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.fields
+            .0
+            .binary_search_by(|(field, _)| (*field).cmp(name))
+            .ok()
+            .map(|index| self.fields.0[index].1)
+    }
+
     /// A string field: `Ok(None)` when absent or null, an error when not a plain string.
     fn string(&self, name: &str, max: usize) -> Result<Option<&'a str>, GatewayError> {
-        let Some(raw) = self.fields.get(name) else {
+        let Some(raw) = self.get(name) else {
             return Ok(None);
         };
         if raw.get() == "null" {
@@ -101,7 +146,7 @@ impl<'a> JsonBody<'a> {
 
     /// `barcode` or `qrcode` (sharing accepts either; a barcode wins when both are sent).
     pub fn sharing_subject(&self) -> Result<SharingSubject<'a>, GatewayError> {
-        if self.fields.contains_key("barcode") {
+        if self.get("barcode").is_some() {
             return self.barcode().map(SharingSubject::Barcode);
         }
         match self.string("qrcode", MAX_QRCODE)? {
@@ -112,7 +157,7 @@ impl<'a> JsonBody<'a> {
 
     /// Feeds every field, in key order, into a cache key: any field may change Diia's answer.
     pub fn key_into(&self, key: &mut KeyBuilder) {
-        for (name, value) in &self.fields {
+        for (name, value) in &self.fields.0 {
             key.part(name.as_bytes()).part(value.get().as_bytes());
         }
     }
@@ -200,6 +245,20 @@ mod tests {
     }
 
     #[test]
+    fn the_last_of_duplicate_fields_wins() {
+        let body = JsonBody::parse(br#"{"branchId":"first","z":1,"branchId":"last","a":2}"#)
+            .expect("json");
+        assert_eq!(body.branch_id(), Ok("last"));
+        let names: Vec<&str> = body.fields.0.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["a", "branchId", "z"]);
+        let many = JsonBody::parse(
+            br#"{"k1":1,"k2":2,"k3":3,"k4":4,"k5":5,"k6":6,"k7":7,"k8":8,"k9":9,"branchId":"b"}"#,
+        )
+        .expect("more fields than inline storage");
+        assert_eq!(many.branch_id(), Ok("b"));
+    }
+
+    #[test]
     fn sharing_takes_barcode_or_qrcode() {
         let qr = JsonBody::parse(br#"{"qrcode":"https://diia.app/documents/x/1/verify/2"}"#)
             .expect("json");
@@ -216,7 +275,7 @@ mod tests {
 
     #[test]
     fn field_order_does_not_change_the_key() {
-        let secrets = Secrets::fixed([3; 32]);
+        let secrets = Secrets::fixed([3; 16]);
         let key = |bytes: &[u8]| {
             let mut builder = secrets.key("t");
             JsonBody::parse(bytes).expect("json").key_into(&mut builder);

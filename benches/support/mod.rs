@@ -70,7 +70,7 @@ impl InProcess {
             Arc::new(Metrics::new()),
         )
         .unwrap();
-        let gateway = Gateway::new(config, Secrets::fixed([5; 32]), upstream, metrics);
+        let gateway = Gateway::new(config, Secrets::fixed([5; 16]), upstream, metrics);
         let exchange = Request::get(format!("/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}"))
             .header("authorization", format!("Basic {DEMO_AUTH_TOKEN}"))
             .body(Full::<Bytes>::default())

@@ -26,6 +26,8 @@ pub struct ProxyResult {
     pub dedup_upstream_calls: u64,
     /// Distinct keys in that workload (the least possible number of calls).
     pub dedup_distinct_keys: u64,
+    /// Latency of the duplicate bursts (leader and waiters), µs: how fast waiters are woken.
+    pub dedup_latency_us: Percentiles,
 }
 
 /// One step of the cache-hit sweep.
@@ -133,6 +135,7 @@ pub async fn measure(
 
     // Upstream calls: each fresh barcode is asked `duplicates` times at once, then re-scanned.
     let before = drive::diia_calls(&client, sim).await?;
+    let dedup_histogram = drive::histogram()?;
     let mut requests = 0;
     for i in 0..settings.distinct_keys {
         let scan = Scan::identification(
@@ -175,6 +178,7 @@ pub async fn measure(
         dedup_requests: requests,
         dedup_upstream_calls,
         dedup_distinct_keys: settings.distinct_keys,
+        dedup_latency_us: Percentiles::of(&dedup_histogram)?,
     })
 }
 
@@ -222,7 +226,8 @@ impl Comparison {
             "                              {:>14} {:>14}   ratio (gateway/peer)\n\
              cache-hit req/s at p99<{:>4}ms {:>14.0} {:>14.0}   {:.2}x\n\
              cache-hit p99 at {:>6.0}/s ms {:>14.3} {:>14.3}   {:.2}x\n\
-             upstream calls ({} keys, {} req) {:>9} {:>14}   {:.2}x\n",
+             upstream calls ({} keys, {} req) {:>9} {:>14}   {:.2}x\n\
+             duplicate-burst p50 / p99 ms  {:>6.2} / {:<6.2} {:>6.2} / {:<6.2}\n",
             g.name,
             p.name,
             settings.p99_target.as_millis(),
@@ -238,6 +243,10 @@ impl Comparison {
             g.dedup_upstream_calls,
             p.dedup_upstream_calls,
             self.upstream_calls_ratio,
+            g.dedup_latency_us.p50 as f64 / 1000.0,
+            g.dedup_latency_us.p99 as f64 / 1000.0,
+            p.dedup_latency_us.p50 as f64 / 1000.0,
+            p.dedup_latency_us.p99 as f64 / 1000.0,
         )
     }
 }
