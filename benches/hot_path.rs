@@ -99,7 +99,10 @@ fn answer() -> Answer {
 }
 
 fn cache_lookup(c: &mut Criterion) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let cache = AnswerCache::new(
         Policy::Verification {
             ttl: Duration::from_secs(60),
@@ -154,7 +157,10 @@ fn rate_limits(c: &mut Criterion) {
             )))
         });
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let budget = DiiaBudget::new(&DiiaLimitConfig {
         per_second: NonZeroU32::new(u32::MAX).unwrap(),
         burst: NonZeroU32::new(u32::MAX).unwrap(),
