@@ -59,33 +59,154 @@ pub struct Settings {
     pub duplicates: u64,
 }
 
-/// Runs every workload against one proxy.
-pub async fn measure(
-    name: &str,
-    proxy: &str,
+/// One proxy under test, primed with a cached answer.
+struct Contender {
+    name: String,
+    url: String,
+    client: drive::HttpClient,
+    token: Arc<str>,
+    hit: Scan,
+    hit_sweep: Vec<HitStep>,
+}
+
+impl Contender {
+    async fn prime(name: &str, url: &str, gateway: &str) -> Result<Self, String> {
+        let client = drive::client();
+        // The session token comes from the simulator via the gateway; both proxies forward it.
+        let token: Arc<str> = drive::session_token(&client, gateway).await?.into();
+        let barcode = drive::random_barcode().digits();
+        let hit = Scan::identification("hit", &format!("cmp-{name}"), &barcode);
+        let mut prime = || hit.clone();
+        drive::offer(
+            &client,
+            url,
+            &token,
+            &mut prime,
+            10.0,
+            Duration::from_millis(300),
+            None,
+        )
+        .await;
+        Ok(Self {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            client,
+            token,
+            hit,
+            hit_sweep: Vec::new(),
+        })
+    }
+
+    /// Cache hits at one offered rate.
+    async fn hit_step(&mut self, rate: f64, duration: Duration) -> Result<(), String> {
+        let histogram = drive::histogram()?;
+        let hit = self.hit.clone();
+        let mut next = || hit.clone();
+        let started = std::time::Instant::now();
+        let (_, Tally { ok, errors }, _) = drive::offer(
+            &self.client,
+            &self.url,
+            &self.token,
+            &mut next,
+            rate,
+            duration,
+            Some(Arc::clone(&histogram)),
+        )
+        .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let latency_us = Percentiles::of(&histogram)?;
+        eprintln!(
+            "  {}: {rate:.0}/s offered, p99 {:.2} ms, errors {}",
+            self.name,
+            latency_us.p99 as f64 / 1000.0,
+            errors.values().sum::<u64>()
+        );
+        self.hit_sweep.push(HitStep {
+            offered_rate: rate,
+            throughput: ok as f64 / elapsed,
+            latency_us,
+            errors,
+        });
+        Ok(())
+    }
+
+    /// Each fresh barcode asked `duplicates` times at once, then re-scanned once.
+    async fn finish(self, sim: &str, settings: &Settings) -> Result<ProxyResult, String> {
+        let before = drive::diia_calls(&self.client, sim).await?;
+        let dedup_histogram = drive::histogram()?;
+        let mut requests = 0;
+        for i in 0..settings.distinct_keys {
+            let scan = Scan::identification(
+                "dedup",
+                &format!("cmp-{}-{i}", self.name),
+                &drive::random_barcode().digits(),
+            );
+            let mut next = || scan.clone();
+            // All duplicates due at the same instant (a very high rate for a handful).
+            let burst = Duration::from_micros(settings.duplicates);
+            let histogram = Some(Arc::clone(&dedup_histogram));
+            drive::offer(
+                &self.client,
+                &self.url,
+                &self.token,
+                &mut next,
+                1_000_000.0,
+                burst,
+                histogram,
+            )
+            .await;
+            let once = Duration::from_micros(1);
+            drive::offer(
+                &self.client,
+                &self.url,
+                &self.token,
+                &mut next,
+                1_000_000.0,
+                once,
+                None,
+            )
+            .await;
+            requests += settings.duplicates + 1;
+        }
+        let dedup_upstream_calls = drive::diia_calls(&self.client, sim)
+            .await?
+            .saturating_sub(before);
+        let target_us = u64::try_from(settings.p99_target.as_micros()).unwrap_or(u64::MAX);
+        let hit_throughput_at_target = self
+            .hit_sweep
+            .iter()
+            .filter(|s| s.latency_us.p99 <= target_us && s.errors.is_empty())
+            .map(|s| s.throughput)
+            .fold(0.0, f64::max);
+        let hit_p99_at_fixed_rate_us = self
+            .hit_sweep
+            .iter()
+            .find(|s| (s.offered_rate - settings.fixed_rate).abs() < f64::EPSILON)
+            .map_or(0, |s| s.latency_us.p99);
+        Ok(ProxyResult {
+            name: self.name,
+            hit_sweep: self.hit_sweep,
+            hit_throughput_at_target,
+            hit_p99_at_fixed_rate_us,
+            dedup_requests: requests,
+            dedup_upstream_calls,
+            dedup_distinct_keys: settings.distinct_keys,
+            dedup_latency_us: Percentiles::of(&dedup_histogram)?,
+        })
+    }
+}
+
+/// Runs every workload against both proxies. Each cache-hit step runs on the gateway and
+/// then on the peer before the next step, so noise on a shared machine hits both alike.
+pub async fn run(
     gateway: &str,
+    peer: &str,
+    peer_name: &str,
     sim: &str,
     settings: &Settings,
-) -> Result<ProxyResult, String> {
-    let client = drive::client();
-    // The session token comes from the simulator via the gateway; both proxies forward it.
-    let token: Arc<str> = drive::session_token(&client, gateway).await?.into();
-    let barcode = drive::random_barcode().digits();
-    let hit = Scan::identification("hit", &format!("cmp-{name}"), &barcode);
-    // Prime the cache (the barcode is fresh; the answer is stored).
-    let mut prime = || hit.clone();
-    drive::offer(
-        &client,
-        proxy,
-        &token,
-        &mut prime,
-        10.0,
-        Duration::from_millis(300),
-        None,
-    )
-    .await;
-
-    let mut hit_sweep = Vec::new();
+) -> Result<Comparison, String> {
+    let mut ours = Contender::prime("diia-gateway", gateway, gateway).await?;
+    let mut theirs = Contender::prime(peer_name, peer, gateway).await?;
     let mut rates = settings.rates.clone();
     if !rates
         .iter()
@@ -95,91 +216,12 @@ pub async fn measure(
     }
     rates.sort_by(f64::total_cmp);
     for rate in rates {
-        let histogram = drive::histogram()?;
-        let mut next = || hit.clone();
-        let started = std::time::Instant::now();
-        let (_, Tally { ok, errors }, _) = drive::offer(
-            &client,
-            proxy,
-            &token,
-            &mut next,
-            rate,
-            settings.duration,
-            Some(Arc::clone(&histogram)),
-        )
-        .await;
-        let elapsed = started.elapsed().as_secs_f64();
-        let latency_us = Percentiles::of(&histogram)?;
-        eprintln!(
-            "  {name}: {rate:.0}/s offered, p99 {:.2} ms, errors {}",
-            latency_us.p99 as f64 / 1000.0,
-            errors.values().sum::<u64>()
-        );
-        hit_sweep.push(HitStep {
-            offered_rate: rate,
-            throughput: ok as f64 / elapsed,
-            latency_us,
-            errors,
-        });
+        ours.hit_step(rate, settings.duration).await?;
+        theirs.hit_step(rate, settings.duration).await?;
     }
-    let target_us = u64::try_from(settings.p99_target.as_micros()).unwrap_or(u64::MAX);
-    let hit_throughput_at_target = hit_sweep
-        .iter()
-        .filter(|s| s.latency_us.p99 <= target_us && s.errors.is_empty())
-        .map(|s| s.throughput)
-        .fold(0.0, f64::max);
-    let hit_p99_at_fixed_rate_us = hit_sweep
-        .iter()
-        .find(|s| (s.offered_rate - settings.fixed_rate).abs() < f64::EPSILON)
-        .map_or(0, |s| s.latency_us.p99);
-
-    // Upstream calls: each fresh barcode is asked `duplicates` times at once, then re-scanned.
-    let before = drive::diia_calls(&client, sim).await?;
-    let dedup_histogram = drive::histogram()?;
-    let mut requests = 0;
-    for i in 0..settings.distinct_keys {
-        let scan = Scan::identification(
-            "dedup",
-            &format!("cmp-{name}-{i}"),
-            &drive::random_barcode().digits(),
-        );
-        let mut next = || scan.clone();
-        // All duplicates due at the same instant (a very high rate for a handful of requests).
-        drive::offer(
-            &client,
-            proxy,
-            &token,
-            &mut next,
-            1_000_000.0,
-            Duration::from_micros(settings.duplicates),
-            None,
-        )
-        .await;
-        drive::offer(
-            &client,
-            proxy,
-            &token,
-            &mut next,
-            1_000_000.0,
-            Duration::from_micros(1),
-            None,
-        )
-        .await;
-        requests += settings.duplicates + 1;
-    }
-    let dedup_upstream_calls = drive::diia_calls(&client, sim)
-        .await?
-        .saturating_sub(before);
-    Ok(ProxyResult {
-        name: name.to_owned(),
-        hit_sweep,
-        hit_throughput_at_target,
-        hit_p99_at_fixed_rate_us,
-        dedup_requests: requests,
-        dedup_upstream_calls,
-        dedup_distinct_keys: settings.distinct_keys,
-        dedup_latency_us: Percentiles::of(&dedup_histogram)?,
-    })
+    let ours = ours.finish(sim, settings).await?;
+    let theirs = theirs.finish(sim, settings).await?;
+    Ok(Comparison::new(ours, theirs))
 }
 
 /// The ratios, gateway over peer.

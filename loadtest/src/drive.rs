@@ -20,7 +20,8 @@ use serde::Serialize;
 use crate::scenario::Scenario;
 use crate::target::Target;
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The load generator's HTTP client.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A request waits at most this long before it counts as a timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);

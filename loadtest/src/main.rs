@@ -66,7 +66,7 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Offered load steps, as multiples of the scenario's rate.
-        #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8,16")]
+        #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8,16,32,64")]
         steps: Vec<f64>,
     },
     /// The same load against the gateway and a peer proxy (see loadtest/compare-nginx.sh).
@@ -197,12 +197,8 @@ async fn execute(command: Command) -> Result<(), String> {
                 distinct_keys: 200,
                 duplicates: 5,
             };
-            eprintln!("measuring diia-gateway at {gateway}");
-            let ours =
-                compare::measure("diia-gateway", &gateway, &gateway, &sim, &settings).await?;
-            eprintln!("measuring {peer_name} at {peer}");
-            let theirs = compare::measure(&peer_name, &peer, &gateway, &sim, &settings).await?;
-            let comparison = compare::Comparison::new(ours, theirs);
+            eprintln!("diia-gateway at {gateway}, {peer_name} at {peer}, steps interleaved");
+            let comparison = compare::run(&gateway, &peer, &peer_name, &sim, &settings).await?;
             print!("{}", comparison.summary(&settings));
             let path = out.join(format!("compare-{peer_name}.json"));
             report::write_json(&path, &comparison)?;
