@@ -57,6 +57,23 @@ pub struct ServerConfig {
     /// Longest a request may wait for an answer, including waiting behind a coalesced call.
     #[serde(with = "humantime_serde")]
     pub request_deadline: Duration,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Requests processed at once; more are shed at once with 503 `overloaded`.
+    pub max_in_flight: usize,
+    /// Time a client has to send its request headers (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with nothing to read for this long is closed (must exceed request_deadline).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, `/readyz` fails this long before the listener closes, so load balancers
+    /// stop sending new traffic first.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// After the listener closes, time in-flight requests get to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +84,12 @@ impl Default for ServerConfig {
             body_limit: 100 * 1024,
             body_timeout: Duration::from_secs(5),
             request_deadline: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_in_flight: 4096,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            drain_delay: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -341,12 +364,26 @@ impl Config {
         for (key, value) in [
             ("server.body_timeout", server.body_timeout),
             ("server.request_deadline", server.request_deadline),
+            ("server.header_read_timeout", server.header_read_timeout),
+            ("server.drain_timeout", server.drain_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.timeout", self.upstream.timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be above 0"));
             }
+        }
+        if server.idle_timeout <= server.request_deadline {
+            return Err(invalid(
+                "server.idle_timeout",
+                "must be longer than server.request_deadline, or a waiting client is cut off",
+            ));
+        }
+        if server.max_connections == 0 || server.max_in_flight == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                "and server.max_in_flight must be above 0",
+            ));
         }
         if server.listen == server.admin_listen && server.listen.port() != 0 {
             return Err(invalid(

@@ -91,6 +91,9 @@ pub enum GatewayError {
         /// Remaining back-off time.
         retry_after: Duration,
     },
+    /// More requests in flight than `server.max_in_flight`: shed before any work.
+    #[error("overloaded")]
+    Overloaded,
     /// Diia could not be reached (connect, TLS or connection failure).
     #[error("upstream unreachable")]
     UpstreamUnreachable,
@@ -123,7 +126,7 @@ impl GatewayError {
             Self::BodyRead | Self::InvalidJson => StatusCode::BAD_REQUEST,
             Self::SharingAlreadyRequested => StatusCode::CONFLICT,
             Self::BranchRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::DiiaBudgetExhausted { .. } | Self::DiiaBackoff { .. } => {
+            Self::DiiaBudgetExhausted { .. } | Self::DiiaBackoff { .. } | Self::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
@@ -153,6 +156,7 @@ impl GatewayError {
             Self::BranchRateLimited { .. } => "branch_rate_limited",
             Self::DiiaBudgetExhausted { .. } => "diia_budget_exhausted",
             Self::DiiaBackoff { .. } => "diia_backoff",
+            Self::Overloaded => "overloaded",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamProtocol => "upstream_protocol_error",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -202,6 +206,7 @@ impl GatewayError {
             Self::BranchRateLimited { .. } => "Too many requests from this branch",
             Self::DiiaBudgetExhausted { .. } => "Diia request budget exhausted, retry later",
             Self::DiiaBackoff { .. } => "Diia asked to back off, retry later",
+            Self::Overloaded => "Gateway overloaded, retry later",
             Self::UpstreamUnreachable => "Diia is unreachable",
             Self::UpstreamProtocol => "Diia answered with an invalid response",
             Self::UpstreamTimeout => "Diia did not answer in time",
@@ -216,6 +221,7 @@ impl GatewayError {
             Self::BranchRateLimited { retry_after, .. }
             | Self::DiiaBudgetExhausted { retry_after }
             | Self::DiiaBackoff { retry_after } => Some(*retry_after),
+            Self::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -51,7 +51,7 @@ use crate::keys::Secrets;
 use crate::limit::DiiaBudget;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::server::{Shutdown, accept_loop};
+use crate::server::{ConnectionLimits, Shutdown, accept_loop};
 use crate::sim::{SimHandle, Simulator};
 use crate::upstream::Upstream;
 
@@ -63,7 +63,10 @@ pub struct RunningGateway {
     addr: SocketAddr,
     admin_addr: SocketAddr,
     gateway: Arc<Gateway>,
-    shutdown: Shutdown,
+    /// Phase 1 of a drain: `/readyz` fails, traffic is still served.
+    draining: Shutdown,
+    /// Phase 2: listeners close, in-flight requests finish, tasks end.
+    closing: Shutdown,
     tasks: Vec<JoinHandle<()>>,
     simulator: Option<SimHandle>,
 }
@@ -93,15 +96,23 @@ impl RunningGateway {
         &self.gateway
     }
 
-    /// A handle that starts the drain when triggered.
+    /// A handle that starts the drain when triggered (what SIGTERM does): `/readyz` fails
+    /// at once, the listener closes `server.drain_delay` later, in-flight requests get
+    /// `server.drain_timeout` to finish.
     #[must_use]
     pub fn shutdown_handle(&self) -> Shutdown {
-        self.shutdown.clone()
+        self.draining.clone()
     }
 
-    /// Drains and stops: readiness drops, listeners close, in-flight requests finish.
-    pub async fn stop(mut self) {
-        self.shutdown.trigger();
+    /// Drains (as [`RunningGateway::shutdown_handle`]) and waits until everything stopped.
+    pub async fn stop(self) {
+        self.draining.trigger();
+        self.wait().await;
+    }
+
+    /// Waits until a drain started by the shutdown handle has finished.
+    pub async fn wait(mut self) {
+        self.closing.wait().await;
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
@@ -109,17 +120,13 @@ impl RunningGateway {
             simulator.stop().await;
         }
     }
-
-    /// Runs until the shutdown handle is triggered, then drains.
-    pub async fn wait(self) {
-        self.shutdown.wait().await;
-        self.stop().await;
-    }
 }
 
 impl Drop for RunningGateway {
     fn drop(&mut self) {
-        self.shutdown.trigger();
+        // Dropped without a drain (tests): stop serving at once.
+        self.draining.trigger();
+        self.closing.trigger();
     }
 }
 
@@ -152,12 +159,31 @@ pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
     let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let shutdown = Shutdown::new();
-    let drain = config.server.request_deadline + Duration::from_secs(1);
-    let admin = Arc::new(Admin::new(Arc::clone(&gateway), shutdown.clone()));
+    let draining = Shutdown::new();
+    let closing = Shutdown::new();
+    let limits = ConnectionLimits {
+        max_connections: config.server.max_connections,
+        header_read_timeout: config.server.header_read_timeout,
+        idle_timeout: config.server.idle_timeout,
+        drain_timeout: config.server.drain_timeout,
+    };
+    let admin = Arc::new(Admin::new(Arc::clone(&gateway), draining.clone()));
+    let phases = {
+        let (draining, closing) = (draining.clone(), closing.clone());
+        let delay = config.server.drain_delay;
+        tokio::spawn(async move {
+            draining.wait().await;
+            tracing::info!(
+                delay_ms = delay.as_millis(),
+                "draining: /readyz fails, listener closes after the delay"
+            );
+            tokio::time::sleep(delay).await;
+            closing.trigger();
+        })
+    };
     let housekeeping = {
         let gateway = Arc::clone(&gateway);
-        let shutdown = shutdown.clone();
+        let shutdown = closing.clone();
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(HOUSEKEEPING_PERIOD);
             loop {
@@ -168,22 +194,39 @@ pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
             }
         })
     };
+    // The admin listener outlives the branch listener's drain, so probes see the 503.
+    let admin_closing = Shutdown::new();
+    let gateway_loop = tokio::spawn(accept_loop(
+        listener,
+        Arc::clone(&gateway),
+        closing.clone(),
+        limits,
+    ));
+    let branch_side = {
+        let admin_closing = admin_closing.clone();
+        tokio::spawn(async move {
+            let _ = gateway_loop.await;
+            admin_closing.trigger();
+        })
+    };
     let tasks = vec![
+        branch_side,
         tokio::spawn(accept_loop(
-            listener,
-            Arc::clone(&gateway),
-            shutdown.clone(),
-            drain,
+            admin_listener,
+            admin,
+            admin_closing,
+            ConnectionLimits::default(),
         )),
-        tokio::spawn(accept_loop(admin_listener, admin, shutdown.clone(), drain)),
         housekeeping,
+        phases,
     ];
     tracing::info!(%addr, %admin_addr, upstream = %base_url, embedded_simulator = simulator.is_some(), "diia-gateway listening");
     Ok(RunningGateway {
         addr,
         admin_addr,
         gateway,
-        shutdown,
+        draining,
+        closing,
         tasks,
         simulator,
     })

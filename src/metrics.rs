@@ -74,7 +74,8 @@ impl RequestOutcome {
         match error {
             GatewayError::BranchRateLimited { .. }
             | GatewayError::DiiaBudgetExhausted { .. }
-            | GatewayError::DiiaBackoff { .. } => Self::Limited,
+            | GatewayError::DiiaBackoff { .. }
+            | GatewayError::Overloaded => Self::Limited,
             GatewayError::UpstreamUnreachable
             | GatewayError::UpstreamProtocol
             | GatewayError::UpstreamTimeout

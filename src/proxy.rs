@@ -61,6 +61,8 @@ pub struct Gateway {
     branches: BranchLimiter,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
+    /// Requests being processed; full means shed (503 `overloaded`) rather than queue.
+    in_flight: tokio::sync::Semaphore,
 }
 
 /// A successful pass through the stages.
@@ -123,6 +125,7 @@ impl Gateway {
         );
         Self {
             branches: BranchLimiter::new(&config.limits.branch),
+            in_flight: tokio::sync::Semaphore::new(config.server.max_in_flight),
             config,
             secrets,
             answers,
@@ -171,20 +174,26 @@ impl Gateway {
     {
         let started = Instant::now();
         let mut trace = Trace::default();
-        let (response, outcome, error) =
-            match self.process(request, peer, started, &mut trace).await {
-                Ok(Reply { response, outcome }) => (response, outcome, None),
-                Err(error) => {
-                    if error == GatewayError::Internal {
-                        tracing::error!("internal error while answering a request");
-                    }
-                    (
-                        error.to_response(),
-                        RequestOutcome::of_error(&error),
-                        Some(error),
-                    )
+        // Shed before any work: under overload a fast 503 beats a queue that makes every
+        // request late (and a barcode lives only 3 minutes).
+        let permit = self.in_flight.try_acquire();
+        let result = match permit {
+            Ok(_) => self.process(request, peer, started, &mut trace).await,
+            Err(_) => Err(GatewayError::Overloaded),
+        };
+        let (response, outcome, error) = match result {
+            Ok(Reply { response, outcome }) => (response, outcome, None),
+            Err(error) => {
+                if error == GatewayError::Internal {
+                    tracing::error!("internal error while answering a request");
                 }
-            };
+                (
+                    error.to_response(),
+                    RequestOutcome::of_error(&error),
+                    Some(error),
+                )
+            }
+        };
         self.metrics
             .request(trace.endpoint, outcome, error.as_ref());
         tracing::info!(

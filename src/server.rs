@@ -19,7 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio_io_timeout::TimeoutStream;
 
 /// What every handler answers: a fully buffered body (answers are small and cacheable).
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -75,20 +76,54 @@ impl Shutdown {
     }
 }
 
-/// Accepts connections until `shutdown`, then drains for at most `drain`.
+/// Per-listener connection bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections served at once; further clients wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// A connection with nothing to read for this long is closed.
+    pub idle_timeout: Duration,
+    /// After shutdown, time open connections get to finish in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            drain_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Accepts connections until `shutdown`, then drains for at most `limits.drain_timeout`.
 pub async fn accept_loop<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     shutdown: Shutdown,
-    drain: Duration,
+    limits: ConnectionLimits,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+        .header_read_timeout(limits.header_read_timeout);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        // Wait for a connection slot first: at the limit, new clients queue in the kernel
+        // instead of being accepted and starved.
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = shutdown.wait() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -101,24 +136,29 @@ pub async fn accept_loop<H: Handler>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let mut stream = TimeoutStream::new(stream);
+                stream.set_read_timeout(Some(limits.idle_timeout));
                 let handler = Arc::clone(&handler);
                 let service = service_fn(move |request| {
                     let handler = Arc::clone(&handler);
                     async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
                 });
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = builder
+                    .serve_connection(TokioIo::new(Box::pin(stream)), service)
+                    .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
                         tracing::debug!(%error, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             () = shutdown.wait() => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {

@@ -215,6 +215,23 @@ pub async fn run(
         rates.push(settings.fixed_rate);
     }
     rates.sort_by(f64::total_cmp);
+    // Warm both up (connection pools, caches, CPU frequency) at the first rate, unmeasured.
+    let warmup = rates.first().copied().unwrap_or(1000.0);
+    for contender in [&mut ours, &mut theirs] {
+        let hit = contender.hit.clone();
+        let mut next = || hit.clone();
+        let warm = Duration::from_secs(1);
+        drive::offer(
+            &contender.client,
+            &contender.url,
+            &contender.token,
+            &mut next,
+            warmup,
+            warm,
+            None,
+        )
+        .await;
+    }
     for rate in rates {
         ours.hit_step(rate, settings.duration).await?;
         theirs.hit_step(rate, settings.duration).await?;

@@ -87,7 +87,7 @@ enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "2000,4000,8000,12000,16000,24000,32000"
+            default_value = "2000,4000,8000,16000,24000,32000"
         )]
         rates: Vec<f64>,
         /// Length of each step.

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 pub use self::state::{SimError, SimState};
 use crate::barcode::Barcode;
 use crate::route::{Endpoint, route};
-use crate::server::{Handler, HttpResponse, Shutdown, accept_loop};
+use crate::server::{ConnectionLimits, Handler, HttpResponse, Shutdown, accept_loop};
 
 /// An acquirer the simulator knows.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -243,7 +243,7 @@ impl Simulator {
             listener,
             Arc::clone(&simulator),
             shutdown.clone(),
-            Duration::from_secs(5),
+            ConnectionLimits::default(),
         ));
         Ok(SimHandle {
             addr,
