@@ -113,6 +113,20 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle: usize,
+    /// Consecutive failures (transport errors, 5xx) that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the circuit stays open before one probe call is let through.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Retries of a safe call (token exchange, identification) after a connect failure.
+    pub max_retries: u32,
+    /// Retries may spend at most this share of first calls.
+    pub retry_ratio: f64,
+    /// Retries available at start (and at most) before the ratio applies.
+    pub retry_reserve: u32,
+    /// First retry backoff; doubles per retry, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -124,6 +138,12 @@ impl Default for UpstreamConfig {
             max_response_body: 4 * 1024 * 1024,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle: 256,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(5),
+            max_retries: 2,
+            retry_ratio: 0.1,
+            retry_reserve: 10,
+            retry_backoff: Duration::from_millis(50),
         }
     }
 }
@@ -409,6 +429,15 @@ impl Config {
             if uri.query().is_some() {
                 return Err(invalid("upstream.base_url", "must not carry a query"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.upstream.retry_ratio) {
+            return Err(invalid("upstream.retry_ratio", "must be within [0, 1]"));
+        }
+        if self.upstream.breaker_failures == 0 || self.upstream.breaker_cooldown.is_zero() {
+            return Err(invalid(
+                "upstream.breaker_failures",
+                "and upstream.breaker_cooldown must be above 0",
+            ));
         }
         if self.upstream.max_response_body == 0 {
             return Err(invalid("upstream.max_response_body", "must be above 0"));

@@ -91,6 +91,12 @@ pub enum GatewayError {
         /// Remaining back-off time.
         retry_after: Duration,
     },
+    /// Diia failed repeatedly; the circuit is open and calls are refused until a probe passes.
+    #[error("circuit open")]
+    CircuitOpen {
+        /// Remaining open time.
+        retry_after: Duration,
+    },
     /// More requests in flight than `server.max_in_flight`: shed before any work.
     #[error("overloaded")]
     Overloaded,
@@ -126,9 +132,10 @@ impl GatewayError {
             Self::BodyRead | Self::InvalidJson => StatusCode::BAD_REQUEST,
             Self::SharingAlreadyRequested => StatusCode::CONFLICT,
             Self::BranchRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::DiiaBudgetExhausted { .. } | Self::DiiaBackoff { .. } | Self::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::DiiaBudgetExhausted { .. }
+            | Self::DiiaBackoff { .. }
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -157,6 +164,7 @@ impl GatewayError {
             Self::DiiaBudgetExhausted { .. } => "diia_budget_exhausted",
             Self::DiiaBackoff { .. } => "diia_backoff",
             Self::Overloaded => "overloaded",
+            Self::CircuitOpen { .. } => "diia_circuit_open",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamProtocol => "upstream_protocol_error",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -207,6 +215,7 @@ impl GatewayError {
             Self::DiiaBudgetExhausted { .. } => "Diia request budget exhausted, retry later",
             Self::DiiaBackoff { .. } => "Diia asked to back off, retry later",
             Self::Overloaded => "Gateway overloaded, retry later",
+            Self::CircuitOpen { .. } => "Diia is failing; calls are paused, retry later",
             Self::UpstreamUnreachable => "Diia is unreachable",
             Self::UpstreamProtocol => "Diia answered with an invalid response",
             Self::UpstreamTimeout => "Diia did not answer in time",
@@ -220,7 +229,8 @@ impl GatewayError {
         match self {
             Self::BranchRateLimited { retry_after, .. }
             | Self::DiiaBudgetExhausted { retry_after }
-            | Self::DiiaBackoff { retry_after } => Some(*retry_after),
+            | Self::DiiaBackoff { retry_after }
+            | Self::CircuitOpen { retry_after } => Some(*retry_after),
             Self::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -17,6 +17,7 @@
 //! - [`cache`]: moka caches with coalescing and replay
 //! - [`limit`]: governor limits per branch and toward Diia
 //! - [`upstream`]: hyper + rustls client toward Diia
+//! - [`breaker`]: circuit breaker and retry budget toward Diia
 //! - [`proxy`]: the request lifecycle (stages) over all of the above
 //! - [`metrics`], [`admin`]: what SREs see
 //! - [`server`]: accept loop and graceful shutdown
@@ -24,6 +25,7 @@
 
 pub mod admin;
 pub mod barcode;
+pub mod breaker;
 pub mod cache;
 pub mod config;
 pub mod error;

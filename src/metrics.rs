@@ -75,6 +75,7 @@ impl RequestOutcome {
             GatewayError::BranchRateLimited { .. }
             | GatewayError::DiiaBudgetExhausted { .. }
             | GatewayError::DiiaBackoff { .. }
+            | GatewayError::CircuitOpen { .. }
             | GatewayError::Overloaded => Self::Limited,
             GatewayError::UpstreamUnreachable
             | GatewayError::UpstreamProtocol
@@ -112,6 +113,8 @@ pub struct Metrics {
     upstream_latency: Vec<Histogram>,
     upstream_calls: Family<Labels2, Counter>,
     saved: Counter,
+    retries: Counter,
+    breaker_open: Gauge,
     cache_entries: Family<Labels1, Gauge>,
     branches_tracked: Gauge,
 }
@@ -177,6 +180,18 @@ impl Metrics {
             "Requests answered without a Diia call (hit, coalesced, replayed)",
             saved.clone(),
         );
+        let retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Retries of safe calls after a connect failure (within the retry budget)",
+            retries.clone(),
+        );
+        let breaker_open = Gauge::default();
+        registry.register(
+            "circuit_open",
+            "1 while the circuit breaker toward Diia is open",
+            breaker_open.clone(),
+        );
         let cache_entries = Family::<Labels1, Gauge>::default();
         registry.register(
             "cache_entries",
@@ -196,6 +211,8 @@ impl Metrics {
             upstream_latency,
             upstream_calls,
             saved,
+            retries,
+            breaker_open,
             cache_entries,
             branches_tracked,
         }
@@ -234,6 +251,16 @@ impl Metrics {
         self.upstream_calls
             .get_or_create(&[("endpoint", endpoint.label()), ("result", result)])
             .inc();
+    }
+
+    /// Counts one retry toward Diia.
+    pub fn upstream_retry(&self) {
+        self.retries.inc();
+    }
+
+    /// Sets the breaker gauge.
+    pub fn set_breaker_open(&self, open: bool) {
+        self.breaker_open.set(i64::from(open));
     }
 
     /// Requests counted for an endpoint and outcome (tests and the load tool read this).

@@ -12,6 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::breaker::{Breaker, RetryBudget};
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
 use crate::limit::DiiaBudget;
@@ -64,6 +65,10 @@ pub struct Upstream {
     max_response_body: usize,
     budget: DiiaBudget,
     metrics: Arc<Metrics>,
+    breaker: Breaker,
+    retries: RetryBudget,
+    max_retries: u32,
+    retry_backoff: Duration,
 }
 
 static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
@@ -112,6 +117,10 @@ impl Upstream {
             max_response_body: config.max_response_body,
             budget,
             metrics,
+            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            retries: RetryBudget::new(config.retry_ratio, config.retry_reserve),
+            max_retries: config.max_retries,
+            retry_backoff: config.retry_backoff,
         })
     }
 
@@ -121,9 +130,48 @@ impl Upstream {
         &self.budget
     }
 
-    /// One call to Diia: budget first, then the exchange under the upstream deadline.
+    /// One call to Diia: breaker, then budget, then the exchange under the upstream
+    /// deadline; safe calls are retried after a connect failure within the retry budget.
     pub async fn call(&self, request: UpstreamRequest) -> Outcome {
-        self.budget.acquire().await?;
+        let admission = self
+            .breaker
+            .admit()
+            .map_err(|retry_after| GatewayError::CircuitOpen { retry_after })?;
+        self.retries.deposit();
+        // Only calls that are safe to repeat, and only when Diia never saw the request.
+        let retryable = matches!(
+            request.endpoint,
+            Endpoint::TokenExchange
+                | Endpoint::DocumentIdentification
+                | Endpoint::DocumentIdentificationAge
+        );
+        let mut attempt = 0;
+        loop {
+            if let Err(error) = self.budget.acquire().await {
+                self.breaker.abandon(admission);
+                return Err(error);
+            }
+            let outcome = self.attempt(request.clone()).await;
+            let unreachable = matches!(outcome, Err(GatewayError::UpstreamUnreachable));
+            if retryable && unreachable && attempt < self.max_retries && self.retries.withdraw() {
+                attempt += 1;
+                self.metrics.upstream_retry();
+                let ceiling = self.retry_backoff.saturating_mul(1 << attempt.min(8));
+                tokio::time::sleep(ceiling.mul_f64(fastrand::f64())).await;
+                continue;
+            }
+            let failed = match &outcome {
+                Ok(answer) => answer.status.is_server_error(),
+                Err(_) => true,
+            };
+            self.breaker.record(admission, !failed);
+            self.metrics.set_breaker_open(self.breaker.is_open());
+            return outcome;
+        }
+    }
+
+    /// One exchange with Diia under the upstream deadline; honours Diia's back-off.
+    async fn attempt(&self, request: UpstreamRequest) -> Outcome {
         let endpoint = request.endpoint;
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, self.exchange(request)).await;

@@ -69,6 +69,11 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8,16,32,64")]
         steps: Vec<f64>,
     },
+    /// Redraws the SVG of a capacity report from its JSON.
+    Plot {
+        /// A `capacity-*.json` written by `capacity`.
+        input: PathBuf,
+    },
     /// The same load against the gateway and a peer proxy (see loadtest/compare-nginx.sh).
     Compare {
         /// Gateway base URL (loopback).
@@ -173,6 +178,24 @@ async fn execute(command: Command) -> Result<(), String> {
                 capacity.p99_target_ms,
             )?;
             eprintln!("wrote {} and {}", json.display(), svg.display());
+        }
+        Command::Plot { input } => {
+            let text =
+                std::fs::read_to_string(&input).map_err(|e| format!("{}: {e}", input.display()))?;
+            let capacity: Capacity =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", input.display()))?;
+            let svg = input.with_extension("svg");
+            report::plot(
+                &svg,
+                &format!(
+                    "diia-gateway: latency vs offered load ({})",
+                    capacity.scenario
+                ),
+                &capacity.steps,
+                capacity.p99_target_ms,
+            )?;
+            print!("{}", capacity.summary());
+            eprintln!("wrote {}", svg.display());
         }
         Command::Compare {
             gateway,

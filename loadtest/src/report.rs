@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::drive::RunResult;
 use crate::scenario::Scenario;
@@ -43,7 +43,7 @@ pub fn table(results: &[RunResult]) -> String {
 }
 
 /// What a capacity planner asks, answered from a sweep.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Capacity {
     /// The scenario's name.
     pub scenario: String,
@@ -169,12 +169,12 @@ pub fn plot(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_rate, 0.0..max_ms)
+        .build_cartesian_2d(0.0..max_rate, (1.0..max_ms.max(2.0)).log_scale())
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .x_desc("offered load (requests/s)")
-        .y_desc("latency (ms)")
+        .y_desc("latency (ms, log scale)")
         .draw()
         .map_err(|e| e.to_string())?;
     type Pick = fn(&RunResult) -> u64;
