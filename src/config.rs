@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -74,6 +74,20 @@ pub struct ServerConfig {
     /// After the listener closes, time in-flight requests get to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// TLS termination on the branch listener (absent: plain HTTP).
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +104,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             drain_delay: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(15),
+            tls: None,
         }
     }
 }
@@ -113,6 +128,8 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle: usize,
+    /// PEM CA bundle that alone is trusted for Diia's certificate (absent: system roots).
+    pub ca_file: Option<PathBuf>,
     /// Consecutive failures (transport errors, 5xx) that open the circuit breaker.
     pub breaker_failures: u32,
     /// How long the circuit stays open before one probe call is let through.
@@ -138,6 +155,7 @@ impl Default for UpstreamConfig {
             max_response_body: 4 * 1024 * 1024,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle: 256,
+            ca_file: None,
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(5),
             max_retries: 2,
@@ -444,6 +462,14 @@ impl Config {
         }
         if self.limits.diia.max_backoff.is_zero() {
             return Err(invalid("limits.diia.max_backoff", "must be above 0"));
+        }
+        if let Some(tls) = &server.tls {
+            crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
+                .map_err(|problem| invalid("server.tls", problem))?;
+        }
+        if let Some(ca) = &self.upstream.ca_file {
+            crate::tls::upstream_roots(Some(ca))
+                .map_err(|problem| invalid("upstream.ca_file", problem))?;
         }
         if let Some(sim) = &self.simulator {
             sim.validate()

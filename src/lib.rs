@@ -21,6 +21,7 @@
 //! - [`proxy`]: the request lifecycle (stages) over all of the above
 //! - [`metrics`], [`admin`]: what SREs see
 //! - [`server`]: accept loop and graceful shutdown
+//! - [`tls`]: rustls configs, in (termination, mTLS) and out (trust toward Diia)
 //! - [`sim`]: the Diia simulator
 
 pub mod admin;
@@ -37,6 +38,7 @@ pub mod request;
 pub mod route;
 pub mod server;
 pub mod sim;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -198,11 +200,19 @@ pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
     };
     // The admin listener outlives the branch listener's drain, so probes see the 503.
     let admin_closing = Shutdown::new();
+    let tls = match &config.server.tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
+                .map_err(std::io::Error::other)?,
+        )),
+        None => None,
+    };
     let gateway_loop = tokio::spawn(accept_loop(
         listener,
         Arc::clone(&gateway),
         closing.clone(),
         limits,
+        tls,
     ));
     let branch_side = {
         let admin_closing = admin_closing.clone();
@@ -218,6 +228,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
             admin,
             admin_closing,
             ConnectionLimits::default(),
+            None,
         )),
         housekeeping,
         phases,

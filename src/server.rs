@@ -21,6 +21,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_io_timeout::TimeoutStream;
+use tokio_rustls::TlsAcceptor;
+
+/// A connection's byte stream, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// What every handler answers: a fully buffered body (answers are small and cacheable).
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -106,6 +112,7 @@ pub async fn accept_loop<H: Handler>(
     handler: Arc<H>,
     shutdown: Shutdown,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -138,17 +145,37 @@ pub async fn accept_loop<H: Handler>(
                 let _ = stream.set_nodelay(true);
                 let mut stream = TimeoutStream::new(stream);
                 stream.set_read_timeout(Some(limits.idle_timeout));
+                let stream = Box::pin(stream);
                 let handler = Arc::clone(&handler);
                 let service = service_fn(move |request| {
                     let handler = Arc::clone(&handler);
                     async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
                 });
-                let connection = builder
-                    .serve_connection(TokioIo::new(Box::pin(stream)), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
+                    // The handshake runs in the connection's task, bounded like a header read,
+                    // so a slow or hostile client never blocks the accept loop.
+                    let io: Box<dyn Io> = match tls {
+                        Some(acceptor) => {
+                            let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                            match handshake.await {
+                                Ok(Ok(tls_stream)) => Box::new(tls_stream),
+                                Ok(Err(error)) => {
+                                    tracing::debug!(%error, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
+                                    return;
+                                }
+                            }
+                        }
+                        None => Box::new(stream),
+                    };
+                    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
+                    if let Err(error) = watcher.watch(connection).await {
                         tracing::debug!(%error, "connection ended with an error");
                     }
                     drop(permit);

@@ -75,7 +75,8 @@ static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia
 static ACCEPT_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 impl Upstream {
-    /// Builds the client; TLS roots are the system's plus Mozilla's bundled ones.
+    /// Builds the client; Diia's certificate is verified against `upstream.ca_file`, or the
+    /// system's plus Mozilla's bundled roots.
     pub fn new(
         config: &UpstreamConfig,
         base_url: &str,
@@ -86,18 +87,9 @@ impl Upstream {
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            let _ = roots.add(cert);
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(std::io::Error::other)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let roots =
+            crate::tls::upstream_roots(config.ca_file.as_deref()).map_err(std::io::Error::other)?;
+        let tls = crate::tls::client_config(roots).map_err(std::io::Error::other)?;
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

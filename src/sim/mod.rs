@@ -244,6 +244,7 @@ impl Simulator {
             Arc::clone(&simulator),
             shutdown.clone(),
             ConnectionLimits::default(),
+            None,
         ));
         Ok(SimHandle {
             addr,
