@@ -110,6 +110,7 @@ fn cache_lookup(c: &mut Criterion) {
         },
         64 * 1024 * 1024,
         Duration::from_secs(10),
+        Duration::ZERO,
     );
     let secrets = Secrets::fixed([9; 16]);
     let key = secrets.key("answer").part(TOKEN).finish();

@@ -21,7 +21,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use moka::Expiry;
-use moka::ops::compute::Op;
+use moka::ops::compute::{CompResult, Op};
 use serde::Deserialize;
 
 use crate::config::SESSION_TOKEN_LIFETIME;
@@ -105,6 +105,13 @@ fn session_token_ttl(answer: &Answer, margin: Duration) -> Option<Duration> {
 
 type SharedOutcome = Shared<BoxFuture<'static, Arc<Outcome>>>;
 
+/// A cached answer past its freshness, kept for stale-if-error until `until`.
+#[derive(Clone)]
+struct Stale {
+    outcome: Arc<Outcome>,
+    until: Instant,
+}
+
 /// A cache entry: a call under way, or its answer.
 #[derive(Clone)]
 enum Slot {
@@ -112,11 +119,16 @@ enum Slot {
         id: u64,
         tag: Option<CacheKey>,
         outcome: SharedOutcome,
+        /// The answer this call refreshes, served if the call fails.
+        stale: Option<Stale>,
     },
     Ready {
         tag: Option<CacheKey>,
         outcome: Arc<Outcome>,
-        ttl: Duration,
+        /// Served as a hit until then.
+        fresh_until: Instant,
+        /// Kept (for stale-if-error) until then.
+        expires_at: Instant,
     },
 }
 
@@ -136,7 +148,7 @@ impl SlotExpiry {
     fn life(&self, slot: &Slot) -> Option<Duration> {
         Some(match slot {
             Slot::Pending { .. } => self.max_pending,
-            Slot::Ready { ttl, .. } => *ttl,
+            Slot::Ready { expires_at, .. } => expires_at.saturating_duration_since(Instant::now()),
         })
     }
 }
@@ -174,6 +186,8 @@ pub enum Lookup {
     },
     /// Joined another request's call under way.
     Coalesced,
+    /// Diia failed; a stored answer past its TTL was served (stale-if-error).
+    Stale,
     /// The key is taken by a request with another tag (another sharing `requestId`).
     TagMismatch,
 }
@@ -183,16 +197,32 @@ pub enum Lookup {
 pub struct AnswerCache {
     inner: moka::future::Cache<CacheKey, Slot>,
     policy: Policy,
+    stale_if_error: Duration,
     next_id: Arc<AtomicU64>,
+}
+
+/// Whether an outcome means Diia failed (what stale-if-error covers).
+fn is_failure(outcome: &Outcome) -> bool {
+    match outcome {
+        Ok(answer) => answer.status.is_server_error() || answer.status.as_u16() == 429,
+        Err(_) => true,
+    }
 }
 
 /// Weight of an entry beyond its body: key, slot and bookkeeping.
 const ENTRY_OVERHEAD: usize = 256;
 
 impl AnswerCache {
-    /// A cache bounded to about `max_bytes` of answers; pending calls expire after `max_pending`.
+    /// A cache bounded to about `max_bytes` of answers; pending calls expire after
+    /// `max_pending`; answers are kept `stale_if_error` past their TTL (zero: off) to be
+    /// served when Diia fails.
     #[must_use]
-    pub fn new(policy: Policy, max_bytes: u64, max_pending: Duration) -> Self {
+    pub fn new(
+        policy: Policy,
+        max_bytes: u64,
+        max_pending: Duration,
+        stale_if_error: Duration,
+    ) -> Self {
         let inner = moka::future::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_key: &CacheKey, slot: &Slot| -> u32 {
@@ -209,6 +239,7 @@ impl AnswerCache {
         Self {
             inner,
             policy,
+            stale_if_error,
             next_id: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -238,40 +269,79 @@ impl AnswerCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Outcome> + Send + 'static,
     {
-        if let Some(slot) = self.inner.get(&key).await {
+        // Fast path: a fresh answer or a call under way, without the key lock.
+        if let Some(slot) = self.inner.get(&key).await
+            && !is_stale(&slot)
+        {
             return join(slot, tag, deadline).await;
         }
+        // Become the leader (no entry, or only a stale one), or find who already is.
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = self
+        let result = self
             .inner
             .entry(key)
-            .or_insert_with(async { self.spawn_call(key, id, tag, fetch()) })
+            .and_compute_with(|current| {
+                let op = match current.map(moka::Entry::into_value) {
+                    None => Op::Put(self.spawn_call(key, id, tag, None, fetch())),
+                    Some(Slot::Ready {
+                        outcome,
+                        fresh_until,
+                        expires_at,
+                        ..
+                    }) if fresh_until <= Instant::now() => {
+                        let stale = (expires_at > Instant::now()).then_some(Stale {
+                            outcome,
+                            until: expires_at,
+                        });
+                        Op::Put(self.spawn_call(key, id, tag, stale, fetch()))
+                    }
+                    Some(_) => Op::Nop,
+                };
+                std::future::ready(op)
+            })
             .await;
-        let leader = entry.is_fresh();
-        let slot = entry.into_value();
-        if !leader {
-            return join(slot, tag, deadline).await;
-        }
-        let Slot::Pending { outcome, .. } = slot else {
+        let slot = match result {
+            CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => entry.into_value(),
+            CompResult::Unchanged(entry) => return join(entry.into_value(), tag, deadline).await,
+            CompResult::StillNone(_) | CompResult::Removed(_) => {
+                return Err(GatewayError::Internal);
+            }
+        };
+        let Slot::Pending { outcome, stale, .. } = slot else {
             return Err(GatewayError::Internal);
         };
         let outcome = tokio::time::timeout_at(deadline, outcome)
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?;
+        if is_failure(&outcome)
+            && let Some(stale) = stale
+        {
+            return Ok((stale.outcome, Lookup::Stale));
+        }
         let stored = self.policy.ttl(&outcome).is_some();
         Ok((outcome, Lookup::Miss { stored }))
     }
 
-    fn spawn_call<Fut>(&self, key: CacheKey, id: u64, tag: Option<CacheKey>, call: Fut) -> Slot
+    fn spawn_call<Fut>(
+        &self,
+        key: CacheKey,
+        id: u64,
+        tag: Option<CacheKey>,
+        stale: Option<Stale>,
+        call: Fut,
+    ) -> Slot
     where
         Fut: Future<Output = Outcome> + Send + 'static,
     {
         let cache = self.inner.clone();
         let policy = self.policy;
+        let stale_if_error = self.stale_if_error;
+        let kept = stale.clone();
         let task = tokio::spawn(async move {
             let outcome = Arc::new(call.await);
             let ttl = policy.ttl(&outcome);
             let settled = Arc::clone(&outcome);
+            let failed = is_failure(&outcome);
             cache
                 .entry(key)
                 .and_compute_with(|current| {
@@ -279,14 +349,25 @@ impl AnswerCache {
                         current.as_ref().map(moka::Entry::value),
                         Some(Slot::Pending { id: current_id, .. }) if *current_id == id
                     );
-                    let op = match (ours, ttl) {
-                        (false, _) => Op::Nop,
-                        (true, Some(ttl)) => Op::Put(Slot::Ready {
+                    let now = Instant::now();
+                    let op = match (ours, ttl, kept) {
+                        (false, _, _) => Op::Nop,
+                        (true, Some(ttl), _) => Op::Put(Slot::Ready {
                             tag,
                             outcome: settled,
-                            ttl,
+                            fresh_until: now + ttl,
+                            expires_at: now + ttl + stale_if_error,
                         }),
-                        (true, None) => Op::Remove,
+                        // Diia failed: put the stale answer back for the next requests.
+                        (true, None, Some(stale)) if failed && stale.until > now => {
+                            Op::Put(Slot::Ready {
+                                tag,
+                                outcome: stale.outcome,
+                                fresh_until: now,
+                                expires_at: stale.until,
+                            })
+                        }
+                        (true, None, _) => Op::Remove,
                     };
                     std::future::ready(op)
                 })
@@ -297,8 +378,18 @@ impl AnswerCache {
             .map(|joined| joined.unwrap_or_else(|_| Arc::new(Err(GatewayError::Internal))))
             .boxed()
             .shared();
-        Slot::Pending { id, tag, outcome }
+        Slot::Pending {
+            id,
+            tag,
+            outcome,
+            stale,
+        }
     }
+}
+
+/// A stored answer past its freshness (kept only for stale-if-error).
+fn is_stale(slot: &Slot) -> bool {
+    matches!(slot, Slot::Ready { fresh_until, .. } if *fresh_until <= Instant::now())
 }
 
 async fn join(
@@ -314,11 +405,14 @@ async fn join(
     }
     match slot {
         Slot::Ready { outcome, .. } => Ok((outcome, Lookup::Hit)),
-        Slot::Pending { outcome, .. } => {
+        Slot::Pending { outcome, stale, .. } => {
             let outcome = tokio::time::timeout_at(deadline, outcome)
                 .await
                 .map_err(|_| GatewayError::UpstreamTimeout)?;
-            Ok((outcome, Lookup::Coalesced))
+            match stale {
+                Some(stale) if is_failure(&outcome) => Ok((stale.outcome, Lookup::Stale)),
+                _ => Ok((outcome, Lookup::Coalesced)),
+            }
         }
     }
 }

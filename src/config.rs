@@ -178,6 +178,11 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// Bound on cached answers (each weighs its body size in bytes, at least 1 KiB).
     pub max_bytes: u64,
+    /// Opt-in: keep answers this long past `ttl` and serve them when Diia fails.
+    /// Off (0s) by default: a barcode lives 3 minutes, so `ttl + stale_if_error` may not
+    /// exceed 180s, and an old "valid" answer is only acceptable by explicit choice.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
 }
 
 impl Default for CacheConfig {
@@ -186,6 +191,7 @@ impl Default for CacheConfig {
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(10),
             max_bytes: 256 * 1024 * 1024,
+            stale_if_error: Duration::ZERO,
         }
     }
 }
@@ -372,6 +378,12 @@ impl Config {
             return Err(invalid(
                 "cache.negative_ttl",
                 "must not be longer than cache.ttl: negative answers are kept shorter",
+            ));
+        }
+        if cache.ttl + cache.stale_if_error > BARCODE_LIFETIME {
+            return Err(invalid(
+                "cache.stale_if_error",
+                "cache.ttl + cache.stale_if_error must not exceed 180s: a barcode lives 3 minutes",
             ));
         }
         if cache.max_bytes < 1024 * 1024 {

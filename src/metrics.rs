@@ -33,10 +33,12 @@ pub enum RequestOutcome {
     Limited,
     /// Diia failed: unreachable, timeout, invalid answer.
     UpstreamError,
+    /// Diia failed and a stored answer past its TTL was served (stale-if-error, opt-in).
+    Stale,
 }
 
 impl RequestOutcome {
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 9] = [
         Self::Hit,
         Self::Miss,
         Self::Coalesced,
@@ -45,6 +47,7 @@ impl RequestOutcome {
         Self::Rejected,
         Self::Limited,
         Self::UpstreamError,
+        Self::Stale,
     ];
 
     /// The `outcome` label.
@@ -59,6 +62,7 @@ impl RequestOutcome {
             Self::Rejected => "rejected",
             Self::Limited => "limited",
             Self::UpstreamError => "upstream_error",
+            Self::Stale => "stale",
         }
     }
 

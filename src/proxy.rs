@@ -50,6 +50,8 @@ static REPLAY: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail
 static MISS_STORED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; stored");
 static MISS: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss");
 static COLLAPSED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; collapsed");
+static STALE: HeaderValue =
+    HeaderValue::from_static("diia-gateway; fwd=stale; detail=stale-if-error");
 
 /// The gateway: shared state behind every request. Cheap to share as `Arc<Gateway>`.
 pub struct Gateway {
@@ -108,6 +110,7 @@ impl Gateway {
             },
             config.cache.max_bytes,
             max_pending,
+            config.cache.stale_if_error,
         );
         let tokens = AnswerCache::new(
             Policy::SessionToken {
@@ -115,6 +118,7 @@ impl Gateway {
             },
             16 * 1024 * 1024,
             max_pending,
+            Duration::ZERO,
         );
         let sharing = AnswerCache::new(
             Policy::Sharing {
@@ -122,6 +126,7 @@ impl Gateway {
             },
             config.cache.max_bytes / 4,
             max_pending,
+            Duration::ZERO,
         );
         Self {
             branches: BranchLimiter::new(&config.limits.branch),
@@ -518,9 +523,10 @@ fn reply(outcome: &Outcome, lookup: Lookup, sharing: bool) -> Result<Reply, Gate
         Lookup::Miss { stored: true } => (&MISS_STORED, RequestOutcome::Miss),
         Lookup::Miss { stored: false } => (&MISS, RequestOutcome::Miss),
         Lookup::Coalesced => (&COLLAPSED, RequestOutcome::Coalesced),
+        Lookup::Stale => (&STALE, RequestOutcome::Stale),
         Lookup::TagMismatch => return Err(GatewayError::SharingAlreadyRequested),
     };
-    let outcome = if answer.status.is_server_error() && !outcome.saved_a_call() {
+    let outcome = if answer.status.is_server_error() && outcome == RequestOutcome::Miss {
         RequestOutcome::UpstreamError
     } else {
         outcome
