@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::sim::SimConfig;
+use crate::token::Secret;
 
 /// A barcode lives 3 minutes at Diia; nothing about it may be remembered longer.
 pub const BARCODE_LIFETIME: Duration = Duration::from_secs(180);
@@ -34,6 +35,8 @@ pub struct Config {
     pub tokens: TokenConfig,
     /// Rate limits.
     pub limits: LimitsConfig,
+    /// Who authenticates branches, and who holds Diia's session token.
+    pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
     /// When present, the Diia simulator runs in-process and is the upstream
@@ -286,6 +289,98 @@ impl Default for DiiaLimitConfig {
     }
 }
 
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `pass-through`: branches send Diia's own headers. `managed`: the gateway holds the
+    /// acquirer token and injects the session token; branches authenticate to the gateway.
+    pub mode: AuthMode,
+    /// The acquirer token (prefer the environment variable below: config files leak).
+    pub acquirer_token: Option<Secret>,
+    /// The auth acquirer token (Basic credentials), if Diia issued one.
+    pub auth_token: Option<Secret>,
+    /// Environment variable read for the acquirer token when `acquirer_token` is absent.
+    pub acquirer_token_env: String,
+    /// Environment variable read for the auth acquirer token when `auth_token` is absent.
+    pub auth_token_env: String,
+    /// How branches authenticate in managed mode: `api-key` (header `X-Api-Key`) or `mtls`.
+    pub branch_auth: BranchAuth,
+    /// Per-branch API keys, as SHA-256 hex digests (`printf %s KEY | sha256sum`).
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::PassThrough,
+            acquirer_token: None,
+            auth_token: None,
+            acquirer_token_env: "DIIA_ACQUIRER_TOKEN".to_owned(),
+            auth_token_env: "DIIA_AUTH_ACQUIRER_TOKEN".to_owned(),
+            branch_auth: BranchAuth::ApiKey,
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The acquirer token and auth token, from the file or the environment.
+    pub fn secrets(&self) -> Result<(Secret, Option<Secret>), String> {
+        let from_env = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(Secret::new)
+        };
+        let acquirer = self
+            .acquirer_token
+            .clone()
+            .or_else(|| from_env(&self.acquirer_token_env))
+            .ok_or_else(|| {
+                format!(
+                    "managed mode needs auth.acquirer_token or ${}",
+                    self.acquirer_token_env
+                )
+            })?;
+        let auth = self
+            .auth_token
+            .clone()
+            .or_else(|| from_env(&self.auth_token_env));
+        Ok((acquirer, auth))
+    }
+}
+
+/// Token handling mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// Branches exchange and send session tokens themselves.
+    PassThrough,
+    /// The gateway holds the acquirer token and manages the session token.
+    Managed,
+}
+
+/// How branches prove who they are in managed mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BranchAuth {
+    /// `X-Api-Key: <key>`, checked against `auth.api_keys`.
+    ApiKey,
+    /// A client certificate verified by `server.tls.client_ca`.
+    Mtls,
+}
+
+/// One branch's API key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who holds it (for operators; never logged with the key).
+    pub branch: String,
+    /// SHA-256 of the key, hex.
+    pub sha256: String,
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -482,6 +577,36 @@ impl Config {
         if let Some(ca) = &self.upstream.ca_file {
             crate::tls::upstream_roots(Some(ca))
                 .map_err(|problem| invalid("upstream.ca_file", problem))?;
+        }
+        if self.auth.mode == AuthMode::Managed {
+            self.auth
+                .secrets()
+                .map_err(|problem| invalid("auth.acquirer_token", problem))?;
+            match self.auth.branch_auth {
+                BranchAuth::ApiKey => {
+                    if self.auth.api_keys.is_empty() {
+                        return Err(invalid(
+                            "auth.api_keys",
+                            "managed mode with api-key branch auth needs at least one key",
+                        ));
+                    }
+                    crate::token::ApiKeys::new(&self.auth.api_keys)
+                        .map_err(|problem| invalid("auth.api_keys", problem))?;
+                }
+                BranchAuth::Mtls => {
+                    if server
+                        .tls
+                        .as_ref()
+                        .and_then(|tls| tls.client_ca.as_ref())
+                        .is_none()
+                    {
+                        return Err(invalid(
+                            "auth.branch_auth",
+                            "mtls needs server.tls.client_ca",
+                        ));
+                    }
+                }
+            }
         }
         if let Some(sim) = &self.simulator {
             sim.validate()

@@ -41,6 +41,12 @@ pub enum GatewayError {
     /// `Authorization` is not `Bearer <session token>`.
     #[error("invalid authorization")]
     InvalidAuthorization,
+    /// Managed mode: no `X-Api-Key`, or not one of the configured keys.
+    #[error("invalid api key")]
+    InvalidApiKey,
+    /// Managed mode: Diia refused the gateway's own acquirer token.
+    #[error("upstream refused the acquirer token")]
+    UpstreamAuth,
     /// The acquirer token in the token-exchange path is empty or malformed.
     #[error("invalid acquirer token")]
     InvalidAcquirerToken,
@@ -121,7 +127,9 @@ impl GatewayError {
         match self {
             Self::UnknownRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::MissingAuthorization | Self::InvalidAuthorization => StatusCode::UNAUTHORIZED,
+            Self::MissingAuthorization | Self::InvalidAuthorization | Self::InvalidApiKey => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::InvalidAcquirerToken
             | Self::MissingField(_)
             | Self::InvalidBarcode
@@ -136,7 +144,9 @@ impl GatewayError {
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
             | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnreachable | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnreachable | Self::UpstreamProtocol | Self::UpstreamAuth => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -150,6 +160,8 @@ impl GatewayError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::MissingAuthorization => "missing_authorization",
             Self::InvalidAuthorization => "invalid_authorization",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::UpstreamAuth => "upstream_auth_failed",
             Self::InvalidAcquirerToken => "invalid_acquirer_token",
             Self::BodyTooLarge => "body_too_large",
             Self::BodyTimeout => "body_timeout",
@@ -193,6 +205,8 @@ impl GatewayError {
             Self::MethodNotAllowed => "Method not allowed on this route",
             Self::MissingAuthorization => "Empty token",
             Self::InvalidAuthorization => "Authorization must be 'Bearer <session token>'",
+            Self::InvalidApiKey => "X-Api-Key is missing or unknown",
+            Self::UpstreamAuth => "Diia refused the gateway's acquirer token",
             Self::InvalidAcquirerToken => "Acquirer token in the path is empty or malformed",
             Self::BodyTooLarge => "Request body exceeds the gateway's limit",
             Self::BodyTimeout => "Request body was not received in time",

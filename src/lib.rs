@@ -18,6 +18,7 @@
 //! - [`limit`]: governor limits per branch and toward Diia
 //! - [`upstream`]: hyper + rustls client toward Diia
 //! - [`breaker`]: circuit breaker and retry budget toward Diia
+//! - [`token`]: managed token mode (session token held by the gateway, branch API keys)
 //! - [`proxy`]: the request lifecycle (stages) over all of the above
 //! - [`metrics`], [`admin`]: what SREs see
 //! - [`server`]: accept loop and graceful shutdown
@@ -39,6 +40,7 @@ pub mod route;
 pub mod server;
 pub mod sim;
 pub mod tls;
+pub mod token;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -50,13 +52,15 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 pub use crate::config::Config;
+use crate::config::{AuthMode, BranchAuth};
 pub use crate::error::GatewayError;
 use crate::keys::Secrets;
 use crate::limit::DiiaBudget;
 use crate::metrics::Metrics;
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, Managed};
 use crate::server::{ConnectionLimits, Shutdown, accept_loop};
 use crate::sim::{SimHandle, Simulator};
+use crate::token::{ApiKeys, TokenManager};
 use crate::upstream::Upstream;
 
 /// How often idle branch budgets are forgotten.
@@ -152,12 +156,19 @@ pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
         budget,
         Arc::clone(&metrics),
     )?);
-    let gateway = Arc::new(Gateway::new(
-        Arc::clone(&config),
-        Secrets::random()?,
-        upstream,
-        metrics,
-    ));
+    let mut gateway = Gateway::new(Arc::clone(&config), Secrets::random()?, upstream, metrics);
+    if config.auth.mode == AuthMode::Managed {
+        let (acquirer_token, auth_token) = config.auth.secrets().map_err(std::io::Error::other)?;
+        let keys = match config.auth.branch_auth {
+            BranchAuth::ApiKey => {
+                Some(ApiKeys::new(&config.auth.api_keys).map_err(std::io::Error::other)?)
+            }
+            BranchAuth::Mtls => None,
+        };
+        let tokens = TokenManager::new(acquirer_token, auth_token, config.tokens.refresh_margin);
+        gateway = gateway.with_managed(Managed { tokens, keys });
+    }
+    let gateway = Arc::new(gateway);
 
     let listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.server.admin_listen).await?;

@@ -82,6 +82,7 @@ impl RequestOutcome {
             | GatewayError::CircuitOpen { .. }
             | GatewayError::Overloaded => Self::Limited,
             GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamAuth
             | GatewayError::UpstreamProtocol
             | GatewayError::UpstreamTimeout
             | GatewayError::Internal => Self::UpstreamError,
@@ -89,6 +90,7 @@ impl RequestOutcome {
             | GatewayError::MethodNotAllowed
             | GatewayError::MissingAuthorization
             | GatewayError::InvalidAuthorization
+            | GatewayError::InvalidApiKey
             | GatewayError::InvalidAcquirerToken
             | GatewayError::BodyTooLarge
             | GatewayError::BodyTimeout

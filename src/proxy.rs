@@ -39,6 +39,7 @@ use crate::metrics::{Metrics, RequestOutcome};
 use crate::request::{JsonBody, SharingSubject, bearer_token, status_query};
 use crate::route::{Endpoint, route};
 use crate::server::{Handler, HttpResponse};
+use crate::token::{ApiKeys, TokenManager};
 use crate::upstream::{Outcome, Upstream, UpstreamRequest};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -65,6 +66,16 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// Requests being processed; full means shed (503 `overloaded`) rather than queue.
     in_flight: tokio::sync::Semaphore,
+    /// Managed token mode, when configured.
+    managed: Option<Arc<Managed>>,
+}
+
+/// Managed token mode: the session token the gateway holds, and how branches get in.
+pub struct Managed {
+    /// The acquirer's secrets and session token.
+    pub tokens: TokenManager,
+    /// Branch API keys; `None` when branches authenticate with mTLS.
+    pub keys: Option<ApiKeys>,
 }
 
 /// A successful pass through the stages.
@@ -131,6 +142,7 @@ impl Gateway {
         Self {
             branches: BranchLimiter::new(&config.limits.branch),
             in_flight: tokio::sync::Semaphore::new(config.server.max_in_flight),
+            managed: None,
             config,
             secrets,
             answers,
@@ -139,6 +151,13 @@ impl Gateway {
             upstream,
             metrics,
         }
+    }
+
+    /// Switches to managed token mode.
+    #[must_use]
+    pub fn with_managed(mut self, managed: Managed) -> Self {
+        self.managed = Some(Arc::new(managed));
+        self
     }
 
     /// The metric handles.
@@ -231,6 +250,10 @@ impl Gateway {
         let deadline =
             tokio::time::Instant::from_std(started + self.config.server.request_deadline);
         if routed.endpoint == Endpoint::TokenExchange {
+            if self.managed.is_some() {
+                // Branches never hold acquirer tokens in managed mode.
+                return Err(GatewayError::UnknownRoute);
+            }
             let acquirer_token = routed
                 .path_param
                 .ok_or(GatewayError::InvalidAcquirerToken)?;
@@ -238,7 +261,21 @@ impl Gateway {
                 .token_exchange(&parts, acquirer_token, peer, deadline)
                 .await;
         }
-        let token = bearer_token(&parts.headers)?;
+        let token = match &self.managed {
+            Some(managed) => {
+                if let Some(keys) = &managed.keys {
+                    let presented = parts
+                        .headers
+                        .get("x-api-key")
+                        .ok_or(GatewayError::InvalidApiKey)?;
+                    if !keys.admits(presented.as_bytes()) {
+                        return Err(GatewayError::InvalidApiKey);
+                    }
+                }
+                managed.tokens.identity()
+            }
+            None => bearer_token(&parts.headers)?,
+        };
         let body = self.read_body(&parts, body).await?;
         match routed.endpoint {
             Endpoint::DocumentIdentification | Endpoint::DocumentIdentificationAge => {
@@ -417,7 +454,7 @@ impl Gateway {
         };
         self.branches.check(who)?;
         let request = upstream_request(endpoint, parts, body);
-        let answer = tokio::time::timeout_at(deadline, self.upstream.call(request))
+        let answer = tokio::time::timeout_at(deadline, self.fetch(request))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)??;
         let mut response = answer_response(&answer);
@@ -437,7 +474,13 @@ impl Gateway {
     /// The leader's call, as an owned future that can run in its own task.
     fn fetch(&self, request: UpstreamRequest) -> impl Future<Output = Outcome> + Send + 'static {
         let upstream = Arc::clone(&self.upstream);
-        async move { upstream.call(request).await }
+        let managed = self.managed.clone();
+        async move {
+            match managed {
+                Some(managed) => managed.tokens.call(&upstream, request).await,
+                None => upstream.call(request).await,
+            }
+        }
     }
 }
 

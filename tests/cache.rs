@@ -183,15 +183,21 @@ async fn two_acquirers_never_share_an_entry() {
 
 #[tokio::test]
 async fn stale_if_error_serves_an_expired_answer_only_when_diia_fails() {
-    let h = Harness::with(|_| {}, |c| {
-        c.cache.ttl = Duration::from_millis(300);
-        c.cache.negative_ttl = Duration::from_millis(300);
-        c.cache.stale_if_error = Duration::from_millis(1500);
-    })
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.cache.ttl = Duration::from_millis(300);
+            c.cache.negative_ttl = Duration::from_millis(300);
+            c.cache.stale_if_error = Duration::from_millis(1500);
+        },
+    )
     .await;
     let token = h.session_token().await;
     let barcode = h.issue_barcode().await;
-    assert_eq!(h.identify(&token, "b", &barcode).await.status, StatusCode::OK);
+    assert_eq!(
+        h.identify(&token, "b", &barcode).await.status,
+        StatusCode::OK
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
 
     // Past the TTL and Diia fails: the stored answer is served, marked stale.
@@ -200,11 +206,21 @@ async fn stale_if_error_serves_an_expired_answer_only_when_diia_fails() {
         let stale = h.identify(&token, "b", &barcode).await;
         assert_eq!(stale.status, StatusCode::OK);
         assert_eq!(stale.json()["success"], true);
-        assert_eq!(stale.header("cache-status"), Some("diia-gateway; fwd=stale; detail=stale-if-error"));
+        assert_eq!(
+            stale.header("cache-status"),
+            Some("diia-gateway; fwd=stale; detail=stale-if-error")
+        );
     }
-    assert_eq!(h.sim_calls("document_identification").await, 3, "each stale answer first asked Diia");
     assert_eq!(
-        h.metric(r#"diia_gateway_requests_total{endpoint="document_identification",outcome="stale"}"#).await,
+        h.sim_calls("document_identification").await,
+        3,
+        "each stale answer first asked Diia"
+    );
+    assert_eq!(
+        h.metric(
+            r#"diia_gateway_requests_total{endpoint="document_identification",outcome="stale"}"#
+        )
+        .await,
         2.0
     );
 
@@ -216,15 +232,24 @@ async fn stale_if_error_serves_an_expired_answer_only_when_diia_fails() {
 
 #[tokio::test]
 async fn without_stale_if_error_an_expired_answer_is_never_served() {
-    let h = Harness::with(|_| {}, |c| {
-        c.cache.ttl = Duration::from_millis(300);
-        c.cache.negative_ttl = Duration::from_millis(300);
-    })
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.cache.ttl = Duration::from_millis(300);
+            c.cache.negative_ttl = Duration::from_millis(300);
+        },
+    )
     .await;
     let token = h.session_token().await;
     let barcode = h.issue_barcode().await;
-    assert_eq!(h.identify(&token, "b", &barcode).await.status, StatusCode::OK);
+    assert_eq!(
+        h.identify(&token, "b", &barcode).await.status,
+        StatusCode::OK
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     h.set_faults(json!({"error_rate": 1.0})).await;
-    assert_eq!(h.identify(&token, "b", &barcode).await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        h.identify(&token, "b", &barcode).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
 }

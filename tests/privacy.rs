@@ -82,6 +82,38 @@ async fn no_secret_or_personal_value_reaches_the_logs() {
     )
     .await;
 
+    // Managed mode: the gateway holds the acquirer secrets, branches send API keys.
+    let api_key = "branch-api-key-7d2f9c1b";
+    let managed = Harness::with(
+        |_| {},
+        |c| {
+            c.auth.mode = diia_gateway::config::AuthMode::Managed;
+            c.auth.acquirer_token = Some(diia_gateway::token::Secret::new(
+                diia_gateway::sim::DEMO_ACQUIRER_TOKEN.to_owned(),
+            ));
+            c.auth.auth_token = Some(diia_gateway::token::Secret::new(
+                diia_gateway::sim::DEMO_AUTH_TOKEN.to_owned(),
+            ));
+            c.auth.api_keys = vec![diia_gateway::config::ApiKeyConfig {
+                branch: "kyiv-001".to_owned(),
+                sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(api_key.as_bytes())),
+            }];
+        },
+    )
+    .await;
+    let managed_barcode = managed.issue_barcode().await;
+    let body = format!(r#"{{"branchId":"kyiv-001","barcode":"{managed_barcode}"}}"#);
+    for key in [api_key, "wrong-api-key-3e8a"] {
+        managed
+            .send(
+                Method::POST,
+                "/api/v1/acquirers/document-identification",
+                &[("x-api-key", key)],
+                &body,
+            )
+            .await;
+    }
+
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(
         logs.contains("diia_gateway::access"),
@@ -106,6 +138,9 @@ async fn no_secret_or_personal_value_reaches_the_logs() {
         "c2VjcmV0",
         request_id,
         name,
+        api_key,
+        "wrong-api-key-3e8a",
+        managed_barcode.as_str(),
     ] {
         assert!(!logs.contains(secret), "a secret value appears in the logs");
     }

@@ -9,6 +9,7 @@
 //! - `POST /sim/barcodes` `{"documentValid": true}` → `{"barcode": "...", "expiresIn": 180}`
 //! - `GET /sim/stats` → `{"requests": {"<endpoint>": n, ...}, "total", "unrouted", "pushes"}`
 //! - `POST /sim/stats/reset`
+//! - `POST /sim/sessions/revoke` → every session token answers 401 from now on
 //! - `GET|PUT /sim/faults` → the fault knobs as JSON (see [`Faults`])
 
 mod state;
@@ -450,6 +451,10 @@ impl Simulator {
                 )
             }
             (&Method::GET, "stats") => json(StatusCode::OK, self.state.stats_json()),
+            (&Method::POST, "sessions/revoke") => {
+                self.state.revoke_sessions();
+                json(StatusCode::OK, r#"{"revoked":true}"#.to_owned())
+            }
             (&Method::POST, "stats/reset") => {
                 self.state.reset_counters();
                 json(StatusCode::OK, self.state.stats_json())

@@ -217,6 +217,11 @@ impl SimState {
         Ok(token)
     }
 
+    /// Invalidates every session token (a Diia-side revocation or restart).
+    pub fn revoke_sessions(&self) {
+        lock(&self.sessions).clear();
+    }
+
     /// Checks `Authorization: Bearer <session token>` like Diia's gateway.
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<(), SimError> {
         let Some(header) = authorization else {
