@@ -88,6 +88,7 @@ async fn runs_on_the_embedded_simulator_and_stops_on_sigterm() {
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+drain_delay = "200ms"
 [log]
 format = "text"
 [simulator]
@@ -169,11 +170,58 @@ listen = "127.0.0.1:0"
         assert_eq!(reply.header("cache-status"), Some(expected));
     }
 
+    // SIGTERM during load: requests in flight when the signal lands all succeed.
+    let slow = support::send(
+        &client,
+        Method::PUT,
+        &format!("http://{sim}/sim/faults"),
+        &[],
+        r#"{"latency":"600ms"}"#.to_owned(),
+    )
+    .await;
+    assert_eq!(slow.status, StatusCode::OK);
+    let mut in_flight = Vec::new();
+    for _ in 0..10 {
+        let fresh = support::send(
+            &client,
+            Method::POST,
+            &format!("http://{sim}/sim/barcodes"),
+            &[],
+            String::new(),
+        )
+        .await;
+        let fresh = fresh.json()["barcode"]
+            .as_str()
+            .expect("barcode")
+            .to_owned();
+        let (client, url, bearer) = (client.clone(), url.clone(), bearer.clone());
+        let body = format!(r#"{{"branchId":"b","barcode":"{fresh}"}}"#);
+        in_flight.push(tokio::spawn(async move {
+            support::send(
+                &client,
+                Method::POST,
+                &url,
+                &[("authorization", &bearer)],
+                body,
+            )
+            .await
+            .status
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
     let killed = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(killed.success());
+    for request in in_flight {
+        assert_eq!(
+            request.await.expect("task"),
+            StatusCode::OK,
+            "an in-flight request failed during the drain"
+        );
+    }
     let exit_deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.0.try_wait().expect("wait") {
