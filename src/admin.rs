@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (process alive),
-//! `/readyz` (accepting traffic; turns 503 as soon as a drain starts).
+//! `/readyz` (accepting traffic; turns 503 as soon as a drain starts), `POST /reload`
+//! (re-read the config file).
 //! Kept on its own port so branch traffic can never reach it.
 
 use std::net::SocketAddr;
@@ -11,19 +12,25 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::proxy::Gateway;
+use crate::reload::Reloader;
 use crate::server::{Handler, HttpResponse, Shutdown};
 
 /// Admin endpoints over the gateway's state.
 pub struct Admin {
     gateway: Arc<Gateway>,
     shutdown: Shutdown,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl Admin {
     /// Admin view of a gateway; `/readyz` follows `shutdown`.
     #[must_use]
-    pub fn new(gateway: Arc<Gateway>, shutdown: Shutdown) -> Self {
-        Self { gateway, shutdown }
+    pub fn new(gateway: Arc<Gateway>, shutdown: Shutdown, reloader: Option<Arc<Reloader>>) -> Self {
+        Self {
+            gateway,
+            shutdown,
+            reloader,
+        }
     }
 
     async fn answer(&self, method: &Method, path: &str) -> HttpResponse {
@@ -44,6 +51,23 @@ impl Admin {
             (&Method::GET, "/readyz") => {
                 (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
             }
+            (&Method::POST, "/reload") => match self.reloader.as_ref().map(|r| r.reload()) {
+                Some(Ok(())) => (
+                    StatusCode::OK,
+                    "text/plain",
+                    Bytes::from_static(b"reloaded\n"),
+                ),
+                Some(Err(problem)) => (
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    Bytes::from(format!("{problem}\n")),
+                ),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    Bytes::from_static(b"no config file to reload\n"),
+                ),
+            },
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",

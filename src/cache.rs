@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt;
@@ -196,9 +197,16 @@ pub enum Lookup {
 #[derive(Clone)]
 pub struct AnswerCache {
     inner: moka::future::Cache<CacheKey, Slot>,
+    /// TTL policy and stale-if-error window; swapped whole on a config reload.
+    settings: Arc<ArcSwap<CacheSettings>>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// What decides how long answers live.
+#[derive(Debug, Clone, Copy)]
+struct CacheSettings {
     policy: Policy,
     stale_if_error: Duration,
-    next_id: Arc<AtomicU64>,
 }
 
 /// Whether an outcome means Diia failed (what stale-if-error covers).
@@ -238,10 +246,20 @@ impl AnswerCache {
             .build();
         Self {
             inner,
-            policy,
-            stale_if_error,
+            settings: Arc::new(ArcSwap::from_pointee(CacheSettings {
+                policy,
+                stale_if_error,
+            })),
             next_id: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// New TTLs for answers stored from now on (a config reload); stored ones keep theirs.
+    pub fn set_policy(&self, policy: Policy, stale_if_error: Duration) {
+        self.settings.store(Arc::new(CacheSettings {
+            policy,
+            stale_if_error,
+        }));
     }
 
     /// Entries (answers and pending calls) currently held; approximate, for metrics.
@@ -318,7 +336,7 @@ impl AnswerCache {
         {
             return Ok((stale.outcome, Lookup::Stale));
         }
-        let stored = self.policy.ttl(&outcome).is_some();
+        let stored = self.settings.load().policy.ttl(&outcome).is_some();
         Ok((outcome, Lookup::Miss { stored }))
     }
 
@@ -334,11 +352,14 @@ impl AnswerCache {
         Fut: Future<Output = Outcome> + Send + 'static,
     {
         let cache = self.inner.clone();
-        let policy = self.policy;
-        let stale_if_error = self.stale_if_error;
+        let settings = Arc::clone(&self.settings);
         let kept = stale.clone();
         let task = tokio::spawn(async move {
             let outcome = Arc::new(call.await);
+            let CacheSettings {
+                policy,
+                stale_if_error,
+            } = **settings.load();
             let ttl = policy.ttl(&outcome);
             let settled = Arc::clone(&outcome);
             let failed = is_failure(&outcome);

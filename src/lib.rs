@@ -21,6 +21,7 @@
 //! - [`token`]: managed token mode (session token held by the gateway, branch API keys)
 //! - [`proxy`]: the request lifecycle (stages) over all of the above
 //! - [`metrics`], [`admin`]: what SREs see
+//! - [`reload`]: config hot reload (SIGHUP, `POST /reload`)
 //! - [`server`]: accept loop and graceful shutdown
 //! - [`tls`]: rustls configs, in (termination, mTLS) and out (trust toward Diia)
 //! - [`sim`]: the Diia simulator
@@ -35,6 +36,7 @@ pub mod keys;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod request;
 pub mod route;
 pub mod server;
@@ -58,6 +60,7 @@ use crate::keys::Secrets;
 use crate::limit::DiiaBudget;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, Managed};
+use crate::reload::Reloader;
 use crate::server::{ConnectionLimits, Shutdown, accept_loop};
 use crate::sim::{SimHandle, Simulator};
 use crate::token::{ApiKeys, TokenManager};
@@ -77,6 +80,7 @@ pub struct RunningGateway {
     closing: Shutdown,
     tasks: Vec<JoinHandle<()>>,
     simulator: Option<SimHandle>,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl RunningGateway {
@@ -102,6 +106,20 @@ impl RunningGateway {
     #[must_use]
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
+    }
+
+    /// Re-reads the config file the gateway was started from (what SIGHUP does).
+    pub fn reload(&self) -> Result<(), String> {
+        match &self.reloader {
+            Some(reloader) => reloader.reload(),
+            None => Err("started without a config file; nothing to reload".to_owned()),
+        }
+    }
+
+    /// The reloader, for a SIGHUP handler.
+    #[must_use]
+    pub fn reload_handle(&self) -> Option<Arc<Reloader>> {
+        self.reloader.clone()
     }
 
     /// A handle that starts the drain when triggered (what SIGTERM does): `/readyz` fails
@@ -140,6 +158,14 @@ impl Drop for RunningGateway {
 
 /// Binds the listeners and starts serving; returns once both accept connections.
 pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
+    start_with(config, None).await
+}
+
+/// [`start`], remembering the config file so SIGHUP and `POST /reload` can re-read it.
+pub async fn start_with(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+) -> std::io::Result<RunningGateway> {
     let simulator = match &config.simulator {
         Some(sim_config) => Some(Simulator::start(sim_config.clone()).await?),
         None => None,
@@ -182,7 +208,22 @@ pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
         idle_timeout: config.server.idle_timeout,
         drain_timeout: config.server.drain_timeout,
     };
-    let admin = Arc::new(Admin::new(Arc::clone(&gateway), draining.clone()));
+    let tls = match &config.server.tls {
+        Some(tls) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
+            tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
+                    .map_err(std::io::Error::other)?,
+            ),
+        ))),
+        None => None,
+    };
+    let reloader =
+        path.map(|path| Arc::new(Reloader::new(path, Arc::clone(&gateway), tls.clone())));
+    let admin = Arc::new(Admin::new(
+        Arc::clone(&gateway),
+        draining.clone(),
+        reloader.clone(),
+    ));
     let phases = {
         let (draining, closing) = (draining.clone(), closing.clone());
         let delay = config.server.drain_delay;
@@ -211,13 +252,6 @@ pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
     };
     // The admin listener outlives the branch listener's drain, so probes see the 503.
     let admin_closing = Shutdown::new();
-    let tls = match &config.server.tls {
-        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
-            crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
-                .map_err(std::io::Error::other)?,
-        )),
-        None => None,
-    };
     let gateway_loop = tokio::spawn(accept_loop(
         listener,
         Arc::clone(&gateway),
@@ -253,5 +287,6 @@ pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
         closing,
         tasks,
         simulator,
+        reloader,
     })
 }

@@ -7,7 +7,10 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -87,12 +90,29 @@ impl BranchLimiter {
     }
 }
 
-/// The gateway-wide budget toward Diia, and Diia's own back-off requests.
-pub struct DiiaBudget {
+struct BudgetSettings {
     limiter: DefaultDirectRateLimiter,
-    clock: DefaultClock,
     max_wait: Duration,
     max_backoff: Duration,
+}
+
+impl BudgetSettings {
+    fn new(config: &DiiaLimitConfig) -> Self {
+        Self {
+            limiter: RateLimiter::direct(
+                Quota::per_second(config.per_second).allow_burst(config.burst),
+            ),
+            max_wait: config.max_wait,
+            max_backoff: config.max_backoff,
+        }
+    }
+}
+
+/// The gateway-wide budget toward Diia, and Diia's own back-off requests.
+pub struct DiiaBudget {
+    /// The limiter and its waits, swapped whole on a config reload.
+    settings: ArcSwap<BudgetSettings>,
+    clock: DefaultClock,
     origin: Instant,
     /// Nanoseconds after `origin` until which no call may go to Diia (0: none).
     paused_until: AtomicU64,
@@ -103,15 +123,16 @@ impl DiiaBudget {
     #[must_use]
     pub fn new(config: &DiiaLimitConfig) -> Self {
         Self {
-            limiter: RateLimiter::direct(
-                Quota::per_second(config.per_second).allow_burst(config.burst),
-            ),
+            settings: ArcSwap::from_pointee(BudgetSettings::new(config)),
             clock: DefaultClock::default(),
-            max_wait: config.max_wait,
-            max_backoff: config.max_backoff,
             origin: Instant::now(),
             paused_until: AtomicU64::new(0),
         }
+    }
+
+    /// New quota and waits (a config reload); the budget starts full, a pause stays.
+    pub fn reconfigure(&self, config: &DiiaLimitConfig) {
+        self.settings.store(Arc::new(BudgetSettings::new(config)));
     }
 
     fn now_nanos(&self) -> u64 {
@@ -128,7 +149,7 @@ impl DiiaBudget {
 
     /// Pauses every upstream call for `wait` (capped at `max_backoff`); a longer pause wins.
     pub fn pause(&self, wait: Duration) {
-        let wait = wait.min(self.max_backoff);
+        let wait = wait.min(self.settings.load().max_backoff);
         let until = self
             .now_nanos()
             .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
@@ -138,15 +159,16 @@ impl DiiaBudget {
     /// Takes one call's worth of budget, waiting up to `max_wait` for it.
     pub async fn acquire(&self) -> Result<(), GatewayError> {
         let started = Instant::now();
+        let settings = self.settings.load_full();
         loop {
             if let Some(retry_after) = self.paused_for() {
                 return Err(GatewayError::DiiaBackoff { retry_after });
             }
-            let wait = match self.limiter.check() {
+            let wait = match settings.limiter.check() {
                 Ok(()) => return Ok(()),
                 Err(not_until) => not_until.wait_time_from(self.clock.now()),
             };
-            if started.elapsed() + wait > self.max_wait {
+            if started.elapsed() + wait > settings.max_wait {
                 return Err(GatewayError::DiiaBudgetExhausted { retry_after: wait });
             }
             tokio::time::sleep(wait).await;

@@ -46,11 +46,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, cli.config))
 }
 
-async fn run(config: Config) -> ExitCode {
-    let gateway = match diia_gateway::start(config).await {
+async fn run(config: Config, path: PathBuf) -> ExitCode {
+    let gateway = match diia_gateway::start_with(config, Some(path)).await {
         Ok(gateway) => gateway,
         Err(error) => {
             tracing::error!(%error, "cannot start");
@@ -62,6 +62,18 @@ async fn run(config: Config) -> ExitCode {
             simulator = %simulator.addr(),
             "embedded Diia simulator is the upstream; issue a barcode with POST /sim/barcodes on it"
         );
+    }
+    #[cfg(unix)]
+    if let Some(reloader) = gateway.reload_handle() {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hangups) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    // The reloader logs the outcome; a refused file leaves the old config serving.
+                    let _ = reloader.reload();
+                }
+            });
+        }
     }
     let shutdown = gateway.shutdown_handle();
     tokio::spawn(async move {

@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, header};
@@ -56,12 +57,13 @@ static STALE: HeaderValue =
 
 /// The gateway: shared state behind every request. Cheap to share as `Arc<Gateway>`.
 pub struct Gateway {
-    config: Arc<Config>,
+    /// The whole config, swapped as one snapshot on reload; each request reads it once.
+    config: ArcSwap<Config>,
     secrets: Secrets,
     answers: AnswerCache,
     tokens: AnswerCache,
     sharing: AnswerCache,
-    branches: BranchLimiter,
+    branches: ArcSwap<BranchLimiter>,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     /// Requests being processed; full means shed (503 `overloaded`) rather than queue.
@@ -140,10 +142,10 @@ impl Gateway {
             Duration::ZERO,
         );
         Self {
-            branches: BranchLimiter::new(&config.limits.branch),
+            branches: ArcSwap::from_pointee(BranchLimiter::new(&config.limits.branch)),
             in_flight: tokio::sync::Semaphore::new(config.server.max_in_flight),
             managed: None,
-            config,
+            config: ArcSwap::new(config),
             secrets,
             answers,
             tokens,
@@ -151,6 +153,68 @@ impl Gateway {
             upstream,
             metrics,
         }
+    }
+
+    /// Applies a new config snapshot (SIGHUP or `POST /reload`): limits, TTLs, deadlines
+    /// and the Diia budget change for the next request; nothing in flight is dropped.
+    /// Listeners, pool, breaker thresholds, auth mode and in-flight cap need a restart.
+    pub fn apply(&self, config: Config) {
+        let old = self.config.load();
+        for (key, changed) in [
+            ("server.listen", old.server.listen != config.server.listen),
+            (
+                "server.admin_listen",
+                old.server.admin_listen != config.server.admin_listen,
+            ),
+            (
+                "server.max_connections",
+                old.server.max_connections != config.server.max_connections,
+            ),
+            (
+                "server.max_in_flight",
+                old.server.max_in_flight != config.server.max_in_flight,
+            ),
+            (
+                "upstream.base_url",
+                old.upstream.base_url != config.upstream.base_url,
+            ),
+            ("auth.mode", old.auth.mode != config.auth.mode),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "changed in the new config but only takes effect after a restart"
+                );
+            }
+        }
+        if old.limits.branch.per_minute != config.limits.branch.per_minute
+            || old.limits.branch.burst != config.limits.branch.burst
+        {
+            self.branches
+                .store(Arc::new(BranchLimiter::new(&config.limits.branch)));
+        }
+        self.answers.set_policy(
+            Policy::Verification {
+                ttl: config.cache.ttl,
+                negative_ttl: config.cache.negative_ttl,
+            },
+            config.cache.stale_if_error,
+        );
+        self.tokens.set_policy(
+            Policy::SessionToken {
+                margin: config.tokens.refresh_margin,
+            },
+            Duration::ZERO,
+        );
+        self.sharing.set_policy(
+            Policy::Sharing {
+                ttl: config.sharing.replay_ttl,
+            },
+            Duration::ZERO,
+        );
+        self.upstream
+            .reconfigure(&config.upstream, &config.limits.diia);
+        self.config.store(Arc::new(config));
     }
 
     /// Switches to managed token mode.
@@ -177,13 +241,13 @@ impl Gateway {
                 ("tokens", self.tokens.entry_count()),
                 ("sharing", self.sharing.entry_count()),
             ],
-            self.branches.tracked(),
+            self.branches.load().tracked(),
         )
     }
 
     /// Periodic upkeep: forget idle branch budgets, settle cache bookkeeping.
     pub async fn housekeeping(&self) {
-        self.branches.forget_idle();
+        self.branches.load().forget_idle();
         self.answers.sync().await;
         self.tokens.sync().await;
         self.sharing.sync().await;
@@ -248,7 +312,7 @@ impl Gateway {
         let routed = route(&parts.method, parts.uri.path())?;
         trace.endpoint = Some(routed.endpoint);
         let deadline =
-            tokio::time::Instant::from_std(started + self.config.server.request_deadline);
+            tokio::time::Instant::from_std(started + self.config.load().server.request_deadline);
         if routed.endpoint == Endpoint::TokenExchange {
             if self.managed.is_some() {
                 // Branches never hold acquirer tokens in managed mode.
@@ -303,7 +367,8 @@ impl Gateway {
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
-        let limit = self.config.server.body_limit;
+        let config = self.config.load();
+        let limit = config.server.body_limit;
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -313,7 +378,7 @@ impl Gateway {
             return Err(GatewayError::BodyTooLarge);
         }
         let collected = tokio::time::timeout(
-            self.config.server.body_timeout,
+            config.server.body_timeout,
             read_all(Limited::new(body, limit)),
         )
         .await
@@ -334,7 +399,9 @@ impl Gateway {
         peer: SocketAddr,
         deadline: tokio::time::Instant,
     ) -> Result<Reply, GatewayError> {
-        self.branches.check(BranchIdentity::Client(peer.ip()))?;
+        self.branches
+            .load()
+            .check(BranchIdentity::Client(peer.ip()))?;
         let credentials = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -370,7 +437,7 @@ impl Gateway {
         let json = JsonBody::parse(&body)?;
         let branch = json.branch_id()?;
         trace.barcode = Some(json.barcode()?);
-        self.branches.check(BranchIdentity::Branch(branch))?;
+        self.branches.load().check(BranchIdentity::Branch(branch))?;
         let mut key = self.secrets.key("answer");
         key.part(token).part(endpoint.label().as_bytes());
         json.key_into(&mut key);
@@ -395,7 +462,7 @@ impl Gateway {
         let branch = json.branch_id()?;
         let subject = json.sharing_subject()?;
         let request_id = json.request_id()?;
-        self.branches.check(BranchIdentity::Branch(branch))?;
+        self.branches.load().check(BranchIdentity::Branch(branch))?;
         let mut key = self.secrets.key("sharing");
         key.part(token);
         match subject {
@@ -452,7 +519,7 @@ impl Gateway {
             Some(id) => BranchIdentity::Branch(id),
             None => BranchIdentity::Client(peer.ip()),
         };
-        self.branches.check(who)?;
+        self.branches.load().check(who)?;
         let request = upstream_request(endpoint, parts, body);
         let answer = tokio::time::timeout_at(deadline, self.fetch(request))
             .await

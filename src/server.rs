@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -112,7 +113,7 @@ pub async fn accept_loop<H: Handler>(
     handler: Arc<H>,
     shutdown: Shutdown,
     limits: ConnectionLimits,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ArcSwap<TlsAcceptor>>>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -153,7 +154,9 @@ pub async fn accept_loop<H: Handler>(
                 });
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
-                let tls = tls.clone();
+                // The acceptor current at accept time: a reload changes certificates for new
+                // connections, never for open ones.
+                let tls = tls.as_ref().map(|acceptor| acceptor.load_full());
                 tokio::spawn(async move {
                     // The handshake runs in the connection's task, bounded like a header read,
                     // so a slow or hostile client never blocks the accept loop.

@@ -61,14 +61,31 @@ pub struct UpstreamRequest {
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
-    timeout: Duration,
-    max_response_body: usize,
+    /// Deadlines and retry settings, swapped whole on a config reload.
+    tunables: arc_swap::ArcSwap<Tunables>,
     budget: DiiaBudget,
     metrics: Arc<Metrics>,
     breaker: Breaker,
     retries: RetryBudget,
+}
+
+/// The per-call settings a reload may change.
+struct Tunables {
+    timeout: Duration,
+    max_response_body: usize,
     max_retries: u32,
     retry_backoff: Duration,
+}
+
+impl Tunables {
+    fn new(config: &UpstreamConfig) -> Self {
+        Self {
+            timeout: config.timeout,
+            max_response_body: config.max_response_body,
+            max_retries: config.max_retries,
+            retry_backoff: config.retry_backoff,
+        }
+    }
 }
 
 static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
@@ -105,15 +122,19 @@ impl Upstream {
         Ok(Self {
             client,
             base: base_url.trim_end_matches('/').to_owned(),
-            timeout: config.timeout,
-            max_response_body: config.max_response_body,
+            tunables: arc_swap::ArcSwap::from_pointee(Tunables::new(config)),
             budget,
             metrics,
             breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
             retries: RetryBudget::new(config.retry_ratio, config.retry_reserve),
-            max_retries: config.max_retries,
-            retry_backoff: config.retry_backoff,
         })
+    }
+
+    /// New deadlines, retry settings and Diia budget (a config reload). The connection
+    /// pool, TLS roots, breaker thresholds and base URL need a restart.
+    pub fn reconfigure(&self, config: &UpstreamConfig, budget: &crate::config::DiiaLimitConfig) {
+        self.tunables.store(Arc::new(Tunables::new(config)));
+        self.budget.reconfigure(budget);
     }
 
     /// The budget toward Diia (shared with token refreshes and retries).
@@ -137,6 +158,7 @@ impl Upstream {
                 | Endpoint::DocumentIdentification
                 | Endpoint::DocumentIdentificationAge
         );
+        let tunables = self.tunables.load_full();
         let mut attempt = 0;
         loop {
             if let Err(error) = self.budget.acquire().await {
@@ -145,10 +167,11 @@ impl Upstream {
             }
             let outcome = self.attempt(request.clone()).await;
             let unreachable = matches!(outcome, Err(GatewayError::UpstreamUnreachable));
-            if retryable && unreachable && attempt < self.max_retries && self.retries.withdraw() {
+            if retryable && unreachable && attempt < tunables.max_retries && self.retries.withdraw()
+            {
                 attempt += 1;
                 self.metrics.upstream_retry();
-                let ceiling = self.retry_backoff.saturating_mul(1 << attempt.min(8));
+                let ceiling = tunables.retry_backoff.saturating_mul(1 << attempt.min(8));
                 tokio::time::sleep(ceiling.mul_f64(fastrand::f64())).await;
                 continue;
             }
@@ -166,7 +189,8 @@ impl Upstream {
     async fn attempt(&self, request: UpstreamRequest) -> Outcome {
         let endpoint = request.endpoint;
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.exchange(request)).await;
+        let result =
+            tokio::time::timeout(self.tunables.load().timeout, self.exchange(request)).await;
         let outcome = result.unwrap_or(Err(GatewayError::UpstreamTimeout));
         self.metrics
             .upstream_call(endpoint, started.elapsed(), &outcome);
@@ -223,7 +247,7 @@ impl Upstream {
                 }
             })?;
         let (parts, body) = response.into_parts();
-        let body = Limited::new(body, self.max_response_body)
+        let body = Limited::new(body, self.tunables.load().max_response_body)
             .collect()
             .await
             .map_err(|_| GatewayError::UpstreamProtocol)?

@@ -170,6 +170,37 @@ listen = "127.0.0.1:0"
         assert_eq!(reply.header("cache-status"), Some(expected));
     }
 
+    // SIGHUP re-reads the file: a bad file is refused (and logged), a good one applied.
+    let original = std::fs::read_to_string(config.path()).expect("config");
+    let hangup = |expected: &str| {
+        let sent = Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(100))
+                && line.contains(expected)
+            {
+                return;
+            }
+        }
+        panic!("no '{expected}' log line after SIGHUP");
+    };
+    std::fs::write(
+        config.path(),
+        original.replace("[log]", "[cache]\nttl = \"10m\"\n[log]"),
+    )
+    .expect("write");
+    hangup("config reload refused");
+    std::fs::write(
+        config.path(),
+        original.replace("[log]", "[cache]\nttl = \"30s\"\n[log]"),
+    )
+    .expect("write");
+    hangup("config reloaded");
+
     // SIGTERM during load: requests in flight when the signal lands all succeed.
     let slow = support::send(
         &client,

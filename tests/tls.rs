@@ -211,3 +211,52 @@ async fn upstream_certificate_is_verified() {
         1
     );
 }
+
+#[tokio::test]
+async fn certificates_reload_for_new_connections_while_open_ones_keep_going() {
+    let (old, new) = (pki(), pki());
+    let sim = Simulator::start(support::sim_config()).await.unwrap();
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    let write = |pki: &Pki| {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [server.tls]\ncert = {:?}\nkey = {:?}\n[upstream]\nbase_url = \"{}\"\n",
+            pki.server_cert.display().to_string(),
+            pki.server_key.display().to_string(),
+            sim.base_url()
+        );
+        std::fs::write(file.path(), text).unwrap();
+    };
+    write(&old);
+    let gateway = diia_gateway::start_with(
+        Config::load(file.path()).unwrap(),
+        Some(file.path().to_owned()),
+    )
+    .await
+    .unwrap();
+    let base = format!("https://localhost:{}", gateway.addr().port());
+    let old_client = https_client(&old, false);
+    assert_eq!(token_exchange(&old_client, &base).await, Ok(StatusCode::OK));
+    assert!(
+        token_exchange(&https_client(&new, false), &base)
+            .await
+            .is_err(),
+        "new CA not served yet"
+    );
+
+    write(&new);
+    gateway.reload().unwrap();
+    assert_eq!(
+        token_exchange(&https_client(&new, false), &base).await,
+        Ok(StatusCode::OK),
+        "new connections get the new certificate"
+    );
+    // The old client's pooled connection was not dropped: a new handshake would now fail.
+    assert_eq!(token_exchange(&old_client, &base).await, Ok(StatusCode::OK));
+    assert!(
+        token_exchange(&https_client(&old, false), &base)
+            .await
+            .is_err(),
+        "a fresh old-CA client is refused"
+    );
+}
