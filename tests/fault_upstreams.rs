@@ -53,7 +53,14 @@ async fn identify_through(upstream: SocketAddr) -> (support::Reply, Duration) {
         r#"{"branchId":"b","barcode":"3389798072091"}"#.to_owned(),
     )
     .await;
-    (reply, started.elapsed())
+    let elapsed = started.elapsed();
+    // Printed for the fault matrix (`cargo test --test fault_upstreams -- --nocapture`).
+    eprintln!(
+        "fault answer: {} {} in {elapsed:?}",
+        reply.status.as_u16(),
+        reply.header("content-type").map_or("", |_| "json")
+    );
+    (reply, elapsed)
 }
 
 #[tokio::test]

@@ -127,3 +127,69 @@ async fn connections_over_the_cap_wait_for_a_slot() {
         "served once the slot was free"
     );
 }
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.server.request_deadline = Duration::from_millis(200);
+            c.server.idle_timeout = Duration::from_millis(500);
+        },
+    )
+    .await;
+    let mut stream = TcpStream::connect(h.gateway.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 1024];
+    let n = stream.read(&mut buffer).await.unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 404"));
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the server closed the idle keep-alive connection"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "not before the idle timeout"
+    );
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_get_an_answer_not_a_hang() {
+    let h = Harness::start().await;
+    let cases: [(&[u8], &str); 3] = [
+        (b"GARBAGE\r\n\r\n", "HTTP/1.1 400"),
+        (b"POST /api/v1/acquirers/document-identification HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n", "HTTP/1.1 400"),
+        (b"", "HTTP/1.1 431"),
+    ];
+    for (raw, expected) in cases {
+        let request = if raw.is_empty() {
+            // 200 KB of headers.
+            let mut huge = b"GET /healthz HTTP/1.1\r\nhost: x\r\n".to_vec();
+            for i in 0..2000 {
+                huge.extend_from_slice(format!("x-filler-{i}: {}\r\n", "a".repeat(100)).as_bytes());
+            }
+            huge.extend_from_slice(b"\r\n");
+            huge
+        } else {
+            raw.to_vec()
+        };
+        let mut stream = TcpStream::connect(h.gateway.addr()).await.unwrap();
+        let _ = stream.write_all(&request).await;
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "answered and closed within the bound");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with(expected),
+            "expected {expected}, got {text:?}"
+        );
+    }
+    assert_eq!(h.sim_total().await, 0);
+}

@@ -260,3 +260,56 @@ async fn certificates_reload_for_new_connections_while_open_ones_keep_going() {
         "a fresh old-CA client is refused"
     );
 }
+
+#[tokio::test]
+async fn managed_mode_with_mtls_branches_need_only_their_certificate() {
+    let pki = pki();
+    let sim = Simulator::start(support::sim_config()).await.unwrap();
+    let barcode = sim.state().issue_barcode(true).digits();
+    let mut config: Config = support::gateway_config(&sim.base_url());
+    config.server.tls = Some(ServerTlsConfig {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: Some(pki.ca.clone()),
+    });
+    config.auth.mode = diia_gateway::config::AuthMode::Managed;
+    config.auth.branch_auth = diia_gateway::config::BranchAuth::Mtls;
+    config.auth.acquirer_token = Some(diia_gateway::token::Secret::new(
+        DEMO_ACQUIRER_TOKEN.to_owned(),
+    ));
+    config.auth.auth_token = Some(diia_gateway::token::Secret::new(DEMO_AUTH_TOKEN.to_owned()));
+    config.validate().unwrap();
+    let gateway = start(config).await.unwrap();
+    let url = format!(
+        "https://localhost:{}/api/v1/acquirers/document-identification",
+        gateway.addr().port()
+    );
+    let body = format!(r#"{{"branchId":"kyiv-001","barcode":"{barcode}"}}"#);
+    let request = || {
+        Request::post(url.as_str())
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap()
+    };
+    let with_cert = https_client(&pki, true);
+    let response = tokio::time::timeout(support::REQUEST_BOUND, with_cert.request(request()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "no Authorization needed: the gateway injects its token"
+    );
+    let without = https_client(&pki, false);
+    assert!(
+        tokio::time::timeout(support::REQUEST_BOUND, without.request(request()))
+            .await
+            .unwrap()
+            .is_err()
+    );
+    assert_eq!(
+        sim.state()
+            .requests(diia_gateway::route::Endpoint::TokenExchange),
+        1
+    );
+}
