@@ -8,8 +8,9 @@ mod support;
 use std::io::Write;
 use std::time::Duration;
 
+use diia_gateway::RunningGateway;
 use diia_gateway::config::Config;
-use diia_gateway::sim::Simulator;
+use diia_gateway::sim::{SimHandle, Simulator};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -59,17 +60,22 @@ async fn on_connection(stream: &mut TcpStream, path: &str, body: &str) -> u16 {
     head[9..12].parse().unwrap()
 }
 
-#[tokio::test]
-async fn new_limits_apply_on_an_open_connection() {
+/// A simulator, a config file with generous limits and a 60 s TTL, and a gateway started
+/// from that file (so it can be reloaded).
+async fn start_from_file() -> (SimHandle, tempfile::NamedTempFile, RunningGateway) {
     let sim = Simulator::start(support::sim_config()).await.unwrap();
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     rewrite(&file, &config_text(&sim.base_url(), 100_000, 10_000, "60s"));
-    let gateway = diia_gateway::start_with(
-        Config::load(file.path()).unwrap(),
-        Some(file.path().to_owned()),
-    )
-    .await
-    .unwrap();
+    let config = Config::load(file.path()).unwrap();
+    let gateway = diia_gateway::start_with(config, Some(file.path().to_owned()))
+        .await
+        .unwrap();
+    (sim, file, gateway)
+}
+
+#[tokio::test]
+async fn new_limits_apply_on_an_open_connection() {
+    let (sim, file, gateway) = start_from_file().await;
     let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
     let path = "/api/v1/acquirers/document-identification";
     let body = r#"{"branchId":"busy","barcode":"3389798072091"}"#;
@@ -90,15 +96,7 @@ async fn new_limits_apply_on_an_open_connection() {
 
 #[tokio::test]
 async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
-    let sim = Simulator::start(support::sim_config()).await.unwrap();
-    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rewrite(&file, &config_text(&sim.base_url(), 100_000, 10_000, "60s"));
-    let gateway = diia_gateway::start_with(
-        Config::load(file.path()).unwrap(),
-        Some(file.path().to_owned()),
-    )
-    .await
-    .unwrap();
+    let (sim, file, gateway) = start_from_file().await;
     rewrite(&file, &config_text(&sim.base_url(), 1, 1, "10m"));
     let problem = gateway.reload().expect_err("refused");
     assert!(problem.starts_with("cache.ttl"), "{problem}");
@@ -124,15 +122,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
 
 #[tokio::test]
 async fn a_new_ttl_applies_to_answers_stored_after_the_reload() {
-    let sim = Simulator::start(support::sim_config()).await.unwrap();
-    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rewrite(&file, &config_text(&sim.base_url(), 100_000, 10_000, "60s"));
-    let gateway = diia_gateway::start_with(
-        Config::load(file.path()).unwrap(),
-        Some(file.path().to_owned()),
-    )
-    .await
-    .unwrap();
+    let (sim, file, gateway) = start_from_file().await;
     rewrite(
         &file,
         &config_text(&sim.base_url(), 100_000, 10_000, "300ms"),
