@@ -163,3 +163,38 @@ async fn a_new_ttl_applies_to_answers_stored_after_the_reload() {
         "expired at the new TTL"
     );
 }
+
+#[tokio::test]
+async fn a_new_upstream_deadline_applies_to_the_next_call() {
+    let (sim, file, gateway) = start_from_file().await;
+    sim.set_faults(diia_gateway::sim::Faults {
+        latency: Duration::from_millis(1500),
+        ..diia_gateway::sim::Faults::default()
+    });
+    // Put a short deadline under [upstream] (the helper writes base_url there).
+    let text = config_text(&sim.base_url(), 100_000, 10_000, "60s").replace(
+        &format!("base_url = \"{}\"\n", sim.base_url()),
+        &format!("base_url = \"{}\"\ntimeout = \"300ms\"\n", sim.base_url()),
+    );
+    rewrite(&file, &text);
+    gateway.reload().unwrap();
+    let client = support::client();
+    let url = format!(
+        "http://{}/api/v1/acquirers/document-identification",
+        gateway.addr()
+    );
+    let started = std::time::Instant::now();
+    let reply = support::send(
+        &client,
+        Method::POST,
+        &url,
+        &[("authorization", "Bearer t")],
+        r#"{"branchId":"b","barcode":"3389798072091"}"#.to_owned(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "the reloaded 300ms deadline applied"
+    );
+}
