@@ -14,11 +14,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use moka::Expiry;
@@ -28,6 +26,7 @@ use serde::Deserialize;
 use crate::config::SESSION_TOKEN_LIFETIME;
 use crate::error::GatewayError;
 use crate::keys::CacheKey;
+use crate::token::{TokenLife, token_life};
 use crate::upstream::{Answer, Outcome};
 
 /// How long answers of one cache live, by what they say.
@@ -82,26 +81,13 @@ fn session_token_ttl(answer: &Answer, margin: Duration) -> Option<Duration> {
         #[serde(borrow)]
         token: &'a str,
     }
-    #[derive(Deserialize)]
-    struct Claims {
-        exp: Option<u64>,
-    }
     let ceiling = SESSION_TOKEN_LIFETIME.checked_sub(margin)?;
     let body: TokenBody<'_> = serde_json::from_slice(&answer.body).ok()?;
-    let claims = body
-        .token
-        .split('.')
-        .nth(1)
-        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
-        .and_then(|json| serde_json::from_slice::<Claims>(&json).ok());
-    let Some(exp) = claims.and_then(|c| c.exp) else {
-        return Some(ceiling);
-    };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
-    let left = Duration::from_secs(exp)
-        .checked_sub(now)?
-        .checked_sub(margin)?;
-    Some(left.min(ceiling))
+    match token_life(body.token) {
+        TokenLife::Unknown => Some(ceiling),
+        TokenLife::Left(left) => Some(left.checked_sub(margin)?.min(ceiling)),
+        TokenLife::Expired => None,
+    }
 }
 
 type SharedOutcome = Shared<BoxFuture<'static, Arc<Outcome>>>;
@@ -441,8 +427,11 @@ async fn join(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use bytes::Bytes;
     use http::StatusCode;
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     fn answer(status: u16, body: &str) -> Outcome {
         Ok(Answer {

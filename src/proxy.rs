@@ -117,26 +117,19 @@ impl Gateway {
         let max_pending =
             config.upstream.timeout + config.limits.diia.max_wait + Duration::from_secs(1);
         let answers = AnswerCache::new(
-            Policy::Verification {
-                ttl: config.cache.ttl,
-                negative_ttl: config.cache.negative_ttl,
-            },
+            verification_policy(&config),
             config.cache.max_bytes,
             max_pending,
             config.cache.stale_if_error,
         );
         let tokens = AnswerCache::new(
-            Policy::SessionToken {
-                margin: config.tokens.refresh_margin,
-            },
+            token_policy(&config),
             16 * 1024 * 1024,
             max_pending,
             Duration::ZERO,
         );
         let sharing = AnswerCache::new(
-            Policy::Sharing {
-                ttl: config.sharing.replay_ttl,
-            },
+            sharing_policy(&config),
             config.cache.max_bytes / 4,
             max_pending,
             Duration::ZERO,
@@ -193,25 +186,12 @@ impl Gateway {
             self.branches
                 .store(Arc::new(BranchLimiter::new(&config.limits.branch)));
         }
-        self.answers.set_policy(
-            Policy::Verification {
-                ttl: config.cache.ttl,
-                negative_ttl: config.cache.negative_ttl,
-            },
-            config.cache.stale_if_error,
-        );
-        self.tokens.set_policy(
-            Policy::SessionToken {
-                margin: config.tokens.refresh_margin,
-            },
-            Duration::ZERO,
-        );
-        self.sharing.set_policy(
-            Policy::Sharing {
-                ttl: config.sharing.replay_ttl,
-            },
-            Duration::ZERO,
-        );
+        self.answers
+            .set_policy(verification_policy(&config), config.cache.stale_if_error);
+        self.tokens
+            .set_policy(token_policy(&config), Duration::ZERO);
+        self.sharing
+            .set_policy(sharing_policy(&config), Duration::ZERO);
         self.upstream
             .reconfigure(&config.upstream, &config.limits.diia);
         self.config.store(Arc::new(config));
@@ -597,6 +577,28 @@ fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamR
         trace_id: parts.headers.get(&DIIA_TRACE_ID).cloned(),
         content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
         body,
+    }
+}
+
+/// TTLs of verification answers, from one config snapshot (used at start and on reload).
+fn verification_policy(config: &Config) -> Policy {
+    Policy::Verification {
+        ttl: config.cache.ttl,
+        negative_ttl: config.cache.negative_ttl,
+    }
+}
+
+/// Life of cached session tokens.
+fn token_policy(config: &Config) -> Policy {
+    Policy::SessionToken {
+        margin: config.tokens.refresh_margin,
+    }
+}
+
+/// Replay window of sharing requests.
+fn sharing_policy(config: &Config) -> Policy {
+    Policy::Sharing {
+        ttl: config.sharing.replay_ttl,
     }
 }
 

@@ -147,7 +147,16 @@ impl TokenManager {
             serde_json::from_slice(&answer.body).map_err(|_| GatewayError::UpstreamProtocol)?;
         let bearer = HeaderValue::try_from(format!("Bearer {}", body.token))
             .map_err(|_| GatewayError::UpstreamProtocol)?;
-        let life = token_life(&body.token).unwrap_or(SESSION_TOKEN_LIFETIME);
+        let life = match token_life(&body.token) {
+            TokenLife::Left(left) => left,
+            TokenLife::Unknown => SESSION_TOKEN_LIFETIME,
+            TokenLife::Expired => {
+                // A fresh token that looks expired means clock skew; Diia's 2 h is the
+                // best guess, and a 401 still triggers a refresh.
+                tracing::warn!("fresh session token looks expired; check the clock");
+                SESSION_TOKEN_LIFETIME
+            }
+        };
         let refresh_at = Instant::now() + life.saturating_sub(self.margin);
         tracing::info!(
             refresh_in_s = life.saturating_sub(self.margin).as_secs(),
@@ -171,18 +180,38 @@ impl TokenManager {
     }
 }
 
-/// Time left until the JWT's `exp` (read, not trusted for anything else).
-fn token_life(token: &str) -> Option<Duration> {
+/// What a session token's JWT `exp` says about its life (read, never trusted for anything
+/// else: Diia checks the signature, we only plan refreshes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenLife {
+    /// Not a JWT, or no `exp`: assume Diia's 2 hours.
+    Unknown,
+    /// Time left, at most Diia's 2 hours.
+    Left(Duration),
+    /// `exp` is already past (or our clock is ahead).
+    Expired,
+}
+
+/// Reads the `exp` claim of a session token.
+#[must_use]
+pub fn token_life(token: &str) -> TokenLife {
     #[derive(Deserialize)]
     struct Claims {
-        exp: u64,
+        exp: Option<u64>,
     }
-    let payload = URL_SAFE_NO_PAD.decode(token.split('.').nth(1)?).ok()?;
-    let claims: Claims = serde_json::from_slice(&payload).ok()?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
-    Duration::from_secs(claims.exp)
-        .checked_sub(now)
-        .map(|left| left.min(SESSION_TOKEN_LIFETIME))
+    let exp = token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|json| serde_json::from_slice::<Claims>(&json).ok())
+        .and_then(|claims| claims.exp);
+    let (Some(exp), Ok(now)) = (exp, SystemTime::now().duration_since(UNIX_EPOCH)) else {
+        return TokenLife::Unknown;
+    };
+    match Duration::from_secs(exp).checked_sub(now) {
+        Some(left) if !left.is_zero() => TokenLife::Left(left.min(SESSION_TOKEN_LIFETIME)),
+        _ => TokenLife::Expired,
+    }
 }
 
 /// Per-branch API keys, stored as SHA-256 digests and compared in constant time.

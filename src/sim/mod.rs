@@ -531,20 +531,11 @@ impl BodyFields {
     }
 }
 
+/// The gateway's own query parser: the simulator accepts what Diia would.
 fn status_query(query: Option<&str>) -> Result<(Barcode, String), SimError> {
-    let mut barcode = None;
-    let mut request_id = None;
-    for pair in query.unwrap_or_default().split('&') {
-        match pair.split_once('=') {
-            Some(("barcode", value)) => barcode = Barcode::parse(value).ok(),
-            Some(("requestId", value)) => request_id = Some(value.to_owned()),
-            _ => {}
-        }
-    }
-    Ok((
-        barcode.ok_or_else(|| validation("barcode"))?,
-        request_id.ok_or_else(|| validation("requestId"))?,
-    ))
+    crate::request::status_query(query)
+        .map(|(barcode, request_id)| (barcode, request_id.to_owned()))
+        .map_err(|_| validation("barcode"))
 }
 
 fn validation(field: &'static str) -> SimError {
