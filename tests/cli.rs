@@ -142,18 +142,7 @@ listen = "127.0.0.1:0"
     .await;
     assert_eq!(token.status, StatusCode::OK);
     let token = token.json()["token"].as_str().expect("token").to_owned();
-    let barcode = support::send(
-        &client,
-        Method::POST,
-        &format!("http://{sim}/sim/barcodes"),
-        &[],
-        String::new(),
-    )
-    .await;
-    let barcode = barcode.json()["barcode"]
-        .as_str()
-        .expect("barcode")
-        .to_owned();
+    let barcode = support::issue_barcode_at(&client, &sim).await;
     let url = format!("http://{addr}/api/v1/acquirers/document-identification");
     let bearer = format!("Bearer {token}");
     let body = format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#);
@@ -213,18 +202,7 @@ listen = "127.0.0.1:0"
     assert_eq!(slow.status, StatusCode::OK);
     let mut in_flight = Vec::new();
     for _ in 0..10 {
-        let fresh = support::send(
-            &client,
-            Method::POST,
-            &format!("http://{sim}/sim/barcodes"),
-            &[],
-            String::new(),
-        )
-        .await;
-        let fresh = fresh.json()["barcode"]
-            .as_str()
-            .expect("barcode")
-            .to_owned();
+        let fresh = support::issue_barcode_at(&client, &sim).await;
         let (client, url, bearer) = (client.clone(), url.clone(), bearer.clone());
         let body = format!(r#"{{"branchId":"b","barcode":"{fresh}"}}"#);
         in_flight.push(tokio::spawn(async move {

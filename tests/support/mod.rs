@@ -264,6 +264,17 @@ pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Issues a barcode at the simulator listening on `sim` (`host:port`).
+pub async fn issue_barcode_at(client: &Client<HttpConnector, Full<Bytes>>, sim: &str) -> String {
+    let url = format!("http://{sim}/sim/barcodes");
+    let reply = send(client, Method::POST, &url, &[], String::new()).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    reply.json()["barcode"]
+        .as_str()
+        .expect("barcode")
+        .to_owned()
+}
+
 /// A plain HTTP/1.1 client.
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
