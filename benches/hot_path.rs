@@ -14,15 +14,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
+use diia_gateway::answer::Answer;
 use diia_gateway::barcode::Barcode;
-use diia_gateway::cache::{AnswerCache, Policy};
-use diia_gateway::config::{BranchLimitConfig, Config, DiiaLimitConfig};
+use diia_gateway::cache::{AnswerCache, Lifetimes};
+use diia_gateway::config::{BranchLimitConfig, DiiaLimitConfig, FileConfig};
 use diia_gateway::error::GatewayError;
-use diia_gateway::keys::Secrets;
-use diia_gateway::limit::{BranchIdentity, BranchLimiter, DiiaBudget};
+use diia_gateway::keys::HashKey;
+use diia_gateway::limit::{BranchIdentity, BranchLimiter, BudgetQuota, DiiaBrake};
+use diia_gateway::policy::Policy;
 use diia_gateway::request::JsonBody;
-use diia_gateway::sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig};
-use diia_gateway::upstream::Answer;
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -55,7 +56,7 @@ fn request_parsing(c: &mut Criterion) {
 /// implementation) against SipHash-2-4 with 128-bit output (now). Same parts, same
 /// length prefixes; only the keyed function differs.
 fn cache_key(c: &mut Criterion) {
-    let secrets = Secrets::fixed([9; 16]);
+    let secrets = HashKey::fixed([9; 16]);
     let body = JsonBody::parse(BODY).unwrap();
     let current = || {
         let mut key = secrets.key("answer");
@@ -95,6 +96,7 @@ fn answer() -> Answer {
         content_type: None,
         trace_id: None,
         retry_after: None,
+        location: None,
     }
 }
 
@@ -103,21 +105,21 @@ fn cache_lookup(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let cache = AnswerCache::new(
-        Policy::Verification {
+    let cache = AnswerCache::new(64 * 1024 * 1024);
+    let lifetimes = Lifetimes {
+        policy: Policy::Verification {
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(10),
         },
-        64 * 1024 * 1024,
-        Duration::from_secs(10),
-        Duration::ZERO,
-    );
-    let secrets = Secrets::fixed([9; 16]);
+        stale_if_error: Duration::ZERO,
+        longest_call: Duration::from_secs(10),
+    };
+    let secrets = HashKey::fixed([9; 16]);
     let key = secrets.key("answer").part(TOKEN).finish();
     let deadline = || tokio::time::Instant::now() + Duration::from_secs(10);
     runtime.block_on(async {
         cache
-            .get_or_fetch(key, None, deadline(), || async { Ok(answer()) })
+            .get_or_fetch(key, None, lifetimes, deadline(), || async { Ok(answer()) })
             .await
             .unwrap();
         cache.sync().await;
@@ -125,7 +127,9 @@ fn cache_lookup(c: &mut Criterion) {
     c.bench_function("cache/hit", |b| {
         b.to_async(&runtime).iter(|| async {
             cache
-                .get_or_fetch(black_box(key), None, deadline(), || async { Ok(answer()) })
+                .get_or_fetch(black_box(key), None, lifetimes, deadline(), || async {
+                    Ok(answer())
+                })
                 .await
                 .unwrap()
         });
@@ -138,7 +142,7 @@ fn cache_lookup(c: &mut Criterion) {
             let cache = &cache;
             async move {
                 cache
-                    .get_or_fetch(key, None, deadline(), || async { Ok(answer()) })
+                    .get_or_fetch(key, None, lifetimes, deadline(), || async { Ok(answer()) })
                     .await
                     .unwrap()
             }
@@ -162,13 +166,14 @@ fn rate_limits(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let budget = DiiaBudget::new(&DiiaLimitConfig {
+    let quota = BudgetQuota::new(&DiiaLimitConfig {
         per_second: NonZeroU32::new(u32::MAX).unwrap(),
         burst: NonZeroU32::new(u32::MAX).unwrap(),
         ..DiiaLimitConfig::default()
     });
+    let brake = DiiaBrake::new();
     c.bench_function("rate_limit/diia_budget_acquire", |b| {
-        b.to_async(&runtime).iter(|| budget.acquire());
+        b.to_async(&runtime).iter(|| brake.acquire(&quota));
     });
 }
 
@@ -182,21 +187,25 @@ fn error_rendering(c: &mut Criterion) {
 fn end_to_end(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (gateway, client, token, body) = runtime.block_on(async {
-        let mut config = Config::default();
+        let mut config = FileConfig::default();
         config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.server.admin_listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.limits.branch.per_minute = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.branch.burst = NonZeroU32::new(u32::MAX).unwrap();
-        config.simulator = Some(SimConfig {
+        let sim = diia_sim::Simulator::start(SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             auto_issue: true,
             ..SimConfig::default()
-        });
-        let gateway = diia_gateway::start(config).await.unwrap();
+        })
+        .await
+        .unwrap();
+        config.upstream.base_url = sim.base_url();
+        let settings = diia_gateway::Settings::build(&config).unwrap();
+        let gateway = (diia_gateway::start(settings).await.unwrap(), sim);
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let url = format!(
             "http://{}/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}",
-            gateway.addr()
+            gateway.0.addr()
         );
         let request = http::Request::get(url)
             .header("authorization", format!("Basic {DEMO_AUTH_TOKEN}"))
@@ -213,11 +222,12 @@ fn end_to_end(c: &mut Criterion) {
     });
     let url = format!(
         "http://{}/api/v1/acquirers/document-identification",
-        gateway.addr()
+        gateway.0.addr()
     );
     let send = || {
         let request = http::Request::post(url.as_str())
             .header("authorization", token.as_str())
+            .header("content-type", "application/json")
             .body(Full::new(body.clone()))
             .unwrap();
         let client = client.clone();
@@ -231,7 +241,7 @@ fn end_to_end(c: &mut Criterion) {
     c.bench_function("end_to_end/cache_hit_over_loopback", |b| {
         b.to_async(&runtime).iter(send);
     });
-    runtime.block_on(gateway.stop());
+    runtime.block_on(gateway.0.stop());
 }
 
 /// The gateway driven in-process (no client socket): a cache hit, and a miss that goes

@@ -1,28 +1,20 @@
-//! Configuration: TOML file → typed, validated [`Config`]; an invalid file names the key and the fix.
+//! The config file as written: serde structs only (`deny_unknown_fields`, every key
+//! defaulted and documented in `config/gateway.toml`). Nothing here is checked beyond
+//! types; [`crate::settings::Settings::build`] turns it into what the gateway runs on.
 //!
-//! Every key has a default (see `config/gateway.toml`, which documents each one), so an
-//! empty file is a valid production config pointed at Diia's production host.
+//! An empty file is a valid production config pointed at Diia's production host.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::sim::SimConfig;
-use crate::token::Secret;
-
-/// A barcode lives 3 minutes at Diia; nothing about it may be remembered longer.
-pub const BARCODE_LIFETIME: Duration = Duration::from_secs(180);
-
-/// Diia session tokens live 2 hours.
-pub const SESSION_TOKEN_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
-
-/// The whole configuration, validated.
+/// The whole file.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
-pub struct Config {
+pub struct FileConfig {
     /// Branch-facing and admin listeners, request bounds.
     pub server: ServerConfig,
     /// Diia (or simulator) connection.
@@ -40,8 +32,16 @@ pub struct Config {
     /// Logging.
     pub log: LogConfig,
     /// When present, the Diia simulator runs in-process and is the upstream
-    /// (`upstream.base_url` is then ignored): the demo and quick tries.
-    pub simulator: Option<SimConfig>,
+    /// (`upstream.base_url` is then ignored): the demo and quick tries. Kept as a raw
+    /// table here; only a build with the `embedded-sim` feature accepts it.
+    pub simulator: Option<toml::Table>,
+}
+
+impl FileConfig {
+    /// Parses TOML text (types and unknown keys only).
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
 }
 
 /// `[server]`
@@ -211,7 +211,7 @@ pub struct SharingConfig {
 impl Default for SharingConfig {
     fn default() -> Self {
         Self {
-            replay_ttl: BARCODE_LIFETIME,
+            replay_ttl: Duration::from_secs(180),
         }
     }
 }
@@ -290,16 +290,16 @@ impl Default for DiiaLimitConfig {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// `pass-through`: branches send Diia's own headers. `managed`: the gateway holds the
     /// acquirer token and injects the session token; branches authenticate to the gateway.
     pub mode: AuthMode,
     /// The acquirer token (prefer the environment variable below: config files leak).
-    pub acquirer_token: Option<Secret>,
+    pub acquirer_token: Option<String>,
     /// The auth acquirer token (Basic credentials), if Diia issued one.
-    pub auth_token: Option<Secret>,
+    pub auth_token: Option<String>,
     /// Environment variable read for the acquirer token when `acquirer_token` is absent.
     pub acquirer_token_env: String,
     /// Environment variable read for the auth acquirer token when `auth_token` is absent.
@@ -324,30 +324,24 @@ impl Default for AuthConfig {
     }
 }
 
-impl AuthConfig {
-    /// The acquirer token and auth token, from the file or the environment.
-    pub fn secrets(&self) -> Result<(Secret, Option<Secret>), String> {
-        let from_env = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(Secret::new)
-        };
-        let acquirer = self
-            .acquirer_token
-            .clone()
-            .or_else(|| from_env(&self.acquirer_token_env))
-            .ok_or_else(|| {
-                format!(
-                    "managed mode needs auth.acquirer_token or ${}",
-                    self.acquirer_token_env
-                )
-            })?;
-        let auth = self
-            .auth_token
-            .clone()
-            .or_else(|| from_env(&self.auth_token_env));
-        Ok((acquirer, auth))
+impl std::fmt::Debug for AuthConfig {
+    /// The tokens are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field(
+                "acquirer_token",
+                &self.acquirer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "auth_token",
+                &self.auth_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("acquirer_token_env", &self.acquirer_token_env)
+            .field("auth_token_env", &self.auth_token_env)
+            .field("branch_auth", &self.branch_auth)
+            .field("api_keys", &self.api_keys)
+            .finish()
     }
 }
 
@@ -408,261 +402,4 @@ pub enum LogFormat {
     Json,
     /// Human-readable lines, for a terminal.
     Text,
-}
-
-/// A config that cannot be used, naming the key and what is wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The path given.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// TOML syntax, an unknown key, or a value of the wrong type.
-    #[error("{0}")]
-    Parse(String),
-    /// A value of the right type that makes no sense.
-    #[error("{key}: {problem}")]
-    Invalid {
-        /// Dotted key, e.g. `cache.ttl`.
-        key: &'static str,
-        /// What is wrong and how to fix it.
-        problem: String,
-    },
-}
-
-impl Config {
-    /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text)
-    }
-
-    /// Parses and validates TOML text.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Checks what types alone cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key,
-                problem: problem.into(),
-            }
-        }
-        let cache = &self.cache;
-        if cache.ttl.is_zero() || cache.ttl > BARCODE_LIFETIME {
-            return Err(invalid(
-                "cache.ttl",
-                format!(
-                    "{} must be above 0 and at most 180s: a barcode lives 3 minutes",
-                    humantime::format_duration(cache.ttl)
-                ),
-            ));
-        }
-        if cache.negative_ttl > cache.ttl {
-            return Err(invalid(
-                "cache.negative_ttl",
-                "must not be longer than cache.ttl: negative answers are kept shorter",
-            ));
-        }
-        if cache.ttl + cache.stale_if_error > BARCODE_LIFETIME {
-            return Err(invalid(
-                "cache.stale_if_error",
-                "cache.ttl + cache.stale_if_error must not exceed 180s: a barcode lives 3 minutes",
-            ));
-        }
-        if cache.max_bytes < 1024 * 1024 {
-            return Err(invalid(
-                "cache.max_bytes",
-                "must be at least 1048576 (1 MiB)",
-            ));
-        }
-        if self.sharing.replay_ttl.is_zero() || self.sharing.replay_ttl > BARCODE_LIFETIME {
-            return Err(invalid(
-                "sharing.replay_ttl",
-                "must be above 0 and at most 180s: a barcode lives 3 minutes",
-            ));
-        }
-        if self.tokens.refresh_margin >= SESSION_TOKEN_LIFETIME {
-            return Err(invalid(
-                "tokens.refresh_margin",
-                "must be shorter than the 2h token life",
-            ));
-        }
-        let server = &self.server;
-        if server.body_limit == 0 || server.body_limit > 16 * 1024 * 1024 {
-            return Err(invalid(
-                "server.body_limit",
-                "must be between 1 and 16777216 bytes",
-            ));
-        }
-        for (key, value) in [
-            ("server.body_timeout", server.body_timeout),
-            ("server.request_deadline", server.request_deadline),
-            ("server.header_read_timeout", server.header_read_timeout),
-            ("server.drain_timeout", server.drain_timeout),
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.timeout", self.upstream.timeout),
-        ] {
-            if value.is_zero() {
-                return Err(invalid(key, "must be above 0"));
-            }
-        }
-        if server.idle_timeout <= server.request_deadline {
-            return Err(invalid(
-                "server.idle_timeout",
-                "must be longer than server.request_deadline, or a waiting client is cut off",
-            ));
-        }
-        if server.max_connections == 0 || server.max_in_flight == 0 {
-            return Err(invalid(
-                "server.max_connections",
-                "and server.max_in_flight must be above 0",
-            ));
-        }
-        if server.listen == server.admin_listen && server.listen.port() != 0 {
-            return Err(invalid(
-                "server.admin_listen",
-                "must differ from server.listen",
-            ));
-        }
-        if self.simulator.is_none() {
-            let uri: http::Uri = self
-                .upstream
-                .base_url
-                .parse()
-                .map_err(|e| invalid("upstream.base_url", format!("not a URL: {e}")))?;
-            match uri.scheme_str() {
-                Some("https" | "http") if uri.host().is_some() => {}
-                _ => {
-                    return Err(invalid(
-                        "upstream.base_url",
-                        "must be an absolute http:// or https:// URL, e.g. https://api2.diia.gov.ua",
-                    ));
-                }
-            }
-            if uri.query().is_some() {
-                return Err(invalid("upstream.base_url", "must not carry a query"));
-            }
-        }
-        if !(0.0..=1.0).contains(&self.upstream.retry_ratio) {
-            return Err(invalid("upstream.retry_ratio", "must be within [0, 1]"));
-        }
-        if self.upstream.breaker_failures == 0 || self.upstream.breaker_cooldown.is_zero() {
-            return Err(invalid(
-                "upstream.breaker_failures",
-                "and upstream.breaker_cooldown must be above 0",
-            ));
-        }
-        if self.upstream.max_response_body == 0 {
-            return Err(invalid("upstream.max_response_body", "must be above 0"));
-        }
-        if self.limits.diia.max_backoff.is_zero() {
-            return Err(invalid("limits.diia.max_backoff", "must be above 0"));
-        }
-        if let Some(tls) = &server.tls {
-            crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
-                .map_err(|problem| invalid("server.tls", problem))?;
-        }
-        if let Some(ca) = &self.upstream.ca_file {
-            crate::tls::upstream_roots(Some(ca))
-                .map_err(|problem| invalid("upstream.ca_file", problem))?;
-        }
-        if self.auth.mode == AuthMode::Managed {
-            self.auth
-                .secrets()
-                .map_err(|problem| invalid("auth.acquirer_token", problem))?;
-            match self.auth.branch_auth {
-                BranchAuth::ApiKey => {
-                    if self.auth.api_keys.is_empty() {
-                        return Err(invalid(
-                            "auth.api_keys",
-                            "managed mode with api-key branch auth needs at least one key",
-                        ));
-                    }
-                    crate::token::ApiKeys::new(&self.auth.api_keys)
-                        .map_err(|problem| invalid("auth.api_keys", problem))?;
-                }
-                BranchAuth::Mtls => {
-                    if server
-                        .tls
-                        .as_ref()
-                        .and_then(|tls| tls.client_ca.as_ref())
-                        .is_none()
-                    {
-                        return Err(invalid(
-                            "auth.branch_auth",
-                            "mtls needs server.tls.client_ca",
-                        ));
-                    }
-                }
-            }
-        }
-        if let Some(sim) = &self.simulator {
-            sim.validate()
-                .map_err(|problem| invalid("simulator", problem))?;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn problem(text: &str) -> String {
-        Config::from_toml(text)
-            .expect_err("config must be refused")
-            .to_string()
-    }
-
-    #[test]
-    fn empty_file_is_a_valid_production_config() {
-        let config = Config::from_toml("").expect("defaults are valid");
-        assert_eq!(config.cache.ttl, Duration::from_secs(60));
-        assert_eq!(config.upstream.base_url, "https://api2.diia.gov.ua");
-    }
-
-    #[test]
-    fn errors_name_the_key() {
-        assert!(problem("[cache]\nttl = \"5m\"").starts_with("cache.ttl:"));
-        assert!(
-            problem("[cache]\nttl = \"20s\"\nnegative_ttl = \"30s\"")
-                .starts_with("cache.negative_ttl:")
-        );
-        assert!(problem("[upstream]\nbase_url = \"ftp://x\"").starts_with("upstream.base_url:"));
-        assert!(problem("[server]\nbody_limit = 0").starts_with("server.body_limit:"));
-        assert!(problem("[cache]\nttl_typo = \"5s\"").contains("ttl_typo"));
-        assert!(problem("[limits.branch]\nper_minute = 0").contains("per_minute"));
-        assert!(problem("[sharing]\nreplay_ttl = \"10m\"").starts_with("sharing.replay_ttl:"));
-    }
-
-    #[test]
-    fn shipped_configs_load() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        let mut seen = 0;
-        for entry in std::fs::read_dir(&dir).expect("config dir") {
-            let path = entry.expect("entry").path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            if name.ends_with(".toml") && !name.starts_with("sim") && !name.starts_with("scenario")
-            {
-                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                seen += 1;
-            }
-        }
-        assert!(seen >= 2, "gateway.toml and demo.toml must be shipped");
-    }
 }

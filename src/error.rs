@@ -26,6 +26,19 @@ pub enum RequiredField {
     OfferId,
 }
 
+/// Who is at fault for an error of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something we refuse (4xx of ours).
+    Client,
+    /// A limit of ours or Diia's said no for now (429/503 of ours).
+    Limit,
+    /// Diia failed to answer usefully (502/504).
+    Upstream,
+    /// A bug of ours (500).
+    Internal,
+}
+
 /// Why the gateway answered instead of Diia (or on Diia's behalf).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
@@ -34,7 +47,10 @@ pub enum GatewayError {
     UnknownRoute,
     /// The path exists but not with this method.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed {
+        /// The route's methods, for `Allow`.
+        allow: &'static str,
+    },
     /// No `Authorization` header where Diia needs one.
     #[error("missing authorization")]
     MissingAuthorization,
@@ -68,6 +84,12 @@ pub enum GatewayError {
     /// The barcode is not a 13-digit EAN-13 code.
     #[error("invalid barcode")]
     InvalidBarcode,
+    /// `document-request` with both `barcode` and `qrcode`.
+    #[error("barcode and qrcode")]
+    BarcodeAndQrcode,
+    /// A JSON route got a body that is not declared `application/json`.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
     /// A field value is out of shape (too long, not a string, control characters).
     #[error("invalid field")]
     InvalidField,
@@ -126,15 +148,17 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::UnknownRoute => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::MissingAuthorization | Self::InvalidAuthorization | Self::InvalidApiKey => {
                 StatusCode::UNAUTHORIZED
             }
             Self::InvalidAcquirerToken
             | Self::MissingField(_)
             | Self::InvalidBarcode
+            | Self::BarcodeAndQrcode
             | Self::InvalidField
             | Self::InvalidQuery => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyRead | Self::InvalidJson => StatusCode::BAD_REQUEST,
@@ -157,7 +181,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::UnknownRoute => "unknown_route",
-            Self::MethodNotAllowed => "method_not_allowed",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::MissingAuthorization => "missing_authorization",
             Self::InvalidAuthorization => "invalid_authorization",
             Self::InvalidApiKey => "invalid_api_key",
@@ -169,6 +193,8 @@ impl GatewayError {
             Self::InvalidJson => "invalid_json",
             Self::MissingField(_) => "missing_field",
             Self::InvalidBarcode => "invalid_barcode",
+            Self::BarcodeAndQrcode => "barcode_and_qrcode",
+            Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidField => "invalid_field",
             Self::InvalidQuery => "invalid_query",
             Self::SharingAlreadyRequested => "sharing_already_requested",
@@ -184,17 +210,70 @@ impl GatewayError {
         }
     }
 
-    /// Diia's `name` for the same class of error.
-    fn name(&self) -> &'static str {
-        match self.status() {
-            StatusCode::UNPROCESSABLE_ENTITY => "ValidationError",
-            StatusCode::UNAUTHORIZED => "UnauthorizedError",
-            StatusCode::NOT_FOUND => "NotFoundError",
-            StatusCode::TOO_MANY_REQUESTS => "TooManyRequestsError",
-            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
-            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => "GatewayError",
-            StatusCode::CONFLICT => "ConflictError",
-            _ => "BadRequestError",
+    /// Who caused the error; the request outcome in metrics is derived from it.
+    #[must_use]
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::UnknownRoute
+            | Self::MethodNotAllowed { .. }
+            | Self::MissingAuthorization
+            | Self::InvalidAuthorization
+            | Self::InvalidApiKey
+            | Self::InvalidAcquirerToken
+            | Self::BodyTooLarge
+            | Self::BodyTimeout
+            | Self::BodyRead
+            | Self::InvalidJson
+            | Self::MissingField(_)
+            | Self::InvalidBarcode
+            | Self::BarcodeAndQrcode
+            | Self::UnsupportedMediaType
+            | Self::InvalidField
+            | Self::InvalidQuery
+            | Self::SharingAlreadyRequested => Fault::Client,
+            Self::BranchRateLimited { .. }
+            | Self::DiiaBudgetExhausted { .. }
+            | Self::DiiaBackoff { .. }
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded => Fault::Limit,
+            Self::UpstreamAuth
+            | Self::UpstreamUnreachable
+            | Self::UpstreamProtocol
+            | Self::UpstreamTimeout => Fault::Upstream,
+            Self::Internal => Fault::Internal,
+        }
+    }
+
+    /// Diia's `name` for an error of this status, so SDK error handling keeps working.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::UnknownRoute => "NotFoundError",
+            Self::MethodNotAllowed { .. } => "MethodNotAllowedError",
+            Self::MissingAuthorization | Self::InvalidAuthorization | Self::InvalidApiKey => {
+                "UnauthorizedError"
+            }
+            Self::InvalidAcquirerToken
+            | Self::MissingField(_)
+            | Self::InvalidBarcode
+            | Self::BarcodeAndQrcode
+            | Self::InvalidField
+            | Self::InvalidQuery => "ValidationError",
+            Self::UnsupportedMediaType => "UnsupportedMediaTypeError",
+            Self::BodyTooLarge => "PayloadTooLargeError",
+            Self::BodyTimeout => "RequestTimeoutError",
+            Self::BodyRead | Self::InvalidJson => "BadRequestError",
+            Self::SharingAlreadyRequested => "ConflictError",
+            Self::BranchRateLimited { .. } => "TooManyRequestsError",
+            Self::DiiaBudgetExhausted { .. }
+            | Self::DiiaBackoff { .. }
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded => "ServiceUnavailableError",
+            Self::UpstreamUnreachable | Self::UpstreamProtocol | Self::UpstreamAuth => {
+                "BadGatewayError"
+            }
+            Self::UpstreamTimeout => "GatewayTimeoutError",
+            Self::Internal => "InternalServerError",
         }
     }
 
@@ -202,7 +281,7 @@ impl GatewayError {
     fn message(&self) -> &'static str {
         match self {
             Self::UnknownRoute => "No such route in Diia's acquirer API",
-            Self::MethodNotAllowed => "Method not allowed on this route",
+            Self::MethodNotAllowed { .. } => "Method not allowed on this route",
             Self::MissingAuthorization => "Empty token",
             Self::InvalidAuthorization => "Authorization must be 'Bearer <session token>'",
             Self::InvalidApiKey => "X-Api-Key is missing or unknown",
@@ -220,6 +299,8 @@ impl GatewayError {
             Self::MissingField(RequiredField::RequestId) => "Field requestId is required",
             Self::MissingField(RequiredField::OfferId) => "Field offerId is required",
             Self::InvalidBarcode => "Barcode must be 13 digits with a valid EAN-13 check digit",
+            Self::BarcodeAndQrcode => "Send either barcode or qrcode, not both",
+            Self::UnsupportedMediaType => "Content-Type must be application/json",
             Self::InvalidField => "A field has an invalid value",
             Self::InvalidQuery => "Query must carry barcode (13-digit EAN-13) and requestId",
             Self::SharingAlreadyRequested => {
@@ -275,11 +356,8 @@ impl GatewayError {
                 }
             }
         }
-        if matches!(self, Self::MethodNotAllowed) {
-            headers.insert(
-                header::ALLOW,
-                HeaderValue::from_static("GET, POST, PUT, DELETE"),
-            );
+        if let Self::MethodNotAllowed { allow } = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
     }
@@ -321,6 +399,22 @@ mod tests {
         assert_eq!(json["code"], 422);
         assert_eq!(json["name"], "ValidationError");
         assert_eq!(json["gatewayCode"], "invalid_barcode");
+    }
+
+    #[test]
+    fn names_follow_the_status() {
+        for (error, name) in [
+            (
+                GatewayError::MethodNotAllowed { allow: "GET" },
+                "MethodNotAllowedError",
+            ),
+            (GatewayError::BodyTimeout, "RequestTimeoutError"),
+            (GatewayError::BodyTooLarge, "PayloadTooLargeError"),
+            (GatewayError::Internal, "InternalServerError"),
+            (GatewayError::UpstreamTimeout, "GatewayTimeoutError"),
+        ] {
+            assert_eq!(error.name(), name);
+        }
     }
 
     #[test]

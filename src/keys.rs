@@ -1,4 +1,5 @@
-//! Keyed hashes: cache keys that bind every entry to its acquirer, and log fingerprints.
+//! Key material: keyed hashes (cache keys that bind every entry to its acquirer, log
+//! fingerprints) and [`Secret`], the redacting wrapper for credentials.
 //!
 //! One per-process secret key (from the OS RNG) keys SipHash-2-4 with 128-bit output, a
 //! PRF: without the key, neither a cache key nor a log fingerprint can be reversed or
@@ -71,19 +72,19 @@ impl KeyBuilder {
     }
 }
 
-/// The process's secret for keyed hashing.
+/// The process's key for keyed hashing (random per process).
 #[derive(Clone)]
-pub struct Secrets {
+pub struct HashKey {
     key: [u8; 16],
 }
 
-impl fmt::Debug for Secrets {
+impl fmt::Debug for HashKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secrets(<redacted>)")
+        f.write_str("HashKey(<redacted>)")
     }
 }
 
-impl Secrets {
+impl HashKey {
     /// A fresh random key from the OS.
     pub fn random() -> std::io::Result<Self> {
         let mut key = [0u8; 16];
@@ -115,6 +116,37 @@ impl Secrets {
     }
 }
 
+/// A credential (acquirer token, auth token) whose `Debug` never shows it; equality is
+/// constant-time.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    #[must_use]
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself; for building requests only.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 /// A 48-bit keyed fingerprint; displays as 12 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Fingerprint([u8; 6]);
@@ -139,8 +171,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_do_not_debug_print() {
+        let secret = Secret::new("acquirer_test_token".to_owned());
+        assert!(!format!("{secret:?}").contains("acquirer"));
+        assert_eq!(secret, Secret::new("acquirer_test_token".to_owned()));
+        assert_ne!(secret, Secret::new("acquirer_test_token2".to_owned()));
+    }
+
+    #[test]
     fn parts_are_length_prefixed() {
-        let secrets = Secrets::fixed([7; 16]);
+        let secrets = HashKey::fixed([7; 16]);
         let a = secrets.key("d").part(b"ab").part(b"c").finish();
         let b = secrets.key("d").part(b"a").part(b"bc").finish();
         assert_ne!(a, b);
@@ -149,8 +189,8 @@ mod tests {
 
     #[test]
     fn domains_and_secrets_separate_keys() {
-        let one = Secrets::fixed([1; 16]);
-        let two = Secrets::fixed([2; 16]);
+        let one = HashKey::fixed([1; 16]);
+        let two = HashKey::fixed([2; 16]);
         assert_ne!(
             one.key("a").part(b"x").finish(),
             one.key("b").part(b"x").finish()

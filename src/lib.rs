@@ -8,44 +8,59 @@
 //! branches, and rate-limits per branch and toward Diia.
 //!
 //! # Layout
-//! - [`config`]: TOML → validated [`Config`]
-//! - [`error`]: [`GatewayError`], the only place statuses and error codes are chosen
+//! - [`config`]: the file as written (serde structs only)
+//! - [`settings`]: file → checked [`settings::Settings`]: a [`settings::Hot`] half a reload
+//!   swaps and a [`settings::Cold`] half only a restart changes
+//! - [`reload`]: config hot reload (SIGHUP, `POST /reload`), refusing cold changes by name
+//! - [`diia`]: facts about Diia (barcode and session-token lives), a leaf
+//! - [`error`]: [`GatewayError`], the only place statuses, codes and fault are chosen
+//! - [`answer`]: Diia's answer and its one classification ([`answer::AnswerClass`])
 //! - [`barcode`]: the EAN-13 [`barcode::Barcode`] newtype, redacting
-//! - [`route`]: `(method, path)` → [`route::Endpoint`]
-//! - [`request`]: header and body validation
-//! - [`keys`]: keyed hashes for cache keys and log fingerprints
+//! - [`route`]: `(method, path)` → [`route::Endpoint`]; the managed-mode route refusal
+//! - [`caller`]: who is calling (bearer, API key, mTLS), the one place callers are authenticated
+//! - [`request`]: what each endpoint needs, checked into a [`request::Checked`]
+//! - [`policy`]: cache keys per endpoint and how long each answer lives
+//! - [`keys`]: keyed hashes for cache keys and log fingerprints, redacting secrets
 //! - [`cache`]: moka caches with coalescing and replay
-//! - [`limit`]: governor limits per branch and toward Diia
+//! - [`limit`]: governor limits per branch and toward Diia, and Diia's brake
 //! - [`upstream`]: hyper + rustls client toward Diia
 //! - [`breaker`]: circuit breaker and retry budget toward Diia
-//! - [`token`]: managed token mode (session token held by the gateway, branch API keys)
-//! - [`proxy`]: the request lifecycle (stages) over all of the above
+//! - [`session`]: managed token mode (the session token held by the gateway)
+//! - [`proxy`]: the request lifecycle (stages over one context) over all of the above
 //! - [`metrics`], [`admin`]: what SREs see
-//! - [`reload`]: config hot reload (SIGHUP, `POST /reload`)
 //! - [`server`]: accept loop and graceful shutdown
 //! - [`tls`]: rustls configs, in (termination, mTLS) and out (trust toward Diia)
-//! - [`sim`]: the Diia simulator
+//!
+//! The Diia simulator is its own crate (`diia-sim`), embedded only with the default
+//! `embedded-sim` feature.
 
 pub mod admin;
+pub mod answer;
 pub mod barcode;
 pub mod breaker;
 pub mod cache;
+pub mod caller;
 pub mod config;
+pub mod diia;
+#[cfg(feature = "embedded-sim")]
+mod embedded;
 pub mod error;
 pub mod keys;
 pub mod limit;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod request;
 pub mod route;
 pub mod server;
-pub mod sim;
+pub mod session;
+pub mod settings;
 pub mod tls;
-pub mod token;
 pub mod upstream;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,21 +68,22 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-pub use crate::config::Config;
-use crate::config::{AuthMode, BranchAuth};
 pub use crate::error::GatewayError;
-use crate::keys::Secrets;
-use crate::limit::DiiaBudget;
-use crate::metrics::Metrics;
-use crate::proxy::{Gateway, Managed};
+use crate::proxy::Gateway;
 use crate::reload::Reloader;
 use crate::server::{ConnectionLimits, Shutdown, accept_loop};
-use crate::sim::{SimHandle, Simulator};
-use crate::token::{ApiKeys, TokenManager};
-use crate::upstream::Upstream;
+pub use crate::settings::Settings;
+use crate::settings::UpstreamTarget;
 
 /// How often idle branch budgets are forgotten.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(30);
+
+/// The embedded simulator's handle, when the build has one.
+#[cfg(feature = "embedded-sim")]
+pub type SimHandle = diia_sim::SimHandle;
+/// No simulator in this build.
+#[cfg(not(feature = "embedded-sim"))]
+pub type SimHandle = std::convert::Infallible;
 
 /// A running gateway (and, with `[simulator]`, its in-process simulator).
 pub struct RunningGateway {
@@ -142,6 +158,7 @@ impl RunningGateway {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+        #[cfg(feature = "embedded-sim")]
         if let Some(simulator) = self.simulator.take() {
             simulator.stop().await;
         }
@@ -157,128 +174,49 @@ impl Drop for RunningGateway {
 }
 
 /// Binds the listeners and starts serving; returns once both accept connections.
-pub async fn start(config: Config) -> std::io::Result<RunningGateway> {
-    start_with(config, None).await
+pub async fn start(settings: Settings) -> std::io::Result<RunningGateway> {
+    start_with(settings, None).await
 }
 
 /// [`start`], remembering the config file so SIGHUP and `POST /reload` can re-read it.
 pub async fn start_with(
-    config: Config,
-    path: Option<std::path::PathBuf>,
+    settings: Settings,
+    path: Option<PathBuf>,
 ) -> std::io::Result<RunningGateway> {
-    let simulator = match &config.simulator {
-        Some(sim_config) => Some(Simulator::start(sim_config.clone()).await?),
-        None => None,
-    };
-    let base_url = simulator
-        .as_ref()
-        .map_or_else(|| config.upstream.base_url.clone(), SimHandle::base_url);
-    let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::new());
-    let budget = DiiaBudget::new(&config.limits.diia);
-    let upstream = Arc::new(Upstream::new(
-        &config.upstream,
-        &base_url,
-        budget,
-        Arc::clone(&metrics),
-    )?);
-    let mut gateway = Gateway::new(Arc::clone(&config), Secrets::random()?, upstream, metrics);
-    if config.auth.mode == AuthMode::Managed {
-        let (acquirer_token, auth_token) = config.auth.secrets().map_err(std::io::Error::other)?;
-        let keys = match config.auth.branch_auth {
-            BranchAuth::ApiKey => {
-                Some(ApiKeys::new(&config.auth.api_keys).map_err(std::io::Error::other)?)
-            }
-            BranchAuth::Mtls => None,
-        };
-        let tokens = TokenManager::new(acquirer_token, auth_token, config.tokens.refresh_margin);
-        gateway = gateway.with_managed(Managed { tokens, keys });
-    }
-    let gateway = Arc::new(gateway);
-
-    let listener = TcpListener::bind(config.server.listen).await?;
-    let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
-    let addr = listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
+    // A reload compares against the cold half as the file says it, before the embedded
+    // simulator's address replaces it.
+    let file_cold = settings.cold.clone();
+    let (settings, simulator) = start_upstream(settings).await?;
+    let gateway = Arc::new(Gateway::build(&settings)?);
+    let listener = TcpListener::bind(settings.cold.listen).await?;
+    let admin_listener = TcpListener::bind(settings.cold.admin_listen).await?;
+    let (addr, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
     let draining = Shutdown::new();
     let closing = Shutdown::new();
-    let limits = ConnectionLimits {
-        max_connections: config.server.max_connections,
-        header_read_timeout: config.server.header_read_timeout,
-        idle_timeout: config.server.idle_timeout,
-        drain_timeout: config.server.drain_timeout,
-    };
-    let tls = match &config.server.tls {
-        Some(tls) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
-            tokio_rustls::TlsAcceptor::from(
-                crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
-                    .map_err(std::io::Error::other)?,
-            ),
-        ))),
-        None => None,
-    };
-    let reloader =
-        path.map(|path| Arc::new(Reloader::new(path, Arc::clone(&gateway), tls.clone())));
+    let reloader = path.map(|path| Arc::new(Reloader::new(path, file_cold, Arc::clone(&gateway))));
     let admin = Arc::new(Admin::new(
         Arc::clone(&gateway),
         draining.clone(),
         reloader.clone(),
     ));
-    let phases = {
-        let (draining, closing) = (draining.clone(), closing.clone());
-        let delay = config.server.drain_delay;
-        tokio::spawn(async move {
-            draining.wait().await;
-            tracing::info!(
-                delay_ms = delay.as_millis(),
-                "draining: /readyz fails, listener closes after the delay"
-            );
-            tokio::time::sleep(delay).await;
-            closing.trigger();
-        })
+    let limits = ConnectionLimits {
+        max_connections: settings.cold.max_connections,
+        header_read_timeout: settings.cold.header_read_timeout,
+        idle_timeout: settings.cold.idle_timeout,
+        drain_timeout: settings.cold.drain_timeout,
     };
-    let housekeeping = {
-        let gateway = Arc::clone(&gateway);
-        let shutdown = closing.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(HOUSEKEEPING_PERIOD);
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => gateway.housekeeping().await,
-                    () = shutdown.wait() => break,
-                }
-            }
-        })
-    };
-    // The admin listener outlives the branch listener's drain, so probes see the 503.
-    let admin_closing = Shutdown::new();
-    let gateway_loop = tokio::spawn(accept_loop(
-        listener,
-        Arc::clone(&gateway),
-        closing.clone(),
-        limits,
-        tls,
-    ));
-    let branch_side = {
-        let admin_closing = admin_closing.clone();
-        tokio::spawn(async move {
-            let _ = gateway_loop.await;
-            admin_closing.trigger();
-        })
-    };
-    let tasks = vec![
-        branch_side,
-        tokio::spawn(accept_loop(
-            admin_listener,
-            admin,
-            admin_closing,
-            ConnectionLimits::default(),
-            None,
-        )),
-        housekeeping,
-        phases,
+    let mut tasks = vec![
+        spawn_drain_phases(&draining, &closing, settings.cold.drain_delay),
+        spawn_housekeeping(&gateway, &closing),
     ];
-    tracing::info!(%addr, %admin_addr, upstream = %base_url, embedded_simulator = simulator.is_some(), "diia-gateway listening");
+    tasks.extend(spawn_listeners(
+        (listener, admin_listener),
+        (&gateway, admin),
+        &closing,
+        limits,
+    ));
+    let upstream = settings.cold.upstream.url().unwrap_or("embedded simulator");
+    tracing::info!(%addr, %admin_addr, upstream, embedded_simulator = simulator.is_some(), "diia-gateway listening");
     Ok(RunningGateway {
         addr,
         admin_addr,
@@ -289,4 +227,77 @@ pub async fn start_with(
         simulator,
         reloader,
     })
+}
+
+/// Starts the embedded simulator when the settings ask for one and points the settings
+/// at it.
+async fn start_upstream(settings: Settings) -> std::io::Result<(Settings, Option<SimHandle>)> {
+    match &settings.cold.upstream {
+        UpstreamTarget::Url(_) => Ok((settings, None)),
+        #[cfg(feature = "embedded-sim")]
+        UpstreamTarget::Embedded(config) => {
+            let simulator = embedded::start(config.clone()).await?;
+            let url = simulator.base_url();
+            Ok((settings.with_upstream_url(url), Some(simulator)))
+        }
+    }
+}
+
+/// Phase 1 of a drain (readyz fails) → after `delay`, phase 2 (listeners close).
+fn spawn_drain_phases(draining: &Shutdown, closing: &Shutdown, delay: Duration) -> JoinHandle<()> {
+    let (draining, closing) = (draining.clone(), closing.clone());
+    tokio::spawn(async move {
+        draining.wait().await;
+        tracing::info!(
+            delay_ms = delay.as_millis(),
+            "draining: /readyz fails, listener closes after the delay"
+        );
+        tokio::time::sleep(delay).await;
+        closing.trigger();
+    })
+}
+
+fn spawn_housekeeping(gateway: &Arc<Gateway>, closing: &Shutdown) -> JoinHandle<()> {
+    let gateway = Arc::clone(gateway);
+    let shutdown = closing.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(HOUSEKEEPING_PERIOD);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => gateway.housekeeping().await,
+                () = shutdown.wait() => break,
+            }
+        }
+    })
+}
+
+/// The branch and admin accept loops. The admin listener outlives the branch listener's
+/// drain, so probes see the 503.
+fn spawn_listeners(
+    (listener, admin_listener): (TcpListener, TcpListener),
+    (gateway, admin): (&Arc<Gateway>, Arc<Admin>),
+    closing: &Shutdown,
+    limits: ConnectionLimits,
+) -> [JoinHandle<()>; 2] {
+    let admin_closing = Shutdown::new();
+    let gateway_loop = tokio::spawn(accept_loop(
+        listener,
+        Arc::clone(gateway),
+        closing.clone(),
+        limits,
+    ));
+    let branch_side = {
+        let admin_closing = admin_closing.clone();
+        tokio::spawn(async move {
+            let _ = gateway_loop.await;
+            admin_closing.trigger();
+        })
+    };
+    let admin_side = tokio::spawn(accept_loop(
+        admin_listener,
+        admin,
+        admin_closing,
+        ConnectionLimits::default(),
+    ));
+    [branch_side, admin_side]
 }

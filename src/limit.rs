@@ -7,10 +7,8 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -35,6 +33,7 @@ pub struct BranchLimiter {
     hasher: foldhash::quality::RandomState,
     policy: HeaderValue,
     clock: DefaultClock,
+    values: (std::num::NonZeroU32, std::num::NonZeroU32),
 }
 
 impl BranchLimiter {
@@ -49,7 +48,14 @@ impl BranchLimiter {
             hasher: foldhash::quality::RandomState::default(),
             policy,
             clock: DefaultClock::default(),
+            values: (config.per_minute, config.burst),
         }
+    }
+
+    /// Whether this limiter was built from the same values (a reload keeps it then).
+    #[must_use]
+    pub fn same_values(&self, other: &Self) -> bool {
+        self.values == other.values
     }
 
     /// Spends one request of this branch's budget, or says when to come back.
@@ -90,49 +96,60 @@ impl BranchLimiter {
     }
 }
 
-struct BudgetSettings {
+/// The Diia budget's quota and waits, built from one config snapshot. Part of the hot
+/// settings: a reload with the same values keeps this limiter (and its state).
+pub struct BudgetQuota {
     limiter: DefaultDirectRateLimiter,
-    max_wait: Duration,
-    max_backoff: Duration,
+    values: DiiaLimitConfig,
 }
 
-impl BudgetSettings {
-    fn new(config: &DiiaLimitConfig) -> Self {
+impl BudgetQuota {
+    /// A full budget for these values.
+    #[must_use]
+    pub fn new(config: &DiiaLimitConfig) -> Self {
         Self {
             limiter: RateLimiter::direct(
                 Quota::per_second(config.per_second).allow_burst(config.burst),
             ),
-            max_wait: config.max_wait,
-            max_backoff: config.max_backoff,
+            values: config.clone(),
         }
+    }
+
+    /// Whether this limiter was built from the same values (a reload keeps it then).
+    #[must_use]
+    pub fn same_values(&self, other: &Self) -> bool {
+        let (a, b) = (&self.values, &other.values);
+        a.per_second == b.per_second
+            && a.burst == b.burst
+            && a.max_wait == b.max_wait
+            && a.max_backoff == b.max_backoff
     }
 }
 
-/// The gateway-wide budget toward Diia, and Diia's own back-off requests.
-pub struct DiiaBudget {
-    /// The limiter and its waits, swapped whole on a config reload.
-    settings: ArcSwap<BudgetSettings>,
+/// Diia's own brake: a gateway-wide pause Diia asked for with `Retry-After`. Lives for the
+/// whole process (a reload never lifts a pause).
+pub struct DiiaBrake {
     clock: DefaultClock,
     origin: Instant,
     /// Nanoseconds after `origin` until which no call may go to Diia (0: none).
     paused_until: AtomicU64,
 }
 
-impl DiiaBudget {
-    /// A full budget.
+impl Default for DiiaBrake {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DiiaBrake {
+    /// No pause.
     #[must_use]
-    pub fn new(config: &DiiaLimitConfig) -> Self {
+    pub fn new() -> Self {
         Self {
-            settings: ArcSwap::from_pointee(BudgetSettings::new(config)),
             clock: DefaultClock::default(),
             origin: Instant::now(),
             paused_until: AtomicU64::new(0),
         }
-    }
-
-    /// New quota and waits (a config reload); the budget starts full, a pause stays.
-    pub fn reconfigure(&self, config: &DiiaLimitConfig) {
-        self.settings.store(Arc::new(BudgetSettings::new(config)));
     }
 
     fn now_nanos(&self) -> u64 {
@@ -147,28 +164,29 @@ impl DiiaBudget {
         (until > now).then(|| Duration::from_nanos(until - now))
     }
 
-    /// Pauses every upstream call for `wait` (capped at `max_backoff`); a longer pause wins.
-    pub fn pause(&self, wait: Duration) {
-        let wait = wait.min(self.settings.load().max_backoff);
+    /// Pauses every upstream call for `wait` (capped at the quota's `max_backoff`); a longer
+    /// pause wins.
+    pub fn pause(&self, quota: &BudgetQuota, wait: Duration) {
+        let wait = wait.min(quota.values.max_backoff);
         let until = self
             .now_nanos()
             .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
         self.paused_until.fetch_max(until, Ordering::AcqRel);
     }
 
-    /// Takes one call's worth of budget, waiting up to `max_wait` for it.
-    pub async fn acquire(&self) -> Result<(), GatewayError> {
+    /// Takes one call's worth of `quota`, waiting up to its `max_wait`; refused at once
+    /// while Diia's pause lasts.
+    pub async fn acquire(&self, quota: &BudgetQuota) -> Result<(), GatewayError> {
         let started = Instant::now();
-        let settings = self.settings.load_full();
         loop {
             if let Some(retry_after) = self.paused_for() {
                 return Err(GatewayError::DiiaBackoff { retry_after });
             }
-            let wait = match settings.limiter.check() {
+            let wait = match quota.limiter.check() {
                 Ok(()) => return Ok(()),
                 Err(not_until) => not_until.wait_time_from(self.clock.now()),
             };
-            if started.elapsed() + wait > settings.max_wait {
+            if started.elapsed() + wait > quota.values.max_wait {
                 return Err(GatewayError::DiiaBudgetExhausted { retry_after: wait });
             }
             tokio::time::sleep(wait).await;
@@ -203,14 +221,15 @@ mod tests {
 
     #[tokio::test]
     async fn pause_blocks_and_longer_pause_wins() {
-        let budget = DiiaBudget::new(&DiiaLimitConfig::default());
-        assert!(budget.acquire().await.is_ok());
-        budget.pause(Duration::from_secs(5));
-        budget.pause(Duration::from_secs(1));
-        let paused = budget.paused_for().expect("paused");
+        let quota = BudgetQuota::new(&DiiaLimitConfig::default());
+        let brake = DiiaBrake::new();
+        assert!(brake.acquire(&quota).await.is_ok());
+        brake.pause(&quota, Duration::from_secs(5));
+        brake.pause(&quota, Duration::from_secs(1));
+        let paused = brake.paused_for().expect("paused");
         assert!(paused > Duration::from_secs(4));
         assert!(matches!(
-            budget.acquire().await,
+            brake.acquire(&quota).await,
             Err(GatewayError::DiiaBackoff { .. })
         ));
     }

@@ -1,10 +1,11 @@
-//! `diia-gateway`: CLI → tracing → Config → serve; nothing else.
+//! `diia-gateway`: CLI → Settings → tracing → serve; nothing else.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use diia_gateway::config::{Config, LogFormat};
+use diia_gateway::Settings;
+use diia_gateway::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// A verification gateway in front of Diia's acquirer API.
@@ -21,8 +22,8 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config) {
-        Ok(config) => config,
+    let settings = match Settings::load(&cli.config) {
+        Ok(settings) => settings,
         Err(error) => {
             eprintln!(
                 "diia-gateway: invalid config {}: {error}",
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    init_tracing(&config);
+    init_tracing(&settings);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -46,17 +47,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config, cli.config))
+    runtime.block_on(run(settings, cli.config))
 }
 
-async fn run(config: Config, path: PathBuf) -> ExitCode {
-    let gateway = match diia_gateway::start_with(config, Some(path)).await {
+async fn run(settings: Settings, path: PathBuf) -> ExitCode {
+    let gateway = match diia_gateway::start_with(settings, Some(path)).await {
         Ok(gateway) => gateway,
         Err(error) => {
             tracing::error!(%error, "cannot start");
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(feature = "embedded-sim")]
     if let Some(simulator) = gateway.simulator() {
         tracing::info!(
             simulator = %simulator.addr(),
@@ -101,14 +103,15 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn init_tracing(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_tracing(settings: &Settings) {
+    let filter =
+        EnvFilter::try_new(&settings.cold.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match config.log.format {
+    match settings.cold.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }

@@ -10,9 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::error::GatewayError;
+use crate::error::Fault;
 use crate::route::Endpoint;
-use crate::upstream::Outcome;
 
 /// How one request ended, from the gateway's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,10 +34,12 @@ pub enum RequestOutcome {
     UpstreamError,
     /// Diia failed and a stored answer past its TTL was served (stale-if-error, opt-in).
     Stale,
+    /// A bug of ours (500).
+    Internal,
 }
 
 impl RequestOutcome {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::Hit,
         Self::Miss,
         Self::Coalesced,
@@ -48,6 +49,7 @@ impl RequestOutcome {
         Self::Limited,
         Self::UpstreamError,
         Self::Stale,
+        Self::Internal,
     ];
 
     /// The `outcome` label.
@@ -63,6 +65,7 @@ impl RequestOutcome {
             Self::Limited => "limited",
             Self::UpstreamError => "upstream_error",
             Self::Stale => "stale",
+            Self::Internal => "internal",
         }
     }
 
@@ -74,33 +77,12 @@ impl RequestOutcome {
 
     /// The outcome of a request the gateway answered with its own error.
     #[must_use]
-    pub fn of_error(error: &GatewayError) -> Self {
-        match error {
-            GatewayError::BranchRateLimited { .. }
-            | GatewayError::DiiaBudgetExhausted { .. }
-            | GatewayError::DiiaBackoff { .. }
-            | GatewayError::CircuitOpen { .. }
-            | GatewayError::Overloaded => Self::Limited,
-            GatewayError::UpstreamUnreachable
-            | GatewayError::UpstreamAuth
-            | GatewayError::UpstreamProtocol
-            | GatewayError::UpstreamTimeout
-            | GatewayError::Internal => Self::UpstreamError,
-            GatewayError::UnknownRoute
-            | GatewayError::MethodNotAllowed
-            | GatewayError::MissingAuthorization
-            | GatewayError::InvalidAuthorization
-            | GatewayError::InvalidApiKey
-            | GatewayError::InvalidAcquirerToken
-            | GatewayError::BodyTooLarge
-            | GatewayError::BodyTimeout
-            | GatewayError::BodyRead
-            | GatewayError::InvalidJson
-            | GatewayError::MissingField(_)
-            | GatewayError::InvalidBarcode
-            | GatewayError::InvalidField
-            | GatewayError::InvalidQuery
-            | GatewayError::SharingAlreadyRequested => Self::Rejected,
+    pub fn of_fault(fault: Fault) -> Self {
+        match fault {
+            Fault::Client => Self::Rejected,
+            Fault::Limit => Self::Limited,
+            Fault::Upstream => Self::UpstreamError,
+            Fault::Internal => Self::Internal,
         }
     }
 }
@@ -139,7 +121,7 @@ impl Metrics {
         let requests_family = Family::<Labels2, Counter>::default();
         registry.register(
             "requests",
-            "Requests by endpoint and outcome (hit, miss, coalesced, replayed, passthrough, rejected, limited, upstream_error)",
+            "Requests by endpoint and outcome (hit, miss, coalesced, replayed, passthrough, rejected, limited, upstream_error, stale, internal)",
             requests_family.clone(),
         );
         let endpoint_labels = Endpoint::ALL.iter().map(|e| e.label()).chain(["none"]);
@@ -177,7 +159,7 @@ impl Metrics {
         let upstream_calls = Family::<Labels2, Counter>::default();
         registry.register(
             "upstream_calls",
-            "Calls made to Diia by endpoint and result (2xx, 4xx, 5xx, or the gateway error)",
+            "Calls made to Diia by endpoint and result (ok, definitive, refused, throttled, failed, or the gateway error)",
             upstream_calls.clone(),
         );
         let saved = Counter::default();
@@ -229,7 +211,7 @@ impl Metrics {
         &self,
         endpoint: Option<Endpoint>,
         outcome: RequestOutcome,
-        error: Option<&GatewayError>,
+        error_code: Option<&'static str>,
     ) {
         let slot = endpoint.map_or(ENDPOINT_SLOTS - 1, Endpoint::index);
         if let Some(row) = self.requests.get(slot) {
@@ -238,22 +220,17 @@ impl Metrics {
         if outcome.saved_a_call() {
             self.saved.inc();
         }
-        if let Some(error) = error {
-            self.errors.get_or_create(&[("code", error.code())]).inc();
+        if let Some(code) = error_code {
+            self.errors.get_or_create(&[("code", code)]).inc();
         }
     }
 
-    /// Counts one call to Diia and its latency.
-    pub fn upstream_call(&self, endpoint: Endpoint, elapsed: Duration, outcome: &Outcome) {
+    /// Counts one call to Diia and its latency; `result` is the answer's class label or the
+    /// gateway error's code.
+    pub fn upstream_call(&self, endpoint: Endpoint, elapsed: Duration, result: &'static str) {
         if let Some(histogram) = self.upstream_latency.get(endpoint.index()) {
             histogram.observe(elapsed.as_secs_f64());
         }
-        let result = match outcome {
-            Ok(answer) if answer.status.is_success() => "2xx",
-            Ok(answer) if answer.status.is_client_error() => "4xx",
-            Ok(_) => "5xx",
-            Err(error) => error.code(),
-        };
         self.upstream_calls
             .get_or_create(&[("endpoint", endpoint.label()), ("result", result)])
             .inc();

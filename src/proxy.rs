@@ -1,47 +1,54 @@
-//! The request lifecycle, written once:
+//! The request lifecycle, written once as stages over one per-request [`Ctx`]:
 //!
-//! 1. **route**: `(method, path)` → [`Endpoint`], or 404/405 (nothing leaves the box);
-//! 2. **identify caller**: bearer session token (401 without), or the acquirer token in
-//!    the token-exchange path;
+//! 1. **route** ([`crate::route`]): `(method, path)` → endpoint, or 404/405; in managed
+//!    mode the token exchange is no route at all;
+//! 2. **authenticate** ([`crate::caller`]): bearer session token, API key or client
+//!    certificate (401 without);
 //! 3. **read body**: bounded by size (413) and time (408);
-//! 4. **validate**: JSON syntax (400), required fields and barcode (422);
-//! 5. **per-branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`);
-//! 6. **cache / coalesce / replay** keyed by acquirer + endpoint + fields;
-//! 7. **Diia budget** (wait, then 503), Diia's back-off (503), **upstream call** with
-//!    deadline (502/504), inside a spawned task that outlives the client;
+//! 4. **admit**: an in-flight permit, or 503 `overloaded` (taken after the body, so slow
+//!    uploads cannot hold the processing budget);
+//! 5. **check** ([`crate::request`]): what the endpoint needs (400/415/422);
+//! 6. **branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`);
+//! 7. **cache / coalesce / replay** ([`crate::policy`] keys, [`crate::cache`]) or
+//!    **forward**: the Diia budget (wait, then 503), Diia's back-off (503), the upstream
+//!    call with its deadline (502/504), inside a spawned task that outlives the client;
 //! 8. **respond** with Diia's status and body, `Cache-Status`, metrics, redacted access log.
 //!
-//! Each stage is a plain `async fn` returning `Result<_, GatewayError>`; [`Gateway::serve`]
-//! is the one place that turns an error into a response, counts and logs it. Validation
-//! comes before the branch limit so that malformed traffic is refused without spending a
-//! branch's budget, and the branch limit comes before the cache so that one branch
-//! cannot hog the gateway even with cache hits.
+//! Each stage is an `async fn` over `&mut Ctx` returning `Result<_, GatewayError>`;
+//! [`Gateway::serve`] is the one place that turns an error into a response, counts and
+//! logs it. Validation comes before the branch limit so that malformed traffic is refused
+//! without spending a branch's budget, and the branch limit comes before the cache so that
+//! one branch cannot hog the gateway even with cache hits.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, header};
+use http::{HeaderValue, Request, Response, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Body;
 use hyper::body::Incoming;
 
+use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::barcode::Barcode;
-use crate::cache::{AnswerCache, Lookup, Policy};
-use crate::config::Config;
-use crate::error::{GatewayError, JSON_CONTENT_TYPE};
-use crate::keys::Secrets;
-use crate::limit::{BranchIdentity, BranchLimiter};
+use crate::cache::{AnswerCache, Lifetimes, Lookup};
+use crate::caller::{Caller, Gate};
+use crate::config::AuthMode;
+use crate::error::{Fault, GatewayError, JSON_CONTENT_TYPE};
+use crate::keys::HashKey;
+use crate::limit::BranchIdentity;
 use crate::metrics::{Metrics, RequestOutcome};
-use crate::request::{JsonBody, SharingSubject, bearer_token, status_query};
-use crate::route::{Endpoint, route};
+use crate::policy::{Slot, Store, slot_for};
+use crate::request::{Checked, check};
+use crate::route::{Endpoint, Route, route_for};
 use crate::server::{Handler, HttpResponse};
-use crate::token::{ApiKeys, TokenManager};
-use crate::upstream::{Outcome, Upstream, UpstreamRequest};
+use crate::session::ManagedSession;
+use crate::settings::{Hot, Settings};
+use crate::upstream::{Upstream, UpstreamRequest};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -57,44 +64,58 @@ static STALE: HeaderValue =
 
 /// The gateway: shared state behind every request. Cheap to share as `Arc<Gateway>`.
 pub struct Gateway {
-    /// The whole config, swapped as one snapshot on reload; each request reads it once.
-    config: ArcSwap<Config>,
-    secrets: Secrets,
+    /// What requests read; a reload swaps it whole. Each request loads it once.
+    hot: ArcSwap<Hot>,
+    auth_mode: AuthMode,
+    keys: HashKey,
     answers: AnswerCache,
-    tokens: AnswerCache,
+    session_tokens: AnswerCache,
     sharing: AnswerCache,
-    branches: ArcSwap<BranchLimiter>,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     /// Requests being processed; full means shed (503 `overloaded`) rather than queue.
     in_flight: tokio::sync::Semaphore,
     /// Managed token mode, when configured.
-    managed: Option<Arc<Managed>>,
+    managed: Option<Arc<ManagedSession>>,
 }
 
-/// Managed token mode: the session token the gateway holds, and how branches get in.
-pub struct Managed {
-    /// The acquirer's secrets and session token.
-    pub tokens: TokenManager,
-    /// Branch API keys; `None` when branches authenticate with mTLS.
-    pub keys: Option<ApiKeys>,
+/// One request on its way through the stages.
+pub struct Ctx {
+    parts: Parts,
+    peer: SocketAddr,
+    started: Instant,
+    deadline: tokio::time::Instant,
+    /// The settings this request runs on, start to end.
+    hot: Arc<Hot>,
+    route: Option<Route>,
+    caller: Option<Caller>,
+    record: AccessRecord,
 }
 
-/// A successful pass through the stages.
-struct Reply {
+impl Ctx {
+    fn endpoint(&self) -> Result<Endpoint, GatewayError> {
+        self.route
+            .as_ref()
+            .map(|route| route.endpoint)
+            .ok_or(GatewayError::Internal)
+    }
+}
+
+/// A request the stages answered (as opposed to one refused with a [`GatewayError`]).
+struct Handled {
     response: HttpResponse,
     outcome: RequestOutcome,
 }
 
 /// What the access log may say about a request: only labels and keyed fingerprints.
 #[derive(Default)]
-struct Trace {
+struct AccessRecord {
     endpoint: Option<Endpoint>,
     barcode: Option<Barcode>,
 }
 
 /// Renders a keyed fingerprint only when a log line is actually written.
-struct Redacted<'a>(&'a Secrets, Option<Barcode>);
+struct Redacted<'a>(&'a HashKey, Option<Barcode>);
 
 impl fmt::Display for Redacted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -106,102 +127,50 @@ impl fmt::Display for Redacted<'_> {
 }
 
 impl Gateway {
-    /// Builds the gateway around an upstream client.
-    #[must_use]
-    pub fn new(
-        config: Arc<Config>,
-        secrets: Secrets,
-        upstream: Arc<Upstream>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let max_pending =
-            config.upstream.timeout + config.limits.diia.max_wait + Duration::from_secs(1);
-        let answers = AnswerCache::new(
-            verification_policy(&config),
-            config.cache.max_bytes,
-            max_pending,
-            config.cache.stale_if_error,
-        );
-        let tokens = AnswerCache::new(
-            token_policy(&config),
-            16 * 1024 * 1024,
-            max_pending,
-            Duration::ZERO,
-        );
-        let sharing = AnswerCache::new(
-            sharing_policy(&config),
-            config.cache.max_bytes / 4,
-            max_pending,
-            Duration::ZERO,
-        );
-        Self {
-            branches: ArcSwap::from_pointee(BranchLimiter::new(&config.limits.branch)),
-            in_flight: tokio::sync::Semaphore::new(config.server.max_in_flight),
-            managed: None,
-            config: ArcSwap::new(config),
-            secrets,
-            answers,
-            tokens,
-            sharing,
+    /// Builds the gateway from settings: the one wiring used by the binary, the tests and
+    /// the benchmarks. The upstream must be a URL (start an embedded simulator first).
+    pub fn build(settings: &Settings) -> std::io::Result<Self> {
+        let Some(base_url) = settings.cold.upstream.url() else {
+            return Err(std::io::Error::other(
+                "the embedded simulator must be started before the gateway is built",
+            ));
+        };
+        let metrics = Arc::new(Metrics::new());
+        let upstream = Arc::new(Upstream::new(
+            &settings.cold,
+            base_url,
+            Arc::clone(&metrics),
+        )?);
+        let managed = settings
+            .cold
+            .credentials
+            .as_ref()
+            .map(|credentials| Arc::new(ManagedSession::new(credentials)));
+        let max_bytes = settings.cold.cache_max_bytes;
+        Ok(Self {
+            hot: ArcSwap::new(Arc::clone(&settings.hot)),
+            auth_mode: settings.cold.auth_mode,
+            keys: settings.keys.clone(),
+            answers: AnswerCache::new(max_bytes),
+            session_tokens: AnswerCache::new(16 * 1024 * 1024),
+            sharing: AnswerCache::new(max_bytes / 4),
             upstream,
             metrics,
-        }
+            in_flight: tokio::sync::Semaphore::new(settings.cold.max_in_flight),
+            managed,
+        })
     }
 
-    /// Applies a new config snapshot (SIGHUP or `POST /reload`): limits, TTLs, deadlines
-    /// and the Diia budget change for the next request; nothing in flight is dropped.
-    /// Listeners, pool, breaker thresholds, auth mode and in-flight cap need a restart.
-    pub fn apply(&self, config: Config) {
-        let old = self.config.load();
-        for (key, changed) in [
-            ("server.listen", old.server.listen != config.server.listen),
-            (
-                "server.admin_listen",
-                old.server.admin_listen != config.server.admin_listen,
-            ),
-            (
-                "server.max_connections",
-                old.server.max_connections != config.server.max_connections,
-            ),
-            (
-                "server.max_in_flight",
-                old.server.max_in_flight != config.server.max_in_flight,
-            ),
-            (
-                "upstream.base_url",
-                old.upstream.base_url != config.upstream.base_url,
-            ),
-            ("auth.mode", old.auth.mode != config.auth.mode),
-        ] {
-            if changed {
-                tracing::warn!(
-                    key,
-                    "changed in the new config but only takes effect after a restart"
-                );
-            }
-        }
-        if old.limits.branch.per_minute != config.limits.branch.per_minute
-            || old.limits.branch.burst != config.limits.branch.burst
-        {
-            self.branches
-                .store(Arc::new(BranchLimiter::new(&config.limits.branch)));
-        }
-        self.answers
-            .set_policy(verification_policy(&config), config.cache.stale_if_error);
-        self.tokens
-            .set_policy(token_policy(&config), Duration::ZERO);
-        self.sharing
-            .set_policy(sharing_policy(&config), Duration::ZERO);
-        self.upstream
-            .reconfigure(&config.upstream, &config.limits.diia);
-        self.config.store(Arc::new(config));
+    /// Swaps in the hot half of a reloaded config; the next request reads it.
+    pub fn swap_hot(&self, hot: Hot) {
+        let hot = hot.carry_over(&self.hot.load());
+        self.hot.store(Arc::new(hot));
     }
 
-    /// Switches to managed token mode.
+    /// The settings requests read now.
     #[must_use]
-    pub fn with_managed(mut self, managed: Managed) -> Self {
-        self.managed = Some(Arc::new(managed));
-        self
+    pub fn hot(&self) -> Arc<Hot> {
+        self.hot.load_full()
     }
 
     /// The metric handles.
@@ -212,24 +181,26 @@ impl Gateway {
 
     /// Prometheus text for `/metrics`; settles cache bookkeeping first so counts are exact.
     pub async fn render_metrics(&self) -> String {
-        self.answers.sync().await;
-        self.tokens.sync().await;
-        self.sharing.sync().await;
+        self.sync_caches().await;
         self.metrics.render(
             &[
                 ("answers", self.answers.entry_count()),
-                ("tokens", self.tokens.entry_count()),
+                ("tokens", self.session_tokens.entry_count()),
                 ("sharing", self.sharing.entry_count()),
             ],
-            self.branches.load().tracked(),
+            self.hot.load().branch_limiter.tracked(),
         )
     }
 
     /// Periodic upkeep: forget idle branch budgets, settle cache bookkeeping.
     pub async fn housekeeping(&self) {
-        self.branches.load().forget_idle();
+        self.hot.load().branch_limiter.forget_idle();
+        self.sync_caches().await;
+    }
+
+    async fn sync_caches(&self) {
         self.answers.sync().await;
-        self.tokens.sync().await;
+        self.session_tokens.sync().await;
         self.sharing.sync().await;
     }
 
@@ -241,115 +212,111 @@ impl Gateway {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let mut trace = Trace::default();
-        // Shed before any work: under overload a fast 503 beats a queue that makes every
-        // request late (and a barcode lives only 3 minutes).
-        let permit = self.in_flight.try_acquire();
-        let result = match permit {
-            Ok(_) => self.process(request, peer, started, &mut trace).await,
-            Err(_) => Err(GatewayError::Overloaded),
+        let hot = self.hot.load_full();
+        let (parts, body) = request.into_parts();
+        let mut ctx = Ctx {
+            parts,
+            peer,
+            started,
+            deadline: tokio::time::Instant::from_std(started + hot.request_deadline),
+            hot,
+            route: None,
+            caller: None,
+            record: AccessRecord::default(),
         };
-        let (response, outcome, error) = match result {
-            Ok(Reply { response, outcome }) => (response, outcome, None),
+        let result = self.process(&mut ctx, body).await;
+        let (response, outcome, code) = match result {
+            Ok(Handled { response, outcome }) => (response, outcome, None),
             Err(error) => {
-                if error == GatewayError::Internal {
+                let fault = error.fault();
+                if fault == Fault::Internal {
                     tracing::error!("internal error while answering a request");
                 }
                 (
                     error.to_response(),
-                    RequestOutcome::of_error(&error),
-                    Some(error),
+                    RequestOutcome::of_fault(fault),
+                    Some(error.code()),
                 )
             }
         };
-        self.metrics
-            .request(trace.endpoint, outcome, error.as_ref());
+        self.metrics.request(ctx.record.endpoint, outcome, code);
         tracing::info!(
             target: "diia_gateway::access",
-            endpoint = trace.endpoint.map_or("none", Endpoint::label),
+            endpoint = ctx.record.endpoint.map_or("none", Endpoint::label),
             status = response.status().as_u16(),
             outcome = outcome.label(),
-            code = error.as_ref().map_or("-", GatewayError::code),
-            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            barcode = %Redacted(&self.secrets, trace.barcode),
-            peer = %peer.ip(),
+            code = code.unwrap_or("-"),
+            micros = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            barcode = %Redacted(&self.keys, ctx.record.barcode),
+            peer = %ctx.peer.ip(),
         );
         response
     }
 
-    async fn process<B>(
-        &self,
-        request: Request<B>,
-        peer: SocketAddr,
-        started: Instant,
-        trace: &mut Trace,
-    ) -> Result<Reply, GatewayError>
+    async fn process<B>(&self, ctx: &mut Ctx, body: B) -> Result<Handled, GatewayError>
     where
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
-        let (parts, body) = request.into_parts();
-        let routed = route(&parts.method, parts.uri.path())?;
-        trace.endpoint = Some(routed.endpoint);
-        let deadline =
-            tokio::time::Instant::from_std(started + self.config.load().server.request_deadline);
-        if routed.endpoint == Endpoint::TokenExchange {
-            if self.managed.is_some() {
-                // Branches never hold acquirer tokens in managed mode.
-                return Err(GatewayError::UnknownRoute);
-            }
-            let acquirer_token = routed
-                .path_param
-                .ok_or(GatewayError::InvalidAcquirerToken)?;
-            return self
-                .token_exchange(&parts, acquirer_token, peer, deadline)
-                .await;
-        }
-        let token = match &self.managed {
-            Some(managed) => {
-                if let Some(keys) = &managed.keys {
-                    let presented = parts
-                        .headers
-                        .get("x-api-key")
-                        .ok_or(GatewayError::InvalidApiKey)?;
-                    if !keys.admits(presented.as_bytes()) {
-                        return Err(GatewayError::InvalidApiKey);
-                    }
-                }
-                managed.tokens.identity()
-            }
-            None => bearer_token(&parts.headers)?,
-        };
-        let body = self.read_body(&parts, body).await?;
-        match routed.endpoint {
-            Endpoint::DocumentIdentification | Endpoint::DocumentIdentificationAge => {
-                self.identify(routed.endpoint, &parts, token, body, deadline, trace)
-                    .await
-            }
-            Endpoint::DocumentRequest => self.share(&parts, token, body, deadline, trace).await,
-            endpoint => {
-                self.pass_through(
-                    endpoint,
-                    &parts,
-                    routed.path_param,
-                    body,
-                    peer,
-                    deadline,
-                    trace,
-                )
-                .await
-            }
+        self.route(ctx)?;
+        self.authenticate(ctx)?;
+        let body = self.read_body(ctx, body).await?;
+        let _permit = self.admit()?;
+        let endpoint = ctx.endpoint()?;
+        // Field by field (not through `Ctx` methods): `checked` borrows the request parts
+        // while the access record is written.
+        let path_param = ctx
+            .route
+            .as_ref()
+            .and_then(|route| route.param(ctx.parts.uri.path()));
+        let checked = check(endpoint, path_param, &ctx.parts, &body)?;
+        ctx.record.barcode = checked.barcode();
+        branch_limit(&ctx.hot, ctx.peer, &checked)?;
+        let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
+        let acquirer = self.managed.as_ref().map_or(&b""[..], |m| m.identity());
+        let credentials = ctx
+            .parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        let slot = slot_for(
+            &self.keys,
+            endpoint,
+            caller.identity(acquirer),
+            &checked,
+            credentials,
+        );
+        drop(checked);
+        match slot {
+            Some(slot) => self.cached(ctx, slot, body).await,
+            None => self.forward(ctx, body).await,
         }
     }
 
-    async fn read_body<B>(&self, parts: &Parts, body: B) -> Result<Bytes, GatewayError>
+    /// Stage 1: which endpoint (404/405 otherwise).
+    fn route(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let routed = route_for(self.auth_mode, &ctx.parts.method, ctx.parts.uri.path())?;
+        ctx.record.endpoint = Some(routed.endpoint);
+        ctx.route = Some(routed);
+        Ok(())
+    }
+
+    /// Stage 2: who is calling.
+    fn authenticate(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let gate = Gate::new(self.auth_mode, ctx.hot.api_keys.as_deref());
+        ctx.caller = Some(gate.authenticate(ctx.endpoint()?, &ctx.parts.headers)?);
+        Ok(())
+    }
+
+    /// Stage 3: the whole body, bounded by size and time.
+    async fn read_body<B>(&self, ctx: &Ctx, body: B) -> Result<Bytes, GatewayError>
     where
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
-        let config = self.config.load();
-        let limit = config.server.body_limit;
-        let declared = parts
+        let limit = ctx.hot.body_limit;
+        let declared = ctx
+            .parts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -357,12 +324,10 @@ impl Gateway {
         if declared.is_some_and(|length| length > limit as u64) {
             return Err(GatewayError::BodyTooLarge);
         }
-        let collected = tokio::time::timeout(
-            config.server.body_timeout,
-            read_all(Limited::new(body, limit)),
-        )
-        .await
-        .map_err(|_| GatewayError::BodyTimeout)?;
+        let collected =
+            tokio::time::timeout(ctx.hot.body_timeout, read_all(Limited::new(body, limit)))
+                .await
+                .map_err(|_| GatewayError::BodyTimeout)?;
         match collected {
             Ok(bytes) => Ok(bytes),
             Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
@@ -372,168 +337,94 @@ impl Gateway {
         }
     }
 
-    async fn token_exchange(
-        &self,
-        parts: &Parts,
-        acquirer_token: &str,
-        peer: SocketAddr,
-        deadline: tokio::time::Instant,
-    ) -> Result<Reply, GatewayError> {
-        self.branches
-            .load()
-            .check(BranchIdentity::Client(peer.ip()))?;
-        let credentials = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .map_or(&b""[..], HeaderValue::as_bytes);
-        let key = self
-            .secrets
-            .key("session-token")
-            .part(acquirer_token.as_bytes())
-            .part(credentials)
-            .finish();
-        let (outcome, lookup) = self
-            .tokens
-            .get_or_fetch(key, None, deadline, || {
-                self.fetch(upstream_request(
-                    Endpoint::TokenExchange,
-                    parts,
-                    Bytes::new(),
-                ))
-            })
-            .await?;
-        reply(&outcome, lookup, false)
+    /// Stage 4: a processing slot. Under overload a fast 503 beats a queue that makes
+    /// every request late (a barcode lives only 3 minutes).
+    fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, GatewayError> {
+        self.in_flight
+            .try_acquire()
+            .map_err(|_| GatewayError::Overloaded)
     }
 
-    async fn identify(
-        &self,
-        endpoint: Endpoint,
-        parts: &Parts,
-        token: &[u8],
-        body: Bytes,
-        deadline: tokio::time::Instant,
-        trace: &mut Trace,
-    ) -> Result<Reply, GatewayError> {
-        let json = JsonBody::parse(&body)?;
-        let branch = json.branch_id()?;
-        trace.barcode = Some(json.barcode()?);
-        self.branches.load().check(BranchIdentity::Branch(branch))?;
-        let mut key = self.secrets.key("answer");
-        key.part(token).part(endpoint.label().as_bytes());
-        json.key_into(&mut key);
-        let (outcome, lookup) = self
-            .answers
-            .get_or_fetch(key.finish(), None, deadline, || {
-                self.fetch(upstream_request(endpoint, parts, body.clone()))
-            })
-            .await?;
-        reply(&outcome, lookup, false)
-    }
-
-    async fn share(
-        &self,
-        parts: &Parts,
-        token: &[u8],
-        body: Bytes,
-        deadline: tokio::time::Instant,
-        trace: &mut Trace,
-    ) -> Result<Reply, GatewayError> {
-        let json = JsonBody::parse(&body)?;
-        let branch = json.branch_id()?;
-        let subject = json.sharing_subject()?;
-        let request_id = json.request_id()?;
-        self.branches.load().check(BranchIdentity::Branch(branch))?;
-        let mut key = self.secrets.key("sharing");
-        key.part(token);
-        match subject {
-            SharingSubject::Barcode(barcode) => {
-                trace.barcode = Some(barcode);
-                key.part(b"barcode").part(&barcode.as_u64().to_le_bytes())
-            }
-            SharingSubject::Qrcode(code) => key.part(b"qrcode").part(code.as_bytes()),
+    /// Stage 7a: answered from a cache, a call under way, or one new call.
+    async fn cached(&self, ctx: &Ctx, slot: Slot, body: Bytes) -> Result<Handled, GatewayError> {
+        let hot = &ctx.hot;
+        let (cache, policy, stale_if_error) = match slot.store {
+            Store::Answers => (&self.answers, hot.answers, hot.stale_if_error),
+            Store::Sharing => (&self.sharing, hot.sharing, std::time::Duration::ZERO),
+            Store::SessionTokens => (
+                &self.session_tokens,
+                hot.session_tokens,
+                std::time::Duration::ZERO,
+            ),
         };
-        let tag = self
-            .secrets
-            .key("sharing-request")
-            .part(request_id.as_bytes())
-            .finish();
-        let (outcome, lookup) = self
-            .sharing
-            .get_or_fetch(key.finish(), Some(tag), deadline, || {
-                self.fetch(upstream_request(
-                    Endpoint::DocumentRequest,
-                    parts,
-                    body.clone(),
-                ))
+        let lifetimes = Lifetimes {
+            policy,
+            stale_if_error,
+            longest_call: hot.upstream.longest_call(),
+        };
+        let endpoint = ctx.endpoint()?;
+        let (result, lookup) = cache
+            .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
+                self.fetch(ctx, upstream_request(endpoint, &ctx.parts, body))
             })
             .await?;
-        reply(&outcome, lookup, true)
+        handled(&result, lookup, slot.store == Store::Sharing)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn pass_through(
-        &self,
-        endpoint: Endpoint,
-        parts: &Parts,
-        path_branch: Option<&str>,
-        body: Bytes,
-        peer: SocketAddr,
-        deadline: tokio::time::Instant,
-        trace: &mut Trace,
-    ) -> Result<Reply, GatewayError> {
-        match endpoint {
-            Endpoint::DocumentRequestStatus => {
-                trace.barcode = Some(status_query(parts.uri.query())?.0);
-            }
-            Endpoint::OfferRequestDynamic => {
-                let json = JsonBody::parse(&body)?;
-                json.offer_id()?;
-                json.request_id()?;
-            }
-            _ if matches!(parts.method, Method::POST | Method::PUT) => {
-                JsonBody::parse(&body)?;
-            }
-            _ => {}
-        }
-        let who = match path_branch {
-            Some(id) => BranchIdentity::Branch(id),
-            None => BranchIdentity::Client(peer.ip()),
-        };
-        self.branches.load().check(who)?;
-        let request = upstream_request(endpoint, parts, body);
-        let answer = tokio::time::timeout_at(deadline, self.fetch(request))
+    /// Stage 7b: forwarded as is, never cached.
+    async fn forward(&self, ctx: &Ctx, body: Bytes) -> Result<Handled, GatewayError> {
+        let request = upstream_request(ctx.endpoint()?, &ctx.parts, body);
+        let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)??;
-        let mut response = answer_response(&answer);
-        if answer.status.is_server_error() {
-            response.headers_mut().remove(&CACHE_STATUS);
-            return Ok(Reply {
-                response,
-                outcome: RequestOutcome::UpstreamError,
-            });
-        }
-        Ok(Reply {
-            response,
-            outcome: RequestOutcome::Passthrough,
+        let outcome = match AnswerClass::of_status(answer.status) {
+            AnswerClass::Failed => RequestOutcome::UpstreamError,
+            AnswerClass::Ok
+            | AnswerClass::Definitive
+            | AnswerClass::Refused
+            | AnswerClass::Throttled
+            | AnswerClass::NoAnswer => RequestOutcome::Passthrough,
+        };
+        Ok(Handled {
+            response: answer_response(&answer),
+            outcome,
         })
     }
 
     /// The leader's call, as an owned future that can run in its own task.
-    fn fetch(&self, request: UpstreamRequest) -> impl Future<Output = Outcome> + Send + 'static {
+    fn fetch(
+        &self,
+        ctx: &Ctx,
+        request: UpstreamRequest,
+    ) -> impl Future<Output = CallResult> + Send + 'static {
         let upstream = Arc::clone(&self.upstream);
         let managed = self.managed.clone();
+        let hot = Arc::clone(&ctx.hot);
         async move {
             match managed {
-                Some(managed) => managed.tokens.call(&upstream, request).await,
-                None => upstream.call(request).await,
+                Some(managed) => managed.call(&hot, &upstream, request).await,
+                None => upstream.call(&hot, request).await,
             }
         }
     }
 }
 
+/// Stage 6: the branch's budget (the client address stands in when no branch is named).
+fn branch_limit(hot: &Hot, peer: SocketAddr, checked: &Checked<'_>) -> Result<(), GatewayError> {
+    let who = match checked.branch() {
+        Some(branch) => BranchIdentity::Branch(branch),
+        None => BranchIdentity::Client(peer.ip()),
+    };
+    hot.branch_limiter.check(who)
+}
+
 impl Handler for Gateway {
     async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
         self.serve(request, peer).await
+    }
+
+    fn tls(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.hot.load().tls.clone()
     }
 }
 
@@ -580,30 +471,9 @@ fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamR
     }
 }
 
-/// TTLs of verification answers, from one config snapshot (used at start and on reload).
-fn verification_policy(config: &Config) -> Policy {
-    Policy::Verification {
-        ttl: config.cache.ttl,
-        negative_ttl: config.cache.negative_ttl,
-    }
-}
-
-/// Life of cached session tokens.
-fn token_policy(config: &Config) -> Policy {
-    Policy::SessionToken {
-        margin: config.tokens.refresh_margin,
-    }
-}
-
-/// Replay window of sharing requests.
-fn sharing_policy(config: &Config) -> Policy {
-    Policy::Sharing {
-        ttl: config.sharing.replay_ttl,
-    }
-}
-
-/// Diia's answer as a response: status, body, content type, trace id, retry-after.
-fn answer_response(answer: &crate::upstream::Answer) -> HttpResponse {
+/// Diia's answer as a response: status, body, content type, trace id, retry-after,
+/// location.
+fn answer_response(answer: &Answer) -> HttpResponse {
     let mut response = Response::new(Full::new(answer.body.clone()));
     *response.status_mut() = answer.status;
     let headers = response.headers_mut();
@@ -620,12 +490,15 @@ fn answer_response(answer: &crate::upstream::Answer) -> HttpResponse {
     if let Some(retry_after) = &answer.retry_after {
         headers.insert(header::RETRY_AFTER, retry_after.clone());
     }
+    if let Some(location) = &answer.location {
+        headers.insert(header::LOCATION, location.clone());
+    }
     response
 }
 
-/// Turns a cache-layer result into a reply with `Cache-Status`.
-fn reply(outcome: &Outcome, lookup: Lookup, sharing: bool) -> Result<Reply, GatewayError> {
-    let answer = match outcome {
+/// Turns a cache-layer result into a handled request with `Cache-Status`.
+fn handled(result: &CallResult, lookup: Lookup, sharing: bool) -> Result<Handled, GatewayError> {
+    let answer = match result {
         Ok(answer) => answer,
         Err(error) => return Err(error.clone()),
     };
@@ -638,14 +511,13 @@ fn reply(outcome: &Outcome, lookup: Lookup, sharing: bool) -> Result<Reply, Gate
         Lookup::Stale => (&STALE, RequestOutcome::Stale),
         Lookup::TagMismatch => return Err(GatewayError::SharingAlreadyRequested),
     };
-    let outcome = if answer.status.is_server_error() && outcome == RequestOutcome::Miss {
-        RequestOutcome::UpstreamError
-    } else {
-        outcome
+    let outcome = match (AnswerClass::of_status(answer.status), outcome) {
+        (AnswerClass::Failed, RequestOutcome::Miss) => RequestOutcome::UpstreamError,
+        (_, outcome) => outcome,
     };
     let mut response = answer_response(answer);
     response
         .headers_mut()
         .insert(CACHE_STATUS.clone(), status.clone());
-    Ok(Reply { response, outcome })
+    Ok(Handled { response, outcome })
 }

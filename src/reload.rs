@@ -1,36 +1,34 @@
-//! Hot reload: re-read the config file (SIGHUP or `POST /reload` on the admin port) and
-//! swap one whole validated snapshot; an invalid file is refused and the old config keeps
-//! serving. TLS certificates are re-read too; open connections are never dropped.
+//! Hot reload: re-read the config file (SIGHUP or `POST /reload` on the admin port), build
+//! it into [`Settings`] and swap its hot half whole. A file that cannot be built, or whose
+//! cold half differs from the running one, is refused naming the keys; the old settings
+//! keep serving. TLS certificates and API keys are rebuilt each time; open connections
+//! are never dropped.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use tokio_rustls::TlsAcceptor;
-
-use crate::config::Config;
 use crate::proxy::Gateway;
+use crate::settings::{Cold, Settings};
 
-/// Knows where the config came from and what to swap.
+/// Knows where the config came from and what it may not change.
 pub struct Reloader {
     path: PathBuf,
+    running: Cold,
     gateway: Arc<Gateway>,
-    tls: Option<Arc<ArcSwap<TlsAcceptor>>>,
 }
 
 impl Reloader {
-    /// A reloader for a gateway started from `path`.
+    /// A reloader for a gateway started from `path` with the cold settings `running`.
     #[must_use]
-    pub fn new(
-        path: PathBuf,
-        gateway: Arc<Gateway>,
-        tls: Option<Arc<ArcSwap<TlsAcceptor>>>,
-    ) -> Self {
-        Self { path, gateway, tls }
+    pub fn new(path: PathBuf, running: Cold, gateway: Arc<Gateway>) -> Self {
+        Self {
+            path,
+            running,
+            gateway,
+        }
     }
 
-    /// Loads, validates and applies the file. Everything fallible (parsing, validation,
-    /// certificates) happens before anything is swapped.
+    /// Loads, builds and swaps. Everything fallible happens before anything is swapped.
     pub fn reload(&self) -> Result<(), String> {
         let result = self.try_reload();
         match &result {
@@ -44,26 +42,22 @@ impl Reloader {
 
     fn try_reload(&self) -> Result<(), String> {
         // Only the first line of a parse error: the rest quotes the file, which may hold secrets.
-        let config = Config::load(&self.path)
+        let settings = Settings::load(&self.path)
             .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_owned())?;
-        let acceptor = match (&self.tls, &config.server.tls) {
-            (Some(_), Some(tls)) => Some(TlsAcceptor::from(crate::tls::server_config(
-                &tls.cert,
-                &tls.key,
-                tls.client_ca.as_deref(),
-            )?)),
-            (Some(_), None) => {
-                return Err("server.tls: TLS cannot be turned off by a reload; restart".to_owned());
-            }
-            (None, Some(_)) => {
-                return Err("server.tls: TLS cannot be turned on by a reload; restart".to_owned());
-            }
-            (None, None) => None,
-        };
-        if let (Some(slot), Some(acceptor)) = (&self.tls, acceptor) {
-            slot.store(Arc::new(acceptor));
+        let changed = self.running.changed_keys(&settings.cold);
+        if !changed.is_empty() {
+            return Err(format!(
+                "{}: only a restart can change {}; nothing was applied",
+                changed.join(", "),
+                if changed.len() == 1 {
+                    "this key"
+                } else {
+                    "these keys"
+                }
+            ));
         }
-        self.gateway.apply(config);
+        let hot = Arc::try_unwrap(settings.hot).map_err(|_| "settings are shared".to_owned())?;
+        self.gateway.swap_hot(hot);
         Ok(())
     }
 }

@@ -1,12 +1,19 @@
-//! Request bodies and headers, checked at the edge: what Diia needs is present and well-formed.
+//! What each endpoint needs from a request, checked at the edge: the one place that knows
+//! which fields an endpoint requires and turns the request into a typed [`Checked`].
 //!
-//! Bodies are parsed once into borrowed views of the client's bytes (no copies); the
-//! bytes themselves are forwarded to Diia unchanged. Top-level fields are kept in key
-//! order so that two bodies with the same fields in another order share a cache key.
+//! Bodies are parsed once into views of the client's bytes; the bytes themselves are
+//! forwarded to Diia unchanged. Names and string values are JSON-decoded (`\u041a`,
+//! `https:\/\/` are what Python's and PHP's encoders send): borrowed when they carry no
+//! escape, decoded into an owned string when they do. Fields are kept in name order, so
+//! two bodies with the same fields in another order, or with the same values spelled
+//! with and without escapes, share a cache key. A body naming a field twice is refused:
+//! which of the two Diia reads is not ours to guess.
 
+use std::borrow::Cow;
 use std::fmt;
 
-use http::HeaderMap;
+use http::request::Parts;
+use http::{HeaderMap, Method, header};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
@@ -14,6 +21,7 @@ use smallvec::SmallVec;
 use crate::barcode::Barcode;
 use crate::error::{GatewayError, RequiredField};
 use crate::keys::KeyBuilder;
+use crate::route::Endpoint;
 
 /// Longest accepted `branchId`, `requestId` or `offerId`.
 const MAX_ID: usize = 256;
@@ -21,6 +29,151 @@ const MAX_ID: usize = 256;
 const MAX_QRCODE: usize = 2048;
 /// Longest accepted bearer token.
 const MAX_TOKEN: usize = 8192;
+
+/// A request as its endpoint needs it, every required field present and well-formed.
+/// Lives on the stack for one request: boxing the large variant would cost an allocation
+/// per identification.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Checked<'a> {
+    /// The session-token exchange: the acquirer token from the path.
+    TokenExchange {
+        /// The acquirer token.
+        acquirer_token: &'a str,
+    },
+    /// `document-identification` (and `/age`): cached per caller and body.
+    Identification {
+        /// The whole body (every field is part of the cache key).
+        body: JsonBody<'a>,
+        /// `branchId`.
+        branch: Cow<'a, str>,
+        /// `barcode`.
+        barcode: Barcode,
+    },
+    /// `document-request`: replayed per caller and barcode (or QR code).
+    Sharing {
+        /// `branchId`.
+        branch: Cow<'a, str>,
+        /// The barcode or QR code.
+        subject: SharingSubject<'a>,
+        /// `requestId`.
+        request_id: Cow<'a, str>,
+    },
+    /// `document-request/status`.
+    Status {
+        /// The barcode in the query.
+        barcode: Barcode,
+    },
+    /// Everything else: forwarded as is once its body (if any) is a JSON object.
+    Forward {
+        /// The branch in the path, if the path names one.
+        branch: Option<&'a str>,
+    },
+}
+
+impl Checked<'_> {
+    /// The barcode the request is about, for the access log (as a keyed fingerprint).
+    #[must_use]
+    pub fn barcode(&self) -> Option<Barcode> {
+        match self {
+            Self::Identification { barcode, .. } | Self::Status { barcode } => Some(*barcode),
+            Self::Sharing {
+                subject: SharingSubject::Barcode(barcode),
+                ..
+            } => Some(*barcode),
+            Self::Sharing { .. } | Self::TokenExchange { .. } | Self::Forward { .. } => None,
+        }
+    }
+
+    /// The branch the request is made for, if it names one (body or path).
+    #[must_use]
+    pub fn branch(&self) -> Option<&str> {
+        match self {
+            Self::Identification { branch, .. } | Self::Sharing { branch, .. } => Some(branch),
+            Self::Forward { branch } => *branch,
+            Self::TokenExchange { .. } | Self::Status { .. } => None,
+        }
+    }
+}
+
+/// Checks a routed request against what its endpoint needs. `path_param` is the route's
+/// path id (acquirer token or branch id).
+pub fn check<'a>(
+    endpoint: Endpoint,
+    path_param: Option<&'a str>,
+    parts: &'a Parts,
+    body: &'a [u8],
+) -> Result<Checked<'a>, GatewayError> {
+    let json = || -> Result<JsonBody<'a>, GatewayError> {
+        require_json_content_type(&parts.headers)?;
+        JsonBody::parse(body)
+    };
+    match endpoint {
+        Endpoint::TokenExchange => Ok(Checked::TokenExchange {
+            acquirer_token: path_param.ok_or(GatewayError::InvalidAcquirerToken)?,
+        }),
+        Endpoint::DocumentIdentification | Endpoint::DocumentIdentificationAge => {
+            refuse_query(parts)?;
+            let body = json()?;
+            Ok(Checked::Identification {
+                branch: body.branch_id()?,
+                barcode: body.barcode()?,
+                body,
+            })
+        }
+        Endpoint::DocumentRequest => {
+            refuse_query(parts)?;
+            let body = json()?;
+            Ok(Checked::Sharing {
+                branch: body.branch_id()?,
+                subject: body.sharing_subject()?,
+                request_id: body.request_id()?,
+            })
+        }
+        Endpoint::DocumentRequestStatus => Ok(Checked::Status {
+            barcode: status_query(parts.uri.query())?.0,
+        }),
+        Endpoint::OfferRequestDynamic => {
+            let body = json()?;
+            body.offer_id()?;
+            body.request_id()?;
+            Ok(Checked::Forward { branch: path_param })
+        }
+        Endpoint::Branches | Endpoint::Offers | Endpoint::OfferRequestStatus => {
+            if matches!(parts.method, Method::POST | Method::PUT) {
+                json()?;
+            }
+            Ok(Checked::Forward { branch: path_param })
+        }
+    }
+}
+
+/// Cached POST routes take no query: it is not part of the cache key, so it must not be
+/// forwarded either.
+fn refuse_query(parts: &Parts) -> Result<(), GatewayError> {
+    match parts.uri.query() {
+        None | Some("") => Ok(()),
+        Some(_) => Err(GatewayError::InvalidQuery),
+    }
+}
+
+/// JSON routes take `application/json` (parameters such as `charset` allowed): a body sent
+/// as anything else is refused before it can fill a cache entry.
+fn require_json_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .ok_or(GatewayError::UnsupportedMediaType)?
+        .as_bytes();
+    let essence = value.split(|&b| b == b';').next().unwrap_or_default();
+    if essence
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"application/json")
+    {
+        Ok(())
+    } else {
+        Err(GatewayError::UnsupportedMediaType)
+    }
+}
 
 /// The session token from `Authorization: Bearer <token>` (scheme case-insensitive, as Diia).
 pub fn bearer_token(headers: &HeaderMap) -> Result<&[u8], GatewayError> {
@@ -43,11 +196,32 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&[u8], GatewayError> {
 /// Top-level fields of a body, inline up to this many (Diia bodies carry 2 to 6).
 const INLINE_FIELDS: usize = 8;
 
-/// `(name, raw value)` pairs sorted by name, the last of duplicate names kept (as
-/// JavaScript's `JSON.parse`, and so Diia, does). Inline storage: no heap allocation for
-/// an ordinary body (a `BTreeMap` here cost one per request; see the `allocations` bench).
+/// A JSON string, borrowed when it has no escape, decoded when it has.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(text)))
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(text.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+/// `(name, raw value)` pairs sorted by name. Inline storage: no heap allocation for an
+/// ordinary body (see the `allocations` bench).
 #[derive(Debug, Default)]
-struct Fields<'a>(SmallVec<[(&'a str, &'a RawValue); INLINE_FIELDS]>);
+struct Fields<'a>(SmallVec<[(Cow<'a, str>, &'a RawValue); INLINE_FIELDS]>);
 
 impl<'de> Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -58,16 +232,17 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                 f.write_str("a JSON object")
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut fields: SmallVec<[(&'de str, &'de RawValue); INLINE_FIELDS]> =
+                let mut fields: SmallVec<[(Cow<'de, str>, &'de RawValue); INLINE_FIELDS]> =
                     SmallVec::new();
-                while let Some(entry) = map.next_entry::<&'de str, &'de RawValue>()? {
-                    fields.push(entry);
+                while let Some((Text(name), value)) =
+                    map.next_entry::<Text<'de>, &'de RawValue>()?
+                {
+                    fields.push((name, value));
                 }
-                // Reverse, then stable-sort: among equal names the last one comes first,
-                // and `dedup_by` keeps the first of each run.
-                fields.reverse();
-                fields.sort_by(|a, b| a.0.cmp(b.0));
-                fields.dedup_by(|a, b| a.0 == b.0);
+                fields.sort_by(|a, b| a.0.cmp(&b.0));
+                if fields.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+                    return Err(serde::de::Error::custom("duplicate member name"));
+                }
                 Ok(Fields(fields))
             }
         }
@@ -75,14 +250,14 @@ impl<'de> Deserialize<'de> for Fields<'de> {
     }
 }
 
-/// A JSON object body, borrowed from the request bytes, fields sorted by key.
+/// A JSON object body, viewed over the request bytes, fields sorted by name.
 #[derive(Debug)]
 pub struct JsonBody<'a> {
     fields: Fields<'a>,
 }
 
 impl<'a> JsonBody<'a> {
-    /// Parses a body that must be one JSON object.
+    /// Parses a body that must be one JSON object with distinct member names.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, GatewayError> {
         let fields = serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
         Ok(Self { fields })
@@ -91,20 +266,21 @@ impl<'a> JsonBody<'a> {
     fn get(&self, name: &str) -> Option<&'a RawValue> {
         self.fields
             .0
-            .binary_search_by(|(field, _)| (*field).cmp(name))
+            .binary_search_by(|(field, _)| field.as_ref().cmp(name))
             .ok()
             .map(|index| self.fields.0[index].1)
     }
 
-    /// A string field: `Ok(None)` when absent or null, an error when not a plain string.
-    fn string(&self, name: &str, max: usize) -> Result<Option<&'a str>, GatewayError> {
+    /// A string field, decoded: `Ok(None)` when absent or null, an error when not a plain
+    /// string or when it carries control characters.
+    fn string(&self, name: &str, max: usize) -> Result<Option<Cow<'a, str>>, GatewayError> {
         let Some(raw) = self.get(name) else {
             return Ok(None);
         };
         if raw.get() == "null" {
             return Ok(None);
         }
-        let text: &str = serde_json::from_str(raw.get()).map_err(|_| GatewayError::InvalidField)?;
+        let Text(text) = serde_json::from_str(raw.get()).map_err(|_| GatewayError::InvalidField)?;
         if text.len() > max || text.chars().any(char::is_control) {
             return Err(GatewayError::InvalidField);
         }
@@ -116,7 +292,7 @@ impl<'a> JsonBody<'a> {
         name: &str,
         field: RequiredField,
         max: usize,
-    ) -> Result<&'a str, GatewayError> {
+    ) -> Result<Cow<'a, str>, GatewayError> {
         match self.string(name, max)? {
             Some(text) if !text.is_empty() => Ok(text),
             _ => Err(GatewayError::MissingField(field)),
@@ -124,52 +300,79 @@ impl<'a> JsonBody<'a> {
     }
 
     /// `branchId`, required by every barcode endpoint.
-    pub fn branch_id(&self) -> Result<&'a str, GatewayError> {
+    pub fn branch_id(&self) -> Result<Cow<'a, str>, GatewayError> {
         self.required("branchId", RequiredField::BranchId, MAX_ID)
     }
 
     /// `barcode`, required and checked.
     pub fn barcode(&self) -> Result<Barcode, GatewayError> {
         let text = self.required("barcode", RequiredField::Barcode, 64)?;
-        Barcode::parse(text).map_err(|_| GatewayError::InvalidBarcode)
+        Barcode::parse(&text).map_err(|_| GatewayError::InvalidBarcode)
     }
 
     /// `requestId`, required.
-    pub fn request_id(&self) -> Result<&'a str, GatewayError> {
+    pub fn request_id(&self) -> Result<Cow<'a, str>, GatewayError> {
         self.required("requestId", RequiredField::RequestId, MAX_ID)
     }
 
     /// `offerId`, required.
-    pub fn offer_id(&self) -> Result<&'a str, GatewayError> {
+    pub fn offer_id(&self) -> Result<Cow<'a, str>, GatewayError> {
         self.required("offerId", RequiredField::OfferId, MAX_ID)
     }
 
-    /// `barcode` or `qrcode` (sharing accepts either; a barcode wins when both are sent).
+    /// `barcode` or `qrcode`, exactly one of them: with both, the gateway would key the
+    /// request on one while Diia may act on the other.
     pub fn sharing_subject(&self) -> Result<SharingSubject<'a>, GatewayError> {
-        if self.get("barcode").is_some() {
-            return self.barcode().map(SharingSubject::Barcode);
-        }
-        match self.string("qrcode", MAX_QRCODE)? {
-            Some(code) if !code.is_empty() => Ok(SharingSubject::Qrcode(code)),
-            _ => Err(GatewayError::MissingField(RequiredField::BarcodeOrQrcode)),
+        let present = |name| self.get(name).is_some_and(|raw| raw.get() != "null");
+        match (present("barcode"), present("qrcode")) {
+            (true, true) => Err(GatewayError::BarcodeAndQrcode),
+            (true, false) => self.barcode().map(SharingSubject::Barcode),
+            (false, _) => match self.string("qrcode", MAX_QRCODE)? {
+                Some(code) if !code.is_empty() => Ok(SharingSubject::Qrcode(code)),
+                _ => Err(GatewayError::MissingField(RequiredField::BarcodeOrQrcode)),
+            },
         }
     }
 
-    /// Feeds every field, in key order, into a cache key: any field may change Diia's answer.
+    /// Feeds every field, in name order, into a cache key: any field may change Diia's
+    /// answer. String values go in decoded, so `\/` and `/` spell the same key.
     pub fn key_into(&self, key: &mut KeyBuilder) {
         for (name, value) in &self.fields.0 {
-            key.part(name.as_bytes()).part(value.get().as_bytes());
+            key.part(name.as_bytes());
+            let raw = value.get();
+            match serde_json::from_str::<Text<'_>>(raw) {
+                Ok(Text(text)) if raw.starts_with('"') => key.part(b"s").part(text.as_bytes()),
+                _ => key.part(b"r").part(raw.as_bytes()),
+            };
         }
+    }
+
+    /// Every top-level field with its decoded string value, or its raw JSON text when it
+    /// is not a string (the differential fuzz target compares this with `serde_json`).
+    #[must_use]
+    pub fn decoded_fields(&self) -> Vec<(String, Result<String, String>)> {
+        self.fields
+            .0
+            .iter()
+            .map(|(name, value)| {
+                let raw = value.get();
+                let decoded = match serde_json::from_str::<Text<'_>>(raw) {
+                    Ok(Text(text)) if raw.starts_with('"') => Ok(text.into_owned()),
+                    _ => Err(raw.to_owned()),
+                };
+                (name.clone().into_owned(), decoded)
+            })
+            .collect()
     }
 }
 
 /// What a sharing request points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SharingSubject<'a> {
     /// A scanned barcode.
     Barcode(Barcode),
-    /// A scanned share QR code.
-    Qrcode(&'a str),
+    /// A scanned share QR code, decoded.
+    Qrcode(Cow<'a, str>),
 }
 
 /// `barcode` and `requestId` from the status query string.
@@ -196,7 +399,7 @@ pub fn status_query(query: Option<&str>) -> Result<(Barcode, &str), GatewayError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::Secrets;
+    use crate::keys::HashKey;
 
     #[test]
     fn bearer_parsing_follows_diia() {
@@ -223,7 +426,7 @@ mod tests {
     fn fields_are_checked() {
         let body =
             JsonBody::parse(br#"{"branchId":"b1","barcode":"3389798072091"}"#).expect("json");
-        assert_eq!(body.branch_id(), Ok("b1"));
+        assert_eq!(body.branch_id().as_deref(), Ok("b1"));
         assert!(body.barcode().is_ok());
         assert_eq!(
             body.request_id(),
@@ -245,21 +448,44 @@ mod tests {
     }
 
     #[test]
-    fn the_last_of_duplicate_fields_wins() {
-        let body = JsonBody::parse(br#"{"branchId":"first","z":1,"branchId":"last","a":2}"#)
-            .expect("json");
-        assert_eq!(body.branch_id(), Ok("last"));
-        let names: Vec<&str> = body.fields.0.iter().map(|(name, _)| *name).collect();
-        assert_eq!(names, ["a", "branchId", "z"]);
+    fn duplicate_names_are_refused_even_when_spelled_differently() {
+        for body in [
+            &br#"{"branchId":"first","z":1,"branchId":"last"}"#[..],
+            br#"{"barcode":"3389798072091","barcod\u0065":"4820000000001"}"#,
+        ] {
+            assert_eq!(
+                JsonBody::parse(body).err(),
+                Some(GatewayError::InvalidJson),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
         let many = JsonBody::parse(
             br#"{"k1":1,"k2":2,"k3":3,"k4":4,"k5":5,"k6":6,"k7":7,"k8":8,"k9":9,"branchId":"b"}"#,
         )
         .expect("more fields than inline storage");
-        assert_eq!(many.branch_id(), Ok("b"));
+        assert_eq!(many.branch_id().as_deref(), Ok("b"));
     }
 
     #[test]
-    fn sharing_takes_barcode_or_qrcode() {
+    fn escaped_strings_are_decoded() {
+        let body = JsonBody::parse(
+            br#"{"branchId":"\u041a\u0438\u0457\u0432-1","qrcode":"https:\/\/diia.app\/x"}"#,
+        )
+        .expect("json");
+        assert_eq!(body.branch_id().as_deref(), Ok("Київ-1"));
+        assert_eq!(
+            body.sharing_subject(),
+            Ok(SharingSubject::Qrcode(Cow::Owned(
+                "https://diia.app/x".to_owned()
+            )))
+        );
+        let control = JsonBody::parse(br#"{"branchId":"a\nb"}"#).expect("json");
+        assert_eq!(control.branch_id(), Err(GatewayError::InvalidField));
+    }
+
+    #[test]
+    fn sharing_takes_barcode_or_qrcode_not_both() {
         let qr = JsonBody::parse(br#"{"qrcode":"https://diia.app/documents/x/1/verify/2"}"#)
             .expect("json");
         assert!(matches!(
@@ -271,21 +497,27 @@ mod tests {
             none.sharing_subject(),
             Err(GatewayError::MissingField(RequiredField::BarcodeOrQrcode))
         );
+        let both = JsonBody::parse(br#"{"barcode":"3389798072091","qrcode":"https://diia.app/x"}"#)
+            .expect("json");
+        assert_eq!(both.sharing_subject(), Err(GatewayError::BarcodeAndQrcode));
     }
 
     #[test]
-    fn field_order_does_not_change_the_key() {
-        let secrets = Secrets::fixed([3; 16]);
+    fn field_order_and_escapes_do_not_change_the_key() {
+        let keys = HashKey::fixed([3; 16]);
         let key = |bytes: &[u8]| {
-            let mut builder = secrets.key("t");
+            let mut builder = keys.key("t");
             JsonBody::parse(bytes).expect("json").key_into(&mut builder);
             builder.finish()
         };
         let a = key(br#"{"branchId":"b1","barcode":"3389798072091"}"#);
         let b = key(br#"{ "barcode": "3389798072091", "branchId": "b1" }"#);
+        let escaped = key(br#"{"barcode":"\u0033389798072091","branch\u0049d":"b1"}"#);
         let c = key(br#"{"branchId":"b2","barcode":"3389798072091"}"#);
         assert_eq!(a, b);
+        assert_eq!(a, escaped);
         assert_ne!(a, c);
+        assert_ne!(key(br#"{"n":"1"}"#), key(br#"{"n":1}"#));
     }
 
     #[test]

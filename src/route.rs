@@ -3,8 +3,11 @@
 //! Only Diia's acquirer surface is routed; anything else is a 404 that never leaves the box.
 //! Versions follow Diia's public gateway: a version an endpoint does not list has no route.
 
+use std::ops::Range;
+
 use http::Method;
 
+use crate::config::AuthMode;
 use crate::error::GatewayError;
 
 /// A Diia acquirer endpoint the gateway knows; also the `endpoint` label of metrics.
@@ -67,37 +70,71 @@ impl Endpoint {
     }
 }
 
-/// A routed request: the endpoint plus what the path itself carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route<'a> {
+/// A routed request: the endpoint plus where the path's id sits (so the route can live
+/// beside the request it was read from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
     /// The endpoint.
     pub endpoint: Endpoint,
-    /// The acquirer token (token exchange) or the branch id (branch-scoped paths).
-    pub path_param: Option<&'a str>,
+    /// Byte range in the path of the acquirer token (token exchange) or the branch id.
+    param: Option<Range<usize>>,
 }
 
-impl<'a> Route<'a> {
-    fn new(endpoint: Endpoint, path_param: Option<&'a str>) -> Self {
-        Self {
-            endpoint,
-            path_param,
-        }
+impl Route {
+    fn new(endpoint: Endpoint, path: &str, param: Option<&str>) -> Self {
+        // `param` is a sub-slice of `path`: its offset is a pointer difference.
+        let param = param.map(|p| {
+            let start = p.as_ptr() as usize - path.as_ptr() as usize;
+            start..start + p.len()
+        });
+        Self { endpoint, param }
+    }
+
+    /// The acquirer token or branch id, read from the same path that was routed.
+    #[must_use]
+    pub fn param<'p>(&self, path: &'p str) -> Option<&'p str> {
+        self.param.clone().and_then(|range| path.get(range))
     }
 }
 
-/// Longest path segment we accept as an id or token; longer is not Diia's.
-const MAX_SEGMENT: usize = 512;
+/// Longest acquirer token we accept in the path; longer is not Diia's.
+const MAX_TOKEN_SEGMENT: usize = 512;
+/// Longest branch or offer id (Diia's are 24-hex ObjectIds).
+const MAX_ID_SEGMENT: usize = 64;
 
+/// Branch and offer ids: `[A-Za-z0-9_-]{1,64}`. No dot and no percent sign, so `..`,
+/// `%2e%2e` or `%2F` never reach Diia and no two spellings name one rate-limit key.
 fn is_id_segment(segment: &str) -> bool {
     !segment.is_empty()
-        && segment.len() <= MAX_SEGMENT
+        && segment.len() <= MAX_ID_SEGMENT
         && segment
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'%'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+/// Acquirer tokens: the id charset plus `.` and `~` (never `.` or `..` alone, never `%`).
+fn is_token_segment(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment.len() <= MAX_TOKEN_SEGMENT
+        && segment != "."
+        && segment != ".."
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
+}
+
+/// Routes for the auth mode in force: in managed mode the token exchange does not exist
+/// for branches (they never hold acquirer tokens), so it is a 404 like any unknown path.
+pub fn route_for(mode: AuthMode, method: &Method, path: &str) -> Result<Route, GatewayError> {
+    let routed = route(method, path)?;
+    match (mode, routed.endpoint) {
+        (AuthMode::Managed, Endpoint::TokenExchange) => Err(GatewayError::UnknownRoute),
+        _ => Ok(routed),
+    }
 }
 
 /// Maps a method and path (no query) to a route, or a 404/405 error.
-pub fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> {
+pub fn route(method: &Method, path: &str) -> Result<Route, GatewayError> {
     let rest = path
         .strip_prefix("/api/")
         .ok_or(GatewayError::UnknownRoute)?;
@@ -121,7 +158,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayErr
     }
     let (endpoint, param, allowed): (Endpoint, Option<&str>, &[Method]) = match (first, parts) {
         ("auth", [Some("acquirer"), Some(token), None, ..]) if v1 => {
-            if !is_id_segment(token) {
+            if !is_token_segment(token) {
                 return Err(GatewayError::UnknownRoute);
             }
             (Endpoint::TokenExchange, Some(token), &[Method::GET])
@@ -162,9 +199,21 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayErr
         _ => return Err(GatewayError::UnknownRoute),
     };
     if allowed.contains(method) {
-        Ok(Route::new(endpoint, param))
+        Ok(Route::new(endpoint, path, param))
     } else {
-        Err(GatewayError::MethodNotAllowed)
+        Err(GatewayError::MethodNotAllowed {
+            allow: allow_header(allowed),
+        })
+    }
+}
+
+/// The `Allow` value for a route's method set.
+fn allow_header(allowed: &[Method]) -> &'static str {
+    match allowed {
+        [Method::GET] => "GET",
+        [Method::POST] => "POST",
+        [Method::DELETE] => "DELETE",
+        _ => "GET, PUT, DELETE",
     }
 }
 
@@ -172,17 +221,19 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayErr
 mod tests {
     use super::*;
 
-    fn ok<'a>(method: &Method, path: &'a str) -> Route<'a> {
+    fn ok(method: &Method, path: &str) -> Route {
         route(method, path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn param<'p>(method: &Method, path: &'p str) -> Option<&'p str> {
+        ok(method, path).param(path)
     }
 
     #[test]
     fn routes_the_acquirer_surface() {
-        let r = ok(&Method::GET, "/api/v1/auth/acquirer/demo_test_token_1");
-        assert_eq!(
-            r,
-            Route::new(Endpoint::TokenExchange, Some("demo_test_token_1"))
-        );
+        let path = "/api/v1/auth/acquirer/demo_test_token_1";
+        assert_eq!(ok(&Method::GET, path).endpoint, Endpoint::TokenExchange);
+        assert_eq!(param(&Method::GET, path), Some("demo_test_token_1"));
         assert_eq!(
             ok(&Method::POST, "/api/v1/acquirers/document-identification").endpoint,
             Endpoint::DocumentIdentification
@@ -212,7 +263,7 @@ mod tests {
             Endpoint::Branches
         );
         assert_eq!(
-            ok(&Method::DELETE, "/api/v2/acquirers/branch/abc").path_param,
+            param(&Method::DELETE, "/api/v2/acquirers/branch/abc"),
             Some("abc")
         );
         assert_eq!(
@@ -227,14 +278,12 @@ mod tests {
             ok(&Method::DELETE, "/api/v1/acquirers/branch/abc/offer/o1").endpoint,
             Endpoint::Offers
         );
-        let dynamic = ok(
-            &Method::POST,
-            "/api/v2/acquirers/branch/b1/offer-request/dynamic",
-        );
+        let dynamic = "/api/v2/acquirers/branch/b1/offer-request/dynamic";
         assert_eq!(
-            dynamic,
-            Route::new(Endpoint::OfferRequestDynamic, Some("b1"))
+            ok(&Method::POST, dynamic).endpoint,
+            Endpoint::OfferRequestDynamic
         );
+        assert_eq!(param(&Method::POST, dynamic), Some("b1"));
     }
 
     #[test]
@@ -248,6 +297,13 @@ mod tests {
             "/api/v1/auth/acquirer/",
             "/api/v1/auth/acquirer/a/b",
             "/api/v1/acquirers/branch/a b",
+            "/api/v2/acquirers/branch/..",
+            "/api/v2/acquirers/branch/.",
+            "/api/v2/acquirers/branch/%2e%2e",
+            "/api/v2/acquirers/branch/a%2Fb",
+            "/api/v1/acquirers/branch/a.b/offers",
+            "/api/v1/auth/acquirer/..",
+            "/api/v1/auth/acquirer/a%2F",
             "/admin/metrics",
             "/api/v1/acquirers/document-identification/age/extra/x/y/z",
         ] {
@@ -268,11 +324,17 @@ mod tests {
     fn wrong_method_is_405() {
         assert_eq!(
             route(&Method::GET, "/api/v1/acquirers/document-identification"),
-            Err(GatewayError::MethodNotAllowed)
+            Err(GatewayError::MethodNotAllowed { allow: "POST" })
         );
         assert_eq!(
             route(&Method::POST, "/api/v1/auth/acquirer/tok"),
-            Err(GatewayError::MethodNotAllowed)
+            Err(GatewayError::MethodNotAllowed { allow: "GET" })
+        );
+        assert_eq!(
+            route(&Method::POST, "/api/v2/acquirers/branch/b1"),
+            Err(GatewayError::MethodNotAllowed {
+                allow: "GET, PUT, DELETE"
+            })
         );
     }
 }

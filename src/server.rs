@@ -1,4 +1,4 @@
-//! The accept loop shared by the gateway, its admin listener and the simulator.
+//! The accept loop shared by the gateway and its admin listener.
 //!
 //! HTTP/1.1 and HTTP/2 (h2c prior knowledge) on one port via hyper-util's auto builder.
 //! On shutdown the loop stops accepting, then lets open connections finish their
@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -18,8 +17,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
@@ -40,6 +39,12 @@ pub trait Handler: Send + Sync + 'static {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> impl Future<Output = HttpResponse> + Send + 'static;
+
+    /// TLS for a new connection (`None`: plain HTTP). Read at accept time, so a reload
+    /// changes certificates for new connections, never for open ones.
+    fn tls(&self) -> Option<TlsAcceptor> {
+        None
+    }
 }
 
 /// Signals shutdown to every loop holding a receiver; cheap to clone.
@@ -113,7 +118,6 @@ pub async fn accept_loop<H: Handler>(
     handler: Arc<H>,
     shutdown: Shutdown,
     limits: ConnectionLimits,
-    tls: Option<Arc<ArcSwap<TlsAcceptor>>>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -132,60 +136,31 @@ pub async fn accept_loop<H: Handler>(
             },
             () = shutdown.wait() => break,
         };
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let mut stream = TimeoutStream::new(stream);
-                stream.set_read_timeout(Some(limits.idle_timeout));
-                let stream = Box::pin(stream);
-                let handler = Arc::clone(&handler);
-                let service = service_fn(move |request| {
-                    let handler = Arc::clone(&handler);
-                    async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
-                });
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                // The acceptor current at accept time: a reload changes certificates for new
-                // connections, never for open ones.
-                let tls = tls.as_ref().map(|acceptor| acceptor.load_full());
-                tokio::spawn(async move {
-                    // The handshake runs in the connection's task, bounded like a header read,
-                    // so a slow or hostile client never blocks the accept loop.
-                    let io: Box<dyn Io> = match tls {
-                        Some(acceptor) => {
-                            let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
-                            match handshake.await {
-                                Ok(Ok(tls_stream)) => Box::new(tls_stream),
-                                Ok(Err(error)) => {
-                                    tracing::debug!(%error, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("TLS handshake timed out");
-                                    return;
-                                }
-                            }
-                        }
-                        None => Box::new(stream),
-                    };
-                    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
-                    if let Err(error) = watcher.watch(connection).await {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
-                    drop(permit);
-                });
-            }
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = shutdown.wait() => break,
-        }
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let connection = serve_connection(
+            stream,
+            peer,
+            Arc::clone(&handler),
+            builder.clone(),
+            limits,
+            graceful.watcher(),
+        );
+        tokio::spawn(async move {
+            connection.await;
+            drop(permit);
+        });
     }
     drop(listener);
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
@@ -193,5 +168,49 @@ pub async fn accept_loop<H: Handler>(
         .is_err()
     {
         tracing::warn!("drain deadline passed with connections still open");
+    }
+}
+
+/// One connection: TLS handshake (bounded like a header read) when the handler asks for
+/// it, then HTTP/1.1 or h2 until the client leaves or the drain ends it.
+async fn serve_connection<H: Handler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: ConnectionLimits,
+    watcher: Watcher,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_read_timeout(Some(limits.idle_timeout));
+    let stream = Box::pin(stream);
+    let io: Box<dyn Io> = match handler.tls() {
+        Some(acceptor) => {
+            let handshake =
+                tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(tls_stream)) => Box::new(tls_stream),
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+        None => Box::new(stream),
+    };
+    let service = service_fn(move |request| {
+        let handler = Arc::clone(&handler);
+        async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%error, "connection ended with an error");
     }
 }

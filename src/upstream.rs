@@ -5,37 +5,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http::{HeaderValue, Method, Request, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::breaker::{Breaker, RetryBudget};
-use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
-use crate::limit::DiiaBudget;
+use crate::limit::DiiaBrake;
 use crate::metrics::Metrics;
 use crate::route::Endpoint;
-
-/// Diia's answer, buffered: small, and shared by every coalesced or cached request.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    /// Diia's status.
-    pub status: StatusCode,
-    /// Diia's body, unchanged.
-    pub body: Bytes,
-    /// Diia's `Content-Type`.
-    pub content_type: Option<HeaderValue>,
-    /// Diia's `Diia-Trace-Id`, kept so a cached answer still points at the call that made it.
-    pub trace_id: Option<HeaderValue>,
-    /// Diia's `Retry-After`, passed on to the client.
-    pub retry_after: Option<HeaderValue>,
-}
-
-/// What one upstream call produced: Diia's answer, or why there is none.
-pub type Outcome = Result<Answer, GatewayError>;
+use crate::settings::{Cold, Hot};
 
 /// Everything needed to repeat a client's request toward Diia; owned, so the call can
 /// outlive the client.
@@ -57,35 +40,15 @@ pub struct UpstreamRequest {
     pub body: Bytes,
 }
 
-/// The pooled client plus what every call needs.
+/// The pooled client plus what every call needs. Per-call settings (deadlines, retries,
+/// the Diia budget) come from the hot settings each call is given.
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
-    /// Deadlines and retry settings, swapped whole on a config reload.
-    tunables: arc_swap::ArcSwap<Tunables>,
-    budget: DiiaBudget,
+    brake: DiiaBrake,
     metrics: Arc<Metrics>,
     breaker: Breaker,
     retries: RetryBudget,
-}
-
-/// The per-call settings a reload may change.
-struct Tunables {
-    timeout: Duration,
-    max_response_body: usize,
-    max_retries: u32,
-    retry_backoff: Duration,
-}
-
-impl Tunables {
-    fn new(config: &UpstreamConfig) -> Self {
-        Self {
-            timeout: config.timeout,
-            max_response_body: config.max_response_body,
-            max_retries: config.max_retries,
-            retry_backoff: config.retry_backoff,
-        }
-    }
 }
 
 static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
@@ -94,18 +57,13 @@ static ACCEPT_JSON: HeaderValue = HeaderValue::from_static("application/json");
 impl Upstream {
     /// Builds the client; Diia's certificate is verified against `upstream.ca_file`, or the
     /// system's plus Mozilla's bundled roots.
-    pub fn new(
-        config: &UpstreamConfig,
-        base_url: &str,
-        budget: DiiaBudget,
-        metrics: Arc<Metrics>,
-    ) -> std::io::Result<Self> {
+    pub fn new(cold: &Cold, base_url: &str, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_connect_timeout(Some(cold.connect_timeout));
         http.set_nodelay(true);
         let roots =
-            crate::tls::upstream_roots(config.ca_file.as_deref()).map_err(std::io::Error::other)?;
+            crate::tls::upstream_roots(cold.ca_file.as_deref()).map_err(std::io::Error::other)?;
         let tls = crate::tls::client_config(roots).map_err(std::io::Error::other)?;
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -114,38 +72,30 @@ impl Upstream {
             .enable_http2()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle)
+            .pool_idle_timeout(cold.pool_idle_timeout)
+            .pool_max_idle_per_host(cold.pool_max_idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
         Ok(Self {
             client,
             base: base_url.trim_end_matches('/').to_owned(),
-            tunables: arc_swap::ArcSwap::from_pointee(Tunables::new(config)),
-            budget,
+            brake: DiiaBrake::new(),
             metrics,
-            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
-            retries: RetryBudget::new(config.retry_ratio, config.retry_reserve),
+            breaker: Breaker::new(cold.breaker_failures, cold.breaker_cooldown),
+            retries: RetryBudget::new(cold.retry_ratio, cold.retry_reserve),
         })
     }
 
-    /// New deadlines, retry settings and Diia budget (a config reload). The connection
-    /// pool, TLS roots, breaker thresholds and base URL need a restart.
-    pub fn reconfigure(&self, config: &UpstreamConfig, budget: &crate::config::DiiaLimitConfig) {
-        self.tunables.store(Arc::new(Tunables::new(config)));
-        self.budget.reconfigure(budget);
-    }
-
-    /// The budget toward Diia (shared with token refreshes and retries).
+    /// Diia's brake (its `Retry-After` pauses), shared by every call.
     #[must_use]
-    pub fn budget(&self) -> &DiiaBudget {
-        &self.budget
+    pub fn brake(&self) -> &DiiaBrake {
+        &self.brake
     }
 
     /// One call to Diia: breaker, then budget, then the exchange under the upstream
     /// deadline; safe calls are retried after a connect failure within the retry budget.
-    pub async fn call(&self, request: UpstreamRequest) -> Outcome {
+    pub async fn call(&self, hot: &Hot, request: UpstreamRequest) -> CallResult {
         let admission = self
             .breaker
             .admit()
@@ -158,14 +108,14 @@ impl Upstream {
                 | Endpoint::DocumentIdentification
                 | Endpoint::DocumentIdentificationAge
         );
-        let tunables = self.tunables.load_full();
+        let tunables = &hot.upstream;
         let mut attempt = 0;
         loop {
-            if let Err(error) = self.budget.acquire().await {
+            if let Err(error) = self.brake.acquire(&hot.diia_budget).await {
                 self.breaker.abandon(admission);
                 return Err(error);
             }
-            let outcome = self.attempt(request.clone()).await;
+            let outcome = self.attempt(hot, request.clone()).await;
             let unreachable = matches!(outcome, Err(GatewayError::UpstreamUnreachable));
             if retryable && unreachable && attempt < tunables.max_retries && self.retries.withdraw()
             {
@@ -175,10 +125,7 @@ impl Upstream {
                 tokio::time::sleep(ceiling.mul_f64(fastrand::f64())).await;
                 continue;
             }
-            let failed = match &outcome {
-                Ok(answer) => answer.status.is_server_error(),
-                Err(_) => true,
-            };
+            let failed = AnswerClass::of(&outcome).breaks_circuit();
             self.breaker.record(admission, !failed);
             self.metrics.set_breaker_open(self.breaker.is_open());
             return outcome;
@@ -186,35 +133,36 @@ impl Upstream {
     }
 
     /// One exchange with Diia under the upstream deadline; honours Diia's back-off.
-    async fn attempt(&self, request: UpstreamRequest) -> Outcome {
+    async fn attempt(&self, hot: &Hot, request: UpstreamRequest) -> CallResult {
         let endpoint = request.endpoint;
         let started = Instant::now();
+        let limit = hot.upstream.max_response_body;
         let result =
-            tokio::time::timeout(self.tunables.load().timeout, self.exchange(request)).await;
+            tokio::time::timeout(hot.upstream.timeout, self.exchange(request, limit)).await;
         let outcome = result.unwrap_or(Err(GatewayError::UpstreamTimeout));
+        let class = AnswerClass::of(&outcome);
+        let label = match &outcome {
+            Ok(_) => class.label(),
+            Err(error) => error.code(),
+        };
         self.metrics
-            .upstream_call(endpoint, started.elapsed(), &outcome);
+            .upstream_call(endpoint, started.elapsed(), label);
         let backoff = outcome
             .as_ref()
             .ok()
-            .filter(|a| {
-                matches!(
-                    a.status,
-                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-                )
-            })
+            .filter(|_| class.honours_retry_after())
             .and_then(retry_after);
         if let Some(wait) = backoff {
             tracing::warn!(
                 wait_ms = wait.as_millis(),
                 "Diia asked to back off; pausing upstream calls"
             );
-            self.budget.pause(wait);
+            self.brake.pause(&hot.diia_budget, wait);
         }
         outcome
     }
 
-    async fn exchange(&self, request: UpstreamRequest) -> Outcome {
+    async fn exchange(&self, request: UpstreamRequest, body_limit: usize) -> CallResult {
         let uri: Uri = format!("{}{}", self.base, request.path_and_query)
             .parse()
             .map_err(|_| GatewayError::Internal)?;
@@ -247,17 +195,30 @@ impl Upstream {
                 }
             })?;
         let (parts, body) = response.into_parts();
-        let body = Limited::new(body, self.tunables.load().max_response_body)
+        let body = Limited::new(body, body_limit)
             .collect()
             .await
             .map_err(|_| GatewayError::UpstreamProtocol)?
             .to_bytes();
+        // Owned copies: a slice of hyper's read buffer would keep the whole buffer alive
+        // for as long as the answer is cached.
+        let owned = |name: &header::HeaderName| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+        };
         Ok(Answer {
             status: parts.status,
-            body,
-            content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
-            trace_id: parts.headers.get(&DIIA_TRACE_ID).cloned(),
-            retry_after: parts.headers.get(header::RETRY_AFTER).cloned(),
+            body: Bytes::copy_from_slice(&body),
+            content_type: owned(&header::CONTENT_TYPE),
+            trace_id: owned(&DIIA_TRACE_ID),
+            retry_after: owned(&header::RETRY_AFTER),
+            location: parts
+                .status
+                .is_redirection()
+                .then(|| owned(&header::LOCATION))
+                .flatten(),
         })
     }
 }

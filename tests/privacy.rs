@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "it/support/mod.rs"]
 mod support;
 
 use std::io::Write;
@@ -88,12 +89,8 @@ async fn no_secret_or_personal_value_reaches_the_logs() {
         |_| {},
         |c| {
             c.auth.mode = diia_gateway::config::AuthMode::Managed;
-            c.auth.acquirer_token = Some(diia_gateway::token::Secret::new(
-                diia_gateway::sim::DEMO_ACQUIRER_TOKEN.to_owned(),
-            ));
-            c.auth.auth_token = Some(diia_gateway::token::Secret::new(
-                diia_gateway::sim::DEMO_AUTH_TOKEN.to_owned(),
-            ));
+            c.auth.acquirer_token = Some(diia_sim::DEMO_ACQUIRER_TOKEN.to_owned());
+            c.auth.auth_token = Some(diia_sim::DEMO_AUTH_TOKEN.to_owned());
             c.auth.api_keys = vec![diia_gateway::config::ApiKeyConfig {
                 branch: "kyiv-001".to_owned(),
                 sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(api_key.as_bytes())),
@@ -132,8 +129,8 @@ async fn no_secret_or_personal_value_reaches_the_logs() {
         shared.as_str(),
         "3389798072090",
         token.as_str(),
-        diia_gateway::sim::DEMO_ACQUIRER_TOKEN,
-        diia_gateway::sim::DEMO_AUTH_TOKEN,
+        diia_sim::DEMO_ACQUIRER_TOKEN,
+        diia_sim::DEMO_AUTH_TOKEN,
         "forged-bearer-token-xyz",
         "c2VjcmV0",
         request_id,

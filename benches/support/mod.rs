@@ -8,16 +8,16 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use diia_gateway::Settings;
 use diia_gateway::barcode::Barcode;
-use diia_gateway::config::Config;
-use diia_gateway::keys::Secrets;
-use diia_gateway::limit::DiiaBudget;
+use diia_gateway::config::FileConfig;
+use diia_gateway::keys::HashKey;
 use diia_gateway::metrics::Metrics;
 use diia_gateway::proxy::Gateway;
 use diia_gateway::route::Endpoint;
 use diia_gateway::server::HttpResponse;
-use diia_gateway::sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, SimHandle, Simulator};
 use diia_gateway::upstream::{Upstream, UpstreamRequest};
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, SimHandle, Simulator};
 use http::{HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Full};
 
@@ -32,6 +32,8 @@ pub struct InProcess {
     pub bearer: HeaderValue,
     /// A second client to the same simulator, for the "no gateway" baseline.
     pub direct: Upstream,
+    /// The settings both run on.
+    pub settings: Settings,
 }
 
 impl InProcess {
@@ -44,33 +46,17 @@ impl InProcess {
         })
         .await
         .unwrap();
-        let mut config = Config::default();
+        let mut config = FileConfig::default();
         config.upstream.base_url = sim.base_url();
         config.limits.branch.per_minute = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.branch.burst = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.diia.per_second = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.diia.burst = NonZeroU32::new(u32::MAX).unwrap();
-        let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new());
-        let budget = DiiaBudget::new(&config.limits.diia);
-        let upstream = Arc::new(
-            Upstream::new(
-                &config.upstream,
-                &sim.base_url(),
-                budget,
-                Arc::clone(&metrics),
-            )
-            .unwrap(),
-        );
-        let direct_budget = DiiaBudget::new(&config.limits.diia);
-        let direct = Upstream::new(
-            &config.upstream,
-            &sim.base_url(),
-            direct_budget,
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
-        let gateway = Gateway::new(config, Secrets::fixed([5; 16]), upstream, metrics);
+        let mut settings = Settings::build(&config).unwrap();
+        settings.keys = HashKey::fixed([5; 16]);
+        let gateway = Gateway::build(&settings).unwrap();
+        let direct =
+            Upstream::new(&settings.cold, &sim.base_url(), Arc::new(Metrics::new())).unwrap();
         let exchange = Request::get(format!("/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}"))
             .header("authorization", format!("Basic {DEMO_AUTH_TOKEN}"))
             .body(Full::<Bytes>::default())
@@ -91,6 +77,7 @@ impl InProcess {
             sim,
             bearer,
             direct,
+            settings,
         }
     }
 
@@ -110,7 +97,7 @@ impl InProcess {
             body: Bytes::from(body),
         };
         self.direct
-            .call(request)
+            .call(&self.settings.hot, request)
             .await
             .map_or(0, |answer| answer.status.as_u16())
     }
@@ -127,6 +114,7 @@ impl InProcess {
     /// The same with a prepared body (no formatting inside a measured loop).
     pub fn identification_body(&self, body: Bytes) -> Request<Full<Bytes>> {
         let mut request = Request::post("/api/v1/acquirers/document-identification")
+            .header("content-type", "application/json")
             .body(Full::new(body))
             .unwrap();
         request

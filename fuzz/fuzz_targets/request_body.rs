@@ -2,7 +2,7 @@
 //! cache key is a pure function of the body.
 #![no_main]
 
-use diia_gateway::keys::Secrets;
+use diia_gateway::keys::HashKey;
 use diia_gateway::request::{JsonBody, status_query};
 use libfuzzer_sys::fuzz_target;
 
@@ -13,8 +13,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = body.request_id();
         let _ = body.offer_id();
         let _ = body.sharing_subject();
-        let secrets = Secrets::fixed([0; 16]);
-        let (mut a, mut b) = (secrets.key("fuzz"), secrets.key("fuzz"));
+        let keys = HashKey::fixed([0; 16]);
+        let (mut a, mut b) = (keys.key("fuzz"), keys.key("fuzz"));
         body.key_into(&mut a);
         body.key_into(&mut b);
         assert!(a.finish() == b.finish());

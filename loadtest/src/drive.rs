@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use diia_gateway::barcode::Barcode;
-use diia_gateway::sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
+use diia_sim::{Code, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 use hdrhistogram::Histogram;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -139,7 +138,10 @@ impl Branches {
         let branch_id = format!("branch-{branch:05}");
         if fastrand::f64() < scenario.invalid_share {
             // A mistyped barcode: the last digit is off by one, so the check digit fails.
-            let good = random_barcode().as_u64();
+            let good: u64 = random_barcode()
+                .digits()
+                .parse()
+                .unwrap_or(3_389_798_072_091);
             let bad = if good % 10 == 9 { good - 1 } else { good + 1 };
             return Scan {
                 kind: "invalid",
@@ -184,10 +186,9 @@ impl Branches {
 }
 
 /// A fresh valid barcode (the simulator runs with `auto_issue`).
-pub fn random_barcode() -> Barcode {
+pub fn random_barcode() -> Code {
     loop {
-        if let Some(barcode) = Barcode::from_base(fastrand::u64(100_000_000_000..=999_999_999_999))
-        {
+        if let Some(barcode) = Code::issue(fastrand::u64(100_000_000_000..=999_999_999_999)) {
             return barcode;
         }
     }

@@ -1,0 +1,172 @@
+//! Who is calling: the one place callers are authenticated (bearer session token in
+//! pass-through mode; API key or client certificate in managed mode).
+//!
+//! The caller's identity is part of every cache key, so a cached answer is only ever
+//! found by the acquirer whose request made it.
+
+use http::{HeaderMap, HeaderValue};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{ApiKeyConfig, AuthMode};
+use crate::error::GatewayError;
+use crate::request::bearer_token;
+use crate::route::Endpoint;
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Pass-through: a branch backend with its own Diia session token.
+    Session {
+        /// The `Authorization: Bearer …` header as sent (checked well-formed).
+        authorization: HeaderValue,
+    },
+    /// Pass-through token exchange: whoever holds the acquirer token in the path.
+    Exchange,
+    /// Managed mode: a branch that proved itself to the gateway (API key or mTLS).
+    Branch {
+        /// The branch named in config for its key (`None` with mTLS).
+        name: Option<String>,
+    },
+}
+
+impl Caller {
+    /// Who cached answers belong to: the session token (pass-through) or, in managed mode,
+    /// the acquirer (`acquirer`), shared by all its branches.
+    #[must_use]
+    pub fn identity<'a>(&'a self, acquirer: &'a [u8]) -> &'a [u8] {
+        match self {
+            Self::Session { authorization } => {
+                authorization.as_bytes().get(7..).unwrap_or_default()
+            }
+            Self::Exchange | Self::Branch { .. } => acquirer,
+        }
+    }
+}
+
+/// How branches prove who they are, from the settings in force.
+pub enum Gate<'a> {
+    /// Pass-through: Diia's own headers.
+    PassThrough,
+    /// Managed mode with API keys.
+    ApiKeys(&'a ApiKeys),
+    /// Managed mode with client certificates (checked in the TLS handshake).
+    Mtls,
+}
+
+impl<'a> Gate<'a> {
+    /// The gate for an auth mode and the current keys.
+    #[must_use]
+    pub fn new(mode: AuthMode, keys: Option<&'a ApiKeys>) -> Self {
+        match (mode, keys) {
+            (AuthMode::PassThrough, _) => Self::PassThrough,
+            (AuthMode::Managed, Some(keys)) => Self::ApiKeys(keys),
+            (AuthMode::Managed, None) => Self::Mtls,
+        }
+    }
+
+    /// Authenticates the caller of `endpoint` from its headers.
+    pub fn authenticate(
+        &self,
+        endpoint: Endpoint,
+        headers: &HeaderMap,
+    ) -> Result<Caller, GatewayError> {
+        match self {
+            Self::PassThrough if endpoint == Endpoint::TokenExchange => Ok(Caller::Exchange),
+            Self::PassThrough => {
+                bearer_token(headers)?;
+                let authorization = headers
+                    .get(http::header::AUTHORIZATION)
+                    .cloned()
+                    .ok_or(GatewayError::MissingAuthorization)?;
+                Ok(Caller::Session { authorization })
+            }
+            Self::ApiKeys(keys) => {
+                let presented = headers
+                    .get("x-api-key")
+                    .ok_or(GatewayError::InvalidApiKey)?;
+                let name = keys
+                    .find(presented.as_bytes())
+                    .ok_or(GatewayError::InvalidApiKey)?;
+                Ok(Caller::Branch {
+                    name: Some(name.to_owned()),
+                })
+            }
+            Self::Mtls => Ok(Caller::Branch { name: None }),
+        }
+    }
+}
+
+/// Per-branch API keys, stored as SHA-256 digests and compared in constant time.
+#[derive(Debug)]
+pub struct ApiKeys {
+    entries: Vec<([u8; 32], String)>,
+}
+
+impl ApiKeys {
+    /// From config entries (hex SHA-256 of each key).
+    pub fn new(keys: &[ApiKeyConfig]) -> Result<Self, String> {
+        let entries = keys
+            .iter()
+            .map(|key| {
+                let bytes = hex::decode(&key.sha256)
+                    .map_err(|_| format!("api key '{}': sha256 is not hex", key.branch))?;
+                let digest = <[u8; 32]>::try_from(bytes)
+                    .map_err(|_| format!("api key '{}': sha256 must be 32 bytes", key.branch))?;
+                Ok((digest, key.branch.clone()))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { entries })
+    }
+
+    /// The branch holding `presented`, if it is one of the keys. Every configured digest
+    /// is compared (no early exit), each in constant time.
+    #[must_use]
+    pub fn find(&self, presented: &[u8]) -> Option<&str> {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        let mut found = None;
+        for (known, branch) in &self.entries {
+            if bool::from(known.ct_eq(&digest)) {
+                found = Some(branch.as_str());
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_match_by_digest() {
+        let digest = hex::encode(Sha256::digest(b"branch-key-1"));
+        let keys = ApiKeys::new(&[ApiKeyConfig {
+            branch: "kyiv-001".to_owned(),
+            sha256: digest,
+        }])
+        .expect("valid");
+        assert_eq!(keys.find(b"branch-key-1"), Some("kyiv-001"));
+        assert_eq!(keys.find(b"branch-key-2"), None);
+        assert_eq!(keys.find(b""), None);
+        assert!(
+            ApiKeys::new(&[ApiKeyConfig {
+                branch: "x".to_owned(),
+                sha256: "zz".to_owned()
+            }])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn session_identity_is_the_token() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer abc"));
+        let caller = Gate::PassThrough
+            .authenticate(Endpoint::DocumentIdentification, &headers)
+            .expect("bearer");
+        assert_eq!(caller.identity(b"acq"), b"abc");
+        let missing = Gate::PassThrough.authenticate(Endpoint::Branches, &HeaderMap::new());
+        assert_eq!(missing.err(), Some(GatewayError::MissingAuthorization));
+    }
+}

@@ -1,0 +1,695 @@
+//! The config as the gateway runs on it: [`Settings::build`] checks a [`FileConfig`] once and
+//! builds every object it implies (TLS acceptor, API keys, resolved secrets, cache policies,
+//! quotas). A file that cannot be used is refused with the key and the fix.
+//!
+//! Settings come in two halves. [`Hot`] is everything a request reads; a reload swaps it
+//! whole. [`Cold`] is what only a restart can change (listeners, caps, the pool, the
+//! breaker, cache capacity, auth mode); a reload whose cold half differs is refused with
+//! the differing keys named, so a reload never reports success while ignoring a change.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::TlsAcceptor;
+
+use crate::caller::ApiKeys;
+use crate::config::{
+    AuthConfig, AuthMode, BranchAuth, CacheConfig, FileConfig, LimitsConfig, LogFormat,
+    ServerConfig, UpstreamConfig,
+};
+use crate::diia::{BARCODE_LIFETIME, SESSION_TOKEN_LIFETIME};
+use crate::keys::{HashKey, Secret};
+use crate::limit::{BranchLimiter, BudgetQuota};
+use crate::policy::Policy;
+
+/// A config that cannot be used, naming the key and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A value of the right type that makes no sense.
+    #[error("{key}: {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `cache.ttl`.
+        key: &'static str,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// The checked config: the hot half a reload swaps, the cold half it may not change.
+pub struct Settings {
+    /// What requests read; swapped whole on reload.
+    pub hot: Arc<Hot>,
+    /// What needs a restart.
+    pub cold: Cold,
+    /// The key for cache keys and log fingerprints (random per process; fixed at start).
+    pub keys: HashKey,
+}
+
+/// Everything a request reads, from one config snapshot.
+pub struct Hot {
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+    /// Time a client has to send its whole body.
+    pub body_timeout: Duration,
+    /// Longest a request may wait for an answer.
+    pub request_deadline: Duration,
+    /// Verification answers: TTLs.
+    pub answers: Policy,
+    /// Opt-in stale-if-error window for verification answers.
+    pub stale_if_error: Duration,
+    /// Session tokens from the token exchange.
+    pub session_tokens: Policy,
+    /// A session token is dropped (or, in managed mode, refreshed) this long before expiry.
+    pub refresh_margin: Duration,
+    /// Sharing requests: the replay window.
+    pub sharing: Policy,
+    /// Per-call upstream settings.
+    pub upstream: UpstreamTunables,
+    /// Per-branch budgets (kept across a reload that does not change them).
+    pub branch_limiter: Arc<BranchLimiter>,
+    /// The budget toward Diia (kept across a reload that does not change it).
+    pub diia_budget: Arc<BudgetQuota>,
+    /// TLS for new connections on the branch listener (certificates are re-read on reload).
+    pub tls: Option<TlsAcceptor>,
+    /// Managed mode with API keys: the keys branches present.
+    pub api_keys: Option<Arc<ApiKeys>>,
+}
+
+/// The per-call settings toward Diia that a reload may change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpstreamTunables {
+    /// Deadline for one whole exchange.
+    pub timeout: Duration,
+    /// Largest answer body accepted.
+    pub max_response_body: usize,
+    /// Retries of a safe call after a connect failure.
+    pub max_retries: u32,
+    /// First retry backoff (doubles, full jitter).
+    pub retry_backoff: Duration,
+    /// The longest a Diia budget wait can take (part of a pending call's lock age).
+    pub budget_wait: Duration,
+}
+
+impl UpstreamTunables {
+    /// The longest one upstream call can take, budget wait included: how long a pending
+    /// cache entry may block its key (the "lock age").
+    #[must_use]
+    pub fn longest_call(&self) -> Duration {
+        self.timeout + self.budget_wait + Duration::from_secs(1)
+    }
+}
+
+impl Hot {
+    /// Keeps the old limiters (and so their state) where the values did not change: a
+    /// reload must not hand every branch a fresh burst.
+    #[must_use]
+    pub fn carry_over(mut self, old: &Hot) -> Self {
+        if self.branch_limiter.same_values(&old.branch_limiter) {
+            self.branch_limiter = Arc::clone(&old.branch_limiter);
+        }
+        if self.diia_budget.same_values(&old.diia_budget) {
+            self.diia_budget = Arc::clone(&old.diia_budget);
+        }
+        self
+    }
+}
+
+/// Where Diia is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamTarget {
+    /// A real base URL.
+    Url(String),
+    /// The simulator embedded in this process (`[simulator]`), not yet started.
+    #[cfg(feature = "embedded-sim")]
+    Embedded(diia_sim::SimConfig),
+}
+
+impl UpstreamTarget {
+    /// The base URL, once there is one (an embedded simulator gets it when it listens).
+    #[must_use]
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            Self::Url(url) => Some(url),
+            #[cfg(feature = "embedded-sim")]
+            Self::Embedded(_) => None,
+        }
+    }
+}
+
+/// The acquirer's credentials in managed mode, from the file or the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcquirerCredentials {
+    /// The acquirer token (path of the token exchange).
+    pub acquirer_token: Secret,
+    /// The auth acquirer token (Basic credentials), if Diia issued one.
+    pub auth_token: Option<Secret>,
+}
+
+/// Declares [`Cold`] and the dotted key of each field in one list, so the diff that names
+/// changed keys can never miss a field.
+macro_rules! cold_settings {
+    ($( $(#[$doc:meta])* $field:ident : $ty:ty = $key:literal, )*) => {
+        /// What only a restart can change.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Cold {
+            $( $(#[$doc])* pub $field: $ty, )*
+        }
+
+        impl Cold {
+            /// The dotted keys whose values differ between two cold halves.
+            #[must_use]
+            pub fn changed_keys(&self, other: &Self) -> Vec<&'static str> {
+                let mut keys = Vec::new();
+                $( if self.$field != other.$field { keys.push($key); } )*
+                keys
+            }
+        }
+    };
+}
+
+cold_settings! {
+    /// Branch-facing listener.
+    listen: SocketAddr = "server.listen",
+    /// Admin listener.
+    admin_listen: SocketAddr = "server.admin_listen",
+    /// Connections served at once.
+    max_connections: usize = "server.max_connections",
+    /// Requests processed at once.
+    max_in_flight: usize = "server.max_in_flight",
+    /// Time from accept to a complete request head.
+    header_read_timeout: Duration = "server.header_read_timeout",
+    /// Idle connection timeout.
+    idle_timeout: Duration = "server.idle_timeout",
+    /// Readiness-fail time before the listener closes on SIGTERM.
+    drain_delay: Duration = "server.drain_delay",
+    /// Time in-flight requests get after the listener closes.
+    drain_timeout: Duration = "server.drain_timeout",
+    /// Whether the branch listener speaks TLS.
+    tls: bool = "server.tls",
+    /// Whether clients must present a certificate (mTLS).
+    client_certificates: bool = "server.tls.client_ca",
+    /// Diia's address, or the embedded simulator.
+    upstream: UpstreamTarget = "upstream.base_url / [simulator]",
+    /// TCP + TLS connect deadline.
+    connect_timeout: Duration = "upstream.connect_timeout",
+    /// Idle pooled connection life.
+    pool_idle_timeout: Duration = "upstream.pool_idle_timeout",
+    /// Idle pooled connections per host.
+    pool_max_idle: usize = "upstream.pool_max_idle",
+    /// Trust store toward Diia.
+    ca_file: Option<PathBuf> = "upstream.ca_file",
+    /// Consecutive failures that open the circuit.
+    breaker_failures: u32 = "upstream.breaker_failures",
+    /// Open time before a probe.
+    breaker_cooldown: Duration = "upstream.breaker_cooldown",
+    /// Retry share of first calls.
+    retry_ratio: f64 = "upstream.retry_ratio",
+    /// Retries available at start.
+    retry_reserve: u32 = "upstream.retry_reserve",
+    /// Bound on cached answers, in bytes.
+    cache_max_bytes: u64 = "cache.max_bytes",
+    /// Pass-through or managed.
+    auth_mode: AuthMode = "auth.mode",
+    /// API keys or mTLS (managed mode).
+    branch_auth: BranchAuth = "auth.branch_auth",
+    /// The acquirer's credentials (managed mode).
+    credentials: Option<AcquirerCredentials> = "auth.acquirer_token / auth.auth_token",
+    /// Log line format.
+    log_format: LogFormat = "log.format",
+    /// Log filter.
+    log_filter: String = "log.filter",
+}
+
+impl Settings {
+    /// Reads, parses and builds a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses and builds TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file = FileConfig::parse(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::build(&file)
+    }
+
+    /// Checks the whole file and builds everything it implies; nothing is built twice.
+    pub fn build(file: &FileConfig) -> Result<Self, ConfigError> {
+        let (answers, stale_if_error, session_tokens, sharing) = cache_policies(file)?;
+        check_server(&file.server)?;
+        let upstream = upstream_tunables(&file.upstream, &file.limits)?;
+        let (branch_limiter, diia_budget) = limiters(&file.limits)?;
+        let tls = tls_acceptor(&file.server)?;
+        let (api_keys, credentials) = auth(&file.auth, &file.server)?;
+        let target = upstream_target(file)?;
+        let hot = Hot {
+            body_limit: file.server.body_limit,
+            body_timeout: file.server.body_timeout,
+            request_deadline: file.server.request_deadline,
+            answers,
+            stale_if_error,
+            session_tokens,
+            refresh_margin: file.tokens.refresh_margin,
+            sharing,
+            upstream,
+            branch_limiter,
+            diia_budget,
+            tls,
+            api_keys,
+        };
+        let cold = cold(file, target, credentials);
+        let keys = HashKey::random().map_err(|e| invalid("keys", e.to_string()))?;
+        Ok(Self {
+            hot: Arc::new(hot),
+            cold,
+            keys,
+        })
+    }
+
+    /// The same settings with another upstream (the embedded simulator once it listens).
+    #[must_use]
+    pub fn with_upstream_url(mut self, url: String) -> Self {
+        self.cold.upstream = UpstreamTarget::Url(url);
+        self
+    }
+}
+
+fn cold(
+    file: &FileConfig,
+    upstream: UpstreamTarget,
+    credentials: Option<AcquirerCredentials>,
+) -> Cold {
+    let (server, up) = (&file.server, &file.upstream);
+    Cold {
+        listen: server.listen,
+        admin_listen: server.admin_listen,
+        max_connections: server.max_connections,
+        max_in_flight: server.max_in_flight,
+        header_read_timeout: server.header_read_timeout,
+        idle_timeout: server.idle_timeout,
+        drain_delay: server.drain_delay,
+        drain_timeout: server.drain_timeout,
+        tls: server.tls.is_some(),
+        client_certificates: server.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        upstream,
+        connect_timeout: up.connect_timeout,
+        pool_idle_timeout: up.pool_idle_timeout,
+        pool_max_idle: up.pool_max_idle,
+        ca_file: up.ca_file.clone(),
+        breaker_failures: up.breaker_failures,
+        breaker_cooldown: up.breaker_cooldown,
+        retry_ratio: up.retry_ratio,
+        retry_reserve: up.retry_reserve,
+        cache_max_bytes: file.cache.max_bytes,
+        auth_mode: file.auth.mode,
+        branch_auth: file.auth.branch_auth,
+        credentials,
+        log_format: file.log.format,
+        log_filter: file.log.filter.clone(),
+    }
+}
+
+/// `[cache]`, `[sharing]`, `[tokens]`: how long answers live, all bounded by Diia's facts.
+fn cache_policies(file: &FileConfig) -> Result<(Policy, Duration, Policy, Policy), ConfigError> {
+    let CacheConfig {
+        ttl,
+        negative_ttl,
+        max_bytes,
+        stale_if_error,
+    } = file.cache;
+    if ttl.is_zero() || ttl > BARCODE_LIFETIME {
+        return Err(invalid(
+            "cache.ttl",
+            format!(
+                "{} must be above 0 and at most 180s: a barcode lives 3 minutes",
+                humantime::format_duration(ttl)
+            ),
+        ));
+    }
+    if negative_ttl > ttl {
+        return Err(invalid(
+            "cache.negative_ttl",
+            "must not be longer than cache.ttl: negative answers are kept shorter",
+        ));
+    }
+    if ttl + stale_if_error > BARCODE_LIFETIME {
+        return Err(invalid(
+            "cache.stale_if_error",
+            "cache.ttl + cache.stale_if_error must not exceed 180s: a barcode lives 3 minutes",
+        ));
+    }
+    if max_bytes < 1024 * 1024 {
+        return Err(invalid(
+            "cache.max_bytes",
+            "must be at least 1048576 (1 MiB)",
+        ));
+    }
+    let replay_ttl = file.sharing.replay_ttl;
+    if replay_ttl.is_zero() || replay_ttl > BARCODE_LIFETIME {
+        return Err(invalid(
+            "sharing.replay_ttl",
+            "must be above 0 and at most 180s: a barcode lives 3 minutes",
+        ));
+    }
+    let margin = file.tokens.refresh_margin;
+    if margin >= SESSION_TOKEN_LIFETIME {
+        return Err(invalid(
+            "tokens.refresh_margin",
+            "must be shorter than the 2h token life",
+        ));
+    }
+    Ok((
+        Policy::Verification { ttl, negative_ttl },
+        stale_if_error,
+        Policy::SessionToken { margin },
+        Policy::Sharing { ttl: replay_ttl },
+    ))
+}
+
+/// `[server]` bounds.
+fn check_server(server: &ServerConfig) -> Result<(), ConfigError> {
+    if server.body_limit == 0 || server.body_limit > 16 * 1024 * 1024 {
+        return Err(invalid(
+            "server.body_limit",
+            "must be between 1 and 16777216 bytes",
+        ));
+    }
+    for (key, value) in [
+        ("server.body_timeout", server.body_timeout),
+        ("server.request_deadline", server.request_deadline),
+        ("server.header_read_timeout", server.header_read_timeout),
+        ("server.drain_timeout", server.drain_timeout),
+    ] {
+        if value.is_zero() {
+            return Err(invalid(key, "must be above 0"));
+        }
+    }
+    if server.idle_timeout <= server.request_deadline {
+        return Err(invalid(
+            "server.idle_timeout",
+            "must be longer than server.request_deadline, or a waiting client is cut off",
+        ));
+    }
+    if server.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be above 0"));
+    }
+    if server.max_in_flight == 0 {
+        return Err(invalid("server.max_in_flight", "must be above 0"));
+    }
+    if server.listen == server.admin_listen && server.listen.port() != 0 {
+        return Err(invalid(
+            "server.admin_listen",
+            "must differ from server.listen",
+        ));
+    }
+    Ok(())
+}
+
+/// `[upstream]` per-call values.
+fn upstream_tunables(
+    upstream: &UpstreamConfig,
+    limits: &LimitsConfig,
+) -> Result<UpstreamTunables, ConfigError> {
+    for (key, value) in [
+        ("upstream.connect_timeout", upstream.connect_timeout),
+        ("upstream.timeout", upstream.timeout),
+        ("upstream.breaker_cooldown", upstream.breaker_cooldown),
+    ] {
+        if value.is_zero() {
+            return Err(invalid(key, "must be above 0"));
+        }
+    }
+    if !(0.0..=1.0).contains(&upstream.retry_ratio) {
+        return Err(invalid("upstream.retry_ratio", "must be within [0, 1]"));
+    }
+    if upstream.breaker_failures == 0 {
+        return Err(invalid("upstream.breaker_failures", "must be above 0"));
+    }
+    if upstream.max_response_body == 0 {
+        return Err(invalid("upstream.max_response_body", "must be above 0"));
+    }
+    if let Some(ca) = &upstream.ca_file {
+        crate::tls::upstream_roots(Some(ca)).map_err(|p| invalid("upstream.ca_file", p))?;
+    }
+    Ok(UpstreamTunables {
+        timeout: upstream.timeout,
+        max_response_body: upstream.max_response_body,
+        max_retries: upstream.max_retries,
+        retry_backoff: upstream.retry_backoff,
+        budget_wait: limits.diia.max_wait,
+    })
+}
+
+/// `[limits]`: the governor limiters.
+fn limiters(limits: &LimitsConfig) -> Result<(Arc<BranchLimiter>, Arc<BudgetQuota>), ConfigError> {
+    if limits.diia.max_backoff.is_zero() {
+        return Err(invalid("limits.diia.max_backoff", "must be above 0"));
+    }
+    Ok((
+        Arc::new(BranchLimiter::new(&limits.branch)),
+        Arc::new(BudgetQuota::new(&limits.diia)),
+    ))
+}
+
+/// `[server.tls]`: the acceptor, built once (and again by each reload, to pick up renewed
+/// certificates).
+fn tls_acceptor(server: &ServerConfig) -> Result<Option<TlsAcceptor>, ConfigError> {
+    let Some(tls) = &server.tls else {
+        return Ok(None);
+    };
+    let config = crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
+        .map_err(|problem| invalid("server.tls", problem))?;
+    Ok(Some(TlsAcceptor::from(config)))
+}
+
+/// `[auth]`: API keys and the acquirer's credentials in managed mode.
+fn auth(
+    auth: &AuthConfig,
+    server: &ServerConfig,
+) -> Result<(Option<Arc<ApiKeys>>, Option<AcquirerCredentials>), ConfigError> {
+    if auth.mode == AuthMode::PassThrough {
+        return Ok((None, None));
+    }
+    let credentials = credentials(auth)?;
+    match auth.branch_auth {
+        BranchAuth::ApiKey => {
+            if auth.api_keys.is_empty() {
+                return Err(invalid(
+                    "auth.api_keys",
+                    "managed mode with api-key branch auth needs at least one key",
+                ));
+            }
+            let keys = ApiKeys::new(&auth.api_keys).map_err(|p| invalid("auth.api_keys", p))?;
+            Ok((Some(Arc::new(keys)), Some(credentials)))
+        }
+        BranchAuth::Mtls => {
+            if server
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca.as_ref())
+                .is_none()
+            {
+                return Err(invalid(
+                    "auth.branch_auth",
+                    "mtls needs server.tls.client_ca",
+                ));
+            }
+            Ok((None, Some(credentials)))
+        }
+    }
+}
+
+/// The acquirer token and auth token, from the file or the environment.
+fn credentials(auth: &AuthConfig) -> Result<AcquirerCredentials, ConfigError> {
+    let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let acquirer_token = auth
+        .acquirer_token
+        .clone()
+        .or_else(|| from_env(&auth.acquirer_token_env))
+        .ok_or_else(|| {
+            invalid(
+                "auth.acquirer_token",
+                format!(
+                    "managed mode needs auth.acquirer_token or ${}",
+                    auth.acquirer_token_env
+                ),
+            )
+        })?;
+    let auth_token = auth
+        .auth_token
+        .clone()
+        .or_else(|| from_env(&auth.auth_token_env));
+    Ok(AcquirerCredentials {
+        acquirer_token: Secret::new(acquirer_token),
+        auth_token: auth_token.map(Secret::new),
+    })
+}
+
+/// `upstream.base_url`, or the embedded simulator of `[simulator]`.
+fn upstream_target(file: &FileConfig) -> Result<UpstreamTarget, ConfigError> {
+    if let Some(table) = &file.simulator {
+        return embedded_simulator(table, file.server.listen);
+    }
+    let uri: http::Uri = file
+        .upstream
+        .base_url
+        .parse()
+        .map_err(|e| invalid("upstream.base_url", format!("not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("https" | "http") if uri.host().is_some() => {}
+        _ => {
+            return Err(invalid(
+                "upstream.base_url",
+                "must be an absolute http:// or https:// URL, e.g. https://api2.diia.gov.ua",
+            ));
+        }
+    }
+    if uri.query().is_some() {
+        return Err(invalid("upstream.base_url", "must not carry a query"));
+    }
+    Ok(UpstreamTarget::Url(file.upstream.base_url.clone()))
+}
+
+/// `[simulator]`: only in a build with the simulator, and only for a gateway that listens
+/// on loopback (a simulator that says every barcode is valid must never face branches).
+#[cfg(feature = "embedded-sim")]
+fn embedded_simulator(
+    table: &toml::Table,
+    listen: SocketAddr,
+) -> Result<UpstreamTarget, ConfigError> {
+    use serde::Deserialize;
+    let sim = diia_sim::SimConfig::deserialize(table.clone())
+        .map_err(|e| invalid("simulator", e.to_string()))?;
+    sim.validate().map_err(|p| invalid("simulator", p))?;
+    if !listen.ip().is_loopback() {
+        return Err(invalid(
+            "simulator",
+            "the embedded simulator is for demos and tests: server.listen must be a loopback \
+             address while [simulator] is present (remove [simulator] and set upstream.base_url \
+             for production)",
+        ));
+    }
+    Ok(UpstreamTarget::Embedded(sim))
+}
+
+/// `[simulator]` in a build without it: say so instead of silently ignoring the table.
+#[cfg(not(feature = "embedded-sim"))]
+fn embedded_simulator(
+    _table: &toml::Table,
+    _listen: SocketAddr,
+) -> Result<UpstreamTarget, ConfigError> {
+    Err(invalid(
+        "simulator",
+        "this build has no embedded simulator (built without the `embedded-sim` feature); \
+         remove [simulator] and set upstream.base_url",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(text: &str) -> String {
+        match Settings::from_toml(text) {
+            Ok(_) => panic!("config must be refused: {text}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_a_valid_production_config() {
+        let settings = Settings::from_toml("").expect("defaults are valid");
+        assert!(matches!(
+            settings.hot.answers,
+            Policy::Verification { ttl, .. } if ttl == Duration::from_secs(60)
+        ));
+        assert_eq!(
+            settings.cold.upstream,
+            UpstreamTarget::Url("https://api2.diia.gov.ua".to_owned())
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(problem("[cache]\nttl = \"5m\"").starts_with("cache.ttl:"));
+        assert!(
+            problem("[cache]\nttl = \"20s\"\nnegative_ttl = \"30s\"")
+                .starts_with("cache.negative_ttl:")
+        );
+        assert!(problem("[upstream]\nbase_url = \"ftp://x\"").starts_with("upstream.base_url:"));
+        assert!(problem("[server]\nbody_limit = 0").starts_with("server.body_limit:"));
+        assert!(problem("[cache]\nttl_typo = \"5s\"").contains("ttl_typo"));
+        assert!(problem("[limits.branch]\nper_minute = 0").contains("per_minute"));
+        assert!(problem("[sharing]\nreplay_ttl = \"10m\"").starts_with("sharing.replay_ttl:"));
+        assert!(
+            problem("[auth]\nmode = \"managed\"\nacquirer_token = \"t\"")
+                .starts_with("auth.api_keys:")
+        );
+    }
+
+    #[cfg(feature = "embedded-sim")]
+    #[test]
+    fn simulator_needs_a_loopback_listener() {
+        let text = "[server]\nlisten = \"0.0.0.0:8080\"\n[simulator]\nauto_issue = true\n";
+        assert!(problem(text).starts_with("simulator:"));
+        assert!(Settings::from_toml("[simulator]\nauto_issue = true\n").is_ok());
+        assert!(problem("[simulator]\nauto_isue = true\n").starts_with("simulator:"));
+    }
+
+    #[test]
+    fn cold_diff_names_every_changed_key() {
+        let a = Settings::from_toml("").expect("valid").cold;
+        let b = Settings::from_toml("[server]\nmax_in_flight = 7\n[upstream]\npool_max_idle = 3\n")
+            .expect("valid")
+            .cold;
+        assert_eq!(
+            a.changed_keys(&b),
+            ["server.max_in_flight", "upstream.pool_max_idle"]
+        );
+        assert!(a.changed_keys(&a.clone()).is_empty());
+    }
+
+    #[test]
+    fn shipped_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("config dir") {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.ends_with(".toml") && !name.starts_with("sim") && !name.starts_with("scenario")
+            {
+                if let Err(error) = Settings::load(&path) {
+                    panic!("{}: {error}", path.display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "gateway.toml and demo.toml must be shipped");
+    }
+}

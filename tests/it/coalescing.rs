@@ -1,0 +1,102 @@
+//! Identical concurrent requests make one Diia call, and that call survives its client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::json;
+use support::Harness;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_identical_requests_make_one_diia_call() {
+    let h = Arc::new(Harness::start().await);
+    let token = h.session_token().await;
+    let barcode = h.issue_barcode().await;
+    h.set_faults(json!({"latency": "300ms"})).await;
+
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let h = Arc::clone(&h);
+            let (token, barcode) = (token.clone(), barcode.clone());
+            tokio::spawn(async move { h.identify(&token, "branch-1", &barcode).await })
+        })
+        .collect();
+    let mut coalesced = 0;
+    for task in tasks {
+        let reply = task.await.expect("task");
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["success"], true);
+        if reply.header("cache-status") == Some("diia-gateway; fwd=miss; collapsed") {
+            coalesced += 1;
+        }
+    }
+    assert_eq!(
+        h.sim_calls("document_identification").await,
+        1,
+        "exactly one call reached Diia"
+    );
+    assert!(
+        coalesced > 0,
+        "some requests must have waited behind the leader"
+    );
+    let saved = h.metric("diia_gateway_diia_calls_saved_total").await;
+    assert_eq!(
+        saved, 99.0,
+        "99 of 100 requests were answered without a Diia call"
+    );
+}
+
+#[tokio::test]
+async fn leader_call_finishes_after_its_client_hangs_up() {
+    let h = Arc::new(Harness::start().await);
+    let token = h.session_token().await;
+    let barcode = h.issue_barcode().await;
+    h.set_faults(json!({"latency": "400ms"})).await;
+
+    let leader = {
+        let h = Arc::clone(&h);
+        let (token, barcode) = (token.clone(), barcode.clone());
+        tokio::spawn(async move { h.identify(&token, "b", &barcode).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort(); // the branch backend gives up; the connection is dropped
+    let _ = leader.await;
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    h.set_faults(json!({})).await;
+    // The abandoned call still completed and filled the cache: the re-scan is a hit,
+    // and the single-use barcode was sent to Diia exactly once.
+    let rescan = h.identify(&token, "b", &barcode).await;
+    assert_eq!(rescan.status, StatusCode::OK);
+    assert_eq!(rescan.header("cache-status"), Some("diia-gateway; hit"));
+    assert_eq!(h.sim_calls("document_identification").await, 1);
+}
+
+#[tokio::test]
+async fn waiters_are_bounded_by_the_request_deadline() {
+    let h = Arc::new(
+        Harness::with(
+            |_| {},
+            |c| {
+                c.server.request_deadline = Duration::from_millis(300);
+                c.upstream.timeout = Duration::from_secs(5);
+            },
+        )
+        .await,
+    );
+    let token = h.session_token().await;
+    let barcode = h.issue_barcode().await;
+    h.set_faults(json!({"latency": "1500ms"})).await;
+    let started = std::time::Instant::now();
+    let reply = h.identify(&token, "b", &barcode).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.gateway_code(), "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "answered at the deadline, not after Diia"
+    );
+}

@@ -1,0 +1,72 @@
+//! Graceful drain: readiness fails first, in-flight requests finish, then the listener is gone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::json;
+use support::Harness;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_requests_and_fails_readiness_first() {
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.server.drain_delay = Duration::from_millis(300);
+            c.server.drain_timeout = Duration::from_secs(5);
+        },
+    )
+    .await;
+    let token = h.session_token().await;
+    let mut barcodes = Vec::new();
+    for _ in 0..20 {
+        barcodes.push(h.issue_barcode().await);
+    }
+    h.set_faults(json!({"latency": "700ms"})).await;
+    let addr = h.gateway.addr();
+    let admin = h.gateway.admin_addr();
+    let h = Arc::new(h);
+    let in_flight: Vec<_> = barcodes
+        .into_iter()
+        .enumerate()
+        .map(|(i, barcode)| {
+            let (h, token) = (Arc::clone(&h), token.clone());
+            tokio::spawn(async move { h.identify(&token, &format!("b{i}"), &barcode).await.status })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    h.gateway.shutdown_handle().trigger(); // what SIGTERM does
+
+    let client = support::client();
+    let ready = support::send(
+        &client,
+        Method::GET,
+        &format!("http://{admin}/readyz"),
+        &[],
+        String::new(),
+    )
+    .await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "readiness fails first"
+    );
+
+    for task in in_flight {
+        assert_eq!(
+            task.await.unwrap(),
+            StatusCode::OK,
+            "no in-flight request fails"
+        );
+    }
+    // After the delay and the drain the listener is closed: new connections are refused.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed after the drain"
+    );
+}

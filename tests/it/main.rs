@@ -1,0 +1,25 @@
+//! Integration tests over real loopback sockets, one binary (one link on the 2-core CI).
+//! Each module is one user-visible behaviour; `support` is the shared harness.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod cache;
+mod cli;
+mod coalescing;
+mod drain;
+mod limits;
+mod managed;
+mod metrics;
+mod overload;
+mod passthrough;
+mod properties;
+mod reload;
+mod resilience;
+mod sharing;
+mod tls;
+mod tokens;
+mod upstream_down;
+mod upstream_misbehaviour;
+mod validation;

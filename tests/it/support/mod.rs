@@ -1,0 +1,323 @@
+//! Shared test harness: a real simulator and a real gateway on loopback, and an HTTP
+//! client that talks to them over sockets; or a bare gateway in front of any upstream
+//! (raw-socket fault servers). Every wait is bounded.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use diia_gateway::config::FileConfig;
+use diia_gateway::{RunningGateway, Settings, start};
+use diia_sim::{
+    DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimAcquirer, SimConfig, SimHandle, Simulator,
+};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// A second acquirer, for isolation tests.
+pub const OTHER_ACQUIRER_TOKEN: &str = "other_test_token_000002";
+/// Basic credentials of the second acquirer.
+pub const OTHER_AUTH_TOKEN: &str = "YWNxdWlyZXJfMjpvdGhlcl90ZXN0X3Rva2VuXzAwMDAwMg==";
+
+/// Longest any single test request may take before the test fails instead of hanging.
+pub const REQUEST_BOUND: Duration = Duration::from_secs(20);
+
+/// A simulator config on a free loopback port with two acquirers.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        acquirers: vec![
+            SimAcquirer {
+                token: DEMO_ACQUIRER_TOKEN.to_owned(),
+                auth_token: Some(DEMO_AUTH_TOKEN.to_owned()),
+            },
+            SimAcquirer {
+                token: OTHER_ACQUIRER_TOKEN.to_owned(),
+                auth_token: Some(OTHER_AUTH_TOKEN.to_owned()),
+            },
+        ],
+        ..SimConfig::default()
+    }
+}
+
+/// A gateway config on free loopback ports pointed at `base_url`.
+pub fn gateway_config(base_url: &str) -> FileConfig {
+    let mut config = FileConfig::default();
+    config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.server.admin_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.upstream.base_url = base_url.to_owned();
+    config.limits.branch.per_minute = 100_000.try_into().unwrap();
+    config.limits.branch.burst = 10_000.try_into().unwrap();
+    config
+}
+
+/// An answer as the test sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON (panics with the body text when it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Our `gatewayCode`, for gateway-made errors.
+    pub fn gateway_code(&self) -> String {
+        self.json()["gatewayCode"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// Simulator + gateway + client.
+pub struct Harness {
+    pub sim: SimHandle,
+    pub gateway: RunningGateway,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Harness {
+    /// Defaults everywhere.
+    pub async fn start() -> Self {
+        Self::with(|_| {}, |_| {}).await
+    }
+
+    /// Tweaks the simulator and gateway configs before starting them.
+    pub async fn with(
+        sim: impl FnOnce(&mut SimConfig),
+        gateway: impl FnOnce(&mut FileConfig),
+    ) -> Self {
+        let mut sim_config = sim_config();
+        sim(&mut sim_config);
+        let sim = Simulator::start(sim_config)
+            .await
+            .expect("simulator starts");
+        let mut config = gateway_config(&sim.base_url());
+        gateway(&mut config);
+        let gateway = start_gateway(config).await;
+        Self {
+            sim,
+            gateway,
+            client: client(),
+        }
+    }
+
+    /// `http://gateway/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway.addr())
+    }
+
+    /// Sends a request to the gateway.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        send(
+            &self.client,
+            method,
+            &self.url(path),
+            headers,
+            body.to_owned(),
+        )
+        .await
+    }
+
+    /// A session token for the demo acquirer, through the gateway.
+    pub async fn session_token(&self) -> String {
+        self.session_token_for(DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+            .await
+    }
+
+    /// A session token for an acquirer, through the gateway.
+    pub async fn session_token_for(&self, acquirer: &str, basic: &str) -> String {
+        let reply = self
+            .send(
+                Method::GET,
+                &format!("/api/v1/auth/acquirer/{acquirer}"),
+                &[("authorization", &format!("Basic {basic}"))],
+                "",
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "token exchange: {:?}",
+            reply.body
+        );
+        reply.json()["token"].as_str().expect("token").to_owned()
+    }
+
+    /// POSTs JSON with a bearer token.
+    pub async fn post(&self, path: &str, token: &str, body: &str) -> Reply {
+        let bearer = format!("Bearer {token}");
+        self.send(
+            Method::POST,
+            path,
+            &[
+                ("authorization", &bearer),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+    }
+
+    /// `document-identification` for a branch and barcode.
+    pub async fn identify(&self, token: &str, branch: &str, barcode: &str) -> Reply {
+        self.post(
+            "/api/v1/acquirers/document-identification",
+            token,
+            &format!(r#"{{"branchId":"{branch}","barcode":"{barcode}"}}"#),
+        )
+        .await
+    }
+
+    /// `document-request` by barcode.
+    pub async fn share(&self, token: &str, branch: &str, barcode: &str, request_id: &str) -> Reply {
+        self.post(
+            "/api/v1/acquirers/document-request",
+            token,
+            &format!(
+                r#"{{"branchId":"{branch}","barcode":"{barcode}","requestId":"{request_id}"}}"#
+            ),
+        )
+        .await
+    }
+
+    /// Issues a barcode at the simulator over HTTP, as the phone app would.
+    pub async fn issue_barcode(&self) -> String {
+        let url = format!("{}/sim/barcodes", self.sim.base_url());
+        let reply = send(&self.client, Method::POST, &url, &[], String::new()).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        reply.json()["barcode"]
+            .as_str()
+            .expect("barcode")
+            .to_owned()
+    }
+
+    /// The simulator's counters over HTTP.
+    pub async fn sim_stats(&self) -> Value {
+        let url = format!("{}/sim/stats", self.sim.base_url());
+        send(&self.client, Method::GET, &url, &[], String::new())
+            .await
+            .json()
+    }
+
+    /// Requests the simulator saw for one endpoint label.
+    pub async fn sim_calls(&self, endpoint: &str) -> u64 {
+        self.sim_stats().await["requests"][endpoint]
+            .as_u64()
+            .expect("counter")
+    }
+
+    /// Requests the simulator saw in all.
+    pub async fn sim_total(&self) -> u64 {
+        self.sim_stats().await["total"].as_u64().expect("counter")
+    }
+
+    /// Replaces the simulator's fault knobs over HTTP.
+    pub async fn set_faults(&self, faults: Value) {
+        let url = format!("{}/sim/faults", self.sim.base_url());
+        let reply = send(&self.client, Method::PUT, &url, &[], faults.to_string()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.gateway.admin_addr());
+        let reply = send(&self.client, Method::GET, &url, &[], String::new()).await;
+        String::from_utf8(reply.body.to_vec()).expect("utf-8")
+    }
+
+    /// A counter value from `/metrics` (0 when absent).
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        metric_value(&self.metrics().await, name_and_labels)
+    }
+}
+
+/// A bare gateway from a file config (no simulator): fault, reload and validation tests
+/// point it at their own upstreams.
+pub async fn start_gateway(config: FileConfig) -> RunningGateway {
+    let settings = Settings::build(&config).expect("test config is valid");
+    start(settings).await.expect("gateway starts")
+}
+
+/// The value of the exposition line starting with `name_and_labels`.
+pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == name_and_labels)
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Issues a barcode at the simulator listening on `sim` (`host:port`).
+pub async fn issue_barcode_at(client: &Client<HttpConnector, Full<Bytes>>, sim: &str) -> String {
+    let url = format!("http://{sim}/sim/barcodes");
+    let reply = send(client, Method::POST, &url, &[], String::new()).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    reply.json()["barcode"]
+        .as_str()
+        .expect("barcode")
+        .to_owned()
+}
+
+/// A plain HTTP/1.1 client.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends one request and buffers the answer, failing the test after [`REQUEST_BOUND`].
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> Reply {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder.body(Full::new(Bytes::from(body))).expect("request");
+    let response = tokio::time::timeout(REQUEST_BOUND, client.request(request))
+        .await
+        .expect("answer within bound")
+        .expect("HTTP exchange");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// A loopback port with nothing listening on it.
+pub fn dead_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
