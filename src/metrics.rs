@@ -87,6 +87,31 @@ impl RequestOutcome {
     }
 }
 
+/// One counter per (endpoint or none) × outcome, fetched by index on the hot path.
+fn request_table(family: &Family<Labels2, Counter>) -> Vec<[Counter; RequestOutcome::ALL.len()]> {
+    let endpoint_labels = Endpoint::ALL.iter().map(|e| e.label()).chain(["none"]);
+    endpoint_labels
+        .map(|endpoint| {
+            RequestOutcome::ALL.map(|outcome| {
+                family
+                    .get_or_create(&[("endpoint", endpoint), ("outcome", outcome.label())])
+                    .clone()
+            })
+        })
+        .collect()
+}
+
+/// Registers `metric` and hands back the handle the hot path keeps.
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels1 = [(&'static str, &'static str); 1];
 
@@ -118,35 +143,26 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("diia_gateway");
-        let requests_family = Family::<Labels2, Counter>::default();
-        registry.register(
+        let requests_family = registered(
+            &mut registry,
             "requests",
             "Requests by endpoint and outcome (hit, miss, coalesced, replayed, passthrough, rejected, limited, upstream_error, stale, internal)",
-            requests_family.clone(),
+            Family::<Labels2, Counter>::default(),
         );
-        let endpoint_labels = Endpoint::ALL.iter().map(|e| e.label()).chain(["none"]);
-        let requests = endpoint_labels
-            .map(|endpoint| {
-                RequestOutcome::ALL.map(|outcome| {
-                    requests_family
-                        .get_or_create(&[("endpoint", endpoint), ("outcome", outcome.label())])
-                        .clone()
-                })
-            })
-            .collect();
-        let errors = Family::<Labels1, Counter>::default();
-        registry.register(
+        let requests = request_table(&requests_family);
+        let errors = registered(
+            &mut registry,
             "errors",
             "Answers the gateway made up itself, by gatewayCode",
-            errors.clone(),
+            Family::<Labels1, Counter>::default(),
         );
-        let latency_family = Family::<Labels1, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
-        });
-        registry.register(
+        let latency_family = registered(
+            &mut registry,
             "upstream_latency_seconds",
             "Time from sending a request to Diia to having its whole answer",
-            latency_family.clone(),
+            Family::<Labels1, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+            }),
         );
         let upstream_latency = Endpoint::ALL
             .iter()
@@ -156,41 +172,41 @@ impl Metrics {
                     .clone()
             })
             .collect();
-        let upstream_calls = Family::<Labels2, Counter>::default();
-        registry.register(
+        let upstream_calls = registered(
+            &mut registry,
             "upstream_calls",
             "Calls made to Diia by endpoint and result (ok, definitive, refused, throttled, failed, or the gateway error)",
-            upstream_calls.clone(),
+            Family::<Labels2, Counter>::default(),
         );
-        let saved = Counter::default();
-        registry.register(
+        let saved = registered(
+            &mut registry,
             "diia_calls_saved",
             "Requests answered without a Diia call (hit, coalesced, replayed)",
-            saved.clone(),
+            Counter::default(),
         );
-        let retries = Counter::default();
-        registry.register(
+        let retries = registered(
+            &mut registry,
             "upstream_retries",
             "Retries of safe calls after a connect failure (within the retry budget)",
-            retries.clone(),
+            Counter::default(),
         );
-        let breaker_open = Gauge::default();
-        registry.register(
+        let breaker_open = registered(
+            &mut registry,
             "circuit_open",
             "1 while the circuit breaker toward Diia is open",
-            breaker_open.clone(),
+            Gauge::default(),
         );
-        let cache_entries = Family::<Labels1, Gauge>::default();
-        registry.register(
+        let cache_entries = registered(
+            &mut registry,
             "cache_entries",
             "Entries held per cache (answers and calls under way)",
-            cache_entries.clone(),
+            Family::<Labels1, Gauge>::default(),
         );
-        let branches_tracked = Gauge::default();
-        registry.register(
+        let branches_tracked = registered(
+            &mut registry,
             "branches_tracked",
             "Branches with a rate-limit state in memory",
-            branches_tracked.clone(),
+            Gauge::default(),
         );
         Self {
             registry,

@@ -204,3 +204,139 @@ async fn a_new_upstream_deadline_applies_to_the_next_call() {
         "the reloaded 300ms deadline applied"
     );
 }
+
+/// Each class of cold setting (listeners, caps, pool, breaker, cache capacity, auth mode,
+/// log): a reload that changes it is refused naming the key, over SIGHUP's path and over
+/// `POST /reload`, and nothing else in that file is applied either.
+#[tokio::test]
+async fn a_cold_change_is_refused_by_name_and_nothing_is_applied() {
+    let (sim, file, gateway) = start_from_file().await;
+    let base = config_text(&sim.base_url(), 1, 1, "60s");
+    let with = |section: &str, line: &str| {
+        base.replace(&format!("[{section}]\n"), &format!("[{section}]\n{line}\n"))
+    };
+    let cases = [
+        (
+            base.replace(
+                "[server]\nlisten = \"127.0.0.1:0\"",
+                "[server]\nlisten = \"127.0.0.1:1\"",
+            ),
+            "server.listen",
+        ),
+        (with("server", "max_in_flight = 7"), "server.max_in_flight"),
+        (
+            with("upstream", "pool_max_idle = 3"),
+            "upstream.pool_max_idle",
+        ),
+        (
+            with("upstream", "breaker_failures = 9"),
+            "upstream.breaker_failures",
+        ),
+        (
+            base.replace("[cache]\n", "[cache]\nmax_bytes = 2097152\n"),
+            "cache.max_bytes",
+        ),
+        (format!("{base}[log]\nformat = \"text\"\n"), "log.format"),
+    ];
+    let client = support::client();
+    let admin = format!("http://{}/reload", gateway.admin_addr());
+    for (text, key) in &cases {
+        rewrite(&file, text);
+        let problem = gateway.reload().expect_err("cold change refused");
+        assert!(problem.starts_with(key), "{key}: {problem}");
+        let refused = support::send(&client, Method::POST, &admin, &[], String::new()).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        let body = String::from_utf8_lossy(&refused.body).into_owned();
+        assert!(body.contains(key), "{key}: {body}");
+    }
+    // Every refused file also had 1/min branch limits: none of them applied.
+    let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
+    for _ in 0..3 {
+        let status = on_connection(
+            &mut stream,
+            "/api/v1/acquirers/document-identification",
+            r#"{"branchId":"cold","barcode":"3389798072091"}"#,
+        )
+        .await;
+        assert_ne!(status, 429);
+    }
+}
+
+#[tokio::test]
+async fn a_new_diia_budget_applies_to_the_next_call() {
+    let (sim, file, gateway) = start_from_file().await;
+    let text = format!(
+        "{}[limits.diia]\nper_second = 1\nburst = 1\nmax_wait = \"1ms\"\n",
+        config_text(&sim.base_url(), 100_000, 10_000, "60s")
+    );
+    rewrite(&file, &text);
+    gateway.reload().unwrap();
+    let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
+    let path = "/api/v1/acquirers/document-identification";
+    let mut statuses = Vec::new();
+    for base in [338_979_807_209, 482_000_000_000, 482_000_000_001] {
+        let barcode = diia_sim::Code::issue(base).unwrap().digits();
+        let body = format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#);
+        statuses.push(on_connection(&mut stream, path, &body).await);
+    }
+    // One call a second with no wait: the first goes to Diia (401 for the fake token),
+    // the next distinct ones find the budget empty.
+    assert_ne!(statuses[0], 503, "{statuses:?}");
+    assert_eq!(&statuses[1..], [503, 503], "{statuses:?}");
+}
+
+fn managed_text(sim: &str, key: &str) -> String {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"{sim}\"\n\
+         [limits.branch]\nper_minute = 100000\nburst = 10000\n\
+         [auth]\nmode = \"managed\"\nacquirer_token = \"{}\"\nauth_token = \"{}\"\n\
+         [[auth.api_keys]]\nbranch = \"kyiv-001\"\nsha256 = \"{digest}\"\n",
+        diia_sim::DEMO_ACQUIRER_TOKEN,
+        diia_sim::DEMO_AUTH_TOKEN,
+    )
+}
+
+/// Managed mode: replacing a branch's key in the file and reloading takes effect at once
+/// (the old key is refused, the new one served).
+#[tokio::test]
+async fn api_key_rotation_by_reload_applies_at_once() {
+    let sim = Simulator::start(support::sim_config()).await.unwrap();
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    rewrite(&file, &managed_text(&sim.base_url(), "old-key-1"));
+    let settings = Settings::load(file.path()).unwrap();
+    let gateway = diia_gateway::start_with(settings, Some(file.path().to_owned()))
+        .await
+        .unwrap();
+    let client = support::client();
+    let url = format!(
+        "http://{}/api/v1/acquirers/document-identification",
+        gateway.addr()
+    );
+    let identify = |key: &'static str, barcode: String| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            support::send(
+                &client,
+                Method::POST,
+                &url,
+                &[("x-api-key", key), ("content-type", "application/json")],
+                format!(r#"{{"branchId":"kyiv-001","barcode":"{barcode}"}}"#),
+            )
+            .await
+        }
+    };
+    let first = sim.state().issue_barcode(true).digits();
+    assert_eq!(identify("old-key-1", first).await.status, StatusCode::OK);
+
+    rewrite(&file, &managed_text(&sim.base_url(), "new-key-2"));
+    gateway.reload().unwrap();
+    let second = sim.state().issue_barcode(true).digits();
+    let old = identify("old-key-1", second.clone()).await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(old.gateway_code(), "invalid_api_key");
+    assert_eq!(identify("new-key-2", second).await.status, StatusCode::OK);
+}
