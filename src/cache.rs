@@ -265,17 +265,20 @@ impl AnswerCache {
             longest_call,
         } = lifetimes;
         let task = tokio::spawn(async move {
-            let outcome = Arc::new(call.await);
+            let outcome = Arc::new(policy.settle(call.await));
             let ttl = policy.ttl(&outcome);
             let settled = Arc::clone(&outcome);
             let failed = is_failure(&outcome);
             cache
                 .entry(key)
                 .and_compute_with(|current| {
-                    let ours = matches!(
-                        current.as_ref().map(moka::Entry::value),
-                        Some(Slot::Pending { id: current_id, .. }) if *current_id == id
-                    );
+                    // Ours: still our pending call, or nothing (our lock aged out or was
+                    // evicted; nobody else started a call meanwhile).
+                    let ours = match current.as_ref().map(moka::Entry::value) {
+                        None => true,
+                        Some(Slot::Pending { id: current_id, .. }) => *current_id == id,
+                        Some(Slot::Ready { .. }) => false,
+                    };
                     let now = Instant::now();
                     let op = match (ours, ttl, kept) {
                         (false, _, _) => Op::Nop,

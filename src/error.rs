@@ -99,6 +99,10 @@ pub enum GatewayError {
     /// A sharing request with another `requestId` is already under way for this barcode.
     #[error("sharing already requested")]
     SharingAlreadyRequested,
+    /// A sharing request whose Diia call was sent but not answered in time (or answered
+    /// with garbage): the push may have happened, so the request is never sent again.
+    #[error("sharing outcome unknown")]
+    SharingOutcomeUnknown,
     /// This branch spent its budget.
     #[error("branch rate limited")]
     BranchRateLimited {
@@ -163,6 +167,7 @@ impl GatewayError {
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyRead | Self::InvalidJson => StatusCode::BAD_REQUEST,
             Self::SharingAlreadyRequested => StatusCode::CONFLICT,
+            Self::SharingOutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
             Self::BranchRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::DiiaBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
@@ -198,6 +203,7 @@ impl GatewayError {
             Self::InvalidField => "invalid_field",
             Self::InvalidQuery => "invalid_query",
             Self::SharingAlreadyRequested => "sharing_already_requested",
+            Self::SharingOutcomeUnknown => "sharing_outcome_unknown",
             Self::BranchRateLimited { .. } => "branch_rate_limited",
             Self::DiiaBudgetExhausted { .. } => "diia_budget_exhausted",
             Self::DiiaBackoff { .. } => "diia_backoff",
@@ -239,7 +245,8 @@ impl GatewayError {
             Self::UpstreamAuth
             | Self::UpstreamUnreachable
             | Self::UpstreamProtocol
-            | Self::UpstreamTimeout => Fault::Upstream,
+            | Self::UpstreamTimeout
+            | Self::SharingOutcomeUnknown => Fault::Upstream,
             Self::Internal => Fault::Internal,
         }
     }
@@ -272,7 +279,7 @@ impl GatewayError {
             Self::UpstreamUnreachable | Self::UpstreamProtocol | Self::UpstreamAuth => {
                 "BadGatewayError"
             }
-            Self::UpstreamTimeout => "GatewayTimeoutError",
+            Self::UpstreamTimeout | Self::SharingOutcomeUnknown => "GatewayTimeoutError",
             Self::Internal => "InternalServerError",
         }
     }
@@ -305,6 +312,9 @@ impl GatewayError {
             Self::InvalidQuery => "Query must carry barcode (13-digit EAN-13) and requestId",
             Self::SharingAlreadyRequested => {
                 "A sharing request with another requestId is already under way for this barcode"
+            }
+            Self::SharingOutcomeUnknown => {
+                "Diia did not confirm this sharing request in time; the consent push may have been sent. Do not resend: poll document-request/status with this requestId"
             }
             Self::BranchRateLimited { .. } => "Too many requests from this branch",
             Self::DiiaBudgetExhausted { .. } => "Diia request budget exhausted, retry later",

@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::Fault;
-use crate::route::Endpoint;
+use crate::route::{CallClass, Endpoint};
 
 /// How one request ended, from the gateway's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +127,7 @@ pub struct Metrics {
     upstream_calls: Family<Labels2, Counter>,
     saved: Counter,
     retries: Counter,
-    breaker_open: Gauge,
+    breaker_open: [Gauge; CallClass::ALL.len()],
     cache_entries: Family<Labels1, Gauge>,
     branches_tracked: Gauge,
 }
@@ -190,12 +190,17 @@ impl Metrics {
             "Retries of safe calls after a connect failure (within the retry budget)",
             Counter::default(),
         );
-        let breaker_open = registered(
+        let breaker_family = registered(
             &mut registry,
             "circuit_open",
-            "1 while the circuit breaker toward Diia is open",
-            Gauge::default(),
+            "1 while the circuit breaker toward Diia is open, per call class",
+            Family::<Labels1, Gauge>::default(),
         );
+        let breaker_open = CallClass::ALL.map(|class| {
+            breaker_family
+                .get_or_create(&[("class", class.label())])
+                .clone()
+        });
         let cache_entries = registered(
             &mut registry,
             "cache_entries",
@@ -257,9 +262,9 @@ impl Metrics {
         self.retries.inc();
     }
 
-    /// Sets the breaker gauge.
-    pub fn set_breaker_open(&self, open: bool) {
-        self.breaker_open.set(i64::from(open));
+    /// Sets a call class's breaker gauge.
+    pub fn set_breaker_open(&self, class: CallClass, open: bool) {
+        self.breaker_open[class.index()].set(i64::from(open));
     }
 
     /// Requests counted for an endpoint and outcome (tests and the load tool read this).

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::diia::{SESSION_TOKEN_LIFETIME, TokenLife, token_life};
+use crate::error::GatewayError;
 use crate::keys::{CacheKey, HashKey};
 use crate::request::{Checked, SharingSubject};
 use crate::route::Endpoint;
@@ -39,9 +40,26 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// What a finished call leaves behind. For sharing, a call whose outcome is unknown
+    /// (sent, then no valid answer in time) becomes [`GatewayError::SharingOutcomeUnknown`]:
+    /// the consent push may have happened, so it is remembered and never sent again.
+    #[must_use]
+    pub fn settle(&self, result: CallResult) -> CallResult {
+        match (self, &result) {
+            (
+                Self::Sharing { .. },
+                Err(GatewayError::UpstreamTimeout | GatewayError::UpstreamProtocol),
+            ) => Err(GatewayError::SharingOutcomeUnknown),
+            _ => result,
+        }
+    }
+
     /// How long a result may be kept; `None` means never (5xx, 429, 401, timeouts).
     #[must_use]
     pub fn ttl(&self, result: &CallResult) -> Option<Duration> {
+        if let (Self::Sharing { ttl }, Err(GatewayError::SharingOutcomeUnknown)) = (self, result) {
+            return Some(*ttl);
+        }
         let class = AnswerClass::of(result);
         let answer = result.as_ref().ok()?;
         let ttl = match (*self, class) {
@@ -162,7 +180,6 @@ pub fn slot_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::GatewayError;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use bytes::Bytes;
@@ -202,6 +219,30 @@ mod tests {
             assert_eq!(policy.ttl(&answer(status, "{}")), None, "{status}");
         }
         assert_eq!(policy.ttl(&Err(GatewayError::UpstreamTimeout)), None);
+    }
+
+    #[test]
+    fn an_unknown_sharing_outcome_is_remembered() {
+        let sharing = Policy::Sharing {
+            ttl: Duration::from_secs(180),
+        };
+        for unknown in [
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamProtocol,
+        ] {
+            let settled = sharing.settle(Err(unknown));
+            assert_eq!(settled, Err(GatewayError::SharingOutcomeUnknown));
+            assert_eq!(sharing.ttl(&settled), Some(Duration::from_secs(180)));
+        }
+        // Never sent: a retry may push.
+        let unsent = sharing.settle(Err(GatewayError::UpstreamUnreachable));
+        assert_eq!(sharing.ttl(&unsent), None);
+        let verification = Policy::Verification {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(10),
+        };
+        let timeout = verification.settle(Err(GatewayError::UpstreamTimeout));
+        assert_eq!(verification.ttl(&timeout), None);
     }
 
     #[test]

@@ -70,6 +70,63 @@ impl Endpoint {
     }
 }
 
+/// Which circuit breaker an endpoint's calls count toward: Diia failing on management
+/// routes must not stop verifications, and the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallClass {
+    /// Identification (and `/age`).
+    Verification,
+    /// Sharing and its status.
+    Sharing,
+    /// The session-token exchange.
+    Token,
+    /// Branches, offers, offer requests.
+    Management,
+}
+
+impl CallClass {
+    /// Every class, in index order.
+    pub const ALL: [Self; 4] = [
+        Self::Verification,
+        Self::Sharing,
+        Self::Token,
+        Self::Management,
+    ];
+
+    /// The class of an endpoint.
+    #[must_use]
+    pub fn of(endpoint: Endpoint) -> Self {
+        match endpoint {
+            Endpoint::DocumentIdentification | Endpoint::DocumentIdentificationAge => {
+                Self::Verification
+            }
+            Endpoint::DocumentRequest | Endpoint::DocumentRequestStatus => Self::Sharing,
+            Endpoint::TokenExchange => Self::Token,
+            Endpoint::Branches
+            | Endpoint::Offers
+            | Endpoint::OfferRequestDynamic
+            | Endpoint::OfferRequestStatus => Self::Management,
+        }
+    }
+
+    /// The `class` label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Verification => "verification",
+            Self::Sharing => "sharing",
+            Self::Token => "token",
+            Self::Management => "management",
+        }
+    }
+
+    /// Index into per-class tables.
+    #[must_use]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// A routed request: the endpoint plus where the path's id sits (so the route can live
 /// beside the request it was read from).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -111,11 +111,14 @@ pub struct UpstreamTunables {
 }
 
 impl UpstreamTunables {
-    /// The longest one upstream call can take, budget wait included: how long a pending
-    /// cache entry may block its key (the "lock age").
+    /// The longest one upstream call can take, budget waits, retries and (managed mode)
+    /// a token refresh plus the retry after a 401 included: how long a pending cache entry
+    /// may block its key (the "lock age").
     #[must_use]
     pub fn longest_call(&self) -> Duration {
-        self.timeout + self.budget_wait + Duration::from_secs(1)
+        let attempts = 3 + self.max_retries;
+        (self.timeout + self.budget_wait + self.retry_backoff * 4) * attempts
+            + Duration::from_secs(1)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::breaker::{Breaker, RetryBudget};
 use crate::error::GatewayError;
 use crate::limit::DiiaBrake;
 use crate::metrics::Metrics;
-use crate::route::Endpoint;
+use crate::route::{CallClass, Endpoint};
 use crate::settings::{Cold, Hot};
 
 /// Everything needed to repeat a client's request toward Diia; owned, so the call can
@@ -47,7 +47,8 @@ pub struct Upstream {
     base: String,
     brake: DiiaBrake,
     metrics: Arc<Metrics>,
-    breaker: Breaker,
+    /// One breaker per call class (see [`CallClass`]).
+    breakers: [Breaker; CallClass::ALL.len()],
     retries: RetryBudget,
 }
 
@@ -82,7 +83,8 @@ impl Upstream {
             base: base_url.trim_end_matches('/').to_owned(),
             brake: DiiaBrake::new(),
             metrics,
-            breaker: Breaker::new(cold.breaker_failures, cold.breaker_cooldown),
+            breakers: CallClass::ALL
+                .map(|_| Breaker::new(cold.breaker_failures, cold.breaker_cooldown)),
             retries: RetryBudget::new(cold.retry_ratio, cold.retry_reserve),
         })
     }
@@ -96,8 +98,9 @@ impl Upstream {
     /// One call to Diia: breaker, then budget, then the exchange under the upstream
     /// deadline; safe calls are retried after a connect failure within the retry budget.
     pub async fn call(&self, hot: &Hot, request: UpstreamRequest) -> CallResult {
-        let admission = self
-            .breaker
+        let class = CallClass::of(request.endpoint);
+        let breaker = &self.breakers[class.index()];
+        let admission = breaker
             .admit()
             .map_err(|retry_after| GatewayError::CircuitOpen { retry_after })?;
         self.retries.deposit();
@@ -112,7 +115,7 @@ impl Upstream {
         let mut attempt = 0;
         loop {
             if let Err(error) = self.brake.acquire(&hot.diia_budget).await {
-                self.breaker.abandon(admission);
+                breaker.abandon(admission);
                 return Err(error);
             }
             let outcome = self.attempt(hot, request.clone()).await;
@@ -126,8 +129,8 @@ impl Upstream {
                 continue;
             }
             let failed = AnswerClass::of(&outcome).breaks_circuit();
-            self.breaker.record(admission, !failed);
-            self.metrics.set_breaker_open(self.breaker.is_open());
+            breaker.record(admission, !failed);
+            self.metrics.set_breaker_open(class, breaker.is_open());
             return outcome;
         }
     }

@@ -47,7 +47,11 @@ async fn circuit_opens_after_consecutive_failures_and_a_probe_closes_it() {
         3,
         "nothing reached Diia while open"
     );
-    assert_eq!(h.metric("diia_gateway_circuit_open").await, 1.0);
+    assert_eq!(
+        h.metric(r#"diia_gateway_circuit_open{class="verification"}"#)
+            .await,
+        1.0
+    );
 
     // After the cool-down one probe goes through; Diia is still failing, so it re-opens.
     tokio::time::sleep(Duration::from_millis(450)).await;
@@ -72,7 +76,11 @@ async fn circuit_opens_after_consecutive_failures_and_a_probe_closes_it() {
         h.identify(&token, "b", &barcodes[5]).await.status,
         StatusCode::OK
     );
-    assert_eq!(h.metric("diia_gateway_circuit_open").await, 0.0);
+    assert_eq!(
+        h.metric(r#"diia_gateway_circuit_open{class="verification"}"#)
+            .await,
+        0.0
+    );
 }
 
 async fn post(gateway: &diia_gateway::RunningGateway, path: &str, body: &str) -> support::Reply {
@@ -151,4 +159,65 @@ async fn sharing_requests_are_never_retried() {
     assert_eq!(reply.gateway_code(), "upstream_unreachable");
     let metrics = gateway.gateway().render_metrics().await;
     assert!(metrics.contains("diia_gateway_upstream_retries_total 0"));
+}
+
+/// A Diia stand-in (not the simulator): 500 on every management route, a valid answer on
+/// identification.
+async fn management_broken_upstream() -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                let (status, body) = if request.uri().path().contains("/branch") {
+                    (500, r#"{"name":"InternalServerError","code":500}"#)
+                } else {
+                    (200, r#"{"success":true}"#)
+                };
+                let mut response = http::Response::new(Full::new(bytes::Bytes::from(body)));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn failures_on_management_routes_never_stop_verifications() {
+    let upstream = management_broken_upstream().await;
+    let mut config = gateway_config(&format!("http://{upstream}"));
+    config.upstream.breaker_failures = 3;
+    let gateway = support::start_gateway(config).await;
+    let client = support::client();
+    let auth = [
+        ("authorization", "Bearer t"),
+        ("content-type", "application/json"),
+    ];
+    let branch = format!("http://{}/api/v2/acquirers/branch/abc123", gateway.addr());
+    for _ in 0..5 {
+        let reply = support::send(&client, Method::GET, &branch, &auth, String::new()).await;
+        assert!(reply.status.is_server_error());
+    }
+    let open = support::send(&client, Method::GET, &branch, &auth, String::new()).await;
+    assert_eq!(open.gateway_code(), "diia_circuit_open");
+    let identify = format!(
+        "http://{}/api/v1/acquirers/document-identification",
+        gateway.addr()
+    );
+    let reply = support::send(
+        &client,
+        Method::POST,
+        &identify,
+        &auth,
+        r#"{"branchId":"b","barcode":"3389798072091"}"#.to_owned(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
 }

@@ -134,3 +134,40 @@ async fn a_failed_push_can_be_retried() {
     );
     assert_eq!(pushes(&h).await, 1);
 }
+
+/// Diia pushes, then answers after the gateway's deadline: the outcome is unknown, so the
+/// retry with the same `requestId` is answered by the gateway (504
+/// `sharing_outcome_unknown`, poll the status) and never reaches Diia; another
+/// `requestId` gets 409. The simulator finishes the push although the gateway hung up.
+#[tokio::test]
+async fn a_timed_out_push_is_never_sent_twice() {
+    let h = Harness::with(
+        |_| {},
+        |c| c.upstream.timeout = std::time::Duration::from_millis(300),
+    )
+    .await;
+    let token = h.session_token().await;
+    let barcode = h.issue_barcode().await;
+    h.set_faults(json!({"latency": "700ms"})).await;
+    let first = h.share(&token, "b1", &barcode, "req-1").await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(first.gateway_code(), "sharing_outcome_unknown");
+    h.set_faults(json!({})).await;
+    // Let the simulator finish the push it started.
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    assert_eq!(pushes(&h).await, 1, "Diia pushed once, after the deadline");
+
+    let retry = h.share(&token, "b1", &barcode, "req-1").await;
+    assert_eq!(retry.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(retry.gateway_code(), "sharing_outcome_unknown");
+    assert!(
+        retry.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("document-request/status")
+    );
+    let other = h.share(&token, "b1", &barcode, "req-2").await;
+    assert_eq!(other.status, StatusCode::CONFLICT);
+    assert_eq!(h.sim_calls("document_request").await, 1);
+    assert_eq!(pushes(&h).await, 1);
+}
