@@ -172,6 +172,21 @@ impl AnswerCache {
         self.inner.entry_count()
     }
 
+    /// Drops a stored answer (a session token Diia has since refused); a call under way
+    /// for the key is left alone.
+    pub async fn forget_answer(&self, key: CacheKey) {
+        self.inner
+            .entry(key)
+            .and_compute_with(|current| {
+                let op = match current.as_ref().map(moka::Entry::value) {
+                    Some(Slot::Ready { .. }) => Op::Remove,
+                    Some(Slot::Pending { .. }) | None => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
     /// Runs moka's deferred maintenance now; tests use it for exact counts.
     pub async fn sync(&self) {
         self.inner.run_pending_tasks().await;

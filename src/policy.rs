@@ -230,7 +230,10 @@ mod tests {
             GatewayError::UpstreamProtocol,
         ] {
             let settled = sharing.settle(Err(unknown));
-            assert_eq!(settled.as_ref().err(), Some(&GatewayError::SharingOutcomeUnknown));
+            assert_eq!(
+                settled.as_ref().err(),
+                Some(&GatewayError::SharingOutcomeUnknown)
+            );
             assert_eq!(sharing.ttl(&settled), Some(Duration::from_secs(180)));
         }
         // Never sent: a retry may push.

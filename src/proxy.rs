@@ -38,8 +38,9 @@ use crate::barcode::Barcode;
 use crate::cache::{AnswerCache, Lifetimes, Lookup};
 use crate::caller::{Caller, Gate};
 use crate::config::AuthMode;
+use crate::diia::SESSION_TOKEN_LIFETIME;
 use crate::error::{Fault, GatewayError, JSON_CONTENT_TYPE};
-use crate::keys::HashKey;
+use crate::keys::{CacheKey, HashKey};
 use crate::limit::BranchIdentity;
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::policy::{Slot, Store, slot_for};
@@ -77,6 +78,10 @@ pub struct Gateway {
     in_flight: tokio::sync::Semaphore,
     /// Managed token mode, when configured.
     managed: Option<Arc<ManagedSession>>,
+    /// Pass-through: which token-cache entry handed out a session token (keyed digest of
+    /// the token), so a token Diia refuses with 401 is dropped and the next login reaches
+    /// Diia instead of getting the dead token again.
+    issued_tokens: moka::future::Cache<CacheKey, CacheKey>,
 }
 
 /// One request on its way through the stages.
@@ -158,6 +163,10 @@ impl Gateway {
             metrics,
             in_flight: tokio::sync::Semaphore::new(settings.cold.max_in_flight),
             managed,
+            issued_tokens: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(SESSION_TOKEN_LIFETIME)
+                .build(),
         })
     }
 
@@ -368,7 +377,51 @@ impl Gateway {
                 self.fetch(ctx, upstream_request(endpoint, &ctx.parts, body))
             })
             .await?;
+        if let Ok(answer) = result.as_ref() {
+            match slot.store {
+                Store::SessionTokens => self.remember_issued(answer, slot.key).await,
+                Store::Answers | Store::Sharing => self.forget_refused(ctx, answer).await,
+            }
+        }
         handled(&result, lookup, slot.store == Store::Sharing)
+    }
+
+    /// Pass-through: notes which token-cache entry handed out this session token.
+    async fn remember_issued(&self, answer: &Answer, slot: CacheKey) {
+        #[derive(serde::Deserialize)]
+        struct Issued {
+            token: String,
+        }
+        if answer.status != http::StatusCode::OK {
+            return;
+        }
+        if let Ok(issued) = serde_json::from_slice::<Issued>(&answer.body) {
+            let token = self
+                .keys
+                .key("issued")
+                .part(issued.token.as_bytes())
+                .finish();
+            self.issued_tokens.insert(token, slot).await;
+        }
+    }
+
+    /// Pass-through: Diia refused the caller's session token (401); if the gateway handed
+    /// it out, drop it from the token cache so the next login gets a fresh one.
+    async fn forget_refused(&self, ctx: &Ctx, answer: &Answer) {
+        if answer.status != http::StatusCode::UNAUTHORIZED {
+            return;
+        }
+        let Some(Caller::Session { authorization }) = &ctx.caller else {
+            return;
+        };
+        let token = authorization.as_bytes().get(7..).unwrap_or_default();
+        let token = self.keys.key("issued").part(token).finish();
+        if let Some(slot) = self.issued_tokens.remove(&token).await {
+            tracing::info!(
+                "Diia refused a session token the gateway handed out; dropped from the token cache"
+            );
+            self.session_tokens.forget_answer(slot).await;
+        }
     }
 
     /// Stage 7b: forwarded as is, never cached.
@@ -377,6 +430,7 @@ impl Gateway {
         let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)??;
+        self.forget_refused(ctx, &answer).await;
         let outcome = match AnswerClass::of_status(answer.status) {
             AnswerClass::Failed => RequestOutcome::UpstreamError,
             AnswerClass::Ok

@@ -86,3 +86,42 @@ async fn a_token_is_dropped_before_it_expires() {
     assert_ne!(refreshed, first, "refreshed before Diia's expiry");
     assert_eq!(h.sim_calls("token_exchange").await, 2);
 }
+
+/// Diia revoked its sessions: the first call with the cached token gets Diia's 401, and
+/// the next login reaches Diia (once, for everyone) instead of handing out the dead token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_diia_refuses_is_dropped_from_the_cache() {
+    let h = Arc::new(Harness::start().await);
+    let dead = h.session_token().await;
+    let client = support::client();
+    let revoke = format!("{}/sim/sessions/revoke", h.sim.base_url());
+    support::send(&client, Method::POST, &revoke, &[], String::new()).await;
+    let barcode = h.issue_barcode().await;
+    let refused = h.identify(&dead, "b", &barcode).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+
+    let logins: Vec<_> = (0..10)
+        .map(|_| {
+            let h = Arc::clone(&h);
+            tokio::spawn(async move { h.session_token().await })
+        })
+        .collect();
+    let mut fresh = Vec::new();
+    for login in logins {
+        fresh.push(login.await.unwrap());
+    }
+    assert!(
+        fresh.iter().all(|token| *token != dead),
+        "no dead token handed out"
+    );
+    assert!(fresh.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        h.sim_calls("token_exchange").await,
+        2,
+        "one new login for all"
+    );
+    assert_eq!(
+        h.identify(&fresh[0], "b", &barcode).await.status,
+        StatusCode::OK
+    );
+}
