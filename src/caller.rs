@@ -4,13 +4,15 @@
 //! The caller's identity is part of every cache key, so a cached answer is only ever
 //! found by the acquirer whose request made it.
 
-use http::{HeaderMap, HeaderValue};
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Method};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{ApiKeyConfig, AuthMode};
 use crate::error::GatewayError;
-use crate::request::bearer_token;
+use crate::request::{Checked, bearer_token};
 use crate::route::Endpoint;
 
 /// An authenticated caller.
@@ -23,11 +25,20 @@ pub enum Caller {
     },
     /// Pass-through token exchange: whoever holds the acquirer token in the path.
     Exchange,
-    /// Managed mode: a branch that proved itself to the gateway (API key or mTLS).
+    /// Managed mode: a caller that proved itself to the gateway (API key or mTLS).
     Branch {
-        /// The branch named in config for its key (`None` with mTLS).
-        name: Option<String>,
+        /// What its key lets it do.
+        scope: Arc<Scope>,
     },
+}
+
+/// What a managed-mode key may do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Act as this one branch only.
+    Branch(String),
+    /// Act for the whole acquirer (an acquirer-wide key, or a client certificate).
+    Acquirer,
 }
 
 impl Caller {
@@ -40,6 +51,39 @@ impl Caller {
                 authorization.as_bytes().get(7..).unwrap_or_default()
             }
             Self::Exchange | Self::Branch { .. } => acquirer,
+        }
+    }
+
+    /// Whether this caller may make this request: in managed mode a per-branch key acts
+    /// only as its own branch and never makes acquirer-wide calls. Pass-through callers
+    /// are Diia's to judge (their session token is the acquirer's).
+    pub fn may(&self, method: &Method, checked: &Checked<'_>) -> Result<(), GatewayError> {
+        let Self::Branch { scope } = self else {
+            return Ok(());
+        };
+        let Scope::Branch(own) = scope.as_ref() else {
+            return Ok(());
+        };
+        let named = match checked {
+            Checked::Identification { branch, .. } | Checked::Sharing { branch, .. } => {
+                Some(branch.as_ref())
+            }
+            Checked::Forward {
+                endpoint: Endpoint::OfferRequestDynamic,
+                branch,
+            } => *branch,
+            Checked::Forward {
+                endpoint: Endpoint::Branches,
+                branch: Some(branch),
+            } if method == Method::GET => Some(*branch),
+            Checked::Forward { .. } | Checked::TokenExchange { .. } => {
+                return Err(GatewayError::AcquirerKeyRequired);
+            }
+            Checked::Status { .. } | Checked::OfferStatus => return Ok(()),
+        };
+        match named {
+            Some(branch) if branch == own => Ok(()),
+            _ => Err(GatewayError::BranchMismatch),
         }
     }
 }
@@ -85,14 +129,16 @@ impl<'a> Gate<'a> {
                 let presented = headers
                     .get("x-api-key")
                     .ok_or(GatewayError::InvalidApiKey)?;
-                let name = keys
+                let scope = keys
                     .find(presented.as_bytes())
                     .ok_or(GatewayError::InvalidApiKey)?;
                 Ok(Caller::Branch {
-                    name: Some(name.to_owned()),
+                    scope: Arc::clone(scope),
                 })
             }
-            Self::Mtls => Ok(Caller::Branch { name: None }),
+            Self::Mtls => Ok(Caller::Branch {
+                scope: Arc::new(Scope::Acquirer),
+            }),
         }
     }
 }
@@ -100,7 +146,7 @@ impl<'a> Gate<'a> {
 /// Per-branch API keys, stored as SHA-256 digests and compared in constant time.
 #[derive(Debug)]
 pub struct ApiKeys {
-    entries: Vec<([u8; 32], String)>,
+    entries: Vec<([u8; 32], Arc<Scope>)>,
 }
 
 impl ApiKeys {
@@ -113,21 +159,26 @@ impl ApiKeys {
                     .map_err(|_| format!("api key '{}': sha256 is not hex", key.branch))?;
                 let digest = <[u8; 32]>::try_from(bytes)
                     .map_err(|_| format!("api key '{}': sha256 must be 32 bytes", key.branch))?;
-                Ok((digest, key.branch.clone()))
+                let scope = if key.acquirer_wide {
+                    Scope::Acquirer
+                } else {
+                    Scope::Branch(key.branch.clone())
+                };
+                Ok((digest, Arc::new(scope)))
             })
             .collect::<Result<_, String>>()?;
         Ok(Self { entries })
     }
 
-    /// The branch holding `presented`, if it is one of the keys. Every configured digest
-    /// is compared (no early exit), each in constant time.
+    /// The scope of `presented`, if it is one of the keys. Every configured digest is
+    /// compared (no early exit), each in constant time.
     #[must_use]
-    pub fn find(&self, presented: &[u8]) -> Option<&str> {
+    pub fn find(&self, presented: &[u8]) -> Option<&Arc<Scope>> {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
-        for (known, branch) in &self.entries {
+        for (known, scope) in &self.entries {
             if bool::from(known.ct_eq(&digest)) {
-                found = Some(branch.as_str());
+                found = Some(scope);
             }
         }
         found
@@ -144,15 +195,20 @@ mod tests {
         let keys = ApiKeys::new(&[ApiKeyConfig {
             branch: "kyiv-001".to_owned(),
             sha256: digest,
+            acquirer_wide: false,
         }])
         .expect("valid");
-        assert_eq!(keys.find(b"branch-key-1"), Some("kyiv-001"));
-        assert_eq!(keys.find(b"branch-key-2"), None);
-        assert_eq!(keys.find(b""), None);
+        assert_eq!(
+            keys.find(b"branch-key-1").map(AsRef::as_ref),
+            Some(&Scope::Branch("kyiv-001".to_owned()))
+        );
+        assert!(keys.find(b"branch-key-2").is_none());
+        assert!(keys.find(b"").is_none());
         assert!(
             ApiKeys::new(&[ApiKeyConfig {
                 branch: "x".to_owned(),
-                sha256: "zz".to_owned()
+                sha256: "zz".to_owned(),
+                acquirer_wide: false,
             }])
             .is_err()
         );

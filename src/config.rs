@@ -373,6 +373,11 @@ pub struct ApiKeyConfig {
     pub branch: String,
     /// SHA-256 of the key, hex.
     pub sha256: String,
+    /// An acquirer-wide key (back office): may act for any branch and make the
+    /// acquirer-wide calls (branch create/update/delete, lists, offers). A per-branch key
+    /// (the default) may only send its own `branch` as `branchId`.
+    #[serde(default)]
+    pub acquirer_wide: bool,
 }
 
 /// `[log]`

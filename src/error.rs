@@ -60,6 +60,12 @@ pub enum GatewayError {
     /// Managed mode: no `X-Api-Key`, or not one of the configured keys.
     #[error("invalid api key")]
     InvalidApiKey,
+    /// Managed mode: a per-branch key sent another branch's id.
+    #[error("branch mismatch")]
+    BranchMismatch,
+    /// Managed mode: an acquirer-wide call made with a per-branch key.
+    #[error("acquirer-wide key required")]
+    AcquirerKeyRequired,
     /// Managed mode: Diia refused the gateway's own acquirer token.
     #[error("upstream refused the acquirer token")]
     UpstreamAuth,
@@ -156,6 +162,7 @@ impl GatewayError {
             Self::MissingAuthorization | Self::InvalidAuthorization | Self::InvalidApiKey => {
                 StatusCode::UNAUTHORIZED
             }
+            Self::BranchMismatch | Self::AcquirerKeyRequired => StatusCode::FORBIDDEN,
             Self::InvalidAcquirerToken
             | Self::MissingField(_)
             | Self::InvalidBarcode
@@ -190,6 +197,8 @@ impl GatewayError {
             Self::MissingAuthorization => "missing_authorization",
             Self::InvalidAuthorization => "invalid_authorization",
             Self::InvalidApiKey => "invalid_api_key",
+            Self::BranchMismatch => "branch_mismatch",
+            Self::AcquirerKeyRequired => "acquirer_key_required",
             Self::UpstreamAuth => "upstream_auth_failed",
             Self::InvalidAcquirerToken => "invalid_acquirer_token",
             Self::BodyTooLarge => "body_too_large",
@@ -225,6 +234,8 @@ impl GatewayError {
             | Self::MissingAuthorization
             | Self::InvalidAuthorization
             | Self::InvalidApiKey
+            | Self::BranchMismatch
+            | Self::AcquirerKeyRequired
             | Self::InvalidAcquirerToken
             | Self::BodyTooLarge
             | Self::BodyTimeout
@@ -260,6 +271,7 @@ impl GatewayError {
             Self::MissingAuthorization | Self::InvalidAuthorization | Self::InvalidApiKey => {
                 "UnauthorizedError"
             }
+            Self::BranchMismatch | Self::AcquirerKeyRequired => "AccessDeniedError",
             Self::InvalidAcquirerToken
             | Self::MissingField(_)
             | Self::InvalidBarcode
@@ -292,6 +304,8 @@ impl GatewayError {
             Self::MissingAuthorization => "Empty token",
             Self::InvalidAuthorization => "Authorization must be 'Bearer <session token>'",
             Self::InvalidApiKey => "X-Api-Key is missing or unknown",
+            Self::BranchMismatch => "This API key may only act for its own branch",
+            Self::AcquirerKeyRequired => "This call needs an acquirer-wide API key",
             Self::UpstreamAuth => "Diia refused the gateway's acquirer token",
             Self::InvalidAcquirerToken => "Acquirer token in the path is empty or malformed",
             Self::BodyTooLarge => "Request body exceeds the gateway's limit",

@@ -172,7 +172,7 @@ pub fn slot_for(
                 tag: Some(tag),
             })
         }
-        Checked::Status { .. } | Checked::Forward { .. } => None,
+        Checked::Status { .. } | Checked::OfferStatus | Checked::Forward { .. } => None,
     }
 }
 

@@ -280,8 +280,9 @@ impl Gateway {
             .and_then(|route| route.param(ctx.parts.uri.path()));
         let checked = check(endpoint, path_param, &ctx.parts, &body)?;
         ctx.record.barcode = checked.barcode();
-        branch_limit(&ctx.hot, ctx.peer, &checked)?;
         let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
+        caller.may(&ctx.parts.method, &checked)?;
+        branch_limit(&ctx.hot, ctx.peer, &checked)?;
         let acquirer = self.managed.as_ref().map_or(&b""[..], |m| m.identity());
         let credentials = ctx
             .parts

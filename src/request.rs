@@ -64,8 +64,13 @@ pub enum Checked<'a> {
         /// The barcode in the query.
         barcode: Barcode,
     },
-    /// Everything else: forwarded as is once its body (if any) is a JSON object.
+    /// `offer-request/status`: forwarded.
+    OfferStatus,
+    /// Branches, offers, offer requests: forwarded as is once the body (if any) is a
+    /// JSON object.
     Forward {
+        /// Which of them.
+        endpoint: Endpoint,
         /// The branch in the path, if the path names one.
         branch: Option<&'a str>,
     },
@@ -81,7 +86,10 @@ impl Checked<'_> {
                 subject: SharingSubject::Barcode(barcode),
                 ..
             } => Some(*barcode),
-            Self::Sharing { .. } | Self::TokenExchange { .. } | Self::Forward { .. } => None,
+            Self::Sharing { .. }
+            | Self::TokenExchange { .. }
+            | Self::Forward { .. }
+            | Self::OfferStatus => None,
         }
     }
 
@@ -90,8 +98,8 @@ impl Checked<'_> {
     pub fn branch(&self) -> Option<&str> {
         match self {
             Self::Identification { branch, .. } | Self::Sharing { branch, .. } => Some(branch),
-            Self::Forward { branch } => *branch,
-            Self::TokenExchange { .. } | Self::Status { .. } => None,
+            Self::Forward { branch, .. } => *branch,
+            Self::TokenExchange { .. } | Self::Status { .. } | Self::OfferStatus => None,
         }
     }
 }
@@ -133,17 +141,24 @@ pub fn check<'a>(
         Endpoint::DocumentRequestStatus => Ok(Checked::Status {
             barcode: status_query(parts.uri.query())?.0,
         }),
+        Endpoint::OfferRequestStatus => Ok(Checked::OfferStatus),
         Endpoint::OfferRequestDynamic => {
             let body = json()?;
             body.offer_id()?;
             body.request_id()?;
-            Ok(Checked::Forward { branch: path_param })
+            Ok(Checked::Forward {
+                endpoint,
+                branch: path_param,
+            })
         }
-        Endpoint::Branches | Endpoint::Offers | Endpoint::OfferRequestStatus => {
+        Endpoint::Branches | Endpoint::Offers => {
             if matches!(parts.method, Method::POST | Method::PUT) {
                 json()?;
             }
-            Ok(Checked::Forward { branch: path_param })
+            Ok(Checked::Forward {
+                endpoint,
+                branch: path_param,
+            })
         }
     }
 }

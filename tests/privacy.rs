@@ -94,6 +94,7 @@ async fn no_secret_or_personal_value_reaches_the_logs() {
             c.auth.api_keys = vec![diia_gateway::config::ApiKeyConfig {
                 branch: "kyiv-001".to_owned(),
                 sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(api_key.as_bytes())),
+                acquirer_wide: false,
             }];
         },
     )

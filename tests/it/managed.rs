@@ -13,6 +13,16 @@ use sha2::{Digest, Sha256};
 use support::Harness;
 
 const KEY: &str = "kyiv-001-api-key-6f1c2e";
+const LVIV_KEY: &str = "lviv-002-api-key-0b7d11";
+const BACK_OFFICE_KEY: &str = "back-office-key-93ac5e";
+
+fn key(branch: &str, key: &str, acquirer_wide: bool) -> ApiKeyConfig {
+    ApiKeyConfig {
+        branch: branch.to_owned(),
+        sha256: hex::encode(Sha256::digest(key.as_bytes())),
+        acquirer_wide,
+    }
+}
 
 async fn managed() -> Harness {
     Harness::with(
@@ -21,10 +31,11 @@ async fn managed() -> Harness {
             c.auth.mode = AuthMode::Managed;
             c.auth.acquirer_token = Some(DEMO_ACQUIRER_TOKEN.to_owned());
             c.auth.auth_token = Some(DEMO_AUTH_TOKEN.to_owned());
-            c.auth.api_keys = vec![ApiKeyConfig {
-                branch: "kyiv-001".to_owned(),
-                sha256: hex::encode(Sha256::digest(KEY.as_bytes())),
-            }];
+            c.auth.api_keys = vec![
+                key("kyiv-001", KEY, false),
+                key("lviv-002", LVIV_KEY, false),
+                key("back-office", BACK_OFFICE_KEY, true),
+            ];
         },
     )
     .await
@@ -109,4 +120,61 @@ async fn a_revoked_session_is_refreshed_and_the_call_retried_once() {
         3,
         "first call, refused call, retry"
     );
+}
+
+/// A per-branch key acts only as its own branch: another branch's id is 403 (so another
+/// branch's cached answer is out of reach), and acquirer-wide calls need an
+/// acquirer-wide key. Nothing refused reaches Diia.
+#[tokio::test]
+async fn a_branch_key_acts_only_as_its_own_branch() {
+    let h = managed().await;
+    let barcode = h.issue_barcode().await;
+    let body = |branch: &str| format!(r#"{{"branchId":"{branch}","barcode":"{barcode}"}}"#);
+    let as_key = |key: &'static str| [("x-api-key", key), ("content-type", "application/json")];
+    let ident = "/api/v1/acquirers/document-identification";
+    let lviv = h
+        .send(Method::POST, ident, &as_key(LVIV_KEY), &body("lviv-002"))
+        .await;
+    assert_eq!(lviv.status, StatusCode::OK);
+    let stolen = h
+        .send(Method::POST, ident, &as_key(KEY), &body("lviv-002"))
+        .await;
+    assert_eq!(stolen.status, StatusCode::FORBIDDEN);
+    assert_eq!(stolen.gateway_code(), "branch_mismatch");
+
+    let create = h
+        .send(
+            Method::POST,
+            "/api/v2/acquirers/branch",
+            &as_key(KEY),
+            r#"{"name":"rogue"}"#,
+        )
+        .await;
+    assert_eq!(create.status, StatusCode::FORBIDDEN);
+    assert_eq!(create.gateway_code(), "acquirer_key_required");
+    let list = h
+        .send(Method::GET, "/api/v2/acquirers/branches", &as_key(KEY), "")
+        .await;
+    assert_eq!(list.gateway_code(), "acquirer_key_required");
+    let other_branch = h
+        .send(
+            Method::GET,
+            "/api/v2/acquirers/branch/lviv-002",
+            &as_key(KEY),
+            "",
+        )
+        .await;
+    assert_eq!(other_branch.gateway_code(), "branch_mismatch");
+    assert_eq!(h.sim_calls("branches").await, 0);
+    assert_eq!(h.sim_calls("document_identification").await, 1);
+
+    let back_office = h
+        .send(
+            Method::POST,
+            "/api/v2/acquirers/branch",
+            &as_key(BACK_OFFICE_KEY),
+            r#"{"name":"Kyiv 2"}"#,
+        )
+        .await;
+    assert_eq!(back_office.status, StatusCode::OK, "{:?}", back_office.body);
 }
