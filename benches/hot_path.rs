@@ -17,10 +17,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use diia_gateway::answer::Answer;
 use diia_gateway::barcode::Barcode;
 use diia_gateway::cache::{AnswerCache, Lifetimes};
-use diia_gateway::config::{BranchLimitConfig, DiiaLimitConfig, FileConfig};
+use diia_gateway::config::{DiiaLimitConfig, FileConfig, RateConfig};
 use diia_gateway::error::GatewayError;
 use diia_gateway::keys::HashKey;
-use diia_gateway::limit::{BranchIdentity, BranchLimiter, BudgetQuota, DiiaBrake};
+use diia_gateway::limit::{BudgetQuota, DiiaBrake, KeyedBudget, LimitScope, Who};
 use diia_gateway::policy::Policy;
 use diia_gateway::request::JsonBody;
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig};
@@ -151,16 +151,13 @@ fn cache_lookup(c: &mut Criterion) {
 }
 
 fn rate_limits(c: &mut Criterion) {
-    let branches = BranchLimiter::new(&BranchLimitConfig {
-        per_minute: NonZeroU32::new(u32::MAX).unwrap(),
-        burst: NonZeroU32::new(u32::MAX).unwrap(),
-    });
+    let branches = KeyedBudget::new(
+        LimitScope::Branch,
+        RateConfig::new(u32::MAX, u32::MAX),
+        50_000,
+    );
     c.bench_function("rate_limit/branch_check", |b| {
-        b.iter(|| {
-            branches.check(BranchIdentity::Branch(black_box(
-                "a1b2c3d4e5f60718293a4b5c",
-            )))
-        });
+        b.iter(|| branches.check(Who::Branch(black_box("a1b2c3d4e5f60718293a4b5c"))));
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -173,7 +170,7 @@ fn rate_limits(c: &mut Criterion) {
     });
     let brake = DiiaBrake::new();
     c.bench_function("rate_limit/diia_budget_acquire", |b| {
-        b.to_async(&runtime).iter(|| brake.acquire(&quota));
+        b.to_async(&runtime).iter(|| brake.acquire(&quota, None));
     });
 }
 

@@ -172,6 +172,13 @@ impl AnswerCache {
         self.inner.entry_count()
     }
 
+    /// Whether the key holds an answer or a call under way (a request for it will not
+    /// need a Diia call of its own).
+    #[must_use]
+    pub fn holds(&self, key: CacheKey) -> bool {
+        self.inner.contains_key(&key)
+    }
+
     /// Drops a stored answer (a session token Diia has since refused); a call under way
     /// for the key is left alone.
     pub async fn forget_answer(&self, key: CacheKey) {

@@ -234,30 +234,132 @@ impl Default for TokenConfig {
 }
 
 /// `[limits]`
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Per-branch budget.
+    /// Per-branch budget for scans (identification, sharing) and branch-scoped calls.
     pub branch: BranchLimitConfig,
+    /// Per-client budget over every request (client address, or the managed-mode API key):
+    /// rotating `branchId`s cannot get around it.
+    pub client: ClientLimitConfig,
+    /// Per-client budget for token exchanges that reach Diia (a cached login is never refused).
+    pub login: LoginLimitConfig,
+    /// Per-client budget for status polls (`document-request/status`, `offer-request/status`).
+    pub poll: PollLimitConfig,
+    /// Keys tracked per budget at most; past it the longest-idle key is forgotten first.
+    pub max_tracked: u64,
     /// The gateway-wide budget toward Diia.
     pub diia: DiiaLimitConfig,
 }
 
-/// `[limits.branch]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BranchLimitConfig {
-    /// Sustained requests per minute per branch.
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            branch: BranchLimitConfig::default(),
+            client: ClientLimitConfig::default(),
+            login: LoginLimitConfig::default(),
+            poll: PollLimitConfig::default(),
+            max_tracked: 50_000,
+            diia: DiiaLimitConfig::default(),
+        }
+    }
+}
+
+/// A sustained rate per minute and a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateConfig {
+    /// Sustained requests per minute.
     pub per_minute: NonZeroU32,
-    /// Requests a branch may make at once above the sustained rate.
+    /// Requests allowed at once above the sustained rate.
     pub burst: NonZeroU32,
 }
 
-impl Default for BranchLimitConfig {
-    fn default() -> Self {
+impl RateConfig {
+    /// A rate; zeros become 1.
+    #[must_use]
+    pub fn new(per_minute: u32, burst: u32) -> Self {
         Self {
-            per_minute: NonZeroU32::new(120).unwrap_or(NonZeroU32::MIN),
-            burst: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
+            per_minute: NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+/// Declares one `[limits.*]` rate section with its own defaults (a partial table keeps
+/// the section's default for the key it leaves out).
+macro_rules! rate_section {
+    ($(#[$doc:meta])* $name:ident, $per_minute:literal, $burst:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name {
+            /// Sustained requests per minute.
+            pub per_minute: NonZeroU32,
+            /// Requests allowed at once above the sustained rate.
+            pub burst: NonZeroU32,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                let rate = RateConfig::new($per_minute, $burst);
+                Self {
+                    per_minute: rate.per_minute,
+                    burst: rate.burst,
+                }
+            }
+        }
+
+        impl From<$name> for RateConfig {
+            fn from(section: $name) -> Self {
+                Self {
+                    per_minute: section.per_minute,
+                    burst: section.burst,
+                }
+            }
+        }
+    };
+}
+
+rate_section!(
+    /// `[limits.branch]`
+    BranchLimitConfig,
+    120,
+    20
+);
+rate_section!(
+    /// `[limits.login]`
+    LoginLimitConfig,
+    60,
+    20
+);
+rate_section!(
+    /// `[limits.poll]`
+    PollLimitConfig,
+    600,
+    60
+);
+
+/// `[limits.client]`
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientLimitConfig {
+    /// Sustained requests per minute per client.
+    pub per_minute: NonZeroU32,
+    /// Burst per client.
+    pub burst: NonZeroU32,
+    /// The largest share of the Diia budget one client's calls may take, in `(0, 1]`: a
+    /// flood from one client leaves the rest for everyone else. Set 1.0 when one backend
+    /// serves every branch.
+    pub diia_share: f64,
+}
+
+impl Default for ClientLimitConfig {
+    fn default() -> Self {
+        let rate = RateConfig::new(60_000, 1_000);
+        Self {
+            per_minute: rate.per_minute,
+            burst: rate.burst,
+            diia_share: 0.5,
         }
     }
 }

@@ -26,6 +26,32 @@ pub enum RequiredField {
     OfferId,
 }
 
+/// Which rate limit refused a request; each has its own quota, keys, code and policy name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    /// Scans and branch-scoped calls, per branch (`limits.branch`).
+    Branch,
+    /// Every request, per client (`limits.client`).
+    Client,
+    /// Token exchanges that reach Diia, per client (`limits.login`).
+    Login,
+    /// Status polls, per client (`limits.poll`).
+    Poll,
+}
+
+impl LimitScope {
+    /// The name in `RateLimit-Policy` / `RateLimit`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Branch => "branch",
+            Self::Client => "client",
+            Self::Login => "login",
+            Self::Poll => "poll",
+        }
+    }
+}
+
 /// Who is at fault for an error of ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -109,9 +135,11 @@ pub enum GatewayError {
     /// with garbage): the push may have happened, so the request is never sent again.
     #[error("sharing outcome unknown")]
     SharingOutcomeUnknown,
-    /// This branch spent its budget.
-    #[error("branch rate limited")]
-    BranchRateLimited {
+    /// A branch or client spent one of its budgets.
+    #[error("rate limited")]
+    RateLimited {
+        /// Which budget.
+        scope: LimitScope,
         /// When the branch may try again.
         retry_after: Duration,
         /// Pre-rendered `RateLimit-Policy` header value.
@@ -175,7 +203,7 @@ impl GatewayError {
             Self::BodyRead | Self::InvalidJson => StatusCode::BAD_REQUEST,
             Self::SharingAlreadyRequested => StatusCode::CONFLICT,
             Self::SharingOutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
-            Self::BranchRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::DiiaBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
@@ -213,7 +241,12 @@ impl GatewayError {
             Self::InvalidQuery => "invalid_query",
             Self::SharingAlreadyRequested => "sharing_already_requested",
             Self::SharingOutcomeUnknown => "sharing_outcome_unknown",
-            Self::BranchRateLimited { .. } => "branch_rate_limited",
+            Self::RateLimited { scope, .. } => match scope {
+                LimitScope::Branch => "branch_rate_limited",
+                LimitScope::Client => "client_rate_limited",
+                LimitScope::Login => "login_rate_limited",
+                LimitScope::Poll => "poll_rate_limited",
+            },
             Self::DiiaBudgetExhausted { .. } => "diia_budget_exhausted",
             Self::DiiaBackoff { .. } => "diia_backoff",
             Self::Overloaded => "overloaded",
@@ -248,7 +281,7 @@ impl GatewayError {
             | Self::InvalidField
             | Self::InvalidQuery
             | Self::SharingAlreadyRequested => Fault::Client,
-            Self::BranchRateLimited { .. }
+            Self::RateLimited { .. }
             | Self::DiiaBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
@@ -283,7 +316,7 @@ impl GatewayError {
             Self::BodyTimeout => "RequestTimeoutError",
             Self::BodyRead | Self::InvalidJson => "BadRequestError",
             Self::SharingAlreadyRequested => "ConflictError",
-            Self::BranchRateLimited { .. } => "TooManyRequestsError",
+            Self::RateLimited { .. } => "TooManyRequestsError",
             Self::DiiaBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
@@ -330,7 +363,12 @@ impl GatewayError {
             Self::SharingOutcomeUnknown => {
                 "Diia did not confirm this sharing request in time; the consent push may have been sent. Do not resend: poll document-request/status with this requestId"
             }
-            Self::BranchRateLimited { .. } => "Too many requests from this branch",
+            Self::RateLimited { scope, .. } => match scope {
+                LimitScope::Branch => "Too many requests from this branch",
+                LimitScope::Client => "Too many requests from this client",
+                LimitScope::Login => "Too many logins from this client",
+                LimitScope::Poll => "Too many status polls from this client",
+            },
             Self::DiiaBudgetExhausted { .. } => "Diia request budget exhausted, retry later",
             Self::DiiaBackoff { .. } => "Diia asked to back off, retry later",
             Self::Overloaded => "Gateway overloaded, retry later",
@@ -346,7 +384,7 @@ impl GatewayError {
     #[must_use]
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::BranchRateLimited { retry_after, .. }
+            Self::RateLimited { retry_after, .. }
             | Self::DiiaBudgetExhausted { retry_after }
             | Self::DiiaBackoff { retry_after }
             | Self::CircuitOpen { retry_after } => Some(*retry_after),
@@ -373,9 +411,10 @@ impl GatewayError {
         if let Some(wait) = self.retry_after() {
             let secs = retry_after_secs(wait);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            if let Self::BranchRateLimited { policy, .. } = self {
+            if let Self::RateLimited { scope, policy, .. } = self {
                 headers.insert("ratelimit-policy", policy.clone());
-                if let Ok(value) = HeaderValue::try_from(format!("\"branch\";r=0;t={secs}")) {
+                let remaining = format!("\"{}\";r=0;t={secs}", scope.name());
+                if let Ok(value) = HeaderValue::try_from(remaining) {
                     headers.insert("ratelimit", value);
                 }
             }
@@ -443,7 +482,8 @@ mod tests {
 
     #[test]
     fn branch_limit_carries_ratelimit_headers() {
-        let err = GatewayError::BranchRateLimited {
+        let err = GatewayError::RateLimited {
+            scope: LimitScope::Branch,
             retry_after: Duration::from_millis(1500),
             policy: HeaderValue::from_static("\"branch\";q=60;w=60"),
         };

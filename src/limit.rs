@@ -7,92 +7,281 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::HeaderValue;
 
-use crate::config::{BranchLimitConfig, DiiaLimitConfig};
+use crate::config::{DiiaLimitConfig, LimitsConfig, RateConfig};
 use crate::error::GatewayError;
+pub use crate::error::LimitScope;
 
-/// Who a per-branch budget belongs to.
+/// Who a keyed budget belongs to.
 #[derive(Debug, Clone, Copy)]
-pub enum BranchIdentity<'a> {
-    /// `branchId` from the body or path.
+pub enum Who<'a> {
+    /// A branch id from the body or path.
     Branch(&'a str),
-    /// No branch id in the request: the client address stands in.
-    Client(IpAddr),
+    /// A client address.
+    Address(IpAddr),
+    /// A managed-mode API key's branch.
+    Key(&'a str),
 }
 
-/// Per-branch budgets.
-pub struct BranchLimiter {
-    limiter: DefaultKeyedRateLimiter<u64>,
-    hasher: foldhash::quality::RandomState,
-    policy: HeaderValue,
-    clock: DefaultClock,
-    values: (std::num::NonZeroU32, std::num::NonZeroU32),
-}
-
-impl BranchLimiter {
-    /// Builds the limiter and its `RateLimit-Policy` header once.
-    #[must_use]
-    pub fn new(config: &BranchLimitConfig) -> Self {
-        let quota = Quota::per_minute(config.per_minute).allow_burst(config.burst);
-        let policy = HeaderValue::try_from(format!("\"branch\";q={};w=60", config.per_minute))
-            .unwrap_or_else(|_| HeaderValue::from_static("\"branch\""));
-        Self {
-            limiter: RateLimiter::keyed(quota),
-            hasher: foldhash::quality::RandomState::default(),
-            policy,
-            clock: DefaultClock::default(),
-            values: (config.per_minute, config.burst),
-        }
-    }
-
-    /// Whether this limiter was built from the same values (a reload keeps it then).
-    #[must_use]
-    pub fn same_values(&self, other: &Self) -> bool {
-        self.values == other.values
-    }
-
-    /// Spends one request of this branch's budget, or says when to come back.
-    pub fn check(&self, who: BranchIdentity<'_>) -> Result<(), GatewayError> {
-        let mut hasher = self.hasher.build_hasher();
-        match who {
-            BranchIdentity::Branch(id) => {
+impl Who<'_> {
+    fn digest(self, hasher: &foldhash::quality::RandomState) -> u64 {
+        let mut hasher = hasher.build_hasher();
+        match self {
+            Self::Branch(id) => {
                 hasher.write_u8(0);
                 hasher.write(id.as_bytes());
             }
-            BranchIdentity::Client(IpAddr::V4(ip)) => {
+            Self::Address(IpAddr::V4(ip)) => {
                 hasher.write_u8(4);
                 hasher.write(&ip.octets());
             }
-            BranchIdentity::Client(IpAddr::V6(ip)) => {
+            Self::Address(IpAddr::V6(ip)) => {
                 hasher.write_u8(6);
                 hasher.write(&ip.octets());
             }
+            Self::Key(name) => {
+                hasher.write_u8(1);
+                hasher.write(name.as_bytes());
+            }
         }
-        self.limiter
-            .check_key(&hasher.finish())
-            .map_err(|not_until| GatewayError::BranchRateLimited {
-                retry_after: not_until.wait_time_from(self.clock.now()),
-                policy: self.policy.clone(),
-            })
+        hasher.finish()
     }
+}
 
-    /// Forgets branches whose budget is full again; call periodically to bound memory.
-    pub fn forget_idle(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
-    }
+/// One budget per key (a governor GCRA cell each), at most `max_tracked` keys: past that
+/// the longest-idle key is forgotten first, and a key idle long enough for its budget to
+/// be full again is forgotten anyway (forgetting it changes nothing).
+pub struct KeyedBudget {
+    cells: moka::sync::Cache<u64, Arc<DefaultDirectRateLimiter>>,
+    quota: Quota,
+    hasher: foldhash::quality::RandomState,
+    policy: HeaderValue,
+    clock: DefaultClock,
+    bucket: LimitScope,
+    values: (RateConfig, u64),
+}
 
-    /// Branches currently tracked.
+impl KeyedBudget {
+    /// A budget of `rate` per key; builds its `RateLimit-Policy` header once.
     #[must_use]
-    pub fn tracked(&self) -> usize {
-        self.limiter.len()
+    pub fn new(bucket: LimitScope, rate: RateConfig, max_tracked: u64) -> Self {
+        let quota = Quota::per_minute(rate.per_minute).allow_burst(rate.burst);
+        let policy =
+            HeaderValue::try_from(format!("\"{}\";q={};w=60", bucket.name(), rate.per_minute))
+                .unwrap_or_else(|_| HeaderValue::from_static("\"limit\""));
+        // A cell untouched for one full replenish of its burst is as good as new.
+        let refill = quota.replenish_interval() * rate.burst.get();
+        Self {
+            cells: moka::sync::Cache::builder()
+                .max_capacity(max_tracked.max(1))
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .time_to_idle(refill.max(Duration::from_secs(1)))
+                .build(),
+            quota,
+            hasher: foldhash::quality::RandomState::default(),
+            policy,
+            clock: DefaultClock::default(),
+            bucket,
+            values: (rate, max_tracked),
+        }
+    }
+
+    /// Whether this budget was built from the same values (a reload keeps it then).
+    #[must_use]
+    pub fn same_values(&self, other: &Self) -> bool {
+        self.values == other.values && self.bucket == other.bucket
+    }
+
+    /// Spends one request of `who`'s budget, or says when to come back.
+    pub fn check(&self, who: Who<'_>) -> Result<(), GatewayError> {
+        let cell = self.cell(who);
+        cell.check().map_err(|not_until| GatewayError::RateLimited {
+            scope: self.bucket,
+            retry_after: not_until.wait_time_from(self.clock.now()),
+            policy: self.policy.clone(),
+        })
+    }
+
+    /// `who`'s cell, created full on first use.
+    fn cell(&self, who: Who<'_>) -> Arc<DefaultDirectRateLimiter> {
+        let key = who.digest(&self.hasher);
+        self.cells
+            .get_with(key, || Arc::new(RateLimiter::direct(self.quota)))
+    }
+
+    /// Settles idle and over-cap evictions now (the cache does it lazily otherwise).
+    pub fn run_pending_tasks(&self) {
+        self.cells.run_pending_tasks();
+    }
+
+    /// Keys currently tracked.
+    #[must_use]
+    pub fn tracked(&self) -> u64 {
+        self.cells.entry_count()
+    }
+}
+
+/// Every keyed budget of one config snapshot.
+pub struct Limits {
+    /// Per branch.
+    pub branches: Arc<KeyedBudget>,
+    /// Per client.
+    pub clients: Arc<KeyedBudget>,
+    /// Per client, logins that reach Diia.
+    pub logins: Arc<KeyedBudget>,
+    /// Per client, status polls.
+    pub polls: Arc<KeyedBudget>,
+    /// Per client, its share of the Diia budget (absent when the share is the whole).
+    pub diia_shares: Option<Arc<KeyedShare>>,
+}
+
+impl Limits {
+    /// Builds every budget from `[limits]`.
+    #[must_use]
+    pub fn new(config: &LimitsConfig) -> Self {
+        let keyed = |bucket, rate| Arc::new(KeyedBudget::new(bucket, rate, config.max_tracked));
+        let client = RateConfig {
+            per_minute: config.client.per_minute,
+            burst: config.client.burst,
+        };
+        Self {
+            branches: keyed(LimitScope::Branch, config.branch.into()),
+            clients: keyed(LimitScope::Client, client),
+            logins: keyed(LimitScope::Login, config.login.into()),
+            polls: keyed(LimitScope::Poll, config.poll.into()),
+            diia_shares: KeyedShare::new(
+                &config.diia,
+                config.client.diia_share,
+                config.max_tracked,
+            )
+            .map(Arc::new),
+        }
+    }
+
+    /// Keeps the old budgets (and their state) where the values did not change.
+    #[must_use]
+    pub fn carry_over(mut self, old: &Limits) -> Self {
+        for (new, old) in [
+            (&mut self.branches, &old.branches),
+            (&mut self.clients, &old.clients),
+            (&mut self.logins, &old.logins),
+            (&mut self.polls, &old.polls),
+        ] {
+            if new.same_values(old) {
+                *new = Arc::clone(old);
+            }
+        }
+        if let (Some(new), Some(old)) = (&self.diia_shares, &old.diia_shares)
+            && new.values == old.values
+        {
+            self.diia_shares = Some(Arc::clone(old));
+        }
+        self
+    }
+
+    /// Settles lazy evictions of every budget.
+    pub fn run_pending_tasks(&self) {
+        for budget in [&self.branches, &self.clients, &self.logins, &self.polls] {
+            budget.run_pending_tasks();
+        }
+    }
+
+    /// Branches tracked by the branch budget.
+    #[must_use]
+    pub fn tracked(&self) -> u64 {
+        self.branches.tracked()
+    }
+}
+
+/// Each client's share of the Diia budget: a GCRA cell per client at `diia_share` of the
+/// budget's rate and burst, so one client's flood leaves the rest for everyone else.
+/// Enforced only while more than one client is calling Diia (seen in the last 10 s): a
+/// lone client (one backend serving every branch) keeps the whole budget.
+pub struct KeyedShare {
+    cells: moka::sync::Cache<u64, Arc<DefaultDirectRateLimiter>>,
+    quota: Quota,
+    hasher: foldhash::quality::RandomState,
+    values: (u32, u32, u64),
+}
+
+impl KeyedShare {
+    fn new(diia: &DiiaLimitConfig, share: f64, max_tracked: u64) -> Option<Self> {
+        if share >= 1.0 {
+            return None;
+        }
+        let scale = |n: NonZeroU32| {
+            let scaled = (f64::from(n.get()) * share).ceil();
+            // `share` is in (0, 1): the product fits a u32 and is at least 1.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            NonZeroU32::new(scaled as u32).unwrap_or(NonZeroU32::MIN)
+        };
+        let (rate, burst) = (scale(diia.per_second), scale(diia.burst));
+        Some(Self {
+            cells: moka::sync::Cache::builder()
+                .max_capacity(max_tracked.max(1))
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .time_to_idle(Duration::from_secs(10))
+                .build(),
+            quota: Quota::per_second(rate).allow_burst(burst),
+            hasher: foldhash::quality::RandomState::default(),
+            values: (rate.get(), burst.get(), max_tracked),
+        })
+    }
+
+    /// A client's share, for its next Diia call.
+    #[must_use]
+    pub fn share(self: &Arc<Self>, who: Who<'_>) -> Share {
+        let entry = self
+            .cells
+            .entry(who.digest(&self.hasher))
+            .or_insert_with(|| Arc::new(RateLimiter::direct(self.quota)));
+        if entry.is_fresh() {
+            // A new client: count it now, not at the cache's next housekeeping.
+            self.cells.run_pending_tasks();
+        }
+        Share {
+            cell: entry.into_value(),
+            shares: Arc::clone(self),
+        }
+    }
+
+    /// Whether more than one client calls Diia now.
+    fn contended(&self) -> bool {
+        self.cells.entry_count() >= 2
+    }
+}
+
+/// One client's share of the Diia budget. Always spent, so that a client that had the
+/// budget to itself is already at its share when a second client shows up; only enforced
+/// while the budget is contended.
+pub struct Share {
+    cell: Arc<DefaultDirectRateLimiter>,
+    shares: Arc<KeyedShare>,
+}
+
+impl std::fmt::Debug for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Share")
+    }
+}
+
+impl Share {
+    /// Takes from the share: `Ok` when within it (or when this client is alone),
+    /// otherwise how long until it has room.
+    fn take(&self, clock: &DefaultClock) -> Result<(), Duration> {
+        match self.cell.check() {
+            Ok(()) => Ok(()),
+            Err(_) if !self.shares.contended() => Ok(()),
+            Err(not_until) => Err(not_until.wait_time_from(clock.now())),
+        }
     }
 }
 
@@ -176,15 +365,43 @@ impl DiiaBrake {
 
     /// Takes one call's worth of `quota`, waiting up to its `max_wait`; refused at once
     /// while Diia's pause lasts.
-    pub async fn acquire(&self, quota: &BudgetQuota) -> Result<(), GatewayError> {
+    ///
+    /// With `share` (the calling client's [`Share`]), the client's own share is taken
+    /// first, within the same wait: a client past its share waits for its share, not
+    /// ahead of everyone else in the common queue.
+    pub async fn acquire(
+        &self,
+        quota: &BudgetQuota,
+        share: Option<&Share>,
+    ) -> Result<(), GatewayError> {
         let started = Instant::now();
+        if let Some(share) = share {
+            self.wait_for(started, quota, || share.take(&self.clock))
+                .await?;
+        }
+        self.wait_for(started, quota, || {
+            quota
+                .limiter
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        })
+        .await
+    }
+
+    /// Retries `take` until it succeeds, Diia's pause refuses, or the wait would pass
+    /// the quota's `max_wait` since `started`.
+    async fn wait_for(
+        &self,
+        started: Instant,
+        quota: &BudgetQuota,
+        mut take: impl FnMut() -> Result<(), Duration>,
+    ) -> Result<(), GatewayError> {
         loop {
             if let Some(retry_after) = self.paused_for() {
                 return Err(GatewayError::DiiaBackoff { retry_after });
             }
-            let wait = match quota.limiter.check() {
-                Ok(()) => return Ok(()),
-                Err(not_until) => not_until.wait_time_from(self.clock.now()),
+            let Err(wait) = take() else {
+                return Ok(());
             };
             if started.elapsed() + wait > quota.values.max_wait {
                 return Err(GatewayError::DiiaBudgetExhausted { retry_after: wait });
@@ -197,39 +414,45 @@ impl DiiaBrake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::num::NonZeroU32;
 
     #[test]
-    fn branch_budget_is_per_branch() {
-        let limiter = BranchLimiter::new(&BranchLimitConfig {
-            per_minute: NonZeroU32::new(60).expect("nonzero"),
-            burst: NonZeroU32::new(2).expect("nonzero"),
-        });
-        assert!(limiter.check(BranchIdentity::Branch("a")).is_ok());
-        assert!(limiter.check(BranchIdentity::Branch("a")).is_ok());
-        let err = limiter
-            .check(BranchIdentity::Branch("a"))
+    fn keyed_budgets_are_per_key() {
+        let budget = KeyedBudget::new(LimitScope::Branch, RateConfig::new(60, 2), 100);
+        assert!(budget.check(Who::Branch("a")).is_ok());
+        assert!(budget.check(Who::Branch("a")).is_ok());
+        let err = budget
+            .check(Who::Branch("a"))
             .expect_err("third is over budget");
         assert!(err.retry_after().expect("retry after") > Duration::ZERO);
-        assert!(limiter.check(BranchIdentity::Branch("b")).is_ok());
-        assert!(
-            limiter
-                .check(BranchIdentity::Client([127, 0, 0, 1].into()))
-                .is_ok()
-        );
+        assert_eq!(err.code(), "branch_rate_limited");
+        assert!(budget.check(Who::Branch("b")).is_ok());
+        assert!(budget.check(Who::Address([127, 0, 0, 1].into())).is_ok());
+    }
+
+    #[test]
+    fn tracked_keys_are_capped_oldest_idle_first() {
+        let budget = KeyedBudget::new(LimitScope::Branch, RateConfig::new(60, 1), 100);
+        budget.check(Who::Branch("first")).expect("fresh");
+        for n in 0..1000 {
+            budget.check(Who::Branch(&format!("b{n}"))).expect("fresh");
+        }
+        budget.run_pending_tasks();
+        assert!(budget.tracked() <= 100, "{}", budget.tracked());
+        // The oldest idle key was forgotten: it starts full again.
+        assert!(budget.check(Who::Branch("first")).is_ok());
     }
 
     #[tokio::test]
     async fn pause_blocks_and_longer_pause_wins() {
         let quota = BudgetQuota::new(&DiiaLimitConfig::default());
         let brake = DiiaBrake::new();
-        assert!(brake.acquire(&quota).await.is_ok());
+        assert!(brake.acquire(&quota, None).await.is_ok());
         brake.pause(&quota, Duration::from_secs(5));
         brake.pause(&quota, Duration::from_secs(1));
         let paused = brake.paused_for().expect("paused");
         assert!(paused > Duration::from_secs(4));
         assert!(matches!(
-            brake.acquire(&quota).await,
+            brake.acquire(&quota, None).await,
             Err(GatewayError::DiiaBackoff { .. })
         ));
     }

@@ -277,7 +277,7 @@ impl Metrics {
 
     /// Prometheus text exposition, with point-in-time gauges refreshed first.
     #[must_use]
-    pub fn render(&self, cache_entries: &[(&'static str, u64)], branches_tracked: usize) -> String {
+    pub fn render(&self, cache_entries: &[(&'static str, u64)], branches_tracked: u64) -> String {
         for (cache, entries) in cache_entries {
             self.cache_entries
                 .get_or_create(&[("cache", cache)])

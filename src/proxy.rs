@@ -36,12 +36,12 @@ use hyper::body::Incoming;
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::barcode::Barcode;
 use crate::cache::{AnswerCache, Lifetimes, Lookup};
-use crate::caller::{Caller, Gate};
+use crate::caller::{Caller, Gate, Scope};
 use crate::config::AuthMode;
 use crate::diia::SESSION_TOKEN_LIFETIME;
 use crate::error::{Fault, GatewayError, JSON_CONTENT_TYPE};
 use crate::keys::{CacheKey, HashKey};
-use crate::limit::BranchIdentity;
+use crate::limit::Who;
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::policy::{Slot, Store, slot_for};
 use crate::request::{Checked, check};
@@ -191,19 +191,20 @@ impl Gateway {
     /// Prometheus text for `/metrics`; settles cache bookkeeping first so counts are exact.
     pub async fn render_metrics(&self) -> String {
         self.sync_caches().await;
+        self.hot.load().limits.run_pending_tasks();
         self.metrics.render(
             &[
                 ("answers", self.answers.entry_count()),
                 ("tokens", self.session_tokens.entry_count()),
                 ("sharing", self.sharing.entry_count()),
             ],
-            self.hot.load().branch_limiter.tracked(),
+            self.hot.load().limits.tracked(),
         )
     }
 
     /// Periodic upkeep: forget idle branch budgets, settle cache bookkeeping.
     pub async fn housekeeping(&self) {
-        self.hot.load().branch_limiter.forget_idle();
+        self.hot.load().limits.run_pending_tasks();
         self.sync_caches().await;
     }
 
@@ -282,7 +283,7 @@ impl Gateway {
         ctx.record.barcode = checked.barcode();
         let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
         caller.may(&ctx.parts.method, &checked)?;
-        branch_limit(&ctx.hot, ctx.peer, &checked)?;
+        limit(&ctx.hot, client(caller, ctx.peer), &checked)?;
         let acquirer = self.managed.as_ref().map_or(&b""[..], |m| m.identity());
         let credentials = ctx
             .parts
@@ -373,6 +374,10 @@ impl Gateway {
             longest_call: hot.upstream.longest_call(),
         };
         let endpoint = ctx.endpoint()?;
+        if slot.store == Store::SessionTokens && !cache.holds(slot.key) {
+            let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
+            hot.limits.logins.check(client(caller, ctx.peer))?;
+        }
         let (result, lookup) = cache
             .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
                 self.fetch(ctx, upstream_request(endpoint, &ctx.parts, body))
@@ -450,8 +455,11 @@ impl Gateway {
     fn fetch(
         &self,
         ctx: &Ctx,
-        request: UpstreamRequest,
+        mut request: UpstreamRequest,
     ) -> impl Future<Output = CallResult> + Send + 'static {
+        if let (Some(shares), Some(caller)) = (&ctx.hot.limits.diia_shares, &ctx.caller) {
+            request.share = Some(Arc::new(shares.share(client(caller, ctx.peer))));
+        }
         let upstream = Arc::clone(&self.upstream);
         let managed = self.managed.clone();
         let hot = Arc::clone(&ctx.hot);
@@ -464,13 +472,36 @@ impl Gateway {
     }
 }
 
-/// Stage 6: the branch's budget (the client address stands in when no branch is named).
-fn branch_limit(hot: &Hot, peer: SocketAddr, checked: &Checked<'_>) -> Result<(), GatewayError> {
-    let who = match checked.branch() {
-        Some(branch) => BranchIdentity::Branch(branch),
-        None => BranchIdentity::Client(peer.ip()),
-    };
-    hot.branch_limiter.check(who)
+/// Who a client is for its budgets: its managed-mode per-branch key, else its address
+/// (whoever sits behind one NAT shares the client budget, never a branch's).
+fn client(caller: &Caller, peer: SocketAddr) -> Who<'_> {
+    match caller {
+        Caller::Branch { scope } => match scope.as_ref() {
+            Scope::Branch(name) => Who::Key(name),
+            Scope::Acquirer => Who::Address(peer.ip()),
+        },
+        Caller::Session { .. } | Caller::Exchange => Who::Address(peer.ip()),
+    }
+}
+
+/// Stage 6: the budgets this request spends. Every request but a login spends its
+/// client's budget, then its class's: scans and branch calls per branch, status polls per
+/// client, lists per client. A login spends only the login budget, and only when it has
+/// to reach Diia (checked in [`Gateway::cached`]): a cached login is never refused.
+fn limit(hot: &Hot, client: Who<'_>, checked: &Checked<'_>) -> Result<(), GatewayError> {
+    let limits = &hot.limits;
+    if matches!(checked, Checked::TokenExchange { .. }) {
+        return Ok(());
+    }
+    limits.clients.check(client)?;
+    match checked {
+        Checked::Status { .. } | Checked::OfferStatus => limits.polls.check(client),
+        Checked::Identification { .. } | Checked::Sharing { .. } | Checked::Forward { .. } => {
+            let who = checked.branch().map_or(client, Who::Branch);
+            limits.branches.check(who)
+        }
+        Checked::TokenExchange { .. } => Ok(()),
+    }
 }
 
 impl Handler for Gateway {
@@ -523,6 +554,7 @@ fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamR
         trace_id: parts.headers.get(&DIIA_TRACE_ID).cloned(),
         content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
         body,
+        share: None,
     }
 }
 

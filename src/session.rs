@@ -106,6 +106,7 @@ impl ManagedSession {
             trace_id: None,
             content_type: None,
             body: Bytes::new(),
+            share: None,
         };
         let answer = upstream.call(hot, request).await?;
         if answer.status != StatusCode::OK {

@@ -21,7 +21,7 @@ use crate::config::{
 };
 use crate::diia::{BARCODE_LIFETIME, SESSION_TOKEN_LIFETIME};
 use crate::keys::{HashKey, Secret};
-use crate::limit::{BranchLimiter, BudgetQuota};
+use crate::limit::{BudgetQuota, Limits};
 use crate::policy::Policy;
 
 /// A config that cannot be used, naming the key and what is wrong.
@@ -85,8 +85,8 @@ pub struct Hot {
     pub sharing: Policy,
     /// Per-call upstream settings.
     pub upstream: UpstreamTunables,
-    /// Per-branch budgets (kept across a reload that does not change them).
-    pub branch_limiter: Arc<BranchLimiter>,
+    /// Per-branch and per-client budgets (each kept across a reload that does not change it).
+    pub limits: Limits,
     /// The budget toward Diia (kept across a reload that does not change it).
     pub diia_budget: Arc<BudgetQuota>,
     /// TLS for new connections on the branch listener (certificates are re-read on reload).
@@ -127,9 +127,7 @@ impl Hot {
     /// reload must not hand every branch a fresh burst.
     #[must_use]
     pub fn carry_over(mut self, old: &Hot) -> Self {
-        if self.branch_limiter.same_values(&old.branch_limiter) {
-            self.branch_limiter = Arc::clone(&old.branch_limiter);
-        }
+        self.limits = self.limits.carry_over(&old.limits);
         if self.diia_budget.same_values(&old.diia_budget) {
             self.diia_budget = Arc::clone(&old.diia_budget);
         }
@@ -264,7 +262,7 @@ impl Settings {
         let (answers, stale_if_error, session_tokens, sharing) = cache_policies(file)?;
         check_server(&file.server)?;
         let upstream = upstream_tunables(&file.upstream, &file.limits)?;
-        let (branch_limiter, diia_budget) = limiters(&file.limits)?;
+        let (limits, diia_budget) = limiters(&file.limits)?;
         let tls = tls_acceptor(&file.server)?;
         let (api_keys, credentials) = auth(&file.auth, &file.server)?;
         let target = upstream_target(file)?;
@@ -278,7 +276,7 @@ impl Settings {
             refresh_margin: file.tokens.refresh_margin,
             sharing,
             upstream,
-            branch_limiter,
+            limits,
             diia_budget,
             tls,
             api_keys,
@@ -467,12 +465,22 @@ fn upstream_tunables(
 }
 
 /// `[limits]`: the governor limiters.
-fn limiters(limits: &LimitsConfig) -> Result<(Arc<BranchLimiter>, Arc<BudgetQuota>), ConfigError> {
+fn limiters(limits: &LimitsConfig) -> Result<(Limits, Arc<BudgetQuota>), ConfigError> {
     if limits.diia.max_backoff.is_zero() {
         return Err(invalid("limits.diia.max_backoff", "must be above 0"));
     }
+    let share = limits.client.diia_share;
+    if !(share > 0.0 && share <= 1.0) {
+        return Err(invalid(
+            "limits.client.diia_share",
+            "must be within (0, 1]: the largest share of the Diia budget one client may take",
+        ));
+    }
+    if limits.max_tracked == 0 {
+        return Err(invalid("limits.max_tracked", "must be above 0"));
+    }
     Ok((
-        Arc::new(BranchLimiter::new(&limits.branch)),
+        Limits::new(limits),
         Arc::new(BudgetQuota::new(&limits.diia)),
     ))
 }

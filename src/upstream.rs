@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::breaker::{Breaker, RetryBudget};
 use crate::error::GatewayError;
-use crate::limit::DiiaBrake;
+use crate::limit::{DiiaBrake, Share};
 use crate::metrics::Metrics;
 use crate::route::{CallClass, Endpoint};
 use crate::settings::{Cold, Hot};
@@ -38,6 +38,8 @@ pub struct UpstreamRequest {
     pub content_type: Option<HeaderValue>,
     /// The client's body bytes, unchanged.
     pub body: Bytes,
+    /// The calling client's share of the Diia budget (`limits.client.diia_share`), if any.
+    pub share: Option<Arc<Share>>,
 }
 
 /// The pooled client plus what every call needs. Per-call settings (deadlines, retries,
@@ -114,7 +116,11 @@ impl Upstream {
         let tunables = &hot.upstream;
         let mut attempt = 0;
         loop {
-            if let Err(error) = self.brake.acquire(&hot.diia_budget).await {
+            if let Err(error) = self
+                .brake
+                .acquire(&hot.diia_budget, request.share.as_deref())
+                .await
+            {
                 breaker.abandon(admission);
                 return Err(error);
             }

@@ -95,6 +95,7 @@ impl InProcess {
             trace_id: None,
             content_type: None,
             body: Bytes::from(body),
+            share: None,
         };
         self.direct
             .call(&self.settings.hot, request)

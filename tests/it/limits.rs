@@ -4,9 +4,10 @@
 
 use crate::support;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use serde_json::json;
 use support::Harness;
 
@@ -160,4 +161,177 @@ async fn diia_429_pauses_all_upstream_calls() {
             .status,
         StatusCode::OK
     );
+}
+
+/// A client bound to another loopback address (`127.0.0.2`), so the gateway sees another
+/// client.
+fn client_from(address: [u8; 4]) -> support::HttpClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(std::net::IpAddr::from(address)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+fn random_barcode() -> String {
+    loop {
+        if let Some(code) = diia_sim::Code::issue(fastrand::u64(100_000_000_000..=999_999_999_999))
+        {
+            return code.digits();
+        }
+    }
+}
+
+/// The victim scenario: one client floods with a new `branchId` on every request (so no
+/// branch budget ever stops it), another branch behind another address scans at a quiet
+/// 10/s. The flooder gets at most its share of the Diia budget; the quiet branch is
+/// never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_cannot_starve_a_quiet_branch() {
+    let h = Arc::new(
+        Harness::with(
+            |s| s.auto_issue = true,
+            |c| {
+                c.limits.diia.per_second = 40.try_into().unwrap();
+                c.limits.diia.burst = 10.try_into().unwrap();
+                c.limits.diia.max_wait = Duration::from_millis(200);
+            },
+        )
+        .await,
+    );
+    let token = h.session_token().await;
+    let url = h.url("/api/v1/acquirers/document-identification");
+    let stop = Instant::now() + Duration::from_secs(3);
+    let flooders: Vec<_> = (0..32)
+        .map(|_| {
+            let (url, token) = (url.clone(), token.clone());
+            tokio::spawn(async move {
+                let client = client_from([127, 0, 0, 1]);
+                let bearer = format!("Bearer {token}");
+                let (mut ok, mut refused) = (0u32, 0u32);
+                while Instant::now() < stop {
+                    let body = format!(
+                        r#"{{"branchId":"flood-{}","barcode":"{}"}}"#,
+                        fastrand::u64(..),
+                        random_barcode()
+                    );
+                    let headers = [
+                        ("authorization", bearer.as_str()),
+                        ("content-type", "application/json"),
+                    ];
+                    let reply = support::send(&client, Method::POST, &url, &headers, body).await;
+                    if reply.status == StatusCode::OK {
+                        ok += 1;
+                    } else {
+                        refused += 1;
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let quiet = client_from([127, 0, 0, 2]);
+    let bearer = format!("Bearer {token}");
+    let mut quiet_statuses = Vec::new();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..20 {
+        let body = format!(r#"{{"branchId":"quiet","barcode":"{}"}}"#, random_barcode());
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let reply = support::send(&quiet, Method::POST, &url, &headers, body).await;
+        quiet_statuses.push(reply.status.as_u16());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut flood_ok, mut flood_refused) = (0, 0);
+    for flooder in flooders {
+        let (ok, refused) = flooder.await.unwrap();
+        flood_ok += ok;
+        flood_refused += refused;
+    }
+    println!(
+        "victim scenario: flooder {flood_ok} ok / {flood_refused} refused; quiet {quiet_statuses:?}"
+    );
+    assert!(flood_refused > 0, "the flood was over the Diia budget");
+    assert!(
+        quiet_statuses.iter().all(|status| *status == 200),
+        "quiet branch refused: {quiet_statuses:?}"
+    );
+}
+
+/// Status polls, logins and scans spend separate budgets: a client that polled its
+/// budget away still logs in (a cached login is never refused), and new logins are
+/// limited on their own.
+#[tokio::test]
+async fn polls_logins_and_scans_do_not_share_a_budget() {
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.limits.poll.per_minute = 10.try_into().unwrap();
+            c.limits.poll.burst = 5.try_into().unwrap();
+            c.limits.login.per_minute = 1.try_into().unwrap();
+            c.limits.login.burst = 2.try_into().unwrap();
+        },
+    )
+    .await;
+    let token = h.session_token().await;
+    let bearer = format!("Bearer {token}");
+    let barcode = h.issue_barcode().await;
+    let status = format!("/api/v1/acquirers/document-request/status?barcode={barcode}&requestId=r");
+    let mut limited = 0;
+    for _ in 0..25 {
+        let reply = h
+            .send(Method::GET, &status, &[("authorization", &bearer)], "")
+            .await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(reply.gateway_code(), "poll_rate_limited");
+            assert_eq!(reply.header("ratelimit-policy"), Some("\"poll\";q=10;w=60"));
+            limited += 1;
+        }
+    }
+    assert!(limited >= 15, "{limited} polls limited");
+    // The login is answered from cache: never refused, however much this client polled.
+    for _ in 0..5 {
+        assert_eq!(h.session_token().await, token);
+    }
+    // Scans are not touched by the polls either.
+    assert_eq!(
+        h.identify(&token, "b", &barcode).await.status,
+        StatusCode::OK
+    );
+    // Logins that must reach Diia have their own budget (burst 2: one spent above).
+    let other = h
+        .session_token_for(support::OTHER_ACQUIRER_TOKEN, support::OTHER_AUTH_TOKEN)
+        .await;
+    assert_ne!(other, token);
+    let path = format!("/api/v1/auth/acquirer/{}", support::OTHER_ACQUIRER_TOKEN);
+    let third = h
+        .send(
+            Method::GET,
+            &path,
+            &[("authorization", "Basic d3Jvbmc6d3Jvbmc=")],
+            "",
+        )
+        .await;
+    assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(third.gateway_code(), "login_rate_limited");
+}
+
+/// Random `branchId`s cannot grow the limiter without bound: at most
+/// `limits.max_tracked` keys per budget, the longest idle forgotten first.
+#[tokio::test]
+async fn tracked_branches_are_capped() {
+    let h = Harness::with(|_| {}, |c| c.limits.max_tracked = 50).await;
+    let token = h.session_token().await;
+    for n in 0..300 {
+        h.identify(&token, &format!("random-{n}"), "3389798072090")
+            .await;
+    }
+    // Refused as invalid before any budget is spent: use valid barcodes instead.
+    for n in 0..300 {
+        let barcode = diia_sim::Code::issue(338_979_807_000 + n).unwrap().digits();
+        h.identify(&token, &format!("random-{n}"), &barcode).await;
+    }
+    let tracked = h.metric("diia_gateway_branches_tracked").await;
+    assert!(tracked > 0.0 && tracked <= 50.0, "{tracked}");
 }

@@ -285,6 +285,9 @@ pub async fn issue_barcode_at(client: &Client<HttpConnector, Full<Bytes>>, sim: 
         .to_owned()
 }
 
+/// The test client type.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
 /// A plain HTTP/1.1 client.
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
