@@ -189,6 +189,8 @@ fn end_to_end(c: &mut Criterion) {
         config.server.admin_listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.limits.branch.per_minute = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.branch.burst = NonZeroU32::new(u32::MAX).unwrap();
+        config.limits.client.per_minute = NonZeroU32::new(u32::MAX).unwrap();
+        config.limits.client.burst = NonZeroU32::new(u32::MAX).unwrap();
         let sim = diia_sim::Simulator::start(SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             auto_issue: true,

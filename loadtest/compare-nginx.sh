@@ -42,6 +42,10 @@ base_url = "http://$SIM"
 [limits.branch]
 per_minute = 100000000
 burst = 1000000
+[limits.client]
+per_minute = 100000000
+burst = 1000000
+diia_share = 1.0
 [limits.diia]
 per_second = 1000000
 burst = 100000

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, Method};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -18,11 +18,9 @@ use crate::route::Endpoint;
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 pub enum Caller {
-    /// Pass-through: a branch backend with its own Diia session token.
-    Session {
-        /// The `Authorization: Bearer …` header as sent (checked well-formed).
-        authorization: HeaderValue,
-    },
+    /// Pass-through: a branch backend with its own Diia session token (its
+    /// `Authorization: Bearer …` header, checked well-formed, stays in the request).
+    Session,
     /// Pass-through token exchange: whoever holds the acquirer token in the path.
     Exchange,
     /// Managed mode: a caller that proved itself to the gateway (API key or mTLS).
@@ -42,14 +40,12 @@ pub enum Scope {
 }
 
 impl Caller {
-    /// Who cached answers belong to: the session token (pass-through) or, in managed mode,
-    /// the acquirer (`acquirer`), shared by all its branches.
+    /// Who cached answers belong to: the session token in `headers` (pass-through) or, in
+    /// managed mode, the acquirer (`acquirer`), shared by all its branches.
     #[must_use]
-    pub fn identity<'a>(&'a self, acquirer: &'a [u8]) -> &'a [u8] {
+    pub fn identity<'a>(&self, acquirer: &'a [u8], headers: &'a HeaderMap) -> &'a [u8] {
         match self {
-            Self::Session { authorization } => {
-                authorization.as_bytes().get(7..).unwrap_or_default()
-            }
+            Self::Session => bearer_token(headers).unwrap_or_default(),
             Self::Exchange | Self::Branch { .. } => acquirer,
         }
     }
@@ -119,11 +115,7 @@ impl<'a> Gate<'a> {
             Self::PassThrough if endpoint == Endpoint::TokenExchange => Ok(Caller::Exchange),
             Self::PassThrough => {
                 bearer_token(headers)?;
-                let authorization = headers
-                    .get(http::header::AUTHORIZATION)
-                    .cloned()
-                    .ok_or(GatewayError::MissingAuthorization)?;
-                Ok(Caller::Session { authorization })
+                Ok(Caller::Session)
             }
             Self::ApiKeys(keys) => {
                 let presented = headers
@@ -188,6 +180,7 @@ impl ApiKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn api_keys_match_by_digest() {
@@ -221,7 +214,7 @@ mod tests {
         let caller = Gate::PassThrough
             .authenticate(Endpoint::DocumentIdentification, &headers)
             .expect("bearer");
-        assert_eq!(caller.identity(b"acq"), b"abc");
+        assert_eq!(caller.identity(b"acq", &headers), b"abc");
         let missing = Gate::PassThrough.authenticate(Endpoint::Branches, &HeaderMap::new());
         assert_eq!(missing.err(), Some(GatewayError::MissingAuthorization));
     }

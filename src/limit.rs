@@ -113,8 +113,12 @@ impl KeyedBudget {
     /// `who`'s cell, created full on first use.
     fn cell(&self, who: Who<'_>) -> Arc<DefaultDirectRateLimiter> {
         let key = who.digest(&self.hasher);
-        self.cells
-            .get_with(key, || Arc::new(RateLimiter::direct(self.quota)))
+        // `get` first: `get_with` boxes the key even when it is present (an allocation
+        // per request on the hot path).
+        self.cells.get(&key).unwrap_or_else(|| {
+            self.cells
+                .get_with(key, || Arc::new(RateLimiter::direct(self.quota)))
+        })
     }
 
     /// Settles idle and over-cap evictions now (the cache does it lazily otherwise).

@@ -44,7 +44,7 @@ use crate::keys::{CacheKey, HashKey};
 use crate::limit::Who;
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::policy::{Slot, Store, slot_for};
-use crate::request::{Checked, check};
+use crate::request::{Checked, bearer_token, check};
 use crate::route::{Endpoint, Route, route_for};
 use crate::server::{Handler, HttpResponse};
 use crate::session::ManagedSession;
@@ -293,7 +293,7 @@ impl Gateway {
         let slot = slot_for(
             &self.keys,
             endpoint,
-            caller.identity(acquirer),
+            caller.identity(acquirer, &ctx.parts.headers),
             &checked,
             credentials,
         );
@@ -417,10 +417,10 @@ impl Gateway {
         if answer.status != http::StatusCode::UNAUTHORIZED {
             return;
         }
-        let Some(Caller::Session { authorization }) = &ctx.caller else {
+        if !matches!(ctx.caller, Some(Caller::Session)) {
             return;
-        };
-        let token = authorization.as_bytes().get(7..).unwrap_or_default();
+        }
+        let token = bearer_token(&ctx.parts.headers).unwrap_or_default();
         let token = self.keys.key("issued").part(token).finish();
         if let Some(slot) = self.issued_tokens.remove(&token).await {
             tracing::info!(
@@ -480,7 +480,7 @@ fn client(caller: &Caller, peer: SocketAddr) -> Who<'_> {
             Scope::Branch(name) => Who::Key(name),
             Scope::Acquirer => Who::Address(peer.ip()),
         },
-        Caller::Session { .. } | Caller::Exchange => Who::Address(peer.ip()),
+        Caller::Session | Caller::Exchange => Who::Address(peer.ip()),
     }
 }
 

@@ -50,6 +50,8 @@ impl InProcess {
         config.upstream.base_url = sim.base_url();
         config.limits.branch.per_minute = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.branch.burst = NonZeroU32::new(u32::MAX).unwrap();
+        config.limits.client.per_minute = NonZeroU32::new(u32::MAX).unwrap();
+        config.limits.client.burst = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.diia.per_second = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.diia.burst = NonZeroU32::new(u32::MAX).unwrap();
         let mut settings = Settings::build(&config).unwrap();

@@ -98,11 +98,14 @@ impl Target {
         );
         let sim_file = write_temp("sim.toml", &sim_config)?;
         // Branch limits sized to the scenario (a branch never hits them in a normal run);
-        // the Diia budget is left wide so the report measures what Diia would need.
+        // every branch comes from this one process, so the per-client limit and the Diia
+        // share are lifted; the Diia budget is left wide so the report measures what Diia
+        // would need.
         let gateway_config = format!(
             "[server]\nlisten = \"{gateway_addr}\"\nadmin_listen = \"{admin_addr}\"\n\
              [upstream]\nbase_url = \"http://{sim_addr}\"\n\
              [limits.branch]\nper_minute = 100000\nburst = 1000\n\
+             [limits.client]\nper_minute = 100000000\nburst = 1000000\ndiia_share = 1.0\n\
              [limits.diia]\nper_second = 1000000\nburst = 100000\n\
              [log]\nfilter = \"warn\"\n"
         );

@@ -54,6 +54,8 @@ pub fn gateway_config(base_url: &str) -> FileConfig {
     config.upstream.base_url = base_url.to_owned();
     config.limits.branch.per_minute = 100_000.try_into().unwrap();
     config.limits.branch.burst = 10_000.try_into().unwrap();
+    config.limits.client.per_minute = 1_000_000.try_into().unwrap();
+    config.limits.client.burst = 100_000.try_into().unwrap();
     config
 }
 
