@@ -64,9 +64,14 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests processed at once; more are shed at once with 503 `overloaded`.
     pub max_in_flight: usize,
-    /// Time a client has to send its request headers (slowloris guard).
+    /// Time from accept to a complete first request head (TLS handshake, h1 headers or
+    /// h2 preface + HEADERS), and for each later h1 head (slowloris guard).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Largest request head in bytes (one header or all of them); 431 above.
+    pub max_header_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
     /// A connection with nothing to read for this long is closed (must exceed request_deadline).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -104,6 +109,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_in_flight: 4096,
             header_read_timeout: Duration::from_secs(5),
+            max_header_bytes: 32 * 1024,
+            max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(60),
             drain_delay: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(15),

@@ -204,6 +204,8 @@ pub async fn start_with(
         header_read_timeout: settings.cold.header_read_timeout,
         idle_timeout: settings.cold.idle_timeout,
         drain_timeout: settings.cold.drain_timeout,
+        max_header_bytes: settings.cold.max_header_bytes,
+        max_streams: settings.cold.max_streams_per_connection,
     };
     let mut tasks = vec![
         spawn_drain_phases(&draining, &closing, settings.cold.drain_delay),

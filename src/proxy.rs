@@ -22,14 +22,15 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use hyper::body::Incoming;
 
@@ -319,7 +320,10 @@ impl Gateway {
         Ok(())
     }
 
-    /// Stage 3: the whole body, bounded by size and time.
+    /// Stage 3: the whole body, bounded by size and time. A body over the limit is still
+    /// read and thrown away (up to [`DRAIN_MAX_BYTES`] and [`DRAIN_MAX_TIME`], as NGINX's
+    /// lingering close does): a client that writes its whole body before reading, as most
+    /// do, would otherwise see a connection reset instead of its 413.
     async fn read_body<B>(&self, ctx: &Ctx, body: B) -> Result<Bytes, GatewayError>
     where
         B: Body<Data = Bytes> + Send,
@@ -332,19 +336,19 @@ impl Gateway {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let mut body = std::pin::pin!(body);
         if declared.is_some_and(|length| length > limit as u64) {
+            drain(body.as_mut()).await;
             return Err(GatewayError::BodyTooLarge);
         }
-        let collected =
-            tokio::time::timeout(ctx.hot.body_timeout, read_all(Limited::new(body, limit)))
-                .await
-                .map_err(|_| GatewayError::BodyTimeout)?;
-        match collected {
-            Ok(bytes) => Ok(bytes),
-            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+        match tokio::time::timeout(ctx.hot.body_timeout, read_all(body.as_mut(), limit)).await {
+            Err(_) => Err(GatewayError::BodyTimeout),
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(ReadError::TooLarge)) => {
+                drain(body.as_mut()).await;
                 Err(GatewayError::BodyTooLarge)
             }
-            Err(_) => Err(GatewayError::BodyRead),
+            Ok(Err(ReadError::Broken)) => Err(GatewayError::BodyRead),
         }
     }
 
@@ -361,12 +365,8 @@ impl Gateway {
         let hot = &ctx.hot;
         let (cache, policy, stale_if_error) = match slot.store {
             Store::Answers => (&self.answers, hot.answers, hot.stale_if_error),
-            Store::Sharing => (&self.sharing, hot.sharing, std::time::Duration::ZERO),
-            Store::SessionTokens => (
-                &self.session_tokens,
-                hot.session_tokens,
-                std::time::Duration::ZERO,
-            ),
+            Store::Sharing => (&self.sharing, hot.sharing, Duration::ZERO),
+            Store::SessionTokens => (&self.session_tokens, hot.session_tokens, Duration::ZERO),
         };
         let lifetimes = Lifetimes {
             policy,
@@ -514,17 +514,38 @@ impl Handler for Gateway {
     }
 }
 
-/// The whole body as one `Bytes`. A body that arrives in one frame (the usual case for a
-/// small JSON request) is passed on without a copy or an allocation, which
-/// `http_body_util::Collected` (a frame list) cannot do; trailers are ignored.
-async fn read_all<B: Body<Data = Bytes>>(body: B) -> Result<Bytes, B::Error> {
-    let mut body = std::pin::pin!(body);
+/// How much of an oversized body is read and discarded before the 413 (lingering close).
+pub const DRAIN_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// How long an oversized body is read and discarded at most before the 413.
+pub const DRAIN_MAX_TIME: Duration = Duration::from_secs(2);
+
+/// Why a body could not be read whole.
+enum ReadError {
+    /// Longer than the limit.
+    TooLarge,
+    /// The connection failed mid-body.
+    Broken,
+}
+
+/// The whole body as one `Bytes`, at most `limit` bytes. A body that arrives in one frame
+/// (the usual case for a small JSON request) is passed on without a copy or an
+/// allocation, which `http_body_util::Collected` (a frame list) cannot do; trailers are
+/// ignored.
+async fn read_all<B>(mut body: Pin<&mut B>, limit: usize) -> Result<Bytes, ReadError>
+where
+    B: Body<Data = Bytes>,
+{
     let mut first: Option<Bytes> = None;
     let mut joined: Option<bytes::BytesMut> = None;
+    let mut length = 0usize;
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
+        let Ok(data) = frame.map_err(|_| ReadError::Broken)?.into_data() else {
             continue;
         };
+        length = length.saturating_add(data.len());
+        if length > limit {
+            return Err(ReadError::TooLarge);
+        }
         match (&first, &mut joined) {
             (None, _) => first = Some(data),
             (Some(head), None) => {
@@ -540,6 +561,23 @@ async fn read_all<B: Body<Data = Bytes>>(body: B) -> Result<Bytes, B::Error> {
         .map(bytes::BytesMut::freeze)
         .or(first)
         .unwrap_or_default())
+}
+
+/// Reads and discards what is left of a body, within [`DRAIN_MAX_BYTES`] and
+/// [`DRAIN_MAX_TIME`].
+async fn drain<B: Body<Data = Bytes>>(mut body: Pin<&mut B>) {
+    let discard = async {
+        let mut discarded = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                discarded = discarded.saturating_add(data.len());
+                if discarded > DRAIN_MAX_BYTES {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_MAX_TIME, discard).await;
 }
 
 fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamRequest {

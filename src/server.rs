@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -93,12 +94,17 @@ impl Shutdown {
 pub struct ConnectionLimits {
     /// Connections served at once; further clients wait in the kernel's accept queue.
     pub max_connections: usize,
-    /// Time a client has to send its request headers (slowloris guard).
+    /// Time from accept to a complete first request head (TLS handshake, protocol
+    /// sniffing, h1 headers or h2 preface + HEADERS included), and for each later h1 head.
     pub header_read_timeout: Duration,
     /// A connection with nothing to read for this long is closed.
     pub idle_timeout: Duration,
     /// After shutdown, time open connections get to finish in-flight requests.
     pub drain_timeout: Duration,
+    /// Largest request head (h1 read buffer, h2 header list), in bytes; 431 above.
+    pub max_header_bytes: usize,
+    /// Concurrent h2 streams per connection.
+    pub max_streams: u32,
 }
 
 impl Default for ConnectionLimits {
@@ -108,8 +114,32 @@ impl Default for ConnectionLimits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(15),
+            max_header_bytes: 32 * 1024,
+            max_streams: 100,
         }
     }
+}
+
+/// hyper's HTTP/1.1 read buffer cannot be smaller.
+const MIN_HEADER_BYTES: usize = 8192;
+
+fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
+    let max_header_list = u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(max_header_list)
+        // A peer that stops answering pings is gone: close instead of holding the slot.
+        .keep_alive_interval(limits.idle_timeout / 2)
+        .keep_alive_timeout(limits.header_read_timeout);
+    builder
 }
 
 /// Accepts connections until `shutdown`, then drains for at most `limits.drain_timeout`.
@@ -119,11 +149,7 @@ pub async fn accept_loop<H: Handler>(
     shutdown: Shutdown,
     limits: ConnectionLimits,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+    let builder = connection_builder(&limits);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
@@ -171,8 +197,10 @@ pub async fn accept_loop<H: Handler>(
     }
 }
 
-/// One connection: TLS handshake (bounded like a header read) when the handler asks for
-/// it, then HTTP/1.1 or h2 until the client leaves or the drain ends it.
+/// One connection: TLS handshake when the handler asks for it, then HTTP/1.1 or h2 until
+/// the client leaves or the drain ends it. The first request head must be complete within
+/// `header_read_timeout` of accept, however the bytes trickle in: the idle timer alone
+/// resets on every byte, and hyper's own header timer starts only once HTTP/1 is chosen.
 async fn serve_connection<H: Handler>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -181,36 +209,50 @@ async fn serve_connection<H: Handler>(
     limits: ConnectionLimits,
     watcher: Watcher,
 ) {
+    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
     let mut stream = TimeoutStream::new(stream);
     stream.set_read_timeout(Some(limits.idle_timeout));
     let stream = Box::pin(stream);
     let io: Box<dyn Io> = match handler.tls() {
-        Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
-            match handshake.await {
-                Ok(Ok(tls_stream)) => Box::new(tls_stream),
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("TLS handshake timed out");
-                    return;
-                }
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => Box::new(tls_stream),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "TLS handshake failed");
+                return;
             }
-        }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                return;
+            }
+        },
         None => Box::new(stream),
     };
+    let first_request = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&first_request);
     let service = service_fn(move |request| {
+        seen.store(true, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
         async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
     });
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
-    if let Err(error) = watcher.watch(connection).await {
-        tracing::debug!(%error, "connection ended with an error");
+    let served = watcher.watch(connection);
+    let no_first_request = async {
+        tokio::time::sleep_until(deadline).await;
+        if first_request.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = served => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        }
+        () = no_first_request => {
+            tracing::debug!("no complete request head within header_read_timeout of accept; closed");
+        }
     }
 }

@@ -201,6 +201,10 @@ cold_settings! {
     header_read_timeout: Duration = "server.header_read_timeout",
     /// Idle connection timeout.
     idle_timeout: Duration = "server.idle_timeout",
+    /// Largest request head.
+    max_header_bytes: usize = "server.max_header_bytes",
+    /// Concurrent h2 streams per connection.
+    max_streams_per_connection: u32 = "server.max_streams_per_connection",
     /// Readiness-fail time before the listener closes on SIGTERM.
     drain_delay: Duration = "server.drain_delay",
     /// Time in-flight requests get after the listener closes.
@@ -311,6 +315,8 @@ fn cold(
         max_in_flight: server.max_in_flight,
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
+        max_header_bytes: server.max_header_bytes,
+        max_streams_per_connection: server.max_streams_per_connection,
         drain_delay: server.drain_delay,
         drain_timeout: server.drain_timeout,
         tls: server.tls.is_some(),
@@ -416,6 +422,18 @@ fn check_server(server: &ServerConfig) -> Result<(), ConfigError> {
     }
     if server.max_connections == 0 {
         return Err(invalid("server.max_connections", "must be above 0"));
+    }
+    if !(8192..=1024 * 1024).contains(&server.max_header_bytes) {
+        return Err(invalid(
+            "server.max_header_bytes",
+            "must be between 8192 and 1048576 bytes",
+        ));
+    }
+    if server.max_streams_per_connection == 0 {
+        return Err(invalid(
+            "server.max_streams_per_connection",
+            "must be above 0",
+        ));
     }
     if server.max_in_flight == 0 {
         return Err(invalid("server.max_in_flight", "must be above 0"));

@@ -9,6 +9,7 @@ mod cache;
 mod cli;
 mod coalescing;
 mod drain;
+mod hostile_clients;
 mod limits;
 mod managed;
 mod metrics;
