@@ -24,9 +24,8 @@ async fn trickle(address: std::net::SocketAddr, bytes: &[u8], gap: Duration) -> 
             return started.elapsed();
         }
         let mut probe = [0u8; 64];
-        match tokio::time::timeout(gap, stream.read(&mut probe)).await {
-            Ok(Ok(0) | Err(_)) => return started.elapsed(),
-            Ok(Ok(_)) | Err(_) => {}
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(gap, stream.read(&mut probe)).await {
+            return started.elapsed();
         }
     }
     started.elapsed()
