@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use diia_gateway::answer::Answer;
+use diia_gateway::answer::{Answer, AnswerParts};
 use diia_gateway::barcode::Barcode;
 use diia_gateway::cache::{AnswerCache, Lifetimes};
 use diia_gateway::config::{DiiaLimitConfig, FileConfig, RateConfig};
@@ -90,14 +90,13 @@ fn cache_key(c: &mut Criterion) {
 }
 
 fn answer() -> Answer {
-    Answer {
-        status: StatusCode::OK,
-        body: Bytes::from_static(br#"{"success":true}"#),
-        content_type: None,
-        trace_id: None,
-        retry_after: None,
-        location: None,
-    }
+    Answer::new(
+        StatusCode::OK,
+        AnswerParts {
+            body: br#"{"success":true}"#,
+            ..AnswerParts::default()
+        },
+    )
 }
 
 fn cache_lookup(c: &mut Criterion) {

@@ -9,22 +9,112 @@ use http::{HeaderValue, StatusCode};
 
 use crate::error::GatewayError;
 
-/// Diia's answer, buffered and owned: small, shared by every coalesced or cached request,
-/// and holding no slice of a connection's read buffer (which would pin ~8 KiB per entry).
+/// Diia's answer, owned and compact: the status, then the few headers kept
+/// (`Content-Type`, `Diia-Trace-Id`, `Retry-After`, `Location`) and the body in one
+/// buffer. One allocation per answer, and no slice of a connection's read buffer (which
+/// would pin ~8 KiB per cached entry). Shared by every coalesced or cached request.
 #[derive(Debug, Clone)]
 pub struct Answer {
     /// Diia's status.
     pub status: StatusCode,
-    /// Diia's body, unchanged.
-    pub body: Bytes,
-    /// Diia's `Content-Type`.
-    pub content_type: Option<HeaderValue>,
-    /// Diia's `Diia-Trace-Id`, kept so a cached answer still points at the call that made it.
-    pub trace_id: Option<HeaderValue>,
-    /// Diia's `Retry-After`, passed on to the client.
-    pub retry_after: Option<HeaderValue>,
-    /// Diia's `Location` on a redirect, passed on.
-    pub location: Option<HeaderValue>,
+    buffer: Bytes,
+    /// Where each kept header ends in `buffer`; the body follows the last.
+    ends: [u32; KEPT_HEADERS],
+}
+
+const KEPT_HEADERS: usize = 4;
+
+/// What an answer is built from.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AnswerParts<'a> {
+    /// The body, unchanged.
+    pub body: &'a [u8],
+    /// `Content-Type`.
+    pub content_type: Option<&'a [u8]>,
+    /// `Diia-Trace-Id`, kept so a cached answer still points at the call that made it.
+    pub trace_id: Option<&'a [u8]>,
+    /// `Retry-After`, passed on to the client.
+    pub retry_after: Option<&'a [u8]>,
+    /// `Location` on a redirect, passed on.
+    pub location: Option<&'a [u8]>,
+}
+
+impl Answer {
+    /// Copies the parts into one owned buffer.
+    #[must_use]
+    pub fn new(status: StatusCode, parts: AnswerParts<'_>) -> Self {
+        let headers = [
+            parts.content_type,
+            parts.trace_id,
+            parts.retry_after,
+            parts.location,
+        ];
+        let length = headers.iter().flatten().map(|h| h.len()).sum::<usize>() + parts.body.len();
+        let mut buffer = Vec::with_capacity(length);
+        let mut ends = [0u32; KEPT_HEADERS];
+        for (end, header) in ends.iter_mut().zip(headers) {
+            buffer.extend_from_slice(header.unwrap_or_default());
+            *end = u32::try_from(buffer.len()).unwrap_or(u32::MAX);
+        }
+        buffer.extend_from_slice(parts.body);
+        Self {
+            status,
+            buffer: Bytes::from(buffer),
+            ends,
+        }
+    }
+
+    fn part(&self, index: usize) -> Bytes {
+        let start = if index == 0 { 0 } else { self.ends[index - 1] };
+        let end = self.ends.get(index).copied().unwrap_or(u32::MAX);
+        let (start, end) = (start as usize, (end as usize).min(self.buffer.len()));
+        self.buffer.slice(start.min(end)..end)
+    }
+
+    fn header(&self, index: usize) -> Option<HeaderValue> {
+        let value = self.part(index);
+        if value.is_empty() {
+            return None;
+        }
+        HeaderValue::from_maybe_shared(value).ok()
+    }
+
+    /// The body (a view of the shared buffer, no copy).
+    #[must_use]
+    pub fn body(&self) -> Bytes {
+        let start = self.ends[KEPT_HEADERS - 1] as usize;
+        self.buffer.slice(start.min(self.buffer.len())..)
+    }
+
+    /// `Content-Type`.
+    #[must_use]
+    pub fn content_type(&self) -> Option<HeaderValue> {
+        self.header(0)
+    }
+
+    /// `Diia-Trace-Id`.
+    #[must_use]
+    pub fn trace_id(&self) -> Option<HeaderValue> {
+        self.header(1)
+    }
+
+    /// `Retry-After`.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<HeaderValue> {
+        self.header(2)
+    }
+
+    /// `Location`.
+    #[must_use]
+    pub fn location(&self) -> Option<HeaderValue> {
+        self.header(3)
+    }
+
+    /// Bytes held beyond the fixed-size struct (for the cache's weigher).
+    #[must_use]
+    pub fn heap_bytes(&self) -> usize {
+        self.buffer.len()
+    }
 }
 
 /// What one upstream call produced: Diia's answer, or why there is none.
@@ -116,6 +206,29 @@ impl AnswerClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_come_back_out_of_one_buffer() {
+        let answer = Answer::new(
+            StatusCode::OK,
+            AnswerParts {
+                body: br#"{"success":true}"#,
+                content_type: Some(b"application/json"),
+                trace_id: None,
+                retry_after: Some(b"3"),
+                location: None,
+            },
+        );
+        assert_eq!(answer.body(), &br#"{"success":true}"#[..]);
+        assert_eq!(
+            answer.content_type(),
+            Some(HeaderValue::from_static("application/json"))
+        );
+        assert_eq!(answer.trace_id(), None);
+        assert_eq!(answer.retry_after(), Some(HeaderValue::from_static("3")));
+        assert_eq!(answer.location(), None);
+        assert_eq!(answer.heap_bytes(), 16 + 16 + 1);
+    }
 
     #[test]
     fn statuses_fall_in_one_class_each() {

@@ -21,7 +21,7 @@ use futures_util::future::{BoxFuture, Shared};
 use moka::Expiry;
 use moka::ops::compute::{CompResult, Op};
 
-use crate::answer::{AnswerClass, CallResult};
+use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::error::GatewayError;
 use crate::keys::CacheKey;
 use crate::policy::Policy;
@@ -140,8 +140,11 @@ fn is_failure(result: &CallResult) -> bool {
     AnswerClass::of(result).diia_could_not_serve()
 }
 
-/// Weight of an entry beyond its body: key, slot and bookkeeping.
-const ENTRY_OVERHEAD: usize = 256;
+/// Resident bytes of an entry beyond its answer's buffer: the key, the slot, the shared
+/// answer and moka's bookkeeping (access and write order nodes, timer node, hash-map
+/// bucket), as measured by `loadtest memory` with the binary's allocator (mimalloc):
+/// ~650 bytes per answer in all, so `cache.max_bytes` bounds real memory.
+const ENTRY_OVERHEAD: usize = 600;
 
 impl AnswerCache {
     /// A cache bounded to about `max_bytes` of answers.
@@ -152,7 +155,7 @@ impl AnswerCache {
             .weigher(|_key: &CacheKey, slot: &Slot| -> u32 {
                 let body = match slot {
                     Slot::Ready { outcome, .. } => {
-                        outcome.as_ref().as_ref().map_or(0, |a| a.body.len())
+                        outcome.as_ref().as_ref().map_or(0, Answer::heap_bytes)
                     }
                     Slot::Pending { .. } => 0,
                 };

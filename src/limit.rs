@@ -278,12 +278,12 @@ impl std::fmt::Debug for Share {
 }
 
 impl Share {
-    /// Takes from the share: `Ok` when within it (or when this client is alone),
-    /// otherwise how long until it has room.
-    fn take(&self, clock: &DefaultClock) -> Result<(), Duration> {
+    /// Takes from the share: `Ok(true)` within it, `Ok(false)` past it while this client
+    /// is alone (let through), otherwise how long until it has room.
+    fn take(&self, clock: &DefaultClock) -> Result<bool, Duration> {
         match self.cell.check() {
-            Ok(()) => Ok(()),
-            Err(_) if !self.shares.contended() => Ok(()),
+            Ok(()) => Ok(true),
+            Err(_) if !self.shares.contended() => Ok(false),
             Err(not_until) => Err(not_until.wait_time_from(clock.now())),
         }
     }
@@ -379,11 +379,21 @@ impl DiiaBrake {
         share: Option<&Share>,
     ) -> Result<(), GatewayError> {
         let started = Instant::now();
+        // Let through past its share only because it was alone: if another client shows
+        // up while this one waits in the common queue, it goes back to waiting for its
+        // share instead of taking the newcomer's turn.
+        let mut unearned = false;
         if let Some(share) = share {
-            self.wait_for(started, quota, || share.take(&self.clock))
-                .await?;
+            self.wait_for(started, quota, || {
+                unearned = !share.take(&self.clock)?;
+                Ok(())
+            })
+            .await?;
         }
         self.wait_for(started, quota, || {
+            if let Some(share) = share.filter(|_| unearned) {
+                unearned = !share.take(&self.clock)?;
+            }
             quota
                 .limiter
                 .check()

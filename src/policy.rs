@@ -87,7 +87,8 @@ fn session_token_ttl(answer: &Answer, margin: Duration) -> Option<Duration> {
         token: std::borrow::Cow<'a, str>,
     }
     let ceiling = SESSION_TOKEN_LIFETIME.checked_sub(margin)?;
-    let body: TokenBody<'_> = serde_json::from_slice(&answer.body).ok()?;
+    let bytes = answer.body();
+    let body: TokenBody<'_> = serde_json::from_slice(&bytes).ok()?;
     match token_life(&body.token) {
         TokenLife::Unknown => Some(ceiling),
         TokenLife::Left(left) => Some(left.checked_sub(margin)?.min(ceiling)),
@@ -179,21 +180,20 @@ pub fn slot_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::answer::AnswerParts;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use bytes::Bytes;
     use http::StatusCode;
     use std::time::{SystemTime, UNIX_EPOCH};
 
     fn answer(status: u16, body: &str) -> CallResult {
-        Ok(Answer {
-            status: StatusCode::from_u16(status).expect("status"),
-            body: Bytes::copy_from_slice(body.as_bytes()),
-            content_type: None,
-            trace_id: None,
-            retry_after: None,
-            location: None,
-        })
+        Ok(Answer::new(
+            StatusCode::from_u16(status).expect("status"),
+            AnswerParts {
+                body: body.as_bytes(),
+                ..AnswerParts::default()
+            },
+        ))
     }
 
     #[test]

@@ -401,7 +401,7 @@ impl Gateway {
         if answer.status != http::StatusCode::OK {
             return;
         }
-        if let Ok(issued) = serde_json::from_slice::<Issued>(&answer.body) {
+        if let Ok(issued) = serde_json::from_slice::<Issued>(&answer.body()) {
             let token = self
                 .keys
                 .key("issued")
@@ -599,24 +599,23 @@ fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamR
 /// Diia's answer as a response: status, body, content type, trace id, retry-after,
 /// location.
 fn answer_response(answer: &Answer) -> HttpResponse {
-    let mut response = Response::new(Full::new(answer.body.clone()));
+    let mut response = Response::new(Full::new(answer.body()));
     *response.status_mut() = answer.status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         answer
-            .content_type
-            .clone()
+            .content_type()
             .unwrap_or_else(|| JSON_CONTENT_TYPE.clone()),
     );
-    if let Some(trace_id) = &answer.trace_id {
-        headers.insert(DIIA_TRACE_ID.clone(), trace_id.clone());
+    if let Some(trace_id) = answer.trace_id() {
+        headers.insert(DIIA_TRACE_ID.clone(), trace_id);
     }
-    if let Some(retry_after) = &answer.retry_after {
-        headers.insert(header::RETRY_AFTER, retry_after.clone());
+    if let Some(retry_after) = answer.retry_after() {
+        headers.insert(header::RETRY_AFTER, retry_after);
     }
-    if let Some(location) = &answer.location {
-        headers.insert(header::LOCATION, location.clone());
+    if let Some(location) = answer.location() {
+        headers.insert(header::LOCATION, location);
     }
     response
 }

@@ -121,7 +121,7 @@ impl ManagedSession {
             token: String,
         }
         let body: TokenBody =
-            serde_json::from_slice(&answer.body).map_err(|_| GatewayError::UpstreamProtocol)?;
+            serde_json::from_slice(&answer.body()).map_err(|_| GatewayError::UpstreamProtocol)?;
         let bearer = HeaderValue::try_from(format!("Bearer {}", body.token))
             .map_err(|_| GatewayError::UpstreamProtocol)?;
         let life = match token_life(&body.token) {

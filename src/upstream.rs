@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::answer::{Answer, AnswerClass, CallResult};
+use crate::answer::{Answer, AnswerClass, AnswerParts, CallResult};
 use crate::breaker::{Breaker, RetryBudget};
 use crate::error::GatewayError;
 use crate::limit::{DiiaBrake, Share};
@@ -209,38 +209,28 @@ impl Upstream {
             .await
             .map_err(|_| GatewayError::UpstreamProtocol)?
             .to_bytes();
-        // Owned copies: a slice of hyper's read buffer would keep the whole buffer alive
-        // for as long as the answer is cached.
-        let owned = |name: &header::HeaderName| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
-        };
-        Ok(Answer {
-            status: parts.status,
-            body: Bytes::copy_from_slice(&body),
-            content_type: owned(&header::CONTENT_TYPE),
-            trace_id: owned(&DIIA_TRACE_ID),
-            retry_after: owned(&header::RETRY_AFTER),
-            location: parts
-                .status
-                .is_redirection()
-                .then(|| owned(&header::LOCATION))
-                .flatten(),
-        })
+        // One owned copy: a slice of hyper's read buffer would keep the whole buffer
+        // alive for as long as the answer is cached.
+        let kept = |name: &header::HeaderName| parts.headers.get(name).map(HeaderValue::as_bytes);
+        Ok(Answer::new(
+            parts.status,
+            AnswerParts {
+                body: &body,
+                content_type: kept(&header::CONTENT_TYPE),
+                trace_id: kept(&DIIA_TRACE_ID),
+                retry_after: kept(&header::RETRY_AFTER),
+                location: if parts.status.is_redirection() {
+                    kept(&header::LOCATION)
+                } else {
+                    None
+                },
+            },
+        ))
     }
 }
 
 /// `Retry-After` as delay-seconds; the HTTP-date form is ignored (no known Diia use).
 fn retry_after(answer: &Answer) -> Option<Duration> {
-    let seconds: u64 = answer
-        .retry_after
-        .as_ref()?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let seconds: u64 = answer.retry_after()?.to_str().ok()?.trim().parse().ok()?;
     (seconds > 0).then(|| Duration::from_secs(seconds))
 }

@@ -10,6 +10,7 @@
 
 mod compare;
 mod drive;
+mod memory;
 mod report;
 mod scenario;
 mod target;
@@ -68,6 +69,22 @@ enum Command {
         /// Offered load steps, as multiples of the scenario's rate.
         #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8,16,32,64")]
         steps: Vec<f64>,
+    },
+    /// Resident memory per cached answer: fills N distinct answers into a gateway started
+    /// here and reads its RSS from /proc.
+    Memory {
+        /// Distinct answers to fill.
+        #[arg(long, default_value_t = 200_000)]
+        entries: u64,
+        /// `cache.max_bytes` of the gateway under test.
+        #[arg(long, default_value_t = 256 * 1024 * 1024)]
+        max_bytes: u64,
+        /// Requests in flight while filling.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Output directory.
+        #[arg(long, default_value = "target/loadtest")]
+        out: PathBuf,
     },
     /// Redraws the SVG of a capacity report from its JSON.
     Plot {
@@ -178,6 +195,27 @@ async fn execute(command: Command) -> Result<(), String> {
                 capacity.p99_target_ms,
             )?;
             eprintln!("wrote {} and {}", json.display(), svg.display());
+        }
+        Command::Memory {
+            entries,
+            max_bytes,
+            concurrency,
+            out,
+        } => {
+            std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            let mut scenario = Scenario::load(std::path::Path::new("config/scenario-smoke.toml"))?;
+            scenario.diia.latency = Duration::ZERO;
+            scenario.diia.latency_jitter = Duration::ZERO;
+            scenario.diia.error_rate = 0.0;
+            let extra = format!("[cache]\nttl = \"180s\"\nmax_bytes = {max_bytes}\n");
+            let target = Target::spawn_with(&scenario, &extra)?;
+            let admin = target.admin.clone().ok_or("no admin address")?;
+            eprintln!("filling {entries} distinct answers ({concurrency} in flight)");
+            let report = memory::measure(&target, &admin, entries, max_bytes, concurrency).await?;
+            print!("{}", report.summary());
+            let path = out.join("memory.json");
+            report::write_json(&path, &report)?;
+            eprintln!("wrote {}", path.display());
         }
         Command::Plot { input } => {
             let text =

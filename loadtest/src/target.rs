@@ -15,6 +15,8 @@ pub struct Target {
     pub gateway: String,
     /// Simulator base URL (for `/sim/stats`).
     pub sim: String,
+    /// The gateway's admin base URL, when started here.
+    pub admin: Option<String>,
     /// The gateway process, when started here.
     gateway_process: Option<Child>,
     sim_process: Option<Child>,
@@ -78,6 +80,7 @@ impl Target {
         Self {
             gateway,
             sim,
+            admin: None,
             gateway_process: None,
             sim_process: None,
             _files: Vec::new(),
@@ -87,6 +90,11 @@ impl Target {
     /// Starts `diia-sim` (auto-issuing barcodes, the scenario's latency and errors) and
     /// `diia-gateway` in front of it, both on free loopback ports.
     pub fn spawn(scenario: &Scenario) -> Result<Self, String> {
+        Self::spawn_with(scenario, "")
+    }
+
+    /// [`Target::spawn`] with extra TOML tables for the gateway (e.g. `[cache]`).
+    pub fn spawn_with(scenario: &Scenario, extra_config: &str) -> Result<Self, String> {
         let sim_addr = free_port()?;
         let gateway_addr = free_port()?;
         let admin_addr = free_port()?;
@@ -107,7 +115,7 @@ impl Target {
              [limits.branch]\nper_minute = 100000\nburst = 1000\n\
              [limits.client]\nper_minute = 100000000\nburst = 1000000\ndiia_share = 1.0\n\
              [limits.diia]\nper_second = 1000000\nburst = 100000\n\
-             [log]\nfilter = \"warn\"\n"
+             [log]\nfilter = \"warn\"\n{extra_config}"
         );
         let gateway_file = write_temp("gateway.toml", &gateway_config)?;
         let sim_process = Command::new(sibling_binary("diia-sim")?)
@@ -127,6 +135,7 @@ impl Target {
         let target = Self {
             gateway: format!("http://{gateway_addr}"),
             sim: format!("http://{sim_addr}"),
+            admin: Some(format!("http://{admin_addr}")),
             gateway_process: Some(gateway_process),
             sim_process: Some(sim_process),
             _files: vec![sim_file, gateway_file],
@@ -134,6 +143,15 @@ impl Target {
         wait_for_port(sim_addr)?;
         wait_for_port(gateway_addr)?;
         Ok(target)
+    }
+
+    /// Resident memory of the gateway process in bytes (`VmRSS`), when started here.
+    pub fn gateway_rss_bytes(&self) -> Option<u64> {
+        let pid = self.gateway_process.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
     }
 
     /// CPU seconds (user + system) the gateway process has used, when started here.
