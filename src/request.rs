@@ -252,6 +252,20 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                 while let Some((Text(name), value)) =
                     map.next_entry::<Text<'de>, &'de RawValue>()?
                 {
+                    // A raw value is only checked for syntax: numbers out of range (1e400)
+                    // and escapes that decode to nothing (a lone surrogate) are refused
+                    // here, as serde_json refuses them. A plain string, the usual field,
+                    // costs nothing more.
+                    let raw = value.get();
+                    if raw.starts_with('"') {
+                        if raw.contains('\\') {
+                            serde_json::from_str::<Text<'_>>(raw)
+                                .map_err(serde::de::Error::custom)?;
+                        }
+                    } else if !matches!(raw, "null" | "true" | "false") {
+                        serde_json::from_str::<serde_json::Value>(raw)
+                            .map_err(serde::de::Error::custom)?;
+                    }
                     fields.push((name, value));
                 }
                 fields.sort_by(|a, b| a.0.cmp(&b.0));

@@ -81,3 +81,117 @@ proptest! {
         prop_assert_eq!(sorted, key(&render(&pairs)));
     }
 }
+
+/// The gateway's parser against `serde_json::Value` on the same bytes (the same check as
+/// the `body_differential` fuzz target): rejected by serde_json → rejected here; accepted
+/// by both → every field decodes to serde_json's value; a name given twice → rejected.
+fn agrees_with_serde_json(data: &[u8]) -> Result<(), String> {
+    let reference = serde_json::from_slice::<serde_json::Value>(data);
+    match (reference, JsonBody::parse(data)) {
+        (Err(_), Ok(_)) => Err("accepted what serde_json rejects".to_owned()),
+        (Ok(serde_json::Value::Object(object)), Ok(body)) => {
+            let fields = body.decoded_fields();
+            if fields.len() != object.len() {
+                return Err("a name given twice was accepted".to_owned());
+            }
+            for (name, value) in fields {
+                let expected = &object[&name];
+                let same = match &value {
+                    Ok(text) => expected.as_str() == Some(text.as_str()),
+                    Err(raw) => {
+                        serde_json::from_str::<serde_json::Value>(raw).ok().as_ref()
+                            == Some(expected)
+                    }
+                };
+                if !same {
+                    return Err(format!("{name}: {value:?} vs {expected}"));
+                }
+            }
+            Ok(())
+        }
+        (Ok(serde_json::Value::Object(_)), Err(_)) => {
+            // Only duplicates may be refused; serde_json keeps the last, so a shorter map
+            // than the number of members shows them.
+            let members = data.iter().filter(|b| **b == b':').count();
+            if members == 0 {
+                Err("refused a valid object".to_owned())
+            } else {
+                Ok(())
+            }
+        }
+        (Ok(_), Ok(_)) => Err("accepted a non-object".to_owned()),
+        (Ok(_) | Err(_), Err(_)) => Ok(()),
+    }
+}
+
+#[test]
+fn edge_cases_agree_with_serde_json() {
+    for body in [
+        &br#"{"a":1e400}"#[..],
+        br#"{"a":"\ud800"}"#,
+        br#"{"a":"\udc00\ud800"}"#,
+        br#"{"\u0062ranchId":"x","barcode":"3389798072091"}"#,
+        br#"{"a":"x\u0000y"}"#,
+        br#"{"a":-0,"b":1.5e-10,"c":[1,{"d":null}],"e":true}"#,
+        br#"{"a":"\"\\\/\b\f\n\r\t"}"#,
+        b"{\"a\":\"\xff\"}",
+        br#"{"a":1,}"#,
+        br#"{"a":01}"#,
+        b"\xef\xbb\xbf{}",
+    ] {
+        agrees_with_serde_json(body)
+            .unwrap_or_else(|problem| panic!("{}: {problem}", String::from_utf8_lossy(body)));
+    }
+    // Duplicates: serde_json keeps the last one, the gateway refuses.
+    assert!(JsonBody::parse(br#"{"a":1,"\u0061":2}"#).is_err());
+}
+
+fn json_string() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-zA-Z0-9 _/:.-]{0,12}".prop_map(|s| format!("\"{s}\"")),
+        "[a-z]{0,4}".prop_map(|s| format!("\"\\u0041{s}\\/\\n\"")),
+        Just("\"\\u041a\\u0438\\u0457\\u0432\"".to_owned()),
+        Just("\"\\ud83d\\ude00\"".to_owned()),
+        Just("\"\\ud800\"".to_owned()),
+    ]
+}
+
+fn json_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        json_string(),
+        any::<i64>().prop_map(|n| n.to_string()),
+        Just("1e400".to_owned()),
+        Just("null".to_owned()),
+        Just("[1,\"a\",{}]".to_owned()),
+        Just("{\"x\":[true]}".to_owned()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+
+    #[test]
+    fn body_parser_agrees_with_serde_json(
+        members in proptest::collection::vec(
+            (prop_oneof![json_string(), Just("\"branchId\"".to_owned()), Just("\"branch\\u0049d\"".to_owned())], json_value()),
+            0..6,
+        ),
+        spaces in any::<bool>(),
+    ) {
+        let separator = if spaces { ", " } else { "," };
+        let body = format!(
+            "{{{}}}",
+            members
+                .iter()
+                .map(|(name, value)| format!("{name}:{value}"))
+                .collect::<Vec<_>>()
+                .join(separator)
+        );
+        prop_assert!(agrees_with_serde_json(body.as_bytes()).is_ok(), "{}: {:?}", body, agrees_with_serde_json(body.as_bytes()));
+    }
+
+    #[test]
+    fn random_bytes_agree_with_serde_json(input in any::<Vec<u8>>()) {
+        prop_assert!(agrees_with_serde_json(&input).is_ok());
+    }
+}
