@@ -197,6 +197,12 @@ impl AnswerCache {
             .await;
     }
 
+    /// Bytes the weigher counts over all entries.
+    #[must_use]
+    pub fn weighted_bytes(&self) -> u64 {
+        self.inner.weighted_size()
+    }
+
     /// Runs moka's deferred maintenance now; tests use it for exact counts.
     pub async fn sync(&self) {
         self.inner.run_pending_tasks().await;

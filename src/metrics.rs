@@ -122,7 +122,7 @@ const ENDPOINT_SLOTS: usize = Endpoint::ALL.len() + 1;
 pub struct Metrics {
     registry: Registry,
     requests: Vec<[Counter; RequestOutcome::ALL.len()]>,
-    errors: Family<Labels1, Counter>,
+    errors: Family<Labels2, Counter>,
     upstream_latency: Vec<Histogram>,
     upstream_calls: Family<Labels2, Counter>,
     saved: Counter,
@@ -130,6 +130,25 @@ pub struct Metrics {
     breaker_open: [Gauge; CallClass::ALL.len()],
     cache_entries: Family<Labels1, Gauge>,
     branches_tracked: Gauge,
+    cache_bytes: Family<Labels1, Gauge>,
+    in_flight: Gauge,
+    ready: Gauge,
+    diia_backoff: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// Point-in-time values read when `/metrics` is scraped.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Per cache: name, entries, weighted bytes.
+    pub caches: Vec<(&'static str, u64, u64)>,
+    /// Branches with a rate-limit state.
+    pub branches_tracked: u64,
+    /// Requests being processed.
+    pub in_flight: u64,
+    /// Whether `/readyz` answers 200.
+    pub ready: bool,
+    /// Remaining pause Diia asked for (zero: none).
+    pub diia_backoff: Duration,
 }
 
 impl Default for Metrics {
@@ -153,8 +172,8 @@ impl Metrics {
         let errors = registered(
             &mut registry,
             "errors",
-            "Answers the gateway made up itself, by gatewayCode",
-            Family::<Labels1, Counter>::default(),
+            "Answers the gateway made up itself, by endpoint and gatewayCode",
+            Family::<Labels2, Counter>::default(),
         );
         let latency_family = registered(
             &mut registry,
@@ -213,6 +232,30 @@ impl Metrics {
             "Branches with a rate-limit state in memory",
             Gauge::default(),
         );
+        let cache_bytes = registered(
+            &mut registry,
+            "cache_weighted_bytes",
+            "Bytes the cache's weigher counts per cache (bounded by cache.max_bytes)",
+            Family::<Labels1, Gauge>::default(),
+        );
+        let in_flight = registered(
+            &mut registry,
+            "in_flight",
+            "Requests being processed (bounded by server.max_in_flight)",
+            Gauge::default(),
+        );
+        let ready = registered(
+            &mut registry,
+            "ready",
+            "1 while /readyz answers 200, 0 once a drain started",
+            Gauge::default(),
+        );
+        let diia_backoff = registered(
+            &mut registry,
+            "diia_backoff_seconds",
+            "Remaining gateway-wide pause Diia asked for with Retry-After (0: none)",
+            Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
+        );
         Self {
             registry,
             requests,
@@ -224,6 +267,10 @@ impl Metrics {
             breaker_open,
             cache_entries,
             branches_tracked,
+            cache_bytes,
+            in_flight,
+            ready,
+            diia_backoff,
         }
     }
 
@@ -242,7 +289,10 @@ impl Metrics {
             self.saved.inc();
         }
         if let Some(code) = error_code {
-            self.errors.get_or_create(&[("code", code)]).inc();
+            let endpoint = endpoint.map_or("none", Endpoint::label);
+            self.errors
+                .get_or_create(&[("endpoint", endpoint), ("code", code)])
+                .inc();
         }
     }
 
@@ -277,14 +327,20 @@ impl Metrics {
 
     /// Prometheus text exposition, with point-in-time gauges refreshed first.
     #[must_use]
-    pub fn render(&self, cache_entries: &[(&'static str, u64)], branches_tracked: u64) -> String {
-        for (cache, entries) in cache_entries {
+    pub fn render(&self, now: &Snapshot) -> String {
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        for (cache, entries, bytes) in &now.caches {
             self.cache_entries
                 .get_or_create(&[("cache", cache)])
-                .set(i64::try_from(*entries).unwrap_or(i64::MAX));
+                .set(gauge(*entries));
+            self.cache_bytes
+                .get_or_create(&[("cache", cache)])
+                .set(gauge(*bytes));
         }
-        self.branches_tracked
-            .set(i64::try_from(branches_tracked).unwrap_or(i64::MAX));
+        self.branches_tracked.set(gauge(now.branches_tracked));
+        self.in_flight.set(gauge(now.in_flight));
+        self.ready.set(i64::from(now.ready));
+        self.diia_backoff.set(now.diia_backoff.as_secs_f64());
         let mut text = String::with_capacity(16 * 1024);
         if encode(&mut text, &self.registry).is_err() {
             text.clear();

@@ -43,7 +43,7 @@ use crate::diia::SESSION_TOKEN_LIFETIME;
 use crate::error::{Fault, GatewayError, JSON_CONTENT_TYPE};
 use crate::keys::{CacheKey, HashKey};
 use crate::limit::Who;
-use crate::metrics::{Metrics, RequestOutcome};
+use crate::metrics::{Metrics, RequestOutcome, Snapshot};
 use crate::policy::{Slot, Store, slot_for};
 use crate::request::{Checked, bearer_token, check};
 use crate::route::{Endpoint, Route, route_for};
@@ -77,6 +77,7 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// Requests being processed; full means shed (503 `overloaded`) rather than queue.
     in_flight: tokio::sync::Semaphore,
+    max_in_flight: usize,
     /// Managed token mode, when configured.
     managed: Option<Arc<ManagedSession>>,
     /// Pass-through: which token-cache entry handed out a session token (keyed digest of
@@ -163,6 +164,7 @@ impl Gateway {
             upstream,
             metrics,
             in_flight: tokio::sync::Semaphore::new(settings.cold.max_in_flight),
+            max_in_flight: settings.cold.max_in_flight,
             managed,
             issued_tokens: moka::future::Cache::builder()
                 .max_capacity(100_000)
@@ -190,17 +192,24 @@ impl Gateway {
     }
 
     /// Prometheus text for `/metrics`; settles cache bookkeeping first so counts are exact.
-    pub async fn render_metrics(&self) -> String {
+    /// `ready` is what `/readyz` answers.
+    pub async fn render_metrics(&self, ready: bool) -> String {
         self.sync_caches().await;
-        self.hot.load().limits.run_pending_tasks();
-        self.metrics.render(
-            &[
-                ("answers", self.answers.entry_count()),
-                ("tokens", self.session_tokens.entry_count()),
-                ("sharing", self.sharing.entry_count()),
+        let hot = self.hot.load();
+        hot.limits.run_pending_tasks();
+        let cache = |name, cache: &AnswerCache| (name, cache.entry_count(), cache.weighted_bytes());
+        let available = self.in_flight.available_permits();
+        self.metrics.render(&Snapshot {
+            caches: vec![
+                cache("answers", &self.answers),
+                cache("tokens", &self.session_tokens),
+                cache("sharing", &self.sharing),
             ],
-            self.hot.load().limits.tracked(),
-        )
+            branches_tracked: hot.limits.tracked(),
+            in_flight: u64::try_from(self.max_in_flight.saturating_sub(available)).unwrap_or(0),
+            ready,
+            diia_backoff: self.upstream.brake().paused_for().unwrap_or_default(),
+        })
     }
 
     /// Periodic upkeep: forget idle branch budgets, settle cache bookkeeping.

@@ -13,6 +13,7 @@ mod hostile_clients;
 mod limits;
 mod managed;
 mod metrics;
+mod ops_prometheus;
 mod overload;
 mod passthrough;
 mod properties;

@@ -37,7 +37,9 @@ async fn counters_move_with_traffic() {
         1.0
     );
     assert_eq!(
-        value(r#"diia_gateway_errors_total{code="invalid_barcode"}"#),
+        value(
+            r#"diia_gateway_errors_total{endpoint="document_identification",code="invalid_barcode"}"#
+        ),
         1.0
     );
     assert_eq!(value("diia_gateway_diia_calls_saved_total"), 1.0);
