@@ -247,14 +247,14 @@ fn drive_traffic(h: &Arc<Harness>, token: String, stop: Arc<AtomicBool>) {
         let mut last = String::new();
         while !stop.load(Ordering::Relaxed) {
             n += 1;
-            let barcode = if n % 2 == 0 && !last.is_empty() {
+            let barcode = if n.is_multiple_of(2) && !last.is_empty() {
                 last.clone()
             } else {
                 let fresh = diia_sim::Code::issue(338_979_000_000 + n).unwrap().digits();
                 last.clone_from(&fresh);
                 fresh
             };
-            let barcode = if n % 10 == 0 {
+            let barcode = if n.is_multiple_of(10) {
                 "3389798072090".to_owned()
             } else {
                 barcode
