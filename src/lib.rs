@@ -27,7 +27,7 @@
 //! - [`breaker`]: circuit breaker and retry budget toward Diia
 //! - [`session`]: managed token mode (the session token held by the gateway)
 //! - [`proxy`]: the request lifecycle (stages over one context) over all of the above
-//! - [`metrics`], [`admin`]: what SREs see
+//! - [`metrics`], [`admin`]: what SREs see; [`logsink`]: log lines written in batches, never waited for
 //! - [`server`]: accept loop and graceful shutdown
 //! - [`tls`]: rustls configs, in (termination, mTLS) and out (trust toward Diia)
 //!
@@ -47,6 +47,7 @@ mod embedded;
 pub mod error;
 pub mod keys;
 pub mod limit;
+pub mod logsink;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

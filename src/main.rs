@@ -11,6 +11,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use diia_gateway::Settings;
 use diia_gateway::config::LogFormat;
+use diia_gateway::logsink::LogSink;
 use tracing_subscriber::EnvFilter;
 
 /// A verification gateway in front of Diia's acquirer API.
@@ -41,7 +42,14 @@ fn main() -> ExitCode {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    init_tracing(&settings);
+    let (log_sink, _flush_on_exit) = match LogSink::spawn(std::io::stderr(), LOG_QUEUE_LINES) {
+        Ok(pair) => pair,
+        Err(error) => {
+            eprintln!("diia-gateway: cannot start the log writer: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_tracing(&settings, log_sink.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -52,10 +60,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(settings, cli.config))
+    runtime.block_on(run(settings, cli.config, log_sink))
 }
 
-async fn run(settings: Settings, path: PathBuf) -> ExitCode {
+/// Lines waiting for stderr at most; past it new lines are dropped (and counted), never
+/// waited for: a slow log sink must not slow a request down.
+const LOG_QUEUE_LINES: usize = 65_536;
+
+async fn run(settings: Settings, path: PathBuf, log_sink: LogSink) -> ExitCode {
     let gateway = match diia_gateway::start_with(settings, Some(path)).await {
         Ok(gateway) => gateway,
         Err(error) => {
@@ -63,6 +75,10 @@ async fn run(settings: Settings, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    gateway
+        .gateway()
+        .metrics()
+        .count_dropped_log_lines(move || log_sink.dropped());
     #[cfg(feature = "embedded-sim")]
     if let Some(simulator) = gateway.simulator() {
         tracing::info!(
@@ -108,14 +124,14 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn init_tracing(settings: &Settings) {
+fn init_tracing(settings: &Settings, writer: LogSink) {
     let filter =
         EnvFilter::try_new(&settings.cold.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match settings.cold.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

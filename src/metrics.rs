@@ -134,6 +134,9 @@ pub struct Metrics {
     in_flight: Gauge,
     ready: Gauge,
     diia_backoff: Gauge<f64, std::sync::atomic::AtomicU64>,
+    log_lines_dropped: Gauge,
+    /// Reads the log writer's dropped-line count (set by the binary).
+    dropped_log_lines: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 /// Point-in-time values read when `/metrics` is scraped.
@@ -256,6 +259,12 @@ impl Metrics {
             "Remaining gateway-wide pause Diia asked for with Retry-After (0: none)",
             Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
         );
+        let log_lines_dropped = registered(
+            &mut registry,
+            "log_lines_dropped",
+            "Log lines dropped because the log sink could not keep up (requests never wait for it)",
+            Gauge::default(),
+        );
         Self {
             registry,
             requests,
@@ -271,7 +280,14 @@ impl Metrics {
             in_flight,
             ready,
             diia_backoff,
+            log_lines_dropped,
+            dropped_log_lines: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Where to read the count of log lines dropped by a non-blocking log writer.
+    pub fn count_dropped_log_lines(&self, read: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.dropped_log_lines.set(Box::new(read));
     }
 
     /// Counts one finished request.
@@ -341,6 +357,9 @@ impl Metrics {
         self.in_flight.set(gauge(now.in_flight));
         self.ready.set(i64::from(now.ready));
         self.diia_backoff.set(now.diia_backoff.as_secs_f64());
+        if let Some(read) = self.dropped_log_lines.get() {
+            self.log_lines_dropped.set(gauge(read()));
+        }
         let mut text = String::with_capacity(16 * 1024);
         if encode(&mut text, &self.registry).is_err() {
             text.clear();

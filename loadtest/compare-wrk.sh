@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Cache-hit throughput and CPU cost per request, measured with an external closed-loop
+# generator (wrk, one thread, 64 connections, a POST with a JSON body), in one run on the
+# same cores, against:
+#   bare       a bare hyper responder (1 thread): the floor
+#   nginx      NGINX 1.22, 2 workers, POST cache keyed on URI + Authorization + body,
+#              access log on (buffered, as NGINX users run it) and off
+#   nginx-proxy NGINX as a plain proxy to the simulator (no cache), access log off
+#   gateway    diia-gateway, access log on (default `info`, JSON lines to a file) and off
+# Each case runs REPEATS times (default 3) for DURATION (default 8s); the table shows medians
+# of req/s, p99 and CPU µs per request (utime + stime of the server's processes from /proc),
+# with the ratios to the bare responder and to NGINX's cache. Loopback only; every process
+# started here is stopped on exit; wrk and nginx-light are installed from Debian if missing.
+#
+#   loadtest/compare-wrk.sh
+#   REPEATS=5 DURATION=10s CASES="bare gateway-log" loadtest/compare-wrk.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPEATS=${REPEATS:-3}
+DURATION=${DURATION:-8s}
+CONNECTIONS=${CONNECTIONS:-64}
+CASES=${CASES:-"bare nginx-log nginx gateway-log gateway nginx-proxy"}
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+{ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build --release --workspace --quiet
+
+work=$(mktemp -d)
+chmod a+rwx "$work"
+pids=()
+cleanup() {
+  for pidfile in "$work"/nginx*.pid; do [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+SIM=127.0.0.1:18190
+declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184)
+
+printf 'listen = "%s"\nauto_issue = true\n' "$SIM" > "$work/sim.toml"
+target/release/diia-sim --config "$work/sim.toml" >/dev/null 2>&1 & pids+=($!)
+target/release/bare-hyper --listen "127.0.0.1:${PORT[bare]}" >/dev/null 2>&1 & pids+=($!)
+declare -A PID=([bare]=$!)
+
+gateway() { # name port admin filter
+  cat > "$work/$1.toml" <<CONF
+[server]
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
+[upstream]
+base_url = "http://$SIM"
+[limits.branch]
+per_minute = 100000000
+burst = 1000000
+[limits.client]
+per_minute = 100000000
+burst = 1000000
+diia_share = 1.0
+[log]
+filter = "$4"
+CONF
+  target/release/diia-gateway --config "$work/$1.toml" 2>"$work/$1.log" >/dev/null & pids+=($!)
+  PID[$1]=$!
+}
+gateway gateway "${PORT[gateway]}" 18185 warn
+gateway gateway-log "${PORT[gateway-log]}" 18186 info
+
+nginx_conf() { # name port access_log(on|off) cache(on|off)
+  local access="access_log off;"
+  [ "$3" = on ] && access="access_log $work/$1.access.log combined buffer=64k flush=1s;"
+  local cache=""
+  [ "$4" = on ] && cache='proxy_cache diia; proxy_cache_methods POST; proxy_cache_key "$request_uri|$http_authorization|$request_body"; proxy_cache_valid 200 60s; proxy_cache_lock on;'
+  mkdir -p "$work/$1-cache"
+  cat > "$work/$1.conf" <<CONF
+worker_processes 2;
+pid $work/$1.pid;
+error_log $work/$1.error.log warn;
+events { worker_connections 4096; }
+http {
+  $access
+  proxy_cache_path $work/$1-cache keys_zone=diia:32m max_size=256m inactive=60s use_temp_path=off;
+  upstream sim { server $SIM; keepalive 128; }
+  server {
+    listen 127.0.0.1:$2;
+    client_body_buffer_size 16k;
+    location / {
+      proxy_pass http://sim;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      $cache
+    }
+  }
+}
+CONF
+  "$NGINX" -c "$work/$1.conf" -p "$work" -e "$work/$1.error.log"
+}
+nginx_conf nginx "${PORT[nginx]}" off on
+nginx_conf nginx-log "${PORT[nginx-log]}" on on
+nginx_conf nginx-proxy "${PORT[nginx-proxy]}" off off
+
+for port in 18190 "${PORT[@]}"; do
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+done
+
+# One session token (through a gateway; the simulator accepts it from NGINX too) and one
+# barcode: every case answers the same POST, a cache hit after the first.
+TOKEN=$(curl -s -H 'Authorization: Basic YWNxdWlyZXJfMTpkZW1vX3Rlc3RfdG9rZW5fMDAwMDAx' \
+  "http://127.0.0.1:${PORT[gateway]}/api/v1/auth/acquirer/demo_test_token_000001" | sed 's/.*"token":"\([^"]*\)".*/\1/')
+# A fresh valid barcode per case (EAN-13 over a 12-digit base): each case's first request
+# uses it at the simulator and caches Diia's 200.
+barcode() { python3 -c "
+b='$1'; s=sum(int(d)*(3 if i%2 else 1) for i,d in enumerate(b)); print(b+str((10-s%10)%10))"; }
+body() { echo "{\"branchId\":\"kyiv-001\",\"barcode\":\"$(barcode "$1")\"}"; }
+post_script() { # case body
+  cat > "$work/$1.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$2'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $TOKEN"
+LUA
+}
+
+# Server processes of a case: the listed PID (and its children, for NGINX's workers).
+pids_of() {
+  case $1 in
+    nginx*) local master; master=$(cat "$work/$1.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')";;
+    *) echo "${PID[$1]}";;
+  esac
+}
+cpu_ticks() { local total=0; for p in $1; do
+    read -r -a f < <(sed 's/.*) //' "/proc/$p/stat"); total=$((total + f[11] + f[12])); done; echo $total; }
+TICK=$(getconf CLK_TCK)
+url() { echo "http://127.0.0.1:${PORT[$1]}/api/v1/acquirers/document-identification"; }
+
+results="$work/results.txt"
+base=338979807200
+for case in $CASES; do
+  base=$((base + 1))
+  BODY=$(body "$base")
+  post_script "$case" "$BODY"
+  # Warm up: fill the cache and the connection pools.
+  for _ in 1 2 3; do curl -s -o /dev/null -X POST -H 'Content-Type: application/json' -H "Authorization: Bearer $TOKEN" -d "$BODY" "$(url "$case")"; done
+  wrk -t1 -c"$CONNECTIONS" -d2s -s "$work/$case.lua" "$(url "$case")" >/dev/null
+  for run in $(seq 1 "$REPEATS"); do
+    procs=$(pids_of "$case")
+    before=$(cpu_ticks "$procs")
+    out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/$case.lua" "$(url "$case")")
+    after=$(cpu_ticks "$procs")
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+    requests=$(echo "$out" | awk '/requests in/ {print $1}')
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}')
+    cpu_us=$(awk -v t=$((after - before)) -v hz="$TICK" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+    echo "$case $run $rps $p99 $cpu_us ${non2xx:-0}" | tee -a "$results" >&2
+  done
+done
+
+python3 - "$results" <<'PY'
+import statistics, sys, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    case, run, rps, p99, cpu, non2xx = line.split()
+    unit = 1e-3 if p99.endswith("us") else (1.0 if p99.endswith("ms") else 1e3)
+    rows[case].append((float(rps), float(p99.rstrip("usm")) * unit, float(cpu), int(non2xx)))
+med = {c: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
+           statistics.median(r[2] for r in v), sum(r[3] for r in v)) for c, v in rows.items()}
+bare = med.get("bare", (None,))[0]
+nginx = med.get("nginx-log", (None,))[0]
+print(f"\n{'case':<12} {'req/s':>10} {'p99 ms':>8} {'CPU µs/req':>11} {'vs bare':>8} {'vs nginx-log':>12} {'non-2xx':>8}")
+for case, (rps, p99, cpu, bad) in med.items():
+    vb = f"{rps / bare * 100:.0f} %" if bare else "-"
+    vn = f"{rps / nginx:.2f}x" if nginx else "-"
+    print(f"{case:<12} {rps:>10.0f} {p99:>8.2f} {cpu:>11.2f} {vb:>8} {vn:>12} {bad:>8}")
+PY
