@@ -6,7 +6,9 @@
 #   nginx      NGINX 1.22, 2 workers, POST cache keyed on URI + Authorization + body,
 #              access log on (buffered, as NGINX users run it) and off
 #   nginx-proxy NGINX as a plain proxy to the simulator (no cache), access log off
-#   gateway    diia-gateway, access log on (default `info`, JSON lines to a file) and off
+#   gateway    diia-gateway with server.workers = 1 (one single-threaded runtime, as the
+#              bare responder), access log on (default `info`, JSON lines to a file) and off
+#   gateway-mt-log  diia-gateway with the default work-stealing runtime, access log on
 # Each case runs REPEATS times (default 3) for DURATION (default 8s); the table shows medians
 # of req/s, p99 and CPU µs per request (utime + stime of the server's processes from /proc),
 # with the ratios to the bare responder and to NGINX's cache. Loopback only; every process
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 REPEATS=${REPEATS:-3}
 DURATION=${DURATION:-8s}
 CONNECTIONS=${CONNECTIONS:-64}
-CASES=${CASES:-"bare nginx-log nginx gateway-log gateway nginx-proxy"}
+CASES=${CASES:-"bare nginx-log nginx gateway-log gateway gateway-mt-log nginx-proxy"}
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || need+=(nginx-light)
@@ -42,18 +44,19 @@ cleanup() {
 trap cleanup EXIT
 
 SIM=127.0.0.1:18190
-declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184)
+declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187)
 
 printf 'listen = "%s"\nauto_issue = true\n' "$SIM" > "$work/sim.toml"
 target/release/diia-sim --config "$work/sim.toml" >/dev/null 2>&1 & pids+=($!)
 target/release/bare-hyper --listen "127.0.0.1:${PORT[bare]}" >/dev/null 2>&1 & pids+=($!)
 declare -A PID=([bare]=$!)
 
-gateway() { # name port admin filter
+gateway() { # name port admin filter workers
   cat > "$work/$1.toml" <<CONF
 [server]
 listen = "127.0.0.1:$2"
 admin_listen = "127.0.0.1:$3"
+workers = $5
 [upstream]
 base_url = "http://$SIM"
 [limits.branch]
@@ -69,8 +72,9 @@ CONF
   target/release/diia-gateway --config "$work/$1.toml" 2>"$work/$1.log" >/dev/null & pids+=($!)
   PID[$1]=$!
 }
-gateway gateway "${PORT[gateway]}" 18185 warn
-gateway gateway-log "${PORT[gateway-log]}" 18186 info
+gateway gateway "${PORT[gateway]}" 18185 warn 1
+gateway gateway-log "${PORT[gateway-log]}" 18186 info 1
+gateway gateway-mt-log "${PORT[gateway-mt-log]}" 18188 info 0
 
 nginx_conf() { # name port access_log(on|off) cache(on|off)
   local access="access_log off;"

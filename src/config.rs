@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
+    /// Branch-listener threads, each with its own single-threaded runtime and its own
+    /// `SO_REUSEPORT` socket (0: one work-stealing runtime over all cores, as before).
+    pub workers: usize,
     /// A connection with nothing to read for this long is closed (must exceed request_deadline).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -111,6 +114,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 32 * 1024,
             max_streams_per_connection: 100,
+            workers: 0,
             idle_timeout: Duration::from_secs(60),
             drain_delay: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(15),

@@ -189,9 +189,9 @@ pub async fn start_with(
     let file_cold = settings.cold.clone();
     let (settings, simulator) = start_upstream(settings).await?;
     let gateway = Arc::new(Gateway::build(&settings)?);
-    let listener = TcpListener::bind(settings.cold.listen).await?;
+    let listeners = BranchListeners::bind(settings.cold.listen, settings.cold.workers)?;
     let admin_listener = TcpListener::bind(settings.cold.admin_listen).await?;
-    let (addr, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
+    let (addr, admin_addr) = (listeners.addr, admin_listener.local_addr()?);
     let draining = Shutdown::new();
     let closing = Shutdown::new();
     let reloader = path.map(|path| Arc::new(Reloader::new(path, file_cold, Arc::clone(&gateway))));
@@ -213,7 +213,7 @@ pub async fn start_with(
         spawn_housekeeping(&gateway, &closing),
     ];
     tasks.extend(spawn_listeners(
-        (listener, admin_listener),
+        (listeners, admin_listener),
         (&gateway, admin),
         &closing,
         limits,
@@ -274,21 +274,110 @@ fn spawn_housekeeping(gateway: &Arc<Gateway>, closing: &Shutdown) -> JoinHandle<
     })
 }
 
+/// The branch listener: one socket on the shared runtime (`server.workers = 0`), or one
+/// `SO_REUSEPORT` socket per worker thread, each served by its own current-thread runtime
+/// (the kernel spreads connections over them; no request hops between threads).
+struct BranchListeners {
+    addr: SocketAddr,
+    shared: Option<TcpListener>,
+    per_worker: Vec<std::net::TcpListener>,
+}
+
+impl BranchListeners {
+    fn bind(listen: SocketAddr, workers: usize) -> std::io::Result<Self> {
+        if workers == 0 {
+            let listener = std::net::TcpListener::bind(listen)?;
+            listener.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(listener)?;
+            return Ok(Self {
+                addr: listener.local_addr()?,
+                shared: Some(listener),
+                per_worker: Vec::new(),
+            });
+        }
+        let mut addr = listen;
+        let mut per_worker = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            #[cfg(unix)]
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            // Port 0 picks a port once; every other worker binds that same port.
+            addr = socket.local_addr()?;
+            per_worker.push(socket.listen(1024)?.into_std()?);
+        }
+        Ok(Self {
+            addr,
+            shared: None,
+            per_worker,
+        })
+    }
+}
+
+/// Serves the branch listeners; resolves when every accept loop has drained.
+fn serve_branch(
+    listeners: BranchListeners,
+    gateway: &Arc<Gateway>,
+    closing: &Shutdown,
+    limits: ConnectionLimits,
+) -> JoinHandle<()> {
+    if let Some(listener) = listeners.shared {
+        return tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(gateway),
+            closing.clone(),
+            limits,
+        ));
+    }
+    let threads: Vec<_> = listeners
+        .per_worker
+        .into_iter()
+        .enumerate()
+        .filter_map(|(n, listener)| {
+            let (gateway, closing) = (Arc::clone(gateway), closing.clone());
+            std::thread::Builder::new()
+                .name(format!("diia-gateway-worker-{n}"))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    let Ok(runtime) = runtime else {
+                        tracing::error!("cannot start a worker runtime");
+                        return;
+                    };
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => accept_loop(listener, gateway, closing, limits).await,
+                            Err(error) => tracing::error!(%error, "worker listener unusable"),
+                        }
+                    });
+                })
+                .map_err(|error| tracing::error!(%error, "cannot start a worker thread"))
+                .ok()
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            let _ = thread.join();
+        }
+    })
+}
+
 /// The branch and admin accept loops. The admin listener outlives the branch listener's
 /// drain, so probes see the 503.
 fn spawn_listeners(
-    (listener, admin_listener): (TcpListener, TcpListener),
+    (listeners, admin_listener): (BranchListeners, TcpListener),
     (gateway, admin): (&Arc<Gateway>, Arc<Admin>),
     closing: &Shutdown,
     limits: ConnectionLimits,
 ) -> [JoinHandle<()>; 2] {
     let admin_closing = Shutdown::new();
-    let gateway_loop = tokio::spawn(accept_loop(
-        listener,
-        Arc::clone(gateway),
-        closing.clone(),
-        limits,
-    ));
+    let gateway_loop = serve_branch(listeners, gateway, closing, limits);
     let branch_side = {
         let admin_closing = admin_closing.clone();
         tokio::spawn(async move {

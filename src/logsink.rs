@@ -129,7 +129,10 @@ mod tests {
 
     impl Write for Shared {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().map_err(|_| std::io::ErrorKind::Other)?.extend_from_slice(buf);
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -142,7 +145,8 @@ mod tests {
         let out = Shared::default();
         let (mut sink, guard) = LogSink::spawn(out.clone(), 4).expect("thread");
         for n in 0..1000 {
-            sink.write_all(format!("line {n}\n").as_bytes()).expect("never fails");
+            sink.write_all(format!("line {n}\n").as_bytes())
+                .expect("never fails");
         }
         let dropped = sink.dropped();
         drop(guard);

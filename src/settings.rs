@@ -205,6 +205,8 @@ cold_settings! {
     max_header_bytes: usize = "server.max_header_bytes",
     /// Concurrent h2 streams per connection.
     max_streams_per_connection: u32 = "server.max_streams_per_connection",
+    /// Branch-listener worker threads (0: the shared runtime).
+    workers: usize = "server.workers",
     /// Readiness-fail time before the listener closes on SIGTERM.
     drain_delay: Duration = "server.drain_delay",
     /// Time in-flight requests get after the listener closes.
@@ -317,6 +319,7 @@ fn cold(
         idle_timeout: server.idle_timeout,
         max_header_bytes: server.max_header_bytes,
         max_streams_per_connection: server.max_streams_per_connection,
+        workers: server.workers,
         drain_delay: server.drain_delay,
         drain_timeout: server.drain_timeout,
         tls: server.tls.is_some(),
@@ -427,6 +430,12 @@ fn check_server(server: &ServerConfig) -> Result<(), ConfigError> {
         return Err(invalid(
             "server.max_header_bytes",
             "must be between 8192 and 1048576 bytes",
+        ));
+    }
+    if server.workers > 256 {
+        return Err(invalid(
+            "server.workers",
+            "must be at most 256 (one per core is the point)",
         ));
     }
     if server.max_streams_per_connection == 0 {

@@ -70,3 +70,43 @@ async fn drain_finishes_in_flight_requests_and_fails_readiness_first() {
         "listener closed after the drain"
     );
 }
+
+/// `server.workers`: several single-threaded runtimes on `SO_REUSEPORT` sockets serve one
+/// gateway (one cache: a re-scan is a hit on whichever worker it lands), and drain too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_workers_share_one_gateway_and_drain() {
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.server.workers = 3;
+            c.server.drain_delay = Duration::from_millis(100);
+        },
+    )
+    .await;
+    let token = h.session_token().await;
+    let barcode = h.issue_barcode().await;
+    // New connections each time: the kernel spreads them over the workers.
+    for scan in 0..12 {
+        let client = support::client();
+        let url = h.url("/api/v1/acquirers/document-identification");
+        let reply = support::send(
+            &client,
+            Method::POST,
+            &url,
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/json"),
+            ],
+            format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "scan {scan}");
+    }
+    assert_eq!(h.sim_calls("document_identification").await, 1);
+    let Harness { gateway, .. } = h;
+    let addr = gateway.addr();
+    tokio::time::timeout(Duration::from_secs(10), gateway.stop())
+        .await
+        .expect("every worker drained");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
