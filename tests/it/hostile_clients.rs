@@ -370,35 +370,14 @@ async fn method_not_allowed_names_the_routes_methods_and_cached_posts_take_no_qu
     assert_eq!(h.sim_calls("document_identification").await, 0);
 }
 
-/// A Diia stand-in that redirects every branch read.
-async fn redirecting_upstream() -> std::net::SocketAddr {
-    use http_body_util::Full;
-    use hyper::service::service_fn;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = service_fn(|_request: http::Request<hyper::body::Incoming>| async {
-                let mut response = http::Response::new(Full::new(bytes::Bytes::new()));
-                *response.status_mut() = StatusCode::FOUND;
-                response.headers_mut().insert(
-                    "location",
-                    http::HeaderValue::from_static("https://diia.app/moved"),
-                );
-                Ok::<_, std::convert::Infallible>(response)
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    addr
+/// A Diia stand-in that redirects every request.
+fn redirecting(_path: &str) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+    (302, &[("location", "https://diia.app/moved")], "")
 }
 
 #[tokio::test]
 async fn a_diia_redirect_keeps_its_location() {
-    let upstream = redirecting_upstream().await;
+    let upstream = support::stand_in_upstream(redirecting).await;
     let gateway =
         support::start_gateway(support::gateway_config(&format!("http://{upstream}"))).await;
     let client = support::client();

@@ -163,35 +163,17 @@ async fn sharing_requests_are_never_retried() {
 
 /// A Diia stand-in (not the simulator): 500 on every management route, a valid answer on
 /// identification.
-async fn management_broken_upstream() -> std::net::SocketAddr {
-    use http_body_util::Full;
-    use hyper::service::service_fn;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
-                let (status, body) = if request.uri().path().contains("/branch") {
-                    (500, r#"{"name":"InternalServerError","code":500}"#)
-                } else {
-                    (200, r#"{"success":true}"#)
-                };
-                let mut response = http::Response::new(Full::new(bytes::Bytes::from(body)));
-                *response.status_mut() = StatusCode::from_u16(status).unwrap();
-                Ok::<_, std::convert::Infallible>(response)
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    addr
+fn management_broken(path: &str) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+    if path.contains("/branch") {
+        (500, &[], r#"{"name":"InternalServerError","code":500}"#)
+    } else {
+        (200, &[], r#"{"success":true}"#)
+    }
 }
 
 #[tokio::test]
 async fn failures_on_management_routes_never_stop_verifications() {
-    let upstream = management_broken_upstream().await;
+    let upstream = support::stand_in_upstream(management_broken).await;
     let mut config = gateway_config(&format!("http://{upstream}"));
     config.upstream.breaker_failures = 3;
     let gateway = support::start_gateway(config).await;

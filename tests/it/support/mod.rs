@@ -321,6 +321,38 @@ pub async fn send(
     }
 }
 
+/// What a stand-in upstream answers to a path: status, extra headers, body.
+pub type StandIn = fn(&str) -> (u16, &'static [(&'static str, &'static str)], &'static str);
+
+/// A Diia stand-in (not the simulator) on a free loopback port: a plain hyper server that
+/// answers every request with `answer(path)`.
+pub async fn stand_in_upstream(answer: StandIn) -> SocketAddr {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| async move {
+                let (status, headers, body) = answer(request.uri().path());
+                let mut response =
+                    http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                for (name, value) in headers {
+                    response
+                        .headers_mut()
+                        .insert(*name, http::HeaderValue::from_static(value));
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
 /// A loopback port with nothing listening on it.
 pub fn dead_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
