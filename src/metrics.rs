@@ -128,6 +128,13 @@ pub struct Metrics {
     saved: Counter,
     retries: Counter,
     breaker_open: [Gauge; CallClass::ALL.len()],
+    gauges: Gauges,
+    /// Reads the log writer's dropped-line count (set by the binary).
+    dropped_log_lines: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+}
+
+/// The gauges set from a [`Snapshot`] at scrape time.
+struct Gauges {
     cache_entries: Family<Labels1, Gauge>,
     branches_tracked: Gauge,
     cache_bytes: Family<Labels1, Gauge>,
@@ -135,8 +142,55 @@ pub struct Metrics {
     ready: Gauge,
     diia_backoff: Gauge<f64, std::sync::atomic::AtomicU64>,
     log_lines_dropped: Gauge,
-    /// Reads the log writer's dropped-line count (set by the binary).
-    dropped_log_lines: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+}
+
+impl Gauges {
+    fn register(registry: &mut Registry) -> Self {
+        Self {
+            cache_entries: registered(
+                registry,
+                "cache_entries",
+                "Entries held per cache (answers and calls under way)",
+                Family::<Labels1, Gauge>::default(),
+            ),
+            branches_tracked: registered(
+                registry,
+                "branches_tracked",
+                "Branches with a rate-limit state in memory",
+                Gauge::default(),
+            ),
+            cache_bytes: registered(
+                registry,
+                "cache_weighted_bytes",
+                "Bytes the cache's weigher counts per cache (bounded by cache.max_bytes)",
+                Family::<Labels1, Gauge>::default(),
+            ),
+            in_flight: registered(
+                registry,
+                "in_flight",
+                "Requests being processed (bounded by server.max_in_flight)",
+                Gauge::default(),
+            ),
+            ready: registered(
+                registry,
+                "ready",
+                "1 while /readyz answers 200, 0 once a drain started",
+                Gauge::default(),
+            ),
+            diia_backoff: registered(
+                registry,
+                "diia_backoff_seconds",
+                "Remaining gateway-wide pause Diia asked for with Retry-After (0: none)",
+                Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
+            ),
+            log_lines_dropped: registered(
+                registry,
+                "log_lines_dropped",
+                "Log lines dropped because the log sink could not keep up (requests never wait for it)",
+                Gauge::default(),
+            ),
+        }
+    }
 }
 
 /// Point-in-time values read when `/metrics` is scraped.
@@ -223,48 +277,7 @@ impl Metrics {
                 .get_or_create(&[("class", class.label())])
                 .clone()
         });
-        let cache_entries = registered(
-            &mut registry,
-            "cache_entries",
-            "Entries held per cache (answers and calls under way)",
-            Family::<Labels1, Gauge>::default(),
-        );
-        let branches_tracked = registered(
-            &mut registry,
-            "branches_tracked",
-            "Branches with a rate-limit state in memory",
-            Gauge::default(),
-        );
-        let cache_bytes = registered(
-            &mut registry,
-            "cache_weighted_bytes",
-            "Bytes the cache's weigher counts per cache (bounded by cache.max_bytes)",
-            Family::<Labels1, Gauge>::default(),
-        );
-        let in_flight = registered(
-            &mut registry,
-            "in_flight",
-            "Requests being processed (bounded by server.max_in_flight)",
-            Gauge::default(),
-        );
-        let ready = registered(
-            &mut registry,
-            "ready",
-            "1 while /readyz answers 200, 0 once a drain started",
-            Gauge::default(),
-        );
-        let diia_backoff = registered(
-            &mut registry,
-            "diia_backoff_seconds",
-            "Remaining gateway-wide pause Diia asked for with Retry-After (0: none)",
-            Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
-        );
-        let log_lines_dropped = registered(
-            &mut registry,
-            "log_lines_dropped",
-            "Log lines dropped because the log sink could not keep up (requests never wait for it)",
-            Gauge::default(),
-        );
+        let gauges = Gauges::register(&mut registry);
         Self {
             registry,
             requests,
@@ -274,13 +287,7 @@ impl Metrics {
             saved,
             retries,
             breaker_open,
-            cache_entries,
-            branches_tracked,
-            cache_bytes,
-            in_flight,
-            ready,
-            diia_backoff,
-            log_lines_dropped,
+            gauges,
             dropped_log_lines: std::sync::OnceLock::new(),
         }
     }
@@ -345,20 +352,23 @@ impl Metrics {
     #[must_use]
     pub fn render(&self, now: &Snapshot) -> String {
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        let gauges = &self.gauges;
         for (cache, entries, bytes) in &now.caches {
-            self.cache_entries
+            gauges
+                .cache_entries
                 .get_or_create(&[("cache", cache)])
                 .set(gauge(*entries));
-            self.cache_bytes
+            gauges
+                .cache_bytes
                 .get_or_create(&[("cache", cache)])
                 .set(gauge(*bytes));
         }
-        self.branches_tracked.set(gauge(now.branches_tracked));
-        self.in_flight.set(gauge(now.in_flight));
-        self.ready.set(i64::from(now.ready));
-        self.diia_backoff.set(now.diia_backoff.as_secs_f64());
+        gauges.branches_tracked.set(gauge(now.branches_tracked));
+        gauges.in_flight.set(gauge(now.in_flight));
+        gauges.ready.set(i64::from(now.ready));
+        gauges.diia_backoff.set(now.diia_backoff.as_secs_f64());
         if let Some(read) = self.dropped_log_lines.get() {
-            self.log_lines_dropped.set(gauge(read()));
+            gauges.log_lines_dropped.set(gauge(read()));
         }
         let mut text = String::with_capacity(16 * 1024);
         if encode(&mut text, &self.registry).is_err() {
