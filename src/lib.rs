@@ -27,6 +27,7 @@
 //! - [`breaker`]: circuit breaker and retry budget toward Diia
 //! - [`session`]: managed token mode (the session token held by the gateway)
 //! - [`proxy`]: the request lifecycle (stages over one context) over all of the above
+//! - [`access`]: the access log line, formatted by hand on the fast path
 //! - [`metrics`], [`admin`]: what SREs see; [`logsink`]: log lines written in batches, never waited for
 //! - [`server`]: accept loop and graceful shutdown
 //! - [`tls`]: rustls configs, in (termination, mTLS) and out (trust toward Diia)
@@ -34,6 +35,7 @@
 //! The Diia simulator is its own crate (`diia-sim`), embedded only with the default
 //! `embedded-sim` feature.
 
+pub mod access;
 pub mod admin;
 pub mod answer;
 pub mod barcode;

@@ -95,14 +95,21 @@ fn drain<W: Write>(queue: &Receiver<Vec<u8>>, mut out: W, stop: &AtomicBool) {
     }
 }
 
-impl Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.lines.try_send(buf.to_vec()) {
+impl LogSink {
+    /// Queues one line (a copy of it); drops and counts it when the queue is full.
+    pub fn push(&self, line: &[u8]) {
+        match self.lines.try_send(line.to_vec()) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.push(buf);
         Ok(buf.len())
     }
 

@@ -10,6 +10,7 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use diia_gateway::Settings;
+use diia_gateway::access::AccessLog;
 use diia_gateway::config::LogFormat;
 use diia_gateway::logsink::LogSink;
 use tracing_subscriber::EnvFilter;
@@ -60,14 +61,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(settings, cli.config, log_sink))
+    let log_format = settings.cold.log_format;
+    runtime.block_on(run(settings, cli.config, log_sink, log_format))
 }
 
 /// Lines waiting for stderr at most; past it new lines are dropped (and counted), never
 /// waited for: a slow log sink must not slow a request down.
 const LOG_QUEUE_LINES: usize = 65_536;
 
-async fn run(settings: Settings, path: PathBuf, log_sink: LogSink) -> ExitCode {
+async fn run(
+    settings: Settings,
+    path: PathBuf,
+    log_sink: LogSink,
+    log_format: LogFormat,
+) -> ExitCode {
     let gateway = match diia_gateway::start_with(settings, Some(path)).await {
         Ok(gateway) => gateway,
         Err(error) => {
@@ -75,6 +82,9 @@ async fn run(settings: Settings, path: PathBuf, log_sink: LogSink) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    gateway
+        .gateway()
+        .log_access_to(AccessLog::new(log_sink.clone(), log_format));
     gateway
         .gateway()
         .metrics()

@@ -34,6 +34,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use hyper::body::Incoming;
 
+use crate::access::{AccessLine, AccessLog};
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::barcode::Barcode;
 use crate::cache::{AnswerCache, Lifetimes, Lookup};
@@ -84,6 +85,8 @@ pub struct Gateway {
     /// the token), so a token Diia refuses with 401 is dropped and the next login reaches
     /// Diia instead of getting the dead token again.
     issued_tokens: moka::future::Cache<CacheKey, CacheKey>,
+    /// The binary's fast access-log path, when installed.
+    access_log: std::sync::OnceLock<AccessLog>,
 }
 
 /// One request on its way through the stages.
@@ -170,6 +173,7 @@ impl Gateway {
                 .max_capacity(100_000)
                 .time_to_live(SESSION_TOKEN_LIFETIME)
                 .build(),
+            access_log: std::sync::OnceLock::new(),
         })
     }
 
@@ -260,17 +264,42 @@ impl Gateway {
             }
         };
         self.metrics.request(ctx.record.endpoint, outcome, code);
-        tracing::info!(
-            target: "diia_gateway::access",
-            endpoint = ctx.record.endpoint.map_or("none", Endpoint::label),
-            status = response.status().as_u16(),
-            outcome = outcome.label(),
-            code = code.unwrap_or("-"),
-            micros = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            barcode = %Redacted(&self.keys, ctx.record.barcode),
-            peer = %ctx.peer.ip(),
-        );
+        if tracing::enabled!(target: "diia_gateway::access", tracing::Level::INFO) {
+            let barcode = Redacted(&self.keys, ctx.record.barcode);
+            let line = AccessLine {
+                endpoint: ctx.record.endpoint.map_or("none", Endpoint::label),
+                status: response.status().as_u16(),
+                outcome: outcome.label(),
+                code: code.unwrap_or("-"),
+                micros: u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                barcode: &barcode,
+                peer: ctx.peer.ip(),
+            };
+            self.log_access(&line);
+        }
         response
+    }
+
+    /// Sends access lines straight to the binary's log sink (formatted by hand) instead of
+    /// through `tracing`'s formatter.
+    pub fn log_access_to(&self, log: AccessLog) {
+        let _ = self.access_log.set(log);
+    }
+
+    fn log_access(&self, line: &AccessLine<'_>) {
+        match self.access_log.get() {
+            Some(log) => log.write(line),
+            None => tracing::info!(
+                target: "diia_gateway::access",
+                endpoint = line.endpoint,
+                status = line.status,
+                outcome = line.outcome,
+                code = line.code,
+                micros = line.micros,
+                barcode = %line.barcode,
+                peer = %line.peer,
+            ),
+        }
     }
 
     async fn process<B>(&self, ctx: &mut Ctx, body: B) -> Result<Handled, GatewayError>

@@ -161,6 +161,27 @@ listen = "127.0.0.1:0"
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.header("cache-status"), Some(expected));
     }
+    // The binary's access log (its own batched path): one line per request, the outcome
+    // named, the barcode only as a fingerprint, no token.
+    let mut access = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while access.len() < 2 && Instant::now() < deadline {
+        if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(100))
+            && line.contains("diia_gateway::access")
+            && line.contains("endpoint=document_identification")
+        {
+            access.push(line);
+        }
+    }
+    assert_eq!(access.len(), 2, "two access lines: {access:?}");
+    assert!(access[0].contains("outcome=miss") && access[1].contains("outcome=hit"));
+    for line in &access {
+        assert!(!line.contains(&barcode) && !line.contains(&token), "{line}");
+        assert!(
+            line.contains("status=200") && line.contains("barcode="),
+            "{line}"
+        );
+    }
 
     // SIGHUP re-reads the file: a bad file is refused (and logged), a good one applied.
     let original = std::fs::read_to_string(config.path()).expect("config");
