@@ -366,7 +366,7 @@ pub struct ClientLimitConfig {
 
 impl Default for ClientLimitConfig {
     fn default() -> Self {
-        let rate = RateConfig::new(60_000, 1_000);
+        let rate = RateConfig::new(600_000, 10_000);
         Self {
             per_minute: rate.per_minute,
             burst: rate.burst,
