@@ -335,3 +335,32 @@ async fn tracked_branches_are_capped() {
     let tracked = h.metric("diia_gateway_branches_tracked").await;
     assert!(tracked > 0.0 && tracked <= 50.0, "{tracked}");
 }
+
+/// Rotating `branchId`s gets around no limit: the client's own budget still applies.
+#[tokio::test]
+async fn a_client_rotating_branch_ids_meets_its_client_budget() {
+    let h = Harness::with(
+        |s| s.auto_issue = true,
+        |c| {
+            c.limits.client.per_minute = 60.try_into().unwrap();
+            c.limits.client.burst = 5.try_into().unwrap();
+        },
+    )
+    .await;
+    let token = h.session_token().await; // a login spends no client budget
+    let mut statuses = Vec::new();
+    for n in 0..8u64 {
+        let barcode = diia_sim::Code::issue(338_979_807_300 + n).unwrap().digits();
+        let reply = h.identify(&token, &format!("rotating-{n}"), &barcode).await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(reply.gateway_code(), "client_rate_limited");
+            assert_eq!(
+                reply.header("ratelimit-policy"),
+                Some("\"client\";q=60;w=60")
+            );
+        }
+        statuses.push(reply.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    assert_eq!(h.sim_calls("document_identification").await, 5);
+}
