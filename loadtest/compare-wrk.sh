@@ -16,6 +16,10 @@
 #
 #   loadtest/compare-wrk.sh
 #   REPEATS=5 DURATION=10s CASES="bare gateway-log" loadtest/compare-wrk.sh
+#   MIX=zipf CASES="gateway-log nginx-log" loadtest/compare-wrk.sh
+# MIX=zipf draws each request's barcode from 10,000 keys with a Zipf (s = 1) distribution
+# (a fresh key set per case) and also reports the calls that reached the simulator, which
+# must equal the distinct keys requested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,6 +70,9 @@ burst = 1000000
 per_minute = 100000000
 burst = 1000000
 diia_share = 1.0
+[limits.diia]
+per_second = 1000000
+burst = 100000
 [log]
 filter = "$4"
 CONF
@@ -130,6 +137,34 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $TOKEN"
 LUA
 }
+zipf_script() { # case key-base
+  cat > "$work/$1.lua" <<LUA
+local keys, base = 10000, $2
+local cdf, total = {}, 0
+for i = 1, keys do total = total + 1 / i; cdf[i] = total end
+for i = 1, keys do cdf[i] = cdf[i] / total end
+local function ean(n)
+  local digits, sum = string.format("%.0f", n), 0
+  for i = 1, 12 do
+    local d = tonumber(digits:sub(i, i))
+    if i % 2 == 0 then sum = sum + 3 * d else sum = sum + d end
+  end
+  return digits .. tostring((10 - sum % 10) % 10)
+end
+local bodies = {}
+for i = 1, keys do bodies[i] = '{"branchId":"kyiv-001","barcode":"' .. ean(base + i) .. '"}' end
+local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer $TOKEN" }
+request = function()
+  local r, lo, hi = math.random(), 1, keys
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if cdf[mid] < r then lo = mid + 1 else hi = mid end
+  end
+  return wrk.format("POST", nil, headers, bodies[lo])
+end
+LUA
+}
+sim_calls() { curl -s "http://$SIM/sim/stats" | sed 's/.*"total":\([0-9]*\).*/\1/'; }
 
 # Server processes of a case: the listed PID (and its children, for NGINX's workers).
 pids_of() {
@@ -149,6 +184,10 @@ for case in $CASES; do
   base=$((base + 1))
   BODY=$(body "$base")
   post_script "$case" "$BODY"
+  if [ "${MIX:-one}" = zipf ]; then
+    zipf_script "$case" "$((300000000000 + (base - 338979807200) * 20000))"
+    calls_before=$(sim_calls)
+  fi
   # Warm up: fill the cache and the connection pools.
   for _ in 1 2 3; do curl -s -o /dev/null -X POST -H 'Content-Type: application/json' -H "Authorization: Bearer $TOKEN" -d "$BODY" "$(url "$case")"; done
   wrk -t1 -c"$CONNECTIONS" -d2s -s "$work/$case.lua" "$(url "$case")" >/dev/null
@@ -164,6 +203,9 @@ for case in $CASES; do
     cpu_us=$(awk -v t=$((after - before)) -v hz="$TICK" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
     echo "$case $run $rps $p99 $cpu_us ${non2xx:-0}" | tee -a "$results" >&2
   done
+  if [ "${MIX:-one}" = zipf ]; then
+    echo "$case: $(( $(sim_calls) - calls_before )) calls reached the simulator (10000 keys; ≤ distinct keys requested)" >&2
+  fi
 done
 
 python3 - "$results" <<'PY'
