@@ -22,6 +22,7 @@ use diia_gateway::error::GatewayError;
 use diia_gateway::keys::HashKey;
 use diia_gateway::limit::{BudgetQuota, DiiaBrake, KeyedBudget, LimitScope, Who};
 use diia_gateway::policy::Policy;
+use diia_gateway::proxy::answer_response;
 use diia_gateway::request::JsonBody;
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig};
 use http::StatusCode;
@@ -173,6 +174,42 @@ fn rate_limits(c: &mut Criterion) {
     });
 }
 
+/// The response of a cache hit: built from the stored answer per request (now) against a
+/// pre-rendered `HeaderMap` cloned per hit (the idea issue #10 suggested). Both allocate the
+/// map's two tables; the pre-rendered one skips header validation and hashing.
+fn hit_response(c: &mut Criterion) {
+    let answer = Answer::new(
+        StatusCode::OK,
+        AnswerParts {
+            body: br#"{"success":true}"#,
+            content_type: Some(b"application/json; charset=utf-8"),
+            trace_id: Some(b"0f8fad5b-d9cb-469f-a165-70867728950e"),
+            retry_after: None,
+            location: None,
+        },
+    );
+    let hit = http::HeaderValue::from_static("diia-gateway; hit");
+    let mut template = answer_response(&answer).into_parts().0.headers;
+    template.insert("cache-status", hit.clone());
+    let mut group = c.benchmark_group("hit_response");
+    group.bench_function("built_per_hit", |b| {
+        b.iter(|| {
+            let mut response = answer_response(black_box(&answer));
+            response.headers_mut().insert("cache-status", hit.clone());
+            response
+        });
+    });
+    group.bench_function("pre_rendered_clone", |b| {
+        b.iter(|| {
+            let mut response = http::Response::new(Full::new(black_box(&answer).body()));
+            *response.status_mut() = answer.status;
+            *response.headers_mut() = template.clone();
+            response
+        });
+    });
+    group.finish();
+}
+
 fn error_rendering(c: &mut Criterion) {
     c.bench_function("error/render_invalid_barcode", |b| {
         b.iter(|| black_box(GatewayError::InvalidBarcode).to_response());
@@ -285,6 +322,7 @@ criterion_group!(
     cache_key,
     cache_lookup,
     rate_limits,
+    hit_response,
     error_rendering,
     end_to_end
 );
