@@ -56,6 +56,19 @@ impl Who<'_> {
     }
 }
 
+/// GCRA cells by key digest: at most `max_tracked`, the longest-idle forgotten first, and
+/// any idle for `idle` forgotten anyway.
+fn cells(
+    max_tracked: u64,
+    idle: Duration,
+) -> moka::sync::Cache<u64, Arc<DefaultDirectRateLimiter>> {
+    moka::sync::Cache::builder()
+        .max_capacity(max_tracked.max(1))
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+        .time_to_idle(idle)
+        .build()
+}
+
 /// One budget per key (a governor GCRA cell each), at most `max_tracked` keys: past that
 /// the longest-idle key is forgotten first, and a key idle long enough for its budget to
 /// be full again is forgotten anyway (forgetting it changes nothing).
@@ -80,11 +93,7 @@ impl KeyedBudget {
         // A cell untouched for one full replenish of its burst is as good as new.
         let refill = quota.replenish_interval() * rate.burst.get();
         Self {
-            cells: moka::sync::Cache::builder()
-                .max_capacity(max_tracked.max(1))
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .time_to_idle(refill.max(Duration::from_secs(1)))
-                .build(),
+            cells: cells(max_tracked, refill.max(Duration::from_secs(1))),
             quota,
             hasher: foldhash::quality::RandomState::default(),
             policy,
@@ -229,11 +238,7 @@ impl KeyedShare {
         };
         let (rate, burst) = (scale(diia.per_second), scale(diia.burst));
         Some(Self {
-            cells: moka::sync::Cache::builder()
-                .max_capacity(max_tracked.max(1))
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .time_to_idle(Duration::from_secs(10))
-                .build(),
+            cells: cells(max_tracked, Duration::from_secs(10)),
             quota: Quota::per_second(rate).allow_burst(burst),
             hasher: foldhash::quality::RandomState::default(),
             values: (rate.get(), burst.get(), max_tracked),

@@ -258,9 +258,8 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                     // costs nothing more.
                     let raw = value.get();
                     if raw.starts_with('"') {
-                        if raw.contains('\\') {
-                            serde_json::from_str::<Text<'_>>(raw)
-                                .map_err(serde::de::Error::custom)?;
+                        if decoded_string(value).is_none() {
+                            return Err(serde::de::Error::custom("undecodable string"));
                         }
                     } else if !matches!(raw, "null" | "true" | "false") {
                         serde_json::from_str::<serde_json::Value>(raw)
@@ -309,7 +308,7 @@ impl<'a> JsonBody<'a> {
         if raw.get() == "null" {
             return Ok(None);
         }
-        let Text(text) = serde_json::from_str(raw.get()).map_err(|_| GatewayError::InvalidField)?;
+        let text = decoded_string(raw).ok_or(GatewayError::InvalidField)?;
         if text.len() > max || text.chars().any(char::is_control) {
             return Err(GatewayError::InvalidField);
         }
@@ -368,10 +367,9 @@ impl<'a> JsonBody<'a> {
     pub fn key_into(&self, key: &mut KeyBuilder) {
         for (name, value) in &self.fields.0 {
             key.part(name.as_bytes());
-            let raw = value.get();
-            match serde_json::from_str::<Text<'_>>(raw) {
-                Ok(Text(text)) if raw.starts_with('"') => key.part(b"s").part(text.as_bytes()),
-                _ => key.part(b"r").part(raw.as_bytes()),
+            match decoded_string(value) {
+                Some(text) => key.part(b"s").part(text.as_bytes()),
+                None => key.part(b"r").part(value.get().as_bytes()),
             };
         }
     }
@@ -384,14 +382,27 @@ impl<'a> JsonBody<'a> {
             .0
             .iter()
             .map(|(name, value)| {
-                let raw = value.get();
-                let decoded = match serde_json::from_str::<Text<'_>>(raw) {
-                    Ok(Text(text)) if raw.starts_with('"') => Ok(text.into_owned()),
-                    _ => Err(raw.to_owned()),
-                };
+                let decoded = decoded_string(value)
+                    .map(Cow::into_owned)
+                    .ok_or_else(|| value.get().to_owned());
                 (name.clone().into_owned(), decoded)
             })
             .collect()
+    }
+}
+
+/// A raw value's string, JSON-decoded: `None` when the value is not a string. A string
+/// without escapes is its raw text between the quotes (no parse, no copy); the body parser
+/// has already refused escapes that do not decode.
+fn decoded_string<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
+    let text = raw.get();
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<Text<'a>>(text)
+            .ok()
+            .map(|Text(decoded)| decoded)
+    } else {
+        Some(Cow::Borrowed(inner))
     }
 }
 
