@@ -16,7 +16,7 @@ use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use diia_gateway::answer::{Answer, AnswerParts};
 use diia_gateway::barcode::Barcode;
-use diia_gateway::cache::{AnswerCache, Lifetimes};
+use diia_gateway::cache::{AnswerCache, Fetched, Lifetimes};
 use diia_gateway::config::{DiiaLimitConfig, FileConfig, RateConfig};
 use diia_gateway::error::GatewayError;
 use diia_gateway::keys::HashKey;
@@ -119,7 +119,9 @@ fn cache_lookup(c: &mut Criterion) {
     let deadline = || tokio::time::Instant::now() + Duration::from_secs(10);
     runtime.block_on(async {
         cache
-            .get_or_fetch(key, None, lifetimes, deadline(), || async { Ok(answer()) })
+            .get_or_fetch(key, None, lifetimes, deadline(), || async {
+                Fetched::diia(Ok(answer()))
+            })
             .await
             .unwrap();
         cache.sync().await;
@@ -128,7 +130,7 @@ fn cache_lookup(c: &mut Criterion) {
         b.to_async(&runtime).iter(|| async {
             cache
                 .get_or_fetch(black_box(key), None, lifetimes, deadline(), || async {
-                    Ok(answer())
+                    Fetched::diia(Ok(answer()))
                 })
                 .await
                 .unwrap()
@@ -142,7 +144,9 @@ fn cache_lookup(c: &mut Criterion) {
             let cache = &cache;
             async move {
                 cache
-                    .get_or_fetch(key, None, lifetimes, deadline(), || async { Ok(answer()) })
+                    .get_or_fetch(key, None, lifetimes, deadline(), || async {
+                        Fetched::diia(Ok(answer()))
+                    })
                     .await
                     .unwrap()
             }

@@ -110,6 +110,40 @@ impl Answer {
         self.header(3)
     }
 
+    /// The answer as bytes for another instance: status, header ends, buffer.
+    #[must_use]
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + 4 * KEPT_HEADERS + self.buffer.len());
+        out.extend_from_slice(&self.status.as_u16().to_be_bytes());
+        for end in self.ends {
+            out.extend_from_slice(&end.to_be_bytes());
+        }
+        out.extend_from_slice(&self.buffer);
+        out
+    }
+
+    /// An answer from [`Answer::to_wire`] bytes; `None` when they are not one.
+    #[must_use]
+    pub fn from_wire(wire: &[u8]) -> Option<Self> {
+        let (status, rest) = wire.split_at_checked(2)?;
+        let status = StatusCode::from_u16(u16::from_be_bytes([status[0], status[1]])).ok()?;
+        let (ends_bytes, buffer) = rest.split_at_checked(4 * KEPT_HEADERS)?;
+        let mut ends = [0u32; KEPT_HEADERS];
+        let mut previous = 0;
+        for (end, bytes) in ends.iter_mut().zip(ends_bytes.chunks_exact(4)) {
+            *end = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            if *end < previous || *end as usize > buffer.len() {
+                return None;
+            }
+            previous = *end;
+        }
+        Some(Self {
+            status,
+            buffer: Bytes::copy_from_slice(buffer),
+            ends,
+        })
+    }
+
     /// Bytes held beyond the fixed-size struct (for the cache's weigher).
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
@@ -206,6 +240,29 @@ impl AnswerClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_form_round_trips_and_refuses_garbage() {
+        let answer = Answer::new(
+            StatusCode::CONFLICT,
+            AnswerParts {
+                body: b"{\"x\":1}",
+                content_type: Some(b"application/json"),
+                trace_id: None,
+                retry_after: Some(b"3"),
+                location: None,
+            },
+        );
+        let back = Answer::from_wire(&answer.to_wire()).unwrap();
+        assert_eq!(back.status, StatusCode::CONFLICT);
+        assert_eq!(back.body(), answer.body());
+        assert_eq!(back.retry_after(), answer.retry_after());
+        assert_eq!(back.trace_id(), None);
+        assert!(Answer::from_wire(b"\x01").is_none());
+        let mut bad = answer.to_wire();
+        bad[5] = 0xff;
+        assert!(Answer::from_wire(&bad).is_none());
+    }
 
     #[test]
     fn parts_come_back_out_of_one_buffer() {

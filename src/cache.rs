@@ -38,7 +38,44 @@ pub struct Lifetimes {
     pub longest_call: Duration,
 }
 
-type SharedOutcome = Shared<BoxFuture<'static, Arc<CallResult>>>;
+/// Where a call's result came from (scale-out adds the fleet to Diia).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This instance called Diia (or refused before calling).
+    Diia,
+    /// An answer stored in Redis by another instance, fresh for `fresh_for` more.
+    RemoteHit {
+        /// Its remaining life; the near cache keeps it no longer.
+        fresh_for: Duration,
+    },
+    /// The answer another instance's call produced, published to its waiters.
+    RemoteWait {
+        /// Its life, when it was stored.
+        fresh_for: Option<Duration>,
+    },
+}
+
+/// A fetch's result and where it came from.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The result.
+    pub result: CallResult,
+    /// Its origin.
+    pub origin: Origin,
+}
+
+impl Fetched {
+    /// A result of this instance's own call.
+    #[must_use]
+    pub fn diia(result: CallResult) -> Self {
+        Self {
+            result,
+            origin: Origin::Diia,
+        }
+    }
+}
+
+type SharedOutcome = Shared<BoxFuture<'static, (Arc<CallResult>, Origin)>>;
 
 /// A cached answer past its freshness, kept for stale-if-error until `until`.
 #[derive(Clone)]
@@ -126,6 +163,10 @@ pub enum Lookup {
     Stale,
     /// The key is taken by a request with another tag (another sharing `requestId`).
     TagMismatch,
+    /// Scale-out: an answer another instance stored in Redis.
+    RemoteHit,
+    /// Scale-out: joined another instance's call under way.
+    RemoteCoalesced,
 }
 
 /// A coalescing, TTL-bounded answer cache.
@@ -221,7 +262,7 @@ impl AnswerCache {
     ) -> Result<(Arc<CallResult>, Lookup), GatewayError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = CallResult> + Send + 'static,
+        Fut: Future<Output = Fetched> + Send + 'static,
     {
         // Fast path: a fresh answer or a call under way, without the key lock.
         if let Some(slot) = self.inner.get(&key).await
@@ -264,7 +305,7 @@ impl AnswerCache {
         let Slot::Pending { outcome, stale, .. } = slot else {
             return Err(GatewayError::Internal);
         };
-        let outcome = tokio::time::timeout_at(deadline, outcome)
+        let (outcome, origin) = tokio::time::timeout_at(deadline, outcome)
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?;
         if is_failure(&outcome)
@@ -272,8 +313,14 @@ impl AnswerCache {
         {
             return Ok((stale.outcome, Lookup::Stale));
         }
-        let stored = lifetimes.policy.ttl(&outcome).is_some();
-        Ok((outcome, Lookup::Miss { stored }))
+        let lookup = match origin {
+            Origin::Diia => Lookup::Miss {
+                stored: lifetimes.policy.ttl(&outcome).is_some(),
+            },
+            Origin::RemoteHit { .. } => Lookup::RemoteHit,
+            Origin::RemoteWait { .. } => Lookup::RemoteCoalesced,
+        };
+        Ok((outcome, lookup))
     }
 
     fn spawn_call<Fut>(
@@ -286,7 +333,7 @@ impl AnswerCache {
         call: Fut,
     ) -> Slot
     where
-        Fut: Future<Output = CallResult> + Send + 'static,
+        Fut: Future<Output = Fetched> + Send + 'static,
     {
         let cache = self.inner.clone();
         let kept = stale.clone();
@@ -296,8 +343,19 @@ impl AnswerCache {
             longest_call,
         } = lifetimes;
         let task = tokio::spawn(async move {
-            let outcome = Arc::new(policy.settle(call.await));
-            let ttl = policy.ttl(&outcome);
+            let Fetched { result, origin } = call.await;
+            let outcome = Arc::new(policy.settle(result));
+            // A fleet answer lives no longer here than it does in Redis.
+            let ttl = match origin {
+                Origin::Diia | Origin::RemoteWait { fresh_for: None } => policy.ttl(&outcome),
+                Origin::RemoteHit { fresh_for }
+                | Origin::RemoteWait {
+                    fresh_for: Some(fresh_for),
+                } => policy
+                    .ttl(&outcome)
+                    .map(|ttl| ttl.min(fresh_for))
+                    .filter(|ttl| !ttl.is_zero()),
+            };
             let settled = Arc::clone(&outcome);
             let failed = is_failure(&outcome);
             cache
@@ -333,10 +391,12 @@ impl AnswerCache {
                     std::future::ready(op)
                 })
                 .await;
-            outcome
+            (outcome, origin)
         });
         let outcome = task
-            .map(|joined| joined.unwrap_or_else(|_| Arc::new(Err(GatewayError::Internal))))
+            .map(|joined| {
+                joined.unwrap_or_else(|_| (Arc::new(Err(GatewayError::Internal)), Origin::Diia))
+            })
             .boxed()
             .shared();
         Slot::Pending {
@@ -368,7 +428,7 @@ async fn join(
     match slot {
         Slot::Ready { outcome, .. } => Ok((outcome, Lookup::Hit)),
         Slot::Pending { outcome, stale, .. } => {
-            let outcome = tokio::time::timeout_at(deadline, outcome)
+            let (outcome, _) = tokio::time::timeout_at(deadline, outcome)
                 .await
                 .map_err(|_| GatewayError::UpstreamTimeout)?;
             match stale {

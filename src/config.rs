@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Several instances acting as one toward Diia, through Redis (off by default).
+    pub scaleout: ScaleoutConfig,
     /// When present, the Diia simulator runs in-process and is the upstream
     /// (`upstream.base_url` is then ignored): the demo and quick tries. Kept as a raw
     /// table here; only a build with the `embedded-sim` feature accepts it.
@@ -520,4 +522,63 @@ pub enum LogFormat {
     Json,
     /// Human-readable lines, for a terminal.
     Text,
+}
+
+/// `[scaleout]`: several gateway instances share the Diia budget, cache, coalescing,
+/// sharing replay and session tokens through one Redis (or Valkey) primary.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScaleoutConfig {
+    /// Off by default: every instance stands alone.
+    pub enabled: bool,
+    /// `redis://host:port[/db]` or `rediss://` (TLS). A user name may be given in the URL
+    /// (`redis://gateway@host:6379`); the password comes from `redis_password_file`.
+    pub redis_url: String,
+    /// A file holding the Redis password (first line), for a `requirepass` or ACL user.
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM trust roots for `rediss://` (default: the system's).
+    pub redis_ca_file: Option<PathBuf>,
+    /// A file holding 32 random bytes as 64 hex digits, the same on every instance: keys in
+    /// Redis are MACs under it and values are sealed with it. Required.
+    pub secret_file: Option<PathBuf>,
+    /// Names the secret (rotation: instances with another id do not read its values).
+    pub secret_id: String,
+    /// Longest a Redis command may take before Redis counts as down.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Longest a connection to Redis may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How often a down Redis is probed.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// How often this instance says it is alive (the live count divides local budgets).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// An instance not heard from for this long no longer counts.
+    #[serde(with = "humantime_serde")]
+    pub instance_ttl: Duration,
+    /// How long a leader's claim on a key lasts when it never finishes (default:
+    /// `upstream.timeout` + `limits.diia.max_wait` + 1 s). Sharing claims last 3 minutes.
+    #[serde(with = "humantime_serde::option")]
+    pub lease: Option<Duration>,
+}
+
+impl Default for ScaleoutConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            redis_password_file: None,
+            redis_ca_file: None,
+            secret_file: None,
+            secret_id: "1".to_owned(),
+            command_timeout: Duration::from_millis(25),
+            connect_timeout: Duration::from_millis(250),
+            probe_interval: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_secs(1),
+            instance_ttl: Duration::from_secs(5),
+            lease: None,
+        }
+    }
 }

@@ -181,6 +181,22 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// A failure another instance published (scale-out): the errors a Diia call can end
+    /// in, by [`GatewayError::code`]; anything else reads as a protocol error.
+    #[must_use]
+    pub fn from_remote(code: &str, retry_after: Duration) -> Self {
+        match code {
+            "upstream_timeout" => Self::UpstreamTimeout,
+            "upstream_unreachable" => Self::UpstreamUnreachable,
+            "sharing_outcome_unknown" => Self::SharingOutcomeUnknown,
+            "diia_budget_exhausted" => Self::DiiaBudgetExhausted { retry_after },
+            "diia_backoff" => Self::DiiaBackoff { retry_after },
+            "diia_circuit_open" => Self::CircuitOpen { retry_after },
+            "upstream_auth_failed" => Self::UpstreamAuth,
+            _ => Self::UpstreamProtocol,
+        }
+    }
+
     /// The HTTP status the client sees.
     #[must_use]
     pub fn status(&self) -> StatusCode {

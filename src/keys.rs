@@ -72,10 +72,12 @@ impl KeyBuilder {
     }
 }
 
-/// The process's key for keyed hashing (random per process).
+/// The keys for keyed hashing: random per process, or (scale-out) derived from the fleet
+/// secret so that every instance computes the same cache keys and log fingerprints.
 #[derive(Clone)]
 pub struct HashKey {
     key: [u8; 16],
+    log: [u8; 16],
 }
 
 impl fmt::Debug for HashKey {
@@ -89,13 +91,22 @@ impl HashKey {
     pub fn random() -> std::io::Result<Self> {
         let mut key = [0u8; 16];
         getrandom::fill(&mut key).map_err(std::io::Error::other)?;
-        Ok(Self { key })
+        Ok(Self { key, log: key })
     }
 
     /// A fixed key, for benchmarks and tests that need reproducible keys.
     #[must_use]
     pub fn fixed(key: [u8; 16]) -> Self {
-        Self { key }
+        Self { key, log: key }
+    }
+
+    /// Keys shared by every instance holding `secret` (HKDF subkeys, one per purpose).
+    #[must_use]
+    pub fn from_fleet(secret: &crate::scaleout::FleetSecret) -> Self {
+        Self {
+            key: secret.subkey("cache-keys"),
+            log: secret.subkey("log-fingerprints"),
+        }
     }
 
     /// Starts a cache key in a domain (`domain` separates caches that share the key space).
@@ -109,7 +120,8 @@ impl HashKey {
     /// A short keyed fingerprint that can stand in for a secret value in logs.
     #[must_use]
     pub fn fingerprint(&self, value: &[u8]) -> Fingerprint {
-        let digest = self.key("log").part(value).finish();
+        let mut builder = KeyBuilder(SipHasher24::new_with_key(&self.log));
+        let digest = builder.part(b"log").part(value).finish();
         let mut head = [0u8; 6];
         head.copy_from_slice(&digest.as_bytes()[..6]);
         Fingerprint(head)

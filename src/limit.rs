@@ -313,6 +313,16 @@ impl BudgetQuota {
         }
     }
 
+    /// A budget for these values with its burst already spent: calls go at the sustained
+    /// rate from the first one. Scale-out uses it when an instance takes over its share
+    /// locally (Redis down), so the switch adds no burst on top of the fleet's.
+    #[must_use]
+    pub fn empty(config: &DiiaLimitConfig) -> Self {
+        let budget = Self::new(config);
+        let _ = budget.limiter.check_n(config.burst);
+        budget
+    }
+
     /// Whether this limiter was built from the same values (a reload keeps it then).
     #[must_use]
     pub fn same_values(&self, other: &Self) -> bool {

@@ -129,6 +129,8 @@ pub struct Metrics {
     retries: Counter,
     breaker_open: [Gauge; CallClass::ALL.len()],
     gauges: Gauges,
+    /// Scale-out (Redis) metrics; registered only when `[scaleout]` is on.
+    fleet: Option<FleetMetrics>,
     /// Reads the log writer's dropped-line count (set by the binary).
     dropped_log_lines: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -193,6 +195,54 @@ impl Gauges {
     }
 }
 
+/// What SREs watch in scale-out mode.
+pub struct FleetMetrics {
+    redis_up: Gauge,
+    redis_op: Family<Labels1, Histogram>,
+    lookups: Family<Labels1, Counter>,
+    fallback_admits: Counter,
+    instances: Gauge,
+}
+
+impl FleetMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        Self {
+            redis_up: registered(
+                registry,
+                "redis_up",
+                "1 while Redis answers (shared mode), 0 while the gateway runs degraded on local state",
+                Gauge::default(),
+            ),
+            redis_op: registered(
+                registry,
+                "redis_op_seconds",
+                "Redis round trips by operation (lookup, finish, budget, brake, heartbeat, probe)",
+                Family::<Labels1, Histogram>::new_with_constructor(|| {
+                    Histogram::new(exponential_buckets(0.000_025, 2.0, 14))
+                }),
+            ),
+            lookups: registered(
+                registry,
+                "shared_lookups",
+                "Cache lookups in scale-out mode by result (near_hit, remote_hit, leader, remote_wait, degraded)",
+                Family::<Labels1, Counter>::default(),
+            ),
+            fallback_admits: registered(
+                registry,
+                "budget_fallback_admits",
+                "Diia calls admitted by the local budget (rate / live instances) while Redis was down",
+                Counter::default(),
+            ),
+            instances: registered(
+                registry,
+                "instances_live",
+                "Gateway instances alive in the fleet (heartbeats); local budgets are divided by it",
+                Gauge::default(),
+            ),
+        }
+    }
+}
+
 /// Point-in-time values read when `/metrics` is scraped.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -218,6 +268,12 @@ impl Metrics {
     /// Registers every metric.
     #[must_use]
     pub fn new() -> Self {
+        Self::with_fleet(false)
+    }
+
+    /// Registers every metric, plus the scale-out ones when `fleet` is set.
+    #[must_use]
+    pub fn with_fleet(fleet: bool) -> Self {
         let mut registry = Registry::with_prefix("diia_gateway");
         let requests_family = registered(
             &mut registry,
@@ -278,6 +334,7 @@ impl Metrics {
                 .clone()
         });
         let gauges = Gauges::register(&mut registry);
+        let fleet = fleet.then(|| FleetMetrics::register(&mut registry));
         Self {
             registry,
             requests,
@@ -288,6 +345,7 @@ impl Metrics {
             retries,
             breaker_open,
             gauges,
+            fleet,
             dropped_log_lines: std::sync::OnceLock::new(),
         }
     }
@@ -328,6 +386,44 @@ impl Metrics {
         self.upstream_calls
             .get_or_create(&[("endpoint", endpoint.label()), ("result", result)])
             .inc();
+    }
+
+    /// Records whether Redis answers.
+    pub fn set_redis_up(&self, up: bool) {
+        if let Some(fleet) = &self.fleet {
+            fleet.redis_up.set(i64::from(up));
+        }
+    }
+
+    /// Records one Redis round trip.
+    pub fn redis_op(&self, op: &'static str, elapsed: Duration) {
+        if let Some(fleet) = &self.fleet {
+            fleet
+                .redis_op
+                .get_or_create(&[("op", op)])
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// Counts one scale-out cache lookup by result.
+    pub fn shared_lookup(&self, result: &'static str) {
+        if let Some(fleet) = &self.fleet {
+            fleet.lookups.get_or_create(&[("result", result)]).inc();
+        }
+    }
+
+    /// Counts one Diia call admitted by the local fallback budget.
+    pub fn budget_fallback_admit(&self) {
+        if let Some(fleet) = &self.fleet {
+            fleet.fallback_admits.inc();
+        }
+    }
+
+    /// Records the live instance count.
+    pub fn set_instances(&self, live: u32) {
+        if let Some(fleet) = &self.fleet {
+            fleet.instances.set(i64::from(live));
+        }
     }
 
     /// Counts one retry toward Diia.

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, Either};
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::{BodyExt, Full};
@@ -37,7 +38,7 @@ use hyper::body::Incoming;
 use crate::access::{AccessLine, AccessLog};
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::barcode::Barcode;
-use crate::cache::{AnswerCache, Lifetimes, Lookup};
+use crate::cache::{AnswerCache, Fetched, Lifetimes, Lookup};
 use crate::caller::{Caller, Gate, Scope};
 use crate::config::AuthMode;
 use crate::diia::SESSION_TOKEN_LIFETIME;
@@ -48,6 +49,7 @@ use crate::metrics::{Metrics, RequestOutcome, Snapshot};
 use crate::policy::{Slot, Store, slot_for};
 use crate::request::{Checked, bearer_token, check};
 use crate::route::{Endpoint, Route, route_for};
+use crate::scaleout::{Scaleout, Shape};
 use crate::server::{Handler, HttpResponse};
 use crate::session::ManagedSession;
 use crate::settings::{Hot, Settings};
@@ -62,6 +64,11 @@ static REPLAY: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail
 static MISS_STORED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; stored");
 static MISS: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss");
 static COLLAPSED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; collapsed");
+static REMOTE_HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=remote");
+static REMOTE_REPLAY: HeaderValue =
+    HeaderValue::from_static("diia-gateway; hit; detail=\"replay remote\"");
+static REMOTE_COLLAPSED: HeaderValue =
+    HeaderValue::from_static("diia-gateway; fwd=miss; collapsed; detail=remote");
 static STALE: HeaderValue =
     HeaderValue::from_static("diia-gateway; fwd=stale; detail=stale-if-error");
 
@@ -87,6 +94,8 @@ pub struct Gateway {
     issued_tokens: moka::future::Cache<CacheKey, CacheKey>,
     /// The binary's fast access-log path, when installed.
     access_log: std::sync::OnceLock<AccessLog>,
+    /// Scale-out: the fleet through Redis, when `[scaleout]` is on.
+    scaleout: Option<Arc<Scaleout>>,
 }
 
 /// One request on its way through the stages.
@@ -145,17 +154,30 @@ impl Gateway {
                 "the embedded simulator must be started before the gateway is built",
             ));
         };
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_fleet(settings.cold.scaleout.is_some()));
+        let scaleout = match &settings.cold.scaleout {
+            Some(fleet) => Some(Arc::new(
+                Scaleout::new(fleet, Arc::clone(&metrics)).map_err(std::io::Error::other)?,
+            )),
+            None => None,
+        };
         let upstream = Arc::new(Upstream::new(
             &settings.cold,
             base_url,
             Arc::clone(&metrics),
+            scaleout.clone(),
         )?);
-        let managed = settings
-            .cold
-            .credentials
-            .as_ref()
-            .map(|credentials| Arc::new(ManagedSession::new(credentials)));
+        let managed = settings.cold.credentials.as_ref().map(|credentials| {
+            let login = scaleout.as_ref().map(|fleet| {
+                let key = settings
+                    .keys
+                    .key("managed-login")
+                    .part(credentials.acquirer_token.expose().as_bytes())
+                    .finish();
+                (Arc::clone(fleet), key)
+            });
+            Arc::new(ManagedSession::new(credentials, login))
+        });
         let max_bytes = settings.cold.cache_max_bytes;
         Ok(Self {
             hot: ArcSwap::new(Arc::clone(&settings.hot)),
@@ -174,11 +196,38 @@ impl Gateway {
                 .time_to_live(SESSION_TOKEN_LIFETIME)
                 .build(),
             access_log: std::sync::OnceLock::new(),
+            scaleout,
         })
+    }
+
+    /// The fleet side, in scale-out mode.
+    #[must_use]
+    pub fn scaleout(&self) -> Option<&Arc<Scaleout>> {
+        self.scaleout.as_ref()
+    }
+
+    /// Scale-out: Redis just went down; the local Diia budget takes over without a burst.
+    pub fn empty_local_budget(&self) {
+        let hot = self.hot.load().with_empty_budget();
+        self.hot.store(Arc::new(hot));
+    }
+
+    /// Divides the local budgets by the live instance count (scale-out heartbeat).
+    pub fn rescale(&self, live: u32) {
+        let hot = self.hot.load().for_fleet(live);
+        self.hot.store(Arc::new(hot));
+        tracing::info!(
+            live,
+            "fleet size changed; local budgets are 1/live of the configured ones"
+        );
     }
 
     /// Swaps in the hot half of a reloaded config; the next request reads it.
     pub fn swap_hot(&self, hot: Hot) {
+        let hot = match &self.scaleout {
+            Some(fleet) => hot.for_fleet(fleet.live()),
+            None => hot,
+        };
         let hot = hot.carry_over(&self.hot.load());
         self.hot.store(Arc::new(hot));
     }
@@ -418,9 +467,27 @@ impl Gateway {
         }
         let (result, lookup) = cache
             .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
-                self.fetch(ctx, upstream_request(endpoint, &ctx.parts, body))
+                let call = self.fetch(ctx, upstream_request(endpoint, &ctx.parts, body));
+                match &self.scaleout {
+                    None => Either::Left(async move { Fetched::diia(call(None).await) }),
+                    Some(fleet) => {
+                        let shape = Shape {
+                            policy,
+                            budget: hot.fleet_budget(),
+                            longest_call: lifetimes.longest_call,
+                            sharing: slot.store == Store::Sharing,
+                        };
+                        let fleet = Arc::clone(fleet);
+                        Either::Right(fleet.fetch(slot.key, slot.tag, shape, call))
+                    }
+                }
             })
             .await?;
+        if lookup == Lookup::Hit
+            && let Some(fleet) = &self.scaleout
+        {
+            fleet.note_near_hit();
+        }
         if let Ok(answer) = result.as_ref() {
             match slot.store {
                 Store::SessionTokens => self.remember_issued(answer, slot.key).await,
@@ -471,7 +538,7 @@ impl Gateway {
     /// Stage 7b: forwarded as is, never cached.
     async fn forward(&self, ctx: &Ctx, body: Bytes) -> Result<Handled, GatewayError> {
         let request = upstream_request(ctx.endpoint()?, &ctx.parts, body);
-        let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request))
+        let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request)(None))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)??;
         self.forget_refused(ctx, &answer).await;
@@ -489,23 +556,27 @@ impl Gateway {
         })
     }
 
-    /// The leader's call, as an owned future that can run in its own task.
+    /// The leader's call, as an owned future that can run in its own task; given the
+    /// budget wait already reserved (scale-out), if any.
     fn fetch(
         &self,
         ctx: &Ctx,
         mut request: UpstreamRequest,
-    ) -> impl Future<Output = CallResult> + Send + 'static {
+    ) -> impl FnOnce(Option<Duration>) -> BoxFuture<'static, CallResult> + Send + 'static {
         if let (Some(shares), Some(caller)) = (&ctx.hot.limits.diia_shares, &ctx.caller) {
             request.share = Some(Arc::new(shares.share(client(caller, ctx.peer))));
         }
         let upstream = Arc::clone(&self.upstream);
         let managed = self.managed.clone();
         let hot = Arc::clone(&ctx.hot);
-        async move {
-            match managed {
-                Some(managed) => managed.call(&hot, &upstream, request).await,
-                None => upstream.call(&hot, request).await,
-            }
+        move |prepaid| {
+            request.prepaid = prepaid;
+            Box::pin(async move {
+                match managed {
+                    Some(managed) => managed.call(&hot, &upstream, request).await,
+                    None => upstream.call(&hot, request).await,
+                }
+            })
         }
     }
 }
@@ -631,6 +702,7 @@ fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamR
         content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
         body,
         share: None,
+        prepaid: None,
     }
 }
 
@@ -672,6 +744,9 @@ fn handled(result: &CallResult, lookup: Lookup, sharing: bool) -> Result<Handled
         Lookup::Miss { stored: false } => (&MISS, RequestOutcome::Miss),
         Lookup::Coalesced => (&COLLAPSED, RequestOutcome::Coalesced),
         Lookup::Stale => (&STALE, RequestOutcome::Stale),
+        Lookup::RemoteHit if sharing => (&REMOTE_REPLAY, RequestOutcome::Replayed),
+        Lookup::RemoteHit => (&REMOTE_HIT, RequestOutcome::Hit),
+        Lookup::RemoteCoalesced => (&REMOTE_COLLAPSED, RequestOutcome::Coalesced),
         Lookup::TagMismatch => return Err(GatewayError::SharingAlreadyRequested),
     };
     let outcome = match (AnswerClass::of_status(answer.status), outcome) {

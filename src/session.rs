@@ -13,10 +13,12 @@ use http::{HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 
 use crate::answer::CallResult;
+use crate::cache::Origin;
 use crate::diia::{SESSION_TOKEN_LIFETIME, TokenLife, token_life};
 use crate::error::GatewayError;
-use crate::keys::Secret;
+use crate::keys::{CacheKey, Secret};
 use crate::route::Endpoint;
+use crate::scaleout::{Scaleout, Shape};
 use crate::settings::{AcquirerCredentials, Hot};
 use crate::upstream::{Upstream, UpstreamRequest};
 
@@ -32,6 +34,9 @@ pub struct ManagedSession {
     auth_token: Option<Secret>,
     current: ArcSwapOption<Current>,
     refresh: tokio::sync::Mutex<()>,
+    /// Scale-out: logins go through the fleet (one per refresh for every instance), under
+    /// this key.
+    login: Option<(Arc<Scaleout>, CacheKey)>,
 }
 
 impl fmt::Debug for ManagedSession {
@@ -43,12 +48,16 @@ impl fmt::Debug for ManagedSession {
 impl ManagedSession {
     /// A manager with no token yet; the first call fetches one.
     #[must_use]
-    pub fn new(credentials: &AcquirerCredentials) -> Self {
+    pub fn new(
+        credentials: &AcquirerCredentials,
+        login: Option<(Arc<Scaleout>, CacheKey)>,
+    ) -> Self {
         Self {
             acquirer_token: credentials.acquirer_token.clone(),
             auth_token: credentials.auth_token.clone(),
             current: ArcSwapOption::empty(),
             refresh: tokio::sync::Mutex::new(()),
+            login,
         }
     }
 
@@ -87,6 +96,10 @@ impl ManagedSession {
         let current = self.current.load_full();
         if current.is_some_and(|c| c.bearer == *bearer) {
             self.current.store(None);
+            if let Some((fleet, key)) = &self.login {
+                let (fleet, key) = (Arc::clone(fleet), *key);
+                tokio::spawn(async move { fleet.forget(key).await });
+            }
         }
     }
 
@@ -107,8 +120,32 @@ impl ManagedSession {
             content_type: None,
             body: Bytes::new(),
             share: None,
+            prepaid: None,
         };
-        let answer = upstream.call(hot, request).await?;
+        let (answer, fleet_fresh) = match &self.login {
+            None => (upstream.call(hot, request).await?, None),
+            Some((fleet, key)) => {
+                let shape = Shape {
+                    policy: hot.session_tokens,
+                    budget: hot.fleet_budget(),
+                    longest_call: hot.upstream.longest_call(),
+                    sharing: false,
+                };
+                let fetched = Arc::clone(fleet)
+                    .fetch(*key, None, shape, |prepaid| {
+                        let mut request = request;
+                        request.prepaid = prepaid;
+                        upstream.call(hot, request)
+                    })
+                    .await;
+                let fresh = match fetched.origin {
+                    Origin::RemoteHit { fresh_for } => Some(fresh_for),
+                    Origin::RemoteWait { fresh_for } => fresh_for,
+                    Origin::Diia => None,
+                };
+                (fetched.result?, fresh)
+            }
+        };
         if answer.status != StatusCode::OK {
             tracing::error!(
                 status = answer.status.as_u16(),
@@ -134,9 +171,11 @@ impl ManagedSession {
                 SESSION_TOKEN_LIFETIME
             }
         };
-        let refresh_at = Instant::now() + life.saturating_sub(hot.refresh_margin);
+        // Another instance's token: the fleet entry's life already has the margin off.
+        let refresh_in = fleet_fresh.unwrap_or_else(|| life.saturating_sub(hot.refresh_margin));
+        let refresh_at = Instant::now() + refresh_in;
         tracing::info!(
-            refresh_in_s = life.saturating_sub(hot.refresh_margin).as_secs(),
+            refresh_in_s = refresh_in.as_secs(),
             "managed session token refreshed"
         );
         Ok(Current { bearer, refresh_at })

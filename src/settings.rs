@@ -93,6 +93,11 @@ pub struct Hot {
     pub tls: Option<TlsAcceptor>,
     /// Managed mode with API keys: the keys branches present.
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// `[limits]` as written (fleet-wide values); `limits` and `diia_budget` hold this
+    /// instance's share of them.
+    pub limits_config: LimitsConfig,
+    /// Live instances the local budgets are divided by (1 without scale-out).
+    pub fleet: u32,
 }
 
 /// The per-call settings toward Diia that a reload may change.
@@ -123,6 +128,69 @@ impl UpstreamTunables {
 }
 
 impl Hot {
+    /// The same settings with the local budgets at 1/`fleet` of the configured ones: each
+    /// instance enforces its share locally, so abuse protection costs no round trip.
+    #[must_use]
+    pub fn for_fleet(&self, fleet: u32) -> Self {
+        let fleet = fleet.max(1);
+        let share = fleet_share(&self.limits_config, fleet);
+        self.rebuilt(
+            Limits::new(&share),
+            Arc::new(BudgetQuota::empty(&share.diia)),
+            fleet,
+        )
+    }
+
+    /// The same settings with the local Diia budget emptied (scale-out: Redis just went
+    /// down, and this instance's share starts at the sustained rate, without a burst).
+    #[must_use]
+    pub fn with_empty_budget(&self) -> Self {
+        let share = fleet_share(&self.limits_config, self.fleet);
+        let limits = Limits {
+            branches: Arc::clone(&self.limits.branches),
+            clients: Arc::clone(&self.limits.clients),
+            logins: Arc::clone(&self.limits.logins),
+            polls: Arc::clone(&self.limits.polls),
+            diia_shares: self.limits.diia_shares.clone(),
+        };
+        self.rebuilt(
+            limits,
+            Arc::new(BudgetQuota::empty(&share.diia)),
+            self.fleet,
+        )
+    }
+
+    fn rebuilt(&self, limits: Limits, diia_budget: Arc<BudgetQuota>, fleet: u32) -> Self {
+        Self {
+            body_limit: self.body_limit,
+            body_timeout: self.body_timeout,
+            request_deadline: self.request_deadline,
+            answers: self.answers,
+            stale_if_error: self.stale_if_error,
+            session_tokens: self.session_tokens,
+            refresh_margin: self.refresh_margin,
+            sharing: self.sharing,
+            upstream: self.upstream,
+            limits,
+            diia_budget,
+            tls: self.tls.clone(),
+            api_keys: self.api_keys.clone(),
+            limits_config: self.limits_config.clone(),
+            fleet,
+        }
+    }
+
+    /// The fleet-wide Diia budget, for the shared GCRA.
+    #[must_use]
+    pub fn fleet_budget(&self) -> crate::scaleout::BudgetValues {
+        let diia = &self.limits_config.diia;
+        crate::scaleout::BudgetValues {
+            per_second: diia.per_second.get(),
+            burst: diia.burst.get(),
+            max_wait: diia.max_wait,
+        }
+    }
+
     /// Keeps the old limiters (and so their state) where the values did not change: a
     /// reload must not hand every branch a fresh burst.
     #[must_use]
@@ -245,6 +313,33 @@ cold_settings! {
     log_format: LogFormat = "log.format",
     /// Log filter.
     log_filter: String = "log.filter",
+    /// Several instances as one through Redis (`None`: off).
+    scaleout: Option<ScaleoutSettings> = "scaleout",
+}
+
+/// `[scaleout]`, checked, with its files read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleoutSettings {
+    /// `redis://` or `rediss://` URL (without the password).
+    pub redis_url: String,
+    /// From `scaleout.redis_password_file`.
+    pub redis_password: Option<Secret>,
+    /// PEM trust roots for `rediss://`.
+    pub redis_ca: Option<Vec<u8>>,
+    /// The fleet secret.
+    pub secret: crate::scaleout::FleetSecret,
+    /// Per-command deadline.
+    pub command_timeout: Duration,
+    /// Connect deadline.
+    pub connect_timeout: Duration,
+    /// Probe period while Redis is down.
+    pub probe_interval: Duration,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// An instance silent this long is gone.
+    pub instance_ttl: Duration,
+    /// A leader's claim on a key (not sharing: those last as long as the barcode).
+    pub lease: Duration,
 }
 
 impl Settings {
@@ -286,9 +381,15 @@ impl Settings {
             diia_budget,
             tls,
             api_keys,
+            limits_config: file.limits.clone(),
+            fleet: 1,
         };
-        let cold = cold(file, target, credentials);
-        let keys = HashKey::random().map_err(|e| invalid("keys", e.to_string()))?;
+        let scaleout = scaleout(file)?;
+        let keys = match &scaleout {
+            Some(scaleout) => HashKey::from_fleet(&scaleout.secret),
+            None => HashKey::random().map_err(|e| invalid("keys", e.to_string()))?,
+        };
+        let cold = cold(file, target, credentials, scaleout);
         Ok(Self {
             hot: Arc::new(hot),
             cold,
@@ -308,6 +409,7 @@ fn cold(
     file: &FileConfig,
     upstream: UpstreamTarget,
     credentials: Option<AcquirerCredentials>,
+    scaleout: Option<ScaleoutSettings>,
 ) -> Cold {
     let (server, up) = (&file.server, &file.upstream);
     Cold {
@@ -339,7 +441,106 @@ fn cold(
         credentials,
         log_format: file.log.format,
         log_filter: file.log.filter.clone(),
+        scaleout,
     }
+}
+
+/// 1/`fleet` of every local rate (rounded up, at least 1).
+fn fleet_share(config: &LimitsConfig, fleet: u32) -> LimitsConfig {
+    let part = |n: std::num::NonZeroU32| {
+        std::num::NonZeroU32::new(n.get().div_ceil(fleet)).unwrap_or(std::num::NonZeroU32::MIN)
+    };
+    let mut share = config.clone();
+    share.branch.per_minute = part(config.branch.per_minute);
+    share.branch.burst = part(config.branch.burst);
+    share.client.per_minute = part(config.client.per_minute);
+    share.client.burst = part(config.client.burst);
+    share.login.per_minute = part(config.login.per_minute);
+    share.login.burst = part(config.login.burst);
+    share.poll.per_minute = part(config.poll.per_minute);
+    share.poll.burst = part(config.poll.burst);
+    share.diia.per_second = part(config.diia.per_second);
+    share.diia.burst = part(config.diia.burst);
+    share
+}
+
+/// `[scaleout]`: the URL, the secret and password files read, timings checked.
+fn scaleout(file: &FileConfig) -> Result<Option<ScaleoutSettings>, ConfigError> {
+    let config = &file.scaleout;
+    if !config.enabled {
+        return Ok(None);
+    }
+    let url = config.redis_url.trim();
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(invalid(
+            "scaleout.redis_url",
+            "must start with redis:// or rediss://",
+        ));
+    }
+    if url.parse::<redis::ConnectionInfo>().is_err() {
+        return Err(invalid("scaleout.redis_url", "is not a valid Redis URL"));
+    }
+    let read = |key: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|e| invalid(key, format!("{}: {e}", path.display())))
+    };
+    let Some(secret_file) = &config.secret_file else {
+        return Err(invalid(
+            "scaleout.secret_file",
+            "is required: 32 random bytes as hex, the same file on every instance",
+        ));
+    };
+    let text = String::from_utf8(read("scaleout.secret_file", secret_file)?)
+        .map_err(|_| invalid("scaleout.secret_file", "is not text"))?;
+    let secret = crate::scaleout::FleetSecret::parse(&text, &config.secret_id)
+        .map_err(|e| invalid("scaleout.secret_file", e.to_string()))?;
+    let redis_password = match &config.redis_password_file {
+        Some(path) => {
+            let text = String::from_utf8(read("scaleout.redis_password_file", path)?)
+                .map_err(|_| invalid("scaleout.redis_password_file", "is not text"))?;
+            Some(Secret::new(
+                text.lines().next().unwrap_or_default().to_owned(),
+            ))
+        }
+        None => None,
+    };
+    let redis_ca = match &config.redis_ca_file {
+        Some(path) => Some(read("scaleout.redis_ca_file", path)?),
+        None => None,
+    };
+    for (key, value) in [
+        ("scaleout.command_timeout", config.command_timeout),
+        ("scaleout.connect_timeout", config.connect_timeout),
+        ("scaleout.probe_interval", config.probe_interval),
+        ("scaleout.heartbeat_interval", config.heartbeat_interval),
+    ] {
+        if value.is_zero() {
+            return Err(invalid(key, "must be above 0"));
+        }
+    }
+    if config.instance_ttl <= config.heartbeat_interval {
+        return Err(invalid(
+            "scaleout.instance_ttl",
+            "must be longer than scaleout.heartbeat_interval",
+        ));
+    }
+    let lease = config
+        .lease
+        .unwrap_or(file.upstream.timeout + file.limits.diia.max_wait + Duration::from_secs(1));
+    if lease.is_zero() {
+        return Err(invalid("scaleout.lease", "must be above 0"));
+    }
+    Ok(Some(ScaleoutSettings {
+        redis_url: url.to_owned(),
+        redis_password,
+        redis_ca,
+        secret,
+        command_timeout: config.command_timeout,
+        connect_timeout: config.connect_timeout,
+        probe_interval: config.probe_interval,
+        heartbeat_interval: config.heartbeat_interval,
+        instance_ttl: config.instance_ttl,
+        lease,
+    }))
 }
 
 /// `[cache]`, `[sharing]`, `[tokens]`: how long answers live, all bounded by Diia's facts.

@@ -18,6 +18,7 @@ use crate::error::GatewayError;
 use crate::limit::{DiiaBrake, Share};
 use crate::metrics::Metrics;
 use crate::route::{CallClass, Endpoint};
+use crate::scaleout::Scaleout;
 use crate::settings::{Cold, Hot};
 
 /// Everything needed to repeat a client's request toward Diia; owned, so the call can
@@ -40,6 +41,8 @@ pub struct UpstreamRequest {
     pub body: Bytes,
     /// The calling client's share of the Diia budget (`limits.client.diia_share`), if any.
     pub share: Option<Arc<Share>>,
+    /// Scale-out: the wait the shared budget already reserved for the first attempt.
+    pub prepaid: Option<Duration>,
 }
 
 /// The pooled client plus what every call needs. Per-call settings (deadlines, retries,
@@ -52,6 +55,8 @@ pub struct Upstream {
     /// One breaker per call class (see [`CallClass`]).
     breakers: [Breaker; CallClass::ALL.len()],
     retries: RetryBudget,
+    /// Scale-out: the fleet-wide budget and brake (the local ones while Redis is down).
+    shared: Option<Arc<Scaleout>>,
 }
 
 static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
@@ -60,7 +65,12 @@ static ACCEPT_JSON: HeaderValue = HeaderValue::from_static("application/json");
 impl Upstream {
     /// Builds the client; Diia's certificate is verified against `upstream.ca_file`, or the
     /// system's plus Mozilla's bundled roots.
-    pub fn new(cold: &Cold, base_url: &str, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    pub fn new(
+        cold: &Cold,
+        base_url: &str,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<Scaleout>>,
+    ) -> std::io::Result<Self> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(cold.connect_timeout));
@@ -88,6 +98,7 @@ impl Upstream {
             breakers: CallClass::ALL
                 .map(|_| Breaker::new(cold.breaker_failures, cold.breaker_cooldown)),
             retries: RetryBudget::new(cold.retry_ratio, cold.retry_reserve),
+            shared,
         })
     }
 
@@ -99,7 +110,7 @@ impl Upstream {
 
     /// One call to Diia: breaker, then budget, then the exchange under the upstream
     /// deadline; safe calls are retried after a connect failure within the retry budget.
-    pub async fn call(&self, hot: &Hot, request: UpstreamRequest) -> CallResult {
+    pub async fn call(&self, hot: &Hot, mut request: UpstreamRequest) -> CallResult {
         let class = CallClass::of(request.endpoint);
         let breaker = &self.breakers[class.index()];
         let admission = breaker
@@ -115,12 +126,9 @@ impl Upstream {
         );
         let tunables = &hot.upstream;
         let mut attempt = 0;
+        let mut prepaid = request.prepaid.take();
         loop {
-            if let Err(error) = self
-                .brake
-                .acquire(&hot.diia_budget, request.share.as_deref())
-                .await
-            {
+            if let Err(error) = self.admit(hot, &request, prepaid.take()).await {
                 breaker.abandon(admission);
                 return Err(error);
             }
@@ -138,6 +146,57 @@ impl Upstream {
             breaker.record(admission, !failed);
             self.metrics.set_breaker_open(class, breaker.is_open());
             return outcome;
+        }
+    }
+
+    /// One call's worth of the Diia budget: the wait already reserved, else the fleet's
+    /// budget, else (no scale-out, or Redis down) the local one.
+    async fn admit(
+        &self,
+        hot: &Hot,
+        request: &UpstreamRequest,
+        prepaid: Option<Duration>,
+    ) -> Result<(), GatewayError> {
+        let Some(shared) = &self.shared else {
+            return self
+                .brake
+                .acquire(&hot.diia_budget, request.share.as_deref())
+                .await;
+        };
+        if let Some(retry_after) = self.brake.paused_for() {
+            return Err(GatewayError::DiiaBackoff { retry_after });
+        }
+        let reserved = match prepaid {
+            Some(wait) => Some(Ok(wait)),
+            None => shared.reserve(hot.fleet_budget()).await,
+        };
+        match reserved {
+            Some(Ok(wait)) if shared.rejoining() => {
+                // Others may still spend their local shares: spend ours as well.
+                let started = tokio::time::Instant::now();
+                self.brake.acquire(&hot.diia_budget, None).await?;
+                tokio::time::sleep_until(started + wait).await;
+                Ok(())
+            }
+            Some(Ok(wait)) => {
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            Some(Err(GatewayError::DiiaBackoff { retry_after })) => {
+                self.brake.pause(&hot.diia_budget, retry_after);
+                Err(GatewayError::DiiaBackoff { retry_after })
+            }
+            Some(Err(refusal)) => Err(refusal),
+            None => {
+                let admitted = self
+                    .brake
+                    .acquire(&hot.diia_budget, request.share.as_deref())
+                    .await;
+                if admitted.is_ok() {
+                    self.metrics.budget_fallback_admit();
+                }
+                admitted
+            }
         }
     }
 
@@ -167,6 +226,11 @@ impl Upstream {
                 "Diia asked to back off; pausing upstream calls"
             );
             self.brake.pause(&hot.diia_budget, wait);
+            if let Some(shared) = &self.shared {
+                let shared = Arc::clone(shared);
+                let wait = wait.min(hot.limits_config.diia.max_backoff);
+                tokio::spawn(async move { shared.pause(wait).await });
+            }
         }
         outcome
     }

@@ -57,8 +57,13 @@ impl InProcess {
         let mut settings = Settings::build(&config).unwrap();
         settings.keys = HashKey::fixed([5; 16]);
         let gateway = Gateway::build(&settings).unwrap();
-        let direct =
-            Upstream::new(&settings.cold, &sim.base_url(), Arc::new(Metrics::new())).unwrap();
+        let direct = Upstream::new(
+            &settings.cold,
+            &sim.base_url(),
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .unwrap();
         let exchange = Request::get(format!("/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}"))
             .header("authorization", format!("Basic {DEMO_AUTH_TOKEN}"))
             .body(Full::<Bytes>::default())
@@ -98,6 +103,7 @@ impl InProcess {
             content_type: None,
             body: Bytes::from(body),
             share: None,
+            prepaid: None,
         };
         self.direct
             .call(&self.settings.hot, request)

@@ -1,0 +1,95 @@
+//! The Lua scripts: each decision that spans keys is one script, one round trip, on
+//! Redis's own clock (`TIME`), so instances never read-then-write and never disagree on
+//! time. Every key of one script shares the `{dg}` hash tag (valid on a Cluster too).
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// The budget part, shared by [`LOOKUP`] and [`RESERVE`] (same positions in both): Diia's
+/// brake first, then a GCRA reservation of `weight` calls' worth. `KEYS[1]` budget,
+/// `KEYS[2]` brake; `ARGV[1]` emission interval (µs), `ARGV[2]` burst, `ARGV[3]` longest
+/// wait (µs), `ARGV[4]` weight. Leaves `wait` set, or returns `{0, wait_us}` (over the
+/// longest wait) or `{2, pause_us}` (Diia's brake).
+///
+/// A missing budget key starts empty (no burst): only a Redis that lost its data has no
+/// key (it is never expired), and a restarted Redis must add nothing to what the
+/// instances' local budgets just sent.
+const BUDGET_LUA: &str = r"
+local brake = redis.call('PTTL', KEYS[2])
+if brake > 0 then return {2, brake * 1000} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local weight = tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or string.format('%.0f', now + (burst - 1) * interval))
+if tat < now then tat = now end
+local wait = tat - now - (burst - weight) * interval
+if wait < 0 then wait = 0 end
+if wait > tonumber(ARGV[3]) then return {0, wait} end
+redis.call('SET', KEYS[1], string.format('%.0f', tat + weight * interval))
+";
+
+/// A Diia call's budget alone. Returns `{1, wait_us}`, `{0, wait_us}` or `{2, pause_us}`.
+pub static RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{BUDGET_LUA}\nreturn {{1, wait}}\n")));
+
+/// Cache lookup, lease and budget in one round trip. Keys: budget, brake (as in
+/// [`BUDGET_LUA`]), result, lease. Args: the four budget args, lease holder, lease ms.
+/// Returns `{1, value, pttl_ms}` (stored answer), `{3, holder, pttl_ms}` (another leader),
+/// `{4, wait_us}` (this caller leads, budget reserved), or a budget refusal.
+pub static LOOKUP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"
+local v = redis.call('GET', KEYS[3])
+if v then return {{1, v, redis.call('PTTL', KEYS[3])}} end
+local holder = redis.call('GET', KEYS[4])
+if holder then return {{3, holder, redis.call('PTTL', KEYS[4])}} end
+{BUDGET_LUA}
+redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[6])
+return {{4, wait}}
+"
+    ))
+});
+
+/// The leader's write-back. Keys: result, lease. Args: holder, value ('' = do not store),
+/// ttl ms, positive ('1'/'0'), channel, message. A stored positive answer is never
+/// replaced by a negative one; the lease is released only if still ours.
+pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "if ARGV[2] ~= '' then\n",
+        "  local cur = redis.call('GET', KEYS[1])\n",
+        "  if not (cur and string.sub(cur, 1, 1) == 'P' and ARGV[4] == '0') then\n",
+        "    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
+        "  end\n",
+        "end\n",
+        "if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end\n",
+        "redis.call('PUBLISH', ARGV[5], ARGV[6])\n",
+        "return 1\n",
+    ))
+});
+
+/// Diia's brake, shared: only ever extended. Keys: brake. Args: pause ms.
+pub static PAUSE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then\n",
+        "  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])\n",
+        "end\n",
+        "return 1\n",
+    ))
+});
+
+/// Heartbeat: this instance is alive; returns the live count. Keys: fleet. Args: instance
+/// id, instance ttl ms.
+pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "local t = redis.call('TIME')\n",
+        "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
+        "local ttl = tonumber(ARGV[2])\n",
+        "redis.call('ZADD', KEYS[1], now, ARGV[1])\n",
+        "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)\n",
+        "redis.call('PEXPIRE', KEYS[1], ttl * 2)\n",
+        "return redis.call('ZCARD', KEYS[1])\n",
+    ))
+});

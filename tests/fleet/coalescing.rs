@@ -1,0 +1,92 @@
+//! (b) Three instances, 50 identical concurrent requests each, per fresh barcode: one Diia
+//! call per barcode for the whole fleet; re-scans on every instance cost nothing.
+
+use std::sync::Arc;
+
+use diia_sim::route::Endpoint;
+use futures_util::future::join_all;
+use http::StatusCode;
+
+use crate::it_support::client;
+use crate::support::{
+    FleetConfig, Redis, SERIAL, fleet, fresh_barcode, redis_available, simulator, wait_for_fleet,
+};
+
+const BARCODES: usize = 200;
+const PER_INSTANCE: usize = 50;
+/// Barcodes scanned at once (each by 150 requests).
+const AT_ONCE: usize = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_make_one_diia_call_per_barcode() {
+    let _serial = SERIAL.lock().await;
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start(&[]).await;
+    let sim = simulator().await;
+    let gateways = Arc::new(fleet(&FleetConfig::new(&sim.base_url(), &redis.url())).await);
+    let http = client();
+    wait_for_fleet(&gateways, &http, 3.0).await;
+    let token = gateways[0].session_token(&http).await;
+    assert_eq!(
+        gateways[1].session_token(&http).await,
+        token,
+        "one token fleet-wide"
+    );
+    let before = sim.state().requests(Endpoint::DocumentIdentification);
+    let barcodes: Vec<String> = (0..BARCODES).map(|_| fresh_barcode()).collect();
+    for batch in barcodes.chunks(AT_ONCE) {
+        let mut calls = Vec::new();
+        for barcode in batch {
+            for gateway in 0..3 {
+                for _ in 0..PER_INSTANCE {
+                    let (gateways, http, token, barcode) = (
+                        Arc::clone(&gateways),
+                        http.clone(),
+                        token.clone(),
+                        barcode.clone(),
+                    );
+                    calls.push(tokio::spawn(async move {
+                        gateways[gateway].identify(&http, &token, &barcode).await
+                    }));
+                }
+            }
+        }
+        for reply in join_all(calls).await {
+            let reply = reply.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        }
+    }
+    let calls = sim.state().requests(Endpoint::DocumentIdentification) - before;
+    assert_eq!(
+        calls, BARCODES as u64,
+        "one Diia call per barcode for the fleet"
+    );
+    // A re-scan on each instance: answered from the near cache or Redis.
+    for barcode in &barcodes[..20] {
+        for gateway in gateways.iter() {
+            let reply = gateway.identify(&http, &token, barcode).await;
+            assert_eq!(reply.status, StatusCode::OK);
+            assert!(
+                reply.header("cache-status").unwrap().contains("hit"),
+                "{reply:?}"
+            );
+        }
+    }
+    let after = sim.state().requests(Endpoint::DocumentIdentification) - before;
+    assert_eq!(after, BARCODES as u64, "re-scans reached Diia");
+    let remote: f64 = {
+        let mut sum = 0.0;
+        for gateway in gateways.iter() {
+            sum += gateway
+                .metric(
+                    &http,
+                    r#"diia_gateway_shared_lookups_total{result="remote_wait"}"#,
+                )
+                .await;
+        }
+        sum
+    };
+    assert!(remote > 0.0, "no instance waited on another's call");
+}

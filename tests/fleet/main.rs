@@ -1,0 +1,17 @@
+//! Scale-out over real processes: one `redis-server`, three `diia-gateway` processes and
+//! one simulator, all on loopback. Tests run one at a time (they measure rates and kill
+//! processes); each starts its own Redis on a free port and stops everything it started.
+//!
+//! `redis-server` must be installed (`.ci/run` installs it); under `CI=true` a missing
+//! binary fails the tests, elsewhere they are skipped with a note.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../it/support/mod.rs"]
+mod it_support;
+
+mod budget;
+mod coalescing;
+mod privacy;
+mod sharing;
+mod support;

@@ -1,0 +1,407 @@
+//! Processes for the fleet tests: Redis, gateway instances, and the EAN-13 barcodes the
+//! simulator accepts (it runs with `auto_issue`).
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, SimHandle, Simulator};
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::it_support::{HttpClient, Reply, client, metric_value, send};
+
+/// Fleet tests one at a time: they measure rates and kill processes.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A free loopback port (bound, then released for the process that takes it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether `redis-server` can run here; fails under CI when it cannot.
+pub fn redis_available() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("CI").is_err(),
+            "redis-server is not installed (CI=true: the fleet tests must run)"
+        );
+        eprintln!("redis-server not installed: fleet test skipped (install redis-server)");
+    }
+    found
+}
+
+/// A `redis-server` on a free loopback port, without persistence unless asked.
+pub struct Redis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts one and waits until it answers PING.
+    pub async fn start(extra: &[&str]) -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// (Re)starts the server on the same port.
+    pub async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", &self.dir.path().display().to_string()])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.command(&["PING"]).await.as_deref() != Some("+PONG") {
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no goodbye to its clients.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `redis://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The data directory (for `SAVE`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// One command in RESP, as the default user; the first line of the reply.
+    pub async fn command(&self, args: &[&str]) -> Option<String> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .ok()?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut buffer = vec![0u8; 1 << 16];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buffer))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+        Some(text.lines().next().unwrap_or_default().to_owned())
+    }
+
+    /// Every key (KEYS is fine on a test server).
+    pub async fn keys(&self) -> Vec<String> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"*2\r\n$4\r\nKEYS\r\n$1\r\n*\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut buffer = vec![0u8; 1 << 20];
+        let n = stream.read(&mut buffer).await.unwrap();
+        String::from_utf8_lossy(&buffer[..n])
+            .lines()
+            .filter(|line| line.starts_with("{dg}"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A gateway process with its own config file and log.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// What differs between the fleet tests' gateway configs.
+#[derive(Clone)]
+pub struct FleetConfig {
+    pub sim_url: String,
+    pub redis_url: String,
+    pub secret: String,
+    /// Extra TOML appended under `[scaleout]`.
+    pub scaleout_extra: String,
+    /// `limits.diia`.
+    pub diia: String,
+    /// Extra top-level TOML sections.
+    pub extra: String,
+}
+
+impl FleetConfig {
+    /// Defaults: a large Diia budget, generous branch limits.
+    pub fn new(sim_url: &str, redis_url: &str) -> Self {
+        Self {
+            sim_url: sim_url.to_owned(),
+            redis_url: redis_url.to_owned(),
+            secret: "9f".repeat(16) + &"3c".repeat(16),
+            scaleout_extra: String::new(),
+            diia: r#"{ per_second = 10000, burst = 10000, max_wait = "200ms" }"#.to_owned(),
+            extra: String::new(),
+        }
+    }
+}
+
+impl Gateway {
+    /// Starts the binary and waits for `/readyz`.
+    pub async fn start(config: &FleetConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, &config.secret).unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin}"
+request_deadline = "3s"
+drain_delay = "0s"
+
+[upstream]
+base_url = "{sim}"
+timeout = "3s"
+
+[cache]
+negative_ttl = "30s"
+
+[log]
+format = "json"
+filter = "info"
+
+[limits]
+branch = {{ per_minute = 6000000, burst = 100000 }}
+client = {{ per_minute = 60000000, burst = 1000000 }}
+diia = {diia}
+
+[scaleout]
+enabled = true
+redis_url = "{redis}"
+secret_file = "{secret}"
+# Three debug-build gateways, a simulator and a load generator share two cores: a
+# production-like 25 ms would flip Redis "down" on scheduling noise alone.
+command_timeout = "250ms"
+{scaleout_extra}
+{extra}
+"#,
+            sim = config.sim_url,
+            diia = config.diia,
+            redis = config.redis_url,
+            secret = secret_file.display(),
+            scaleout_extra = config.scaleout_extra,
+            extra = config.extra,
+        );
+        let config_file = dir.path().join("gateway.toml");
+        std::fs::write(&config_file, text).unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_diia-gateway"))
+            .arg("--config")
+            .arg(&config_file)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("gateway starts");
+        let gateway = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            dir,
+            child: Some(child),
+        };
+        let http = client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let url = format!("http://{}/readyz", gateway.admin);
+            let ready =
+                tokio::time::timeout(Duration::from_secs(1), http.get(url.parse().unwrap()))
+                    .await
+                    .is_ok_and(|r| r.is_ok_and(|r| r.status() == StatusCode::OK));
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready; log:\n{}",
+                gateway.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gateway
+    }
+
+    /// `http://addr/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Everything the process logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// The config directory.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self, http: &HttpClient) -> String {
+        let url = format!("http://{}/metrics", self.admin);
+        let reply = send(http, Method::GET, &url, &[], String::new()).await;
+        String::from_utf8(reply.body.to_vec()).unwrap()
+    }
+
+    /// One metric value.
+    pub async fn metric(&self, http: &HttpClient, name: &str) -> f64 {
+        metric_value(&self.metrics(http).await, name)
+    }
+
+    /// A session token through this instance.
+    pub async fn session_token(&self, http: &HttpClient) -> String {
+        let url = self.url(&format!("/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}"));
+        let basic = format!("Basic {DEMO_AUTH_TOKEN}");
+        let reply = send(
+            http,
+            Method::GET,
+            &url,
+            &[("authorization", basic.as_str())],
+            String::new(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        reply.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// One identification.
+    pub async fn identify(&self, http: &HttpClient, token: &str, barcode: &str) -> Reply {
+        self.post(
+            http,
+            "/api/v1/acquirers/document-identification",
+            token,
+            &format!(r#"{{"branchId":"kyiv-001","barcode":"{barcode}"}}"#),
+        )
+        .await
+    }
+
+    /// One POST with a bearer token.
+    pub async fn post(&self, http: &HttpClient, path: &str, token: &str, body: &str) -> Reply {
+        let bearer = format!("Bearer {token}");
+        send(
+            http,
+            Method::POST,
+            &self.url(path),
+            &[
+                ("authorization", bearer.as_str()),
+                ("content-type", "application/json"),
+            ],
+            body.to_owned(),
+        )
+        .await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The simulator, treating any well-formed barcode as freshly issued.
+pub async fn simulator() -> SimHandle {
+    let config = SimConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        auto_issue: true,
+        ..crate::it_support::sim_config()
+    };
+    Simulator::start(config).await.unwrap()
+}
+
+static NEXT_BARCODE: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh valid EAN-13 barcode (unique within this test process).
+pub fn fresh_barcode() -> String {
+    let seed = u64::from(std::process::id()) % 1000;
+    let base = 400_000_000_000 + seed * 100_000_000 + NEXT_BARCODE.fetch_add(1, Ordering::Relaxed);
+    let digits: Vec<u32> = base
+        .to_string()
+        .chars()
+        .map(|c| c.to_digit(10).unwrap())
+        .collect();
+    let sum: u32 = digits
+        .iter()
+        .enumerate()
+        .map(|(i, d)| if i % 2 == 0 { *d } else { d * 3 })
+        .sum();
+    format!("{base}{}", (10 - sum % 10) % 10)
+}
+
+/// Three gateways on one Redis and one simulator.
+pub async fn fleet(config: &FleetConfig) -> Vec<Gateway> {
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        gateways.push(Gateway::start(config).await);
+    }
+    gateways
+}
+
+/// Waits until every gateway counts `live` instances.
+pub async fn wait_for_fleet(gateways: &[Gateway], http: &HttpClient, live: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for gateway in gateways {
+        while gateway.metric(http, "diia_gateway_instances_live").await != live {
+            assert!(
+                Instant::now() < deadline,
+                "fleet did not see {live} instances; log:\n{}",
+                gateway.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
