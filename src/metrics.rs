@@ -199,13 +199,29 @@ impl Gauges {
 pub struct FleetMetrics {
     redis_up: Gauge,
     redis_op: Family<Labels1, Histogram>,
-    lookups: Family<Labels1, Counter>,
+    /// One handle per lookup result, resolved once (a near hit costs one atomic add).
+    lookups: [(&'static str, Counter); LOOKUP_RESULTS.len()],
     fallback_admits: Counter,
     instances: Gauge,
 }
 
+/// The `result` labels of `shared_lookups_total`.
+const LOOKUP_RESULTS: [&str; 5] = [
+    "near_hit",
+    "remote_hit",
+    "leader",
+    "remote_wait",
+    "degraded",
+];
+
 impl FleetMetrics {
     fn register(registry: &mut Registry) -> Self {
+        let lookups = registered(
+            registry,
+            "shared_lookups",
+            "Cache lookups in scale-out mode by result (near_hit, remote_hit, leader, remote_wait, degraded)",
+            Family::<Labels1, Counter>::default(),
+        );
         Self {
             redis_up: registered(
                 registry,
@@ -221,12 +237,8 @@ impl FleetMetrics {
                     Histogram::new(exponential_buckets(0.000_025, 2.0, 14))
                 }),
             ),
-            lookups: registered(
-                registry,
-                "shared_lookups",
-                "Cache lookups in scale-out mode by result (near_hit, remote_hit, leader, remote_wait, degraded)",
-                Family::<Labels1, Counter>::default(),
-            ),
+            lookups: LOOKUP_RESULTS
+                .map(|result| (result, lookups.get_or_create(&[("result", result)]).clone())),
             fallback_admits: registered(
                 registry,
                 "budget_fallback_admits",
@@ -408,7 +420,9 @@ impl Metrics {
     /// Counts one scale-out cache lookup by result.
     pub fn shared_lookup(&self, result: &'static str) {
         if let Some(fleet) = &self.fleet {
-            fleet.lookups.get_or_create(&[("result", result)]).inc();
+            if let Some((_, counter)) = fleet.lookups.iter().find(|(name, _)| *name == result) {
+                counter.inc();
+            }
         }
     }
 

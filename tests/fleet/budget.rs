@@ -309,3 +309,50 @@ async fn a_remote_waiter_falls_back_at_once_when_redis_dies() {
     assert_ne!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{reply:?}");
     assert!(waited < Duration::from_millis(2500), "waited {waited:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_starts_ready_without_redis_and_joins_when_it_appears() {
+    let _serial = SERIAL.lock().await;
+    if !redis_available() {
+        return;
+    }
+    let port = crate::support::free_port();
+    let sim = simulator().await;
+    // Gateway::start waits for /readyz: it must turn ready with nothing on the port.
+    let gateway = Gateway::start(&FleetConfig::new(
+        &sim.base_url(),
+        &format!("redis://127.0.0.1:{port}"),
+    ))
+    .await;
+    let http = client();
+    assert_eq!(gateway.metric(&http, "diia_gateway_redis_up").await, 0.0);
+    let token = gateway.session_token(&http).await;
+    let barcode = fresh_barcode();
+    let first = gateway.identify(&http, &token, &barcode).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let again = gateway.identify(&http, &token, &barcode).await;
+    assert_eq!(again.header("cache-status"), Some("diia-gateway; hit"));
+    assert!(gateway.log().contains("Redis unreachable at start"));
+    let redis = Redis::start_on(port, &[]).await;
+    let appeared = Instant::now();
+    while gateway.metric(&http, "diia_gateway_redis_up").await != 1.0 {
+        assert!(
+            appeared.elapsed() < Duration::from_secs(3),
+            "{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let shared = gateway.identify(&http, &token, &fresh_barcode()).await;
+    assert_eq!(shared.status, StatusCode::OK);
+    // The leader writes back after answering its client.
+    let stored = Instant::now();
+    while !redis.keys().await.iter().any(|k| k.starts_with("{dg}:r:")) {
+        assert!(
+            stored.elapsed() < Duration::from_secs(2),
+            "answer never stored in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gateway.log().matches("Redis reachable").count(), 1);
+}

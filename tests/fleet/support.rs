@@ -55,8 +55,13 @@ pub struct Redis {
 impl Redis {
     /// Starts one and waits until it answers PING.
     pub async fn start(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra).await
+    }
+
+    /// [`Redis::start`] on a given port.
+    pub async fn start_on(port: u16, extra: &[&str]) -> Self {
         let mut redis = Self {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             child: None,

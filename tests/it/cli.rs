@@ -271,3 +271,63 @@ listen = "127.0.0.1:0"
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn check_config_checks_the_scaleout_section() {
+    let dir = tempfile::tempdir().expect("dir");
+    let secret = dir.path().join("fleet-secret");
+    std::fs::write(&secret, format!("{}\n", "4e".repeat(16) + &"a1".repeat(16))).expect("write");
+    for name in ["redis-password", "redis-ca.pem"] {
+        std::fs::write(dir.path().join(name), "x\n").expect("write");
+    }
+    // The shipped example, with its /etc paths pointed at files that exist here.
+    let example = std::fs::read_to_string("config/scaleout.toml")
+        .expect("example")
+        .replace("/etc/diia-gateway", &dir.path().display().to_string());
+    let file = write_config(&example);
+    let out = Command::new(BIN)
+        .args(["--check-config", "--config"])
+        .arg(file.path())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (config, key) in [
+        ("[scaleout]\nenabled = true\n", "scaleout.secret_file"),
+        (
+            "[scaleout]\nenabled = true\nsecret_file = \"/nonexistent/secret\"\n",
+            "scaleout.secret_file",
+        ),
+        (
+            "[scaleout]\nenabled = true\nredis_url = \"http://x\"\nsecret_file = \"S\"\n",
+            "scaleout.redis_url",
+        ),
+    ] {
+        let placeholder = dir.path().join("placeholder");
+        std::fs::write(&placeholder, "00".repeat(32)).expect("write");
+        let file = write_config(&config.replace('S', &secret.display().to_string()));
+        let out = Command::new(BIN)
+            .args(["--check-config", "--config"])
+            .arg(file.path())
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(key),
+            "{config}: {stderr}"
+        );
+        let file = write_config(&format!(
+            "[scaleout]\nenabled = true\nsecret_file = \"{}\"\n",
+            placeholder.display()
+        ));
+        let out = Command::new(BIN)
+            .args(["--check-config", "--config"])
+            .arg(file.path())
+            .output()
+            .expect("run");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("placeholder"));
+    }
+}
