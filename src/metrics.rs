@@ -419,10 +419,10 @@ impl Metrics {
 
     /// Counts one scale-out cache lookup by result.
     pub fn shared_lookup(&self, result: &'static str) {
-        if let Some(fleet) = &self.fleet {
-            if let Some((_, counter)) = fleet.lookups.iter().find(|(name, _)| *name == result) {
-                counter.inc();
-            }
+        if let Some(fleet) = &self.fleet
+            && let Some((_, counter)) = fleet.lookups.iter().find(|(name, _)| *name == result)
+        {
+            counter.inc();
         }
     }
 
