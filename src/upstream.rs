@@ -173,13 +173,13 @@ impl Upstream {
         match reserved {
             Some(Ok(wait)) if shared.rejoining() => {
                 // Others may still spend their local shares: spend ours as well.
-                let started = tokio::time::Instant::now();
+                let started = Instant::now();
                 self.brake.acquire(&hot.diia_budget, None).await?;
-                tokio::time::sleep_until(started + wait).await;
+                pause(wait.saturating_sub(started.elapsed())).await;
                 Ok(())
             }
             Some(Ok(wait)) => {
-                tokio::time::sleep(wait).await;
+                pause(wait).await;
                 Ok(())
             }
             Some(Err(GatewayError::DiiaBackoff { retry_after })) => {
@@ -290,6 +290,14 @@ impl Upstream {
                 },
             },
         ))
+    }
+}
+
+/// Waits out a reserved delay; none at all for a zero one (a zero `sleep` still waits
+/// for the timer wheel's next millisecond tick).
+async fn pause(wait: Duration) {
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
     }
 }
 

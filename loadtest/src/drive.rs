@@ -96,8 +96,28 @@ pub struct RunResult {
     pub diia_calls_per_second: f64,
     /// Branch requests answered without a Diia call (cache, coalescing, replay, validation).
     pub calls_saved: u64,
-    /// Gateway CPU time over the run, in cores (only when the tool started the gateway).
+    /// Gateway CPU time over the run, in cores, all instances together (only when the
+    /// tool started the gateways).
     pub gateway_cores: Option<f64>,
+    /// Gateway instances the load was spread over.
+    #[serde(default = "one")]
+    pub instances: usize,
+    /// What the shared Redis did (scale-out runs started by the tool).
+    #[serde(default)]
+    pub redis: Option<RedisLoad>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Redis's share of a scale-out run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RedisLoad {
+    /// Commands processed per second (`INFO stats`), scripts counted once per call.
+    pub ops_per_second: f64,
+    /// redis-server CPU time over the run, in cores.
+    pub cores: f64,
 }
 
 /// The request a scan turns into.
@@ -280,10 +300,11 @@ pub async fn run(
         last: vec![None; usize::try_from(scenario.branches).unwrap_or(1)],
     };
     let mut next = || branches.next(scenario);
+    let gateways: Vec<&str> = target.gateways.iter().map(String::as_str).collect();
     // Warm-up: same schedule, not measured.
-    offer(
+    offer_many(
         &client,
-        &target.gateway,
+        &gateways,
         &token,
         &mut next,
         rate,
@@ -294,11 +315,12 @@ pub async fn run(
 
     let calls_before = diia_calls(&client, &target.sim).await?;
     let cpu_before = target.gateway_cpu_seconds();
+    let redis_before = target.redis_usage().await;
     let histogram = histogram()?;
     let started = Instant::now();
-    let (sent, tally, kinds) = offer(
+    let (sent, tally, kinds) = offer_many(
         &client,
-        &target.gateway,
+        &gateways,
         &token,
         &mut next,
         rate,
@@ -308,6 +330,7 @@ pub async fn run(
     .await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_after = target.gateway_cpu_seconds();
+    let redis_after = target.redis_usage().await;
     let calls = diia_calls(&client, &target.sim)
         .await?
         .saturating_sub(calls_before);
@@ -344,6 +367,13 @@ pub async fn run(
         gateway_cores: cpu_before
             .zip(cpu_after)
             .map(|(before, after)| (after - before) / elapsed),
+        instances: target.gateways.len(),
+        redis: redis_before
+            .zip(redis_after)
+            .map(|(before, after)| RedisLoad {
+                ops_per_second: after.commands.saturating_sub(before.commands) as f64 / elapsed,
+                cores: (after.cpu_seconds - before.cpu_seconds) / elapsed,
+            }),
     })
 }
 
@@ -351,6 +381,20 @@ pub async fn run(
 pub async fn offer(
     client: &HttpClient,
     gateway: &str,
+    token: &Arc<str>,
+    next: &mut dyn FnMut() -> Scan,
+    rate: f64,
+    duration: Duration,
+    histogram: Option<Arc<Mutex<Histogram<u64>>>>,
+) -> (u64, Tally, BTreeMap<String, u64>) {
+    offer_many(client, &[gateway], token, next, rate, duration, histogram).await
+}
+
+/// [`offer`] spread round-robin over several gateway instances, as a load balancer that
+/// cannot see the barcode (it is in the body) would: a re-scan lands anywhere.
+pub async fn offer_many(
+    client: &HttpClient,
+    gateways: &[&str],
     token: &Arc<str>,
     next: &mut dyn FnMut() -> Scan,
     rate: f64,
@@ -370,7 +414,11 @@ pub async fn offer(
         *kinds.entry(scan.kind.to_owned()).or_insert(0) += 1;
         let request = Request::builder()
             .method(Method::POST)
-            .uri(format!("{gateway}{}", scan.path))
+            .uri(format!(
+                "{}{}",
+                gateways[usize::try_from(i).unwrap_or(0) % gateways.len().max(1)],
+                scan.path
+            ))
             .header("authorization", &**token)
             .header("content-type", "application/json")
             .body(Full::new(scan.body.clone()));

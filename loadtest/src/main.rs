@@ -6,7 +6,8 @@
 //! target/release/loadtest capacity --scenario config/scenario-peak.toml
 //! ```
 //! By default it starts `diia-sim` and `diia-gateway` (found next to itself) on loopback;
-//! `--gateway URL --sim URL` targets running instances instead (loopback only).
+//! `--gateway URL --sim URL` targets running instances instead (loopback only);
+//! `--instances 3` starts three gateways in scale-out mode on one redis-server.
 
 mod compare;
 mod drive;
@@ -38,9 +39,14 @@ struct Common {
     /// Scenario file.
     #[arg(long, default_value = "config/scenario-peak.toml")]
     scenario: PathBuf,
-    /// Gateway base URL to target instead of starting one (must be loopback).
-    #[arg(long, requires = "sim")]
-    gateway: Option<String>,
+    /// Gateway base URL(s) to target instead of starting one (loopback only); several,
+    /// comma-separated, are load-balanced round-robin.
+    #[arg(long, requires = "sim", value_delimiter = ',')]
+    gateway: Option<Vec<String>>,
+    /// Start this many gateway instances in scale-out mode on one redis-server started
+    /// here (needs `redis-server`), load-balanced round-robin.
+    #[arg(long, default_value_t = 1, conflicts_with = "gateway")]
+    instances: usize,
     /// Simulator base URL (for its call counters) when targeting running instances.
     #[arg(long, requires = "gateway")]
     sim: Option<String>,
@@ -143,12 +149,13 @@ fn prepare(common: &Common) -> Result<(Scenario, Target), String> {
     }
     std::fs::create_dir_all(&common.out).map_err(|e| format!("{}: {e}", common.out.display()))?;
     let target = match (&common.gateway, &common.sim) {
-        (Some(gateway), Some(sim)) => {
-            if !is_loopback(gateway) || !is_loopback(sim) {
+        (Some(gateways), Some(sim)) => {
+            if !gateways.iter().all(|g| is_loopback(g)) || !is_loopback(sim) {
                 return Err("load is only ever sent to loopback addresses".to_owned());
             }
-            Target::external(gateway.clone(), sim.clone())
+            Target::external(gateways.clone(), sim.clone())
         }
+        _ if common.instances > 1 => Target::spawn_fleet(&scenario, common.instances)?,
         _ => Target::spawn(&scenario)?,
     };
     Ok((scenario, target))

@@ -38,6 +38,12 @@ pub fn table(results: &[RunResult]) -> String {
         if !r.errors.is_empty() {
             out.push_str(&format!("           errors by kind: {:?}\n", r.errors));
         }
+        if let Some(redis) = &r.redis {
+            out.push_str(&format!(
+                "           {} instances on one Redis: {:.0} Redis ops/s, redis-server {:.3} cores\n",
+                r.instances, redis.ops_per_second, redis.cores
+            ));
+        }
     }
     out
 }

@@ -11,23 +11,37 @@ use crate::scenario::Scenario;
 
 /// Where to send load, and how to observe it.
 pub struct Target {
-    /// Gateway base URL.
+    /// Gateway base URL (the first instance).
     pub gateway: String,
+    /// Every instance's base URL; load is spread over them round-robin.
+    pub gateways: Vec<String>,
     /// Simulator base URL (for `/sim/stats`).
     pub sim: String,
     /// The gateway's admin base URL, when started here.
     pub admin: Option<String>,
-    /// The gateway process, when started here.
-    gateway_process: Option<Child>,
+    /// The gateway processes, when started here.
+    gateway_processes: Vec<Child>,
     sim_process: Option<Child>,
+    /// The shared Redis of a scale-out run started here: process and port.
+    redis: Option<(Child, u16)>,
     _files: Vec<PathBuf>,
+}
+
+/// Counters read off redis-server.
+pub struct RedisCounters {
+    /// `total_commands_processed`.
+    pub commands: u64,
+    /// CPU seconds (user + system) of the process.
+    pub cpu_seconds: f64,
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        for child in [self.gateway_process.as_mut(), self.sim_process.as_mut()]
-            .into_iter()
-            .flatten()
+        for child in self
+            .gateway_processes
+            .iter_mut()
+            .chain(self.sim_process.as_mut())
+            .chain(self.redis.as_mut().map(|(child, _)| child))
         {
             let _ = child.kill();
             let _ = child.wait();
@@ -76,13 +90,15 @@ fn wait_for_port(addr: SocketAddr) -> Result<(), String> {
 
 impl Target {
     /// Uses running instances.
-    pub fn external(gateway: String, sim: String) -> Self {
+    pub fn external(gateways: Vec<String>, sim: String) -> Self {
         Self {
-            gateway,
+            gateway: gateways.first().cloned().unwrap_or_default(),
+            gateways,
             sim,
             admin: None,
-            gateway_process: None,
+            gateway_processes: Vec::new(),
             sim_process: None,
+            redis: None,
             _files: Vec::new(),
         }
     }
@@ -95,9 +111,46 @@ impl Target {
 
     /// [`Target::spawn`] with extra TOML tables for the gateway (e.g. `[cache]`).
     pub fn spawn_with(scenario: &Scenario, extra_config: &str) -> Result<Self, String> {
+        Self::spawn_instances(scenario, extra_config, 1)
+    }
+
+    /// `instances` gateways in scale-out mode on one `redis-server` started here (free
+    /// loopback port, no persistence) and one simulator: the fleet behind a load balancer.
+    pub fn spawn_fleet(scenario: &Scenario, instances: usize) -> Result<Self, String> {
+        Self::spawn_instances(scenario, "", instances)
+    }
+
+    fn spawn_instances(
+        scenario: &Scenario,
+        extra_config: &str,
+        instances: usize,
+    ) -> Result<Self, String> {
         let sim_addr = free_port()?;
-        let gateway_addr = free_port()?;
-        let admin_addr = free_port()?;
+        let mut files = Vec::new();
+        let mut redis = None;
+        let mut fleet_config = String::new();
+        if instances > 1 {
+            let port = free_port()?.port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("redis-server (install it for --instances): {e}"))?;
+            redis = Some((child, port));
+            wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)))?;
+            let mut secret = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut secret))
+                .map_err(|e| format!("/dev/urandom: {e}"))?;
+            let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            let secret_file = write_temp("fleet-secret", &hex)?;
+            fleet_config = format!(
+                "[scaleout]\nenabled = true\nredis_url = \"redis://127.0.0.1:{port}\"\nsecret_file = \"{}\"\n",
+                secret_file.display()
+            );
+            files.push(secret_file);
+        }
         let sim_config = format!(
             "listen = \"{sim_addr}\"\nauto_issue = true\n[faults]\nlatency = \"{}\"\nlatency_jitter = \"{}\"\nlatency_distribution = \"exponential\"\nerror_rate = {}\n",
             humantime::format_duration(scenario.diia.latency),
@@ -105,19 +158,7 @@ impl Target {
             scenario.diia.error_rate,
         );
         let sim_file = write_temp("sim.toml", &sim_config)?;
-        // Branch limits sized to the scenario (a branch never hits them in a normal run);
-        // every branch comes from this one process, so the per-client limit and the Diia
-        // share are lifted; the Diia budget is left wide so the report measures what Diia
-        // would need.
-        let gateway_config = format!(
-            "[server]\nlisten = \"{gateway_addr}\"\nadmin_listen = \"{admin_addr}\"\n\
-             [upstream]\nbase_url = \"http://{sim_addr}\"\n\
-             [limits.branch]\nper_minute = 100000\nburst = 1000\n\
-             [limits.client]\nper_minute = 100000000\nburst = 1000000\ndiia_share = 1.0\n\
-             [limits.diia]\nper_second = 1000000\nburst = 100000\n\
-             [log]\nfilter = \"warn\"\n{extra_config}"
-        );
-        let gateway_file = write_temp("gateway.toml", &gateway_config)?;
+        files.push(sim_file.clone());
         let sim_process = Command::new(sibling_binary("diia-sim")?)
             .arg("--config")
             .arg(&sim_file)
@@ -125,46 +166,117 @@ impl Target {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("diia-sim: {e}"))?;
-        let gateway_process = Command::new(sibling_binary("diia-gateway")?)
-            .arg("--config")
-            .arg(&gateway_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("diia-gateway: {e}"))?;
+        let mut gateways = Vec::new();
+        let mut admins = Vec::new();
+        let mut gateway_processes = Vec::new();
+        let mut listening = Vec::new();
+        for index in 0..instances.max(1) {
+            let gateway_addr = free_port()?;
+            let admin_addr = free_port()?;
+            // Branch limits sized to the scenario (a branch never hits them in a normal
+            // run); every branch comes from this one process, so the per-client limit and
+            // the Diia share are lifted; the Diia budget is left wide so the report
+            // measures what Diia would need.
+            let gateway_config = format!(
+                "[server]\nlisten = \"{gateway_addr}\"\nadmin_listen = \"{admin_addr}\"\n\
+                 [upstream]\nbase_url = \"http://{sim_addr}\"\n\
+                 [limits.branch]\nper_minute = 100000\nburst = 1000\n\
+                 [limits.client]\nper_minute = 100000000\nburst = 1000000\ndiia_share = 1.0\n\
+                 [limits.diia]\nper_second = 1000000\nburst = 100000\n\
+                 [log]\nfilter = \"warn\"\n{extra_config}{fleet_config}"
+            );
+            let gateway_file = write_temp(&format!("gateway-{index}.toml"), &gateway_config)?;
+            files.push(gateway_file.clone());
+            gateway_processes.push(
+                Command::new(sibling_binary("diia-gateway")?)
+                    .arg("--config")
+                    .arg(&gateway_file)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .map_err(|e| format!("diia-gateway: {e}"))?,
+            );
+            gateways.push(format!("http://{gateway_addr}"));
+            admins.push(format!("http://{admin_addr}"));
+            listening.push(gateway_addr);
+        }
         let target = Self {
-            gateway: format!("http://{gateway_addr}"),
+            gateway: gateways.first().cloned().unwrap_or_default(),
+            gateways,
             sim: format!("http://{sim_addr}"),
-            admin: Some(format!("http://{admin_addr}")),
-            gateway_process: Some(gateway_process),
+            admin: admins.first().cloned(),
+            gateway_processes,
             sim_process: Some(sim_process),
-            _files: vec![sim_file, gateway_file],
+            redis,
+            _files: files,
         };
         wait_for_port(sim_addr)?;
-        wait_for_port(gateway_addr)?;
+        for addr in listening {
+            wait_for_port(addr)?;
+        }
         Ok(target)
+    }
+
+    /// Redis's command count and CPU time, when this tool started it.
+    pub async fn redis_usage(&self) -> Option<RedisCounters> {
+        let (child, port) = self.redis.as_ref()?;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", *port))
+            .await
+            .ok()?;
+        tokio::io::AsyncWriteExt::write_all(&mut stream, b"*2\r\n$4\r\nINFO\r\n$5\r\nstats\r\n")
+            .await
+            .ok()?;
+        let mut buffer = vec![0u8; 16 * 1024];
+        let n = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut buffer),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let text = String::from_utf8_lossy(&buffer[..n]);
+        let commands = text
+            .lines()
+            .find_map(|line| line.strip_prefix("total_commands_processed:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(RedisCounters {
+            commands,
+            cpu_seconds: process_cpu_seconds(child.id())?,
+        })
     }
 
     /// Resident memory of the gateway process in bytes (`VmRSS`), when started here.
     pub fn gateway_rss_bytes(&self) -> Option<u64> {
-        let pid = self.gateway_process.as_ref()?.id();
+        let pid = self.gateway_processes.first()?.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
     }
 
-    /// CPU seconds (user + system) the gateway process has used, when started here.
+    /// CPU seconds (user + system) the gateway processes have used, when started here.
     pub fn gateway_cpu_seconds(&self) -> Option<f64> {
-        let pid = self.gateway_process.as_ref()?.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name; utime and stime are 14 and 15.
-        let after = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let utime: f64 = fields.get(11)?.parse().ok()?;
-        let stime: f64 = fields.get(12)?.parse().ok()?;
-        Some((utime + stime) / clock_ticks_per_second())
+        if self.gateway_processes.is_empty() {
+            return None;
+        }
+        self.gateway_processes
+            .iter()
+            .map(|child| process_cpu_seconds(child.id()))
+            .sum()
     }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks_per_second())
 }
 
 /// `sysconf(_SC_CLK_TCK)`, read through `getconf` (100 on every Linux we run on).

@@ -277,6 +277,22 @@ impl Scaleout {
         }
     }
 
+    /// One lookup round trip for `key` (stored answer, lease, budget), as a leader would
+    /// make it; `true` when it found a stored answer. For `benches/scaleout.rs`, which
+    /// reports each Redis operation's latency on its own.
+    pub async fn lookup_once(&self, key: CacheKey, budget: BudgetValues) -> bool {
+        let names = Names::of(key);
+        let found = self.lookup(&names, &holder(None), self.lease, budget).await;
+        matches!(found, Some(Found::Hit(..)))
+    }
+
+    /// One write-back round trip (store, release, publish), as a leader makes it after
+    /// its call; for `benches/scaleout.rs`.
+    pub async fn write_back_once(&self, key: CacheKey, result: CallResult, ttl: Duration) {
+        self.finish(Names::of(key), holder(None), result, Some(ttl), None)
+            .await;
+    }
+
     /// Shares Diia's `Retry-After` pause with the fleet (only ever extended).
     pub async fn pause(&self, wait: Duration) {
         let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);

@@ -1,0 +1,321 @@
+//! Scale-out costs, measured with a real `redis-server` on loopback (started here, on a
+//! free port, without persistence):
+//! - each Redis operation through the gateway's link: PING, the lookup script, the
+//!   write-back script, the GCRA reservation;
+//! - the latency a request sees through `Gateway::serve` (no client socket) for a near
+//!   hit, a remote hit (stored by another instance) and a miss (zero-latency simulator),
+//!   with the mode on and off, in the same run.
+//!
+//! `cargo bench --bench scaleout` (p50 / p99 / mean in µs; needs `redis-server`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
+use std::num::NonZeroU32;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use diia_gateway::Settings;
+use diia_gateway::answer::{Answer, AnswerParts};
+use diia_gateway::barcode::Barcode;
+use diia_gateway::config::FileConfig;
+use diia_gateway::proxy::Gateway;
+use diia_gateway::scaleout::BudgetValues;
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, Simulator};
+use hdrhistogram::Histogram;
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::support::PEER;
+
+/// Samples per row under `cargo bench`; `cargo test --all-targets` runs the same code as a
+/// smoke test with a few.
+fn samples() -> u64 {
+    if std::env::args().any(|arg| arg == "--bench") {
+        5_000
+    } else {
+        50
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Row {
+    name: String,
+    histogram: Histogram<u64>,
+}
+
+fn row(name: &str) -> Row {
+    Row {
+        name: name.to_owned(),
+        histogram: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    }
+}
+
+impl Row {
+    fn record(&mut self, since: Instant) {
+        let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.histogram.record(nanos.max(1)).unwrap();
+    }
+
+    fn print(&self) {
+        let us = |q: f64| self.histogram.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "{:<34} p50 {:>8.1} µs   p99 {:>8.1} µs   mean {:>8.1} µs",
+            self.name,
+            us(0.5),
+            us(0.99),
+            self.histogram.mean() / 1000.0
+        );
+    }
+}
+
+fn settings(sim: &str, redis_port: Option<u16>, secret: &std::path::Path) -> Settings {
+    let mut config = FileConfig::default();
+    config.upstream.base_url = sim.to_owned();
+    let max = NonZeroU32::new(u32::MAX).unwrap();
+    config.limits.branch.per_minute = max;
+    config.limits.branch.burst = max;
+    config.limits.client.per_minute = max;
+    config.limits.client.burst = max;
+    config.limits.diia.per_second = NonZeroU32::new(1_000_000).unwrap();
+    config.limits.diia.burst = NonZeroU32::new(1_000_000).unwrap();
+    if let Some(port) = redis_port {
+        config.scaleout.enabled = true;
+        config.scaleout.redis_url = format!("redis://127.0.0.1:{port}");
+        config.scaleout.secret_file = Some(secret.to_owned());
+        // A bench on a shared 2-core box: scheduling noise must not flip Redis "down".
+        config.scaleout.command_timeout = Duration::from_millis(500);
+    }
+    Settings::build(&config).unwrap()
+}
+
+async fn body_of(gateway: &Gateway, request: Request<Full<Bytes>>) -> (StatusCode, Bytes) {
+    let response = gateway.serve(request, PEER).await;
+    let status = response.status();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+fn identification(bearer: &HeaderValue, barcode: Barcode) -> Request<Full<Bytes>> {
+    let body = format!(
+        r#"{{"branchId":"bench-branch","barcode":"{}"}}"#,
+        barcode.digits()
+    );
+    let mut request = Request::post("/api/v1/acquirers/document-identification")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", bearer.clone());
+    request
+}
+
+async fn wait_for_redis(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn main() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").is_err(),
+            "redis-server is required under CI"
+        );
+        eprintln!("redis-server not installed: scaleout bench skipped");
+        return;
+    }
+    // BENCH_THREADS=1 shows what the cross-thread hand-off to the connection task costs.
+    let threads = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let samples = samples();
+    let port = free_port();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_redis(port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "6b".repeat(16) + &"d2".repeat(16)).unwrap();
+    let sim = Simulator::start(SimConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        auto_issue: true,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let off = Gateway::build(&settings(&sim.base_url(), None, &secret)).unwrap();
+    let on = Gateway::build(&settings(&sim.base_url(), Some(port), &secret)).unwrap();
+    let other = Gateway::build(&settings(&sim.base_url(), Some(port), &secret)).unwrap();
+    for gateway in [&on, &other] {
+        assert!(
+            gateway.scaleout().unwrap().link().probe().await,
+            "Redis not reachable"
+        );
+    }
+    let exchange = Request::get(format!("/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}"))
+        .header("authorization", format!("Basic {DEMO_AUTH_TOKEN}"))
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let (_, token) = body_of(&off, exchange).await;
+    let token: serde_json::Value = serde_json::from_slice(&token).unwrap();
+    let bearer =
+        HeaderValue::try_from(format!("Bearer {}", token["token"].as_str().unwrap())).unwrap();
+
+    println!("Redis operations through the gateway's link ({samples} each):");
+    let fleet = on.scaleout().unwrap();
+    let budget = BudgetValues {
+        per_second: 1_000_000,
+        burst: 1_000_000,
+        max_wait: Duration::from_millis(250),
+    };
+    let keys = diia_gateway::keys::HashKey::fixed([3; 16]);
+    let answer = || {
+        Ok(Answer::new(
+            StatusCode::OK,
+            AnswerParts {
+                body: br#"{"success":true}"#,
+                content_type: Some(b"application/json"),
+                ..AnswerParts::default()
+            },
+        ))
+    };
+    let mut rows = [
+        row("probe (PING + PSUBSCRIBE)"),
+        row("lookup script (hit)"),
+        row("lookup script (lead)"),
+        row("write-back script"),
+        row("GCRA reservation"),
+    ];
+    for n in 0..samples {
+        let key = keys.key("bench").part(&n.to_le_bytes()).finish();
+        let started = Instant::now();
+        fleet.link().probe().await;
+        rows[0].record(started);
+        let started = Instant::now();
+        fleet.lookup_once(key, budget).await;
+        rows[2].record(started);
+        let started = Instant::now();
+        fleet
+            .write_back_once(key, answer(), Duration::from_secs(60))
+            .await;
+        rows[3].record(started);
+        let started = Instant::now();
+        assert!(fleet.lookup_once(key, budget).await);
+        rows[1].record(started);
+        let started = Instant::now();
+        assert!(fleet.reserve(budget).await.is_some());
+        rows[4].record(started);
+    }
+    rows.iter().for_each(Row::print);
+
+    println!(
+        "\nGateway::serve latency, scale-out off vs on ({samples} each, zero-latency simulator):"
+    );
+    let mut rows = [
+        row("near hit, off"),
+        row("near hit, on"),
+        row("remote hit, on"),
+        row("miss, off"),
+        row("miss, on"),
+    ];
+    // One barcode per gateway: a barcode is single-use at the simulator as at Diia.
+    let hits = [
+        Barcode::from_base(338_979_807_209).unwrap(),
+        Barcode::from_base(338_979_807_210).unwrap(),
+    ];
+    for (gateway, hit) in [&off, &on].into_iter().zip(hits) {
+        assert_eq!(
+            body_of(gateway, identification(&bearer, hit)).await.0,
+            StatusCode::OK
+        );
+    }
+    let mut base = 500_000_000_000u64;
+    let mut fresh = || {
+        base += 1;
+        Barcode::from_base(base).unwrap()
+    };
+    for _ in 0..samples {
+        for (index, gateway) in [&off, &on].into_iter().enumerate() {
+            let started = Instant::now();
+            let (status, _) = body_of(gateway, identification(&bearer, hits[index])).await;
+            rows[index].record(started);
+            assert_eq!(status, StatusCode::OK);
+        }
+        // Stored by `other`, then asked of `on`, whose near cache has never seen it.
+        let remote = fresh();
+        assert_eq!(
+            body_of(&other, identification(&bearer, remote)).await.0,
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_micros(300)).await;
+        let started = Instant::now();
+        let response = on.serve(identification(&bearer, remote), PEER).await;
+        // Only true remote hits: a request that found the other's write-back still under
+        // way waited for its message instead.
+        let remote_hit = response
+            .headers()
+            .get("cache-status")
+            .is_some_and(|v| v.as_bytes() == b"diia-gateway; hit; detail=remote");
+        if remote_hit {
+            rows[2].record(started);
+        }
+        for (index, gateway) in [(3, &off), (4, &on)] {
+            let started = Instant::now();
+            let (status, _) = body_of(gateway, identification(&bearer, fresh())).await;
+            rows[index].record(started);
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+    rows.iter().for_each(Row::print);
+    let p50 = |row: &Row| row.histogram.value_at_quantile(0.5) as f64 / 1000.0;
+    println!(
+        "\nmiss, added by scale-out: {:.1} µs at p50; remote hit vs near hit: +{:.1} µs at p50",
+        p50(&rows[4]) - p50(&rows[3]),
+        p50(&rows[2]) - p50(&rows[1]),
+    );
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
