@@ -12,6 +12,7 @@ mod it_support;
 
 mod budget;
 mod coalescing;
+mod local_limits;
 mod privacy;
 mod sharing;
 mod support;

@@ -170,6 +170,8 @@ pub struct FleetConfig {
     pub scaleout_extra: String,
     /// `limits.diia`.
     pub diia: String,
+    /// `limits.branch`.
+    pub branch: String,
     /// Extra top-level TOML sections.
     pub extra: String,
 }
@@ -183,6 +185,7 @@ impl FleetConfig {
             secret: "9f".repeat(16) + &"3c".repeat(16),
             scaleout_extra: String::new(),
             diia: r#"{ per_second = 10000, burst = 10000, max_wait = "200ms" }"#.to_owned(),
+            branch: "{ per_minute = 6000000, burst = 100000 }".to_owned(),
             extra: String::new(),
         }
     }
@@ -215,7 +218,7 @@ format = "json"
 filter = "info"
 
 [limits]
-branch = {{ per_minute = 6000000, burst = 100000 }}
+branch = {branch}
 client = {{ per_minute = 60000000, burst = 1000000 }}
 diia = {diia}
 
@@ -231,6 +234,7 @@ command_timeout = "250ms"
 "#,
             sim = config.sim_url,
             diia = config.diia,
+            branch = config.branch,
             redis = config.redis_url,
             secret = secret_file.display(),
             scaleout_extra = config.scaleout_extra,

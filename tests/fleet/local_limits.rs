@@ -1,0 +1,115 @@
+//! What stays local in scale-out mode: per-branch limits at quota / live instances (no
+//! round trip), rescaled when an instance dies; and what is shared although it looks
+//! local: the managed-mode session token (one login for the fleet).
+
+use std::time::{Duration, Instant};
+
+use diia_sim::route::Endpoint;
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
+use http::{Method, StatusCode};
+use sha2::{Digest, Sha256};
+
+use crate::it_support::{client, send};
+use crate::support::{
+    FleetConfig, Redis, SERIAL, fleet, fresh_barcode, redis_available, simulator, wait_for_fleet,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branch_limits_are_the_quota_divided_by_live_instances() {
+    let _serial = SERIAL.lock().await;
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start(&[]).await;
+    let sim = simulator().await;
+    let mut config = FleetConfig::new(&sim.base_url(), &redis.url());
+    // A burst of 30 for the fleet: 10 per instance while three are alive.
+    config.branch = "{ per_minute = 1, burst = 30 }".to_owned();
+    config
+        .scaleout_extra
+        .push_str("heartbeat_interval = \"200ms\"\ninstance_ttl = \"1s\"\n");
+    let mut gateways = fleet(&config).await;
+    let http = client();
+    wait_for_fleet(&gateways, &http, 3.0).await;
+    let token = gateways[0].session_token(&http).await;
+    let url = gateways[0].url("/api/v1/acquirers/document-identification");
+    let scan = |branch: &'static str| {
+        let (http, token, url) = (http.clone(), token.clone(), url.clone());
+        async move {
+            let bearer = format!("Bearer {token}");
+            let body = format!(
+                r#"{{"branchId":"{branch}","barcode":"{}"}}"#,
+                fresh_barcode()
+            );
+            let headers = [
+                ("authorization", bearer.as_str()),
+                ("content-type", "application/json"),
+            ];
+            send(&http, Method::POST, &url, &headers, body).await.status
+        }
+    };
+    let mut admitted = 0;
+    while scan("kyiv-001").await == StatusCode::OK {
+        admitted += 1;
+        assert!(admitted <= 30, "no branch limit at all");
+    }
+    assert_eq!(admitted, 10, "three live instances: 30 / 3 each");
+    // Two instances die: the survivor's share grows to the whole quota.
+    gateways[1].kill();
+    gateways[2].kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateways[0]
+        .metric(&http, "diia_gateway_instances_live")
+        .await
+        != 1.0
+    {
+        assert!(Instant::now() < deadline, "the dead instances still count");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut admitted = 0;
+    while scan("lviv-002").await == StatusCode::OK {
+        admitted += 1;
+        assert!(admitted <= 31, "no branch limit at all");
+    }
+    assert_eq!(admitted, 30, "one live instance: the whole quota");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_instances_log_in_once_for_the_fleet() {
+    let _serial = SERIAL.lock().await;
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start(&[]).await;
+    let sim = simulator().await;
+    let mut config = FleetConfig::new(&sim.base_url(), &redis.url());
+    let api_key = "fleet-branch-key-51c9e0";
+    config.extra = format!(
+        "[auth]\nmode = \"managed\"\nacquirer_token = \"{DEMO_ACQUIRER_TOKEN}\"\nauth_token = \"{DEMO_AUTH_TOKEN}\"\n\
+         [[auth.api_keys]]\nbranch = \"kyiv-001\"\nsha256 = \"{}\"\n",
+        hex::encode(Sha256::digest(api_key.as_bytes()))
+    );
+    let gateways = fleet(&config).await;
+    let http = client();
+    wait_for_fleet(&gateways, &http, 3.0).await;
+    for gateway in &gateways {
+        let body = format!(
+            r#"{{"branchId":"kyiv-001","barcode":"{}"}}"#,
+            fresh_barcode()
+        );
+        let reply = send(
+            &http,
+            Method::POST,
+            &gateway.url("/api/v1/acquirers/document-identification"),
+            &[("x-api-key", api_key), ("content-type", "application/json")],
+            body,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    assert_eq!(
+        sim.state().requests(Endpoint::TokenExchange),
+        1,
+        "each instance logged in on its own"
+    );
+}
