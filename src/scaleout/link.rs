@@ -159,7 +159,12 @@ impl RedisLink {
         if let Some(password) = &settings.redis_password {
             redis_settings = redis_settings.set_password(password.expose());
         }
-        info = info.set_redis_settings(redis_settings);
+        // Commands are small and latency-bound (a lookup sits before every miss's Diia
+        // call): no Nagle delay behind an unacknowledged write of another command.
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        info = info
+            .set_redis_settings(redis_settings)
+            .set_tcp_settings(tcp);
         let client = match &settings.redis_ca {
             Some(ca) => redis::Client::build_with_tls(
                 info,

@@ -503,7 +503,12 @@ impl Scaleout {
                     let ttl = shape.policy.ttl(&result);
                     let me = Arc::clone(&self);
                     let kept = result.clone();
-                    tokio::spawn(async move { me.finish(names, claim, kept, ttl, tag).await });
+                    tokio::spawn(async move {
+                        // The clients first: their answers leave before the write-back
+                        // takes the worker.
+                        tokio::task::yield_now().await;
+                        me.finish(names, claim, kept, ttl, tag).await;
+                    });
                     return Fetched::diia(result);
                 }
                 Some(Found::Held(holder_text, left)) => (holder_text, left),
