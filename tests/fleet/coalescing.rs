@@ -7,10 +7,7 @@ use diia_sim::route::Endpoint;
 use futures_util::future::join_all;
 use http::StatusCode;
 
-use crate::it_support::client;
-use crate::support::{
-    FleetConfig, Redis, SERIAL, fleet, fresh_barcode, redis_available, simulator, wait_for_fleet,
-};
+use crate::support::{World, fresh_barcode};
 
 const BARCODES: usize = 200;
 const PER_INSTANCE: usize = 50;
@@ -19,16 +16,12 @@ const AT_ONCE: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_make_one_diia_call_per_barcode() {
-    let _serial = SERIAL.lock().await;
-    if !redis_available() {
+    let Some(mut world) = World::start(|_| {}).await else {
         return;
-    }
-    let redis = Redis::start(&[]).await;
-    let sim = simulator().await;
-    let gateways = Arc::new(fleet(&FleetConfig::new(&sim.base_url(), &redis.url())).await);
-    let http = client();
-    wait_for_fleet(&gateways, &http, 3.0).await;
-    let token = gateways[0].session_token(&http).await;
+    };
+    let token = world.token().await;
+    let (sim, http) = (&world.sim, world.http.clone());
+    let gateways = Arc::new(std::mem::take(&mut world.gateways));
     assert_eq!(
         gateways[1].session_token(&http).await,
         token,

@@ -9,29 +9,24 @@ use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 use http::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 
-use crate::it_support::{client, send};
-use crate::support::{
-    FleetConfig, Redis, SERIAL, fleet, fresh_barcode, redis_available, simulator, wait_for_fleet,
-};
+use crate::it_support::send;
+use crate::support::{World, fresh_barcode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branch_limits_are_the_quota_divided_by_live_instances() {
-    let _serial = SERIAL.lock().await;
-    if !redis_available() {
+    let Some(mut world) = World::start(|config| {
+        // A burst of 30 for the fleet: 10 per instance while three are alive.
+        config.branch = "{ per_minute = 1, burst = 30 }".to_owned();
+        config
+            .scaleout_extra
+            .push_str("heartbeat_interval = \"200ms\"\ninstance_ttl = \"1s\"\n");
+    })
+    .await
+    else {
         return;
-    }
-    let redis = Redis::start(&[]).await;
-    let sim = simulator().await;
-    let mut config = FleetConfig::new(&sim.base_url(), &redis.url());
-    // A burst of 30 for the fleet: 10 per instance while three are alive.
-    config.branch = "{ per_minute = 1, burst = 30 }".to_owned();
-    config
-        .scaleout_extra
-        .push_str("heartbeat_interval = \"200ms\"\ninstance_ttl = \"1s\"\n");
-    let mut gateways = fleet(&config).await;
-    let http = client();
-    wait_for_fleet(&gateways, &http, 3.0).await;
-    let token = gateways[0].session_token(&http).await;
+    };
+    let token = world.token().await;
+    let (http, gateways) = (&world.http, &mut world.gateways);
     let url = gateways[0].url("/api/v1/acquirers/document-identification");
     let scan = |branch: &'static str| {
         let (http, token, url) = (http.clone(), token.clone(), url.clone());
@@ -59,7 +54,7 @@ async fn branch_limits_are_the_quota_divided_by_live_instances() {
     gateways[2].kill();
     let deadline = Instant::now() + Duration::from_secs(10);
     while gateways[0]
-        .metric(&http, "diia_gateway_instances_live")
+        .metric(http, "diia_gateway_instances_live")
         .await
         != 1.0
     {
@@ -76,29 +71,26 @@ async fn branch_limits_are_the_quota_divided_by_live_instances() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn managed_instances_log_in_once_for_the_fleet() {
-    let _serial = SERIAL.lock().await;
-    if !redis_available() {
-        return;
-    }
-    let redis = Redis::start(&[]).await;
-    let sim = simulator().await;
-    let mut config = FleetConfig::new(&sim.base_url(), &redis.url());
     let api_key = "fleet-branch-key-51c9e0";
-    config.extra = format!(
-        "[auth]\nmode = \"managed\"\nacquirer_token = \"{DEMO_ACQUIRER_TOKEN}\"\nauth_token = \"{DEMO_AUTH_TOKEN}\"\n\
-         [[auth.api_keys]]\nbranch = \"kyiv-001\"\nsha256 = \"{}\"\n",
-        hex::encode(Sha256::digest(api_key.as_bytes()))
-    );
-    let gateways = fleet(&config).await;
-    let http = client();
-    wait_for_fleet(&gateways, &http, 3.0).await;
-    for gateway in &gateways {
+    let Some(world) = World::start(|config| {
+        config.extra = format!(
+            "[auth]\nmode = \"managed\"\nacquirer_token = \"{DEMO_ACQUIRER_TOKEN}\"\nauth_token = \"{DEMO_AUTH_TOKEN}\"\n\
+             [[auth.api_keys]]\nbranch = \"kyiv-001\"\nsha256 = \"{}\"\n",
+            hex::encode(Sha256::digest(api_key.as_bytes()))
+        );
+    })
+    .await
+    else {
+        return;
+    };
+    let (sim, http, gateways) = (&world.sim, &world.http, &world.gateways);
+    for gateway in gateways {
         let body = format!(
             r#"{{"branchId":"kyiv-001","barcode":"{}"}}"#,
             fresh_barcode()
         );
         let reply = send(
-            &http,
+            http,
             Method::POST,
             &gateway.url("/api/v1/acquirers/document-identification"),
             &[("x-api-key", api_key), ("content-type", "application/json")],

@@ -7,23 +7,15 @@ use diia_sim::route::Endpoint;
 use http::StatusCode;
 use serde_json::json;
 
-use crate::it_support::client;
-use crate::support::{
-    FleetConfig, Redis, SERIAL, fleet, fresh_barcode, redis_available, simulator, wait_for_fleet,
-};
+use crate::support::{World, fresh_barcode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_leader_is_never_replaced_for_a_consent_push() {
-    let _serial = SERIAL.lock().await;
-    if !redis_available() {
+    let Some(mut world) = World::start(|_| {}).await else {
         return;
-    }
-    let redis = Redis::start(&[]).await;
-    let sim = simulator().await;
-    let mut gateways = fleet(&FleetConfig::new(&sim.base_url(), &redis.url())).await;
-    let http = client();
-    wait_for_fleet(&gateways, &http, 3.0).await;
-    let token = gateways[0].session_token(&http).await;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways) = (&world.sim, &world.http, &mut world.gateways);
     sim.set_faults(diia_sim::Faults {
         latency: Duration::from_millis(2500),
         ..diia_sim::Faults::default()
@@ -66,7 +58,7 @@ async fn a_dead_leader_is_never_replaced_for_a_consent_push() {
     leader.abort();
     // The other instances find the lease and wait; the push stays one.
     for gateway in &gateways[1..] {
-        let reply = gateway.post(&http, path, &token, &body).await;
+        let reply = gateway.post(http, path, &token, &body).await;
         assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{reply:?}");
         let code = reply.gateway_code();
         assert!(
@@ -76,7 +68,7 @@ async fn a_dead_leader_is_never_replaced_for_a_consent_push() {
     }
     sim.set_faults(diia_sim::Faults::default());
     tokio::time::sleep(Duration::from_millis(2600)).await;
-    let again = gateways[1].post(&http, path, &token, &body).await;
+    let again = gateways[1].post(http, path, &token, &body).await;
     assert_eq!(again.status, StatusCode::GATEWAY_TIMEOUT, "{again:?}");
     assert_eq!(
         sim.state().requests(Endpoint::DocumentRequest),
@@ -86,30 +78,25 @@ async fn a_dead_leader_is_never_replaced_for_a_consent_push() {
     // Another requestId for the same barcode is refused, as on one instance.
     let other =
         json!({"branchId": "kyiv-001", "barcode": barcode, "requestId": "req-e-0002"}).to_string();
-    let reply = gateways[2].post(&http, path, &token, &other).await;
+    let reply = gateways[2].post(http, path, &token, &other).await;
     assert_eq!(reply.status, StatusCode::CONFLICT, "{reply:?}");
     assert_eq!(sim.state().requests(Endpoint::DocumentRequest), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sharing_request_is_replayed_by_every_instance() {
-    let _serial = SERIAL.lock().await;
-    if !redis_available() {
+    let Some(world) = World::start(|_| {}).await else {
         return;
-    }
-    let redis = Redis::start(&[]).await;
-    let sim = simulator().await;
-    let gateways = fleet(&FleetConfig::new(&sim.base_url(), &redis.url())).await;
-    let http = client();
-    wait_for_fleet(&gateways, &http, 3.0).await;
-    let token = gateways[0].session_token(&http).await;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways) = (&world.sim, &world.http, &world.gateways);
     let body = json!({"branchId": "kyiv-001", "barcode": fresh_barcode(), "requestId": "req-r-1"})
         .to_string();
     let path = "/api/v1/acquirers/document-request";
-    let first = gateways[0].post(&http, path, &token, &body).await;
+    let first = gateways[0].post(http, path, &token, &body).await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
     for gateway in &gateways[1..] {
-        let replay = gateway.post(&http, path, &token, &body).await;
+        let replay = gateway.post(http, path, &token, &body).await;
         assert_eq!(replay.status, StatusCode::OK);
         assert_eq!(replay.body, first.body);
         assert!(

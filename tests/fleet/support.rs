@@ -414,3 +414,42 @@ pub async fn wait_for_fleet(gateways: &[Gateway], http: &HttpClient, live: f64) 
         }
     }
 }
+
+/// One fleet test's world, started the same way by every test: the serial lock, a Redis, a
+/// simulator and three gateways that see each other.
+pub struct World {
+    pub redis: Redis,
+    pub sim: SimHandle,
+    pub gateways: Vec<Gateway>,
+    pub http: HttpClient,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl World {
+    /// `None` (the test is skipped) when `redis-server` is missing outside CI.
+    pub async fn start(tweak: impl FnOnce(&mut FleetConfig)) -> Option<Self> {
+        let serial = SERIAL.lock().await;
+        if !redis_available() {
+            return None;
+        }
+        let redis = Redis::start(&[]).await;
+        let sim = simulator().await;
+        let mut config = FleetConfig::new(&sim.base_url(), &redis.url());
+        tweak(&mut config);
+        let gateways = fleet(&config).await;
+        let http = client();
+        wait_for_fleet(&gateways, &http, 3.0).await;
+        Some(Self {
+            redis,
+            sim,
+            gateways,
+            http,
+            _serial: serial,
+        })
+    }
+
+    /// A session token through the first instance.
+    pub async fn token(&self) -> String {
+        self.gateways[0].session_token(&self.http).await
+    }
+}
