@@ -306,7 +306,16 @@ async fn an_instance_starts_ready_without_redis_and_joins_when_it_appears() {
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
     let again = gateway.identify(&http, &token, &barcode).await;
     assert_eq!(again.header("cache-status"), Some("diia-gateway; hit"));
-    assert!(gateway.log().contains("Redis unreachable at start"));
+    // Log lines are written in batches: give the sink a moment.
+    let logged = Instant::now();
+    while !gateway.log().contains("Redis unreachable at start") {
+        assert!(
+            logged.elapsed() < Duration::from_secs(3),
+            "{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let redis = Redis::start_on(port, &[]).await;
     let appeared = Instant::now();
     while gateway.metric(&http, "diia_gateway_redis_up").await != 1.0 {
@@ -325,6 +334,15 @@ async fn an_instance_starts_ready_without_redis_and_joins_when_it_appears() {
         assert!(
             stored.elapsed() < Duration::from_secs(2),
             "answer never stored in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logged = Instant::now();
+    while !gateway.log().contains("Redis reachable") {
+        assert!(
+            logged.elapsed() < Duration::from_secs(3),
+            "{}",
+            gateway.log()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -124,7 +124,18 @@ async fn redis_holds_nothing_in_clear_and_keys_follow_the_secret() {
         .await;
     assert_eq!(shared.status, StatusCode::OK, "{shared:?}");
     // Log fingerprints agree across instances with the same secret.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Log lines are written in batches: wait until each instance's access line is out.
+    let logged = std::time::Instant::now();
+    while [one, two, three]
+        .iter()
+        .any(|g| barcode_fingerprints(&g.log(), "").is_empty())
+    {
+        assert!(
+            logged.elapsed() < std::time::Duration::from_secs(3),
+            "access lines missing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let (log_one, log_two, log_three) = (one.log(), two.log(), three.log());
     let print = |log: &str| barcode_fingerprints(log, "");
     assert!(!print(&log_one).is_empty(), "no access line: {log_one}");
