@@ -105,3 +105,43 @@ async fn managed_instances_log_in_once_for_the_fleet() {
         "each instance logged in on its own"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diias_back_off_on_one_instance_brakes_the_whole_fleet() {
+    let Some(world) = World::start(|_| {}).await else {
+        return;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways) = (&world.sim, &world.http, &world.gateways);
+    sim.set_faults(diia_sim::Faults {
+        quota_per_second: 1,
+        quota_retry_after: Duration::from_secs(2),
+        ..diia_sim::Faults::default()
+    });
+    let first = gateways[0].identify(http, &token, &fresh_barcode()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let throttled = gateways[0].identify(http, &token, &fresh_barcode()).await;
+    assert_eq!(
+        throttled.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "Diia's 429 is passed on"
+    );
+    let calls = sim.state().requests(Endpoint::DocumentIdentification);
+    // The pause reaches Redis after the answer; the other instances then send nothing.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    for gateway in &gateways[1..] {
+        loop {
+            let braked = gateway.identify(http, &token, &fresh_barcode()).await;
+            if braked.status == StatusCode::SERVICE_UNAVAILABLE {
+                assert_eq!(braked.gateway_code(), "diia_backoff");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{braked:?}");
+        }
+    }
+    let leaked = sim.state().requests(Endpoint::DocumentIdentification) - calls;
+    assert!(
+        leaked <= 1,
+        "{leaked} calls went to Diia during its back-off"
+    );
+}
