@@ -26,6 +26,8 @@
 //! - [`upstream`]: hyper + rustls client toward Diia
 //! - [`breaker`]: circuit breaker and retry budget toward Diia
 //! - [`session`]: managed token mode (the session token held by the gateway)
+//! - [`scaleout`]: several instances as one toward Diia through Redis (shared budget, cache,
+//!   leases, logins; degraded to local state when Redis is down)
 //! - [`proxy`]: the request lifecycle (stages over one context) over all of the above
 //! - [`access`]: the access log line, formatted by hand on the fast path
 //! - [`metrics`], [`admin`]: what SREs see; [`logsink`]: log lines written in batches, never waited for
