@@ -153,7 +153,8 @@ fn tag_text(tag: Option<CacheKey>) -> Vec<u8> {
 }
 
 impl Scaleout {
-    /// The fleet side, not yet connected (see [`Scaleout::start`]).
+    /// The fleet side, not yet connected: the first probe and heartbeat come from the
+    /// start-up loop (`lib.rs`), so a gateway starts with Redis down.
     pub fn new(settings: &ScaleoutSettings, metrics: Arc<Metrics>) -> Result<Self, LinkError> {
         let link = Arc::new(RedisLink::new(settings, Arc::clone(&metrics))?);
         metrics.set_instances(1);
