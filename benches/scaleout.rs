@@ -264,6 +264,7 @@ async fn run() {
             budget,
             longest_call: Duration::from_secs(10),
             sharing: false,
+            share: None,
         };
         let started = Instant::now();
         let fetched = Arc::clone(fleet)

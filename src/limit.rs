@@ -268,6 +268,19 @@ impl KeyedShare {
     }
 }
 
+/// Where a client stands against its share of the Diia budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Within its share.
+    Within,
+    /// Past it, let through because no other client calls Diia now. In scale-out mode such
+    /// a call queues only half as deep in the fleet's budget, so a client that shows up
+    /// finds room before the longest wait.
+    Alone,
+    /// Past it while others call Diia: it waits for its share.
+    Over,
+}
+
 /// One client's share of the Diia budget. Always spent, so that a client that had the
 /// budget to itself is already at its share when a second client shows up; only enforced
 /// while the budget is contended.
@@ -283,6 +296,16 @@ impl std::fmt::Debug for Share {
 }
 
 impl Share {
+    /// Takes from the share without waiting, and says where the client stands.
+    #[must_use]
+    pub fn standing(&self) -> Standing {
+        match self.cell.check() {
+            Ok(()) => Standing::Within,
+            Err(_) if !self.shares.contended() => Standing::Alone,
+            Err(_) => Standing::Over,
+        }
+    }
+
     /// Takes from the share: `Ok(true)` within it, `Ok(false)` past it while this client
     /// is alone (let through), otherwise how long until it has room.
     fn take(&self, clock: &DefaultClock) -> Result<bool, Duration> {
@@ -415,6 +438,23 @@ impl DiiaBrake {
                 .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
         })
         .await
+    }
+
+    /// Scale-out: the calling client's share alone (the fleet's budget is in Redis),
+    /// waiting up to the quota's `max_wait`; `Ok(true)` when the client was let through
+    /// past its share only because it is alone.
+    pub async fn acquire_share(
+        &self,
+        quota: &BudgetQuota,
+        share: &Share,
+    ) -> Result<bool, GatewayError> {
+        let mut alone = false;
+        self.wait_for(Instant::now(), quota, || {
+            alone = !share.take(&self.clock)?;
+            Ok(())
+        })
+        .await?;
+        Ok(alone)
     }
 
     /// Retries `take` until it succeeds, Diia's pause refuses, or the wait would pass

@@ -467,7 +467,10 @@ impl Gateway {
         }
         let (result, lookup) = cache
             .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
-                let call = self.fetch(ctx, upstream_request(endpoint, &ctx.parts, body));
+                let share = share_of(ctx);
+                let mut request = upstream_request(endpoint, &ctx.parts, body);
+                request.share.clone_from(&share);
+                let call = self.fetch(ctx, request);
                 match &self.scaleout {
                     None => Either::Left(async move { Fetched::diia(call(None).await) }),
                     Some(fleet) => {
@@ -476,6 +479,7 @@ impl Gateway {
                             budget: hot.fleet_budget(),
                             longest_call: lifetimes.longest_call,
                             sharing: slot.store == Store::Sharing,
+                            share,
                         };
                         let fleet = Arc::clone(fleet);
                         Either::Right(fleet.fetch(slot.key, slot.tag, shape, call))
@@ -563,8 +567,8 @@ impl Gateway {
         ctx: &Ctx,
         mut request: UpstreamRequest,
     ) -> impl FnOnce(Option<Duration>) -> BoxFuture<'static, CallResult> + Send + 'static {
-        if let (Some(shares), Some(caller)) = (&ctx.hot.limits.diia_shares, &ctx.caller) {
-            request.share = Some(Arc::new(shares.share(client(caller, ctx.peer))));
+        if request.share.is_none() {
+            request.share = share_of(ctx);
         }
         let upstream = Arc::clone(&self.upstream);
         let managed = self.managed.clone();
@@ -579,6 +583,12 @@ impl Gateway {
             })
         }
     }
+}
+
+/// The calling client's share of the Diia budget, when shares are enforced.
+fn share_of(ctx: &Ctx) -> Option<Arc<crate::limit::Share>> {
+    let (shares, caller) = (ctx.hot.limits.diia_shares.as_ref()?, ctx.caller.as_ref()?);
+    Some(Arc::new(shares.share(client(caller, ctx.peer))))
 }
 
 /// Who a client is for its budgets: its managed-mode per-branch key, else its address

@@ -130,6 +130,7 @@ impl ManagedSession {
                     budget: hot.fleet_budget(),
                     longest_call: hot.upstream.longest_call(),
                     sharing: false,
+                    share: None,
                 };
                 let fetched = Arc::clone(fleet)
                     .fetch(*key, None, shape, |prepaid| {

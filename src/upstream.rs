@@ -168,7 +168,18 @@ impl Upstream {
         }
         let reserved = match prepaid {
             Some(wait) => Some(Ok(wait)),
-            None => shared.reserve(hot.fleet_budget()).await,
+            None => {
+                // The client's own share first: a flood waits for its share, not ahead of
+                // everyone in the fleet's budget.
+                let alone = match request.share.as_deref() {
+                    Some(share) => self.brake.acquire_share(&hot.diia_budget, share).await?,
+                    None => false,
+                };
+                let budget = hot.fleet_budget();
+                shared
+                    .reserve(if alone { budget.half_deep() } else { budget })
+                    .await
+            }
         };
         match reserved {
             Some(Ok(wait)) if shared.rejoining() => {

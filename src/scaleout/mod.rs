@@ -26,6 +26,7 @@ use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::cache::{Fetched, Origin};
 use crate::error::GatewayError;
 use crate::keys::CacheKey;
+use crate::limit::{Share, Standing};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::settings::ScaleoutSettings;
@@ -52,6 +53,16 @@ pub struct BudgetValues {
 }
 
 impl BudgetValues {
+    /// The same budget queued only half as deep: for a client past its share that is let
+    /// through only because it is alone (see [`Standing::Alone`]).
+    #[must_use]
+    pub fn half_deep(self) -> Self {
+        Self {
+            max_wait: self.max_wait / 2,
+            ..self
+        }
+    }
+
     /// Script arguments: emission interval (µs), burst, longest wait (µs), and the weight
     /// of one call (see [`Scaleout::weight`]), never above the burst.
     fn args(self, weight: u32) -> [u64; 4] {
@@ -62,7 +73,7 @@ impl BudgetValues {
             interval.max(1),
             burst,
             max_wait,
-            u64::from(weight).clamp(1, burst),
+            u64::from(weight).min(burst),
         ]
     }
 }
@@ -283,7 +294,9 @@ impl Scaleout {
     /// reports each Redis operation's latency on its own.
     pub async fn lookup_once(&self, key: CacheKey, budget: BudgetValues) -> bool {
         let names = Names::of(key);
-        let found = self.lookup(&names, &holder(None), self.lease, budget).await;
+        let found = self
+            .lookup(&names, &holder(None), self.lease, budget, true)
+            .await;
         matches!(found, Some(Found::Hit(..)))
     }
 
@@ -315,8 +328,9 @@ impl Scaleout {
         holder: &str,
         lease: Duration,
         budget: BudgetValues,
+        reserve: bool,
     ) -> Option<Found> {
-        let args = budget.args(self.weight());
+        let args = budget.args(if reserve { self.weight() } else { 0 });
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let reply: Vec<Value> = self
             .link
@@ -480,7 +494,19 @@ impl Scaleout {
                 break;
             };
             let claim = holder(tag);
-            let found = self.lookup(&names, &claim, lease, shape.budget).await;
+            // A client past its share of the Diia budget takes the lease without reserving
+            // the fleet's budget: it waits for its share first (see `Upstream::admit`), so a
+            // flood cannot spend the budget a quiet branch needs.
+            let standing = shape
+                .share
+                .as_ref()
+                .map_or(Standing::Within, |share| share.standing());
+            let reserve = standing != Standing::Over;
+            let budget = match standing {
+                Standing::Alone => shape.budget.half_deep(),
+                Standing::Within | Standing::Over => shape.budget,
+            };
+            let found = self.lookup(&names, &claim, lease, budget, reserve).await;
             let (holder_text, left) = match found {
                 None => break,
                 Some(Found::Hit(result, fresh)) => {
@@ -500,7 +526,8 @@ impl Scaleout {
                     let Some(call) = call.take() else {
                         return Fetched::diia(Err(GatewayError::Internal));
                     };
-                    let result = shape.policy.settle(call(Some(wait)).await);
+                    let prepaid = reserve.then_some(wait);
+                    let result = shape.policy.settle(call(prepaid).await);
                     let ttl = shape.policy.ttl(&result);
                     let me = Arc::clone(&self);
                     let kept = result.clone();
@@ -589,7 +616,7 @@ enum Waited {
 }
 
 /// What a shared fetch needs to know about the cache it fills.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Shape {
     /// The cache's TTL policy (settles the leader's result, decides what is stored).
     pub policy: Policy,
@@ -599,6 +626,8 @@ pub struct Shape {
     pub longest_call: Duration,
     /// Sharing: the lease lives as long as the barcode and a dead leader is never replaced.
     pub sharing: bool,
+    /// The calling client's share of the Diia budget, when shares are enforced.
+    pub share: Option<Arc<Share>>,
 }
 
 impl Shape {

@@ -9,8 +9,8 @@ use redis::Script;
 /// The budget part, shared by [`LOOKUP`] and [`RESERVE`] (same positions in both): Diia's
 /// brake first, then a GCRA reservation of `weight` calls' worth. `KEYS[1]` budget,
 /// `KEYS[2]` brake; `ARGV[1]` emission interval (µs), `ARGV[2]` burst, `ARGV[3]` longest
-/// wait (µs), `ARGV[4]` weight. Leaves `wait` set, or returns `{0, wait_us}` (over the
-/// longest wait) or `{2, pause_us}` (Diia's brake).
+/// wait (µs), `ARGV[4]` weight. Sets `wait` (declared by the caller), or returns
+/// `{0, wait_us}` (over the longest wait) or `{2, pause_us}` (Diia's brake).
 ///
 /// A missing budget key starts empty (no burst): only a Redis that lost its data has no
 /// key (it is never expired), and a restarted Redis must add nothing to what the
@@ -25,18 +25,23 @@ local burst = tonumber(ARGV[2])
 local weight = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or string.format('%.0f', now + (burst - 1) * interval))
 if tat < now then tat = now end
-local wait = tat - now - (burst - weight) * interval
+wait = tat - now - (burst - weight) * interval
 if wait < 0 then wait = 0 end
 if wait > tonumber(ARGV[3]) then return {0, wait} end
 redis.call('SET', KEYS[1], string.format('%.0f', tat + weight * interval))
 ";
 
 /// A Diia call's budget alone. Returns `{1, wait_us}`, `{0, wait_us}` or `{2, pause_us}`.
-pub static RESERVE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{BUDGET_LUA}\nreturn {{1, wait}}\n")));
+pub static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "local wait = 0\n{BUDGET_LUA}\nreturn {{1, wait}}\n"
+    ))
+});
 
 /// Cache lookup, lease and budget in one round trip. Keys: budget, brake (as in
-/// [`BUDGET_LUA`]), result, lease. Args: the four budget args, lease holder, lease ms.
+/// [`BUDGET_LUA`]), result, lease. Args: the four budget args, lease holder, lease ms. A
+/// weight of 0 takes the lease without the budget (the caller reserves it later, after its
+/// client's share of the budget allows).
 /// Returns `{1, value, pttl_ms}` (stored answer), `{3, holder, pttl_ms}` (another leader),
 /// `{4, wait_us}` (this caller leads, budget reserved), or a budget refusal.
 pub static LOOKUP: LazyLock<Script> = LazyLock::new(|| {
@@ -46,7 +51,10 @@ local v = redis.call('GET', KEYS[3])
 if v then return {{1, v, redis.call('PTTL', KEYS[3])}} end
 local holder = redis.call('GET', KEYS[4])
 if holder then return {{3, holder, redis.call('PTTL', KEYS[4])}} end
+local wait = 0
+if tonumber(ARGV[4]) > 0 then
 {BUDGET_LUA}
+end
 redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[6])
 return {{4, wait}}
 "

@@ -145,3 +145,86 @@ async fn diias_back_off_on_one_instance_brakes_the_whole_fleet() {
         "{leaked} calls went to Diia during its back-off"
     );
 }
+
+/// A client bound to another loopback address, so the gateways see another client.
+fn client_from(address: [u8; 4]) -> crate::it_support::HttpClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(std::net::IpAddr::from(address)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+/// The single-instance victim scenario over the fleet: one client floods every instance
+/// (a new `branchId` per request), a quiet branch behind another address scans at 10/s.
+/// The flood gets at most its share of the fleet's Diia budget; the quiet branch is never
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_cannot_starve_a_quiet_branch_across_the_fleet() {
+    let Some(world) = World::start(|config| {
+        config.diia = r#"{ per_second = 40, burst = 10, max_wait = "200ms" }"#.to_owned();
+    })
+    .await
+    else {
+        return;
+    };
+    let token = world.token().await;
+    let urls: Vec<String> = world
+        .gateways
+        .iter()
+        .map(|g| g.url("/api/v1/acquirers/document-identification"))
+        .collect();
+    let stop = Instant::now() + Duration::from_secs(3);
+    let flooders: Vec<_> = (0..24)
+        .map(|n| {
+            let (url, token) = (urls[n % urls.len()].clone(), token.clone());
+            tokio::spawn(async move {
+                let client = client_from([127, 0, 0, 1]);
+                let bearer = format!("Bearer {token}");
+                let mut refused = 0u32;
+                while Instant::now() < stop {
+                    let body = format!(
+                        r#"{{"branchId":"flood-{}","barcode":"{}"}}"#,
+                        fastrand::u64(..),
+                        fresh_barcode()
+                    );
+                    let headers = [
+                        ("authorization", bearer.as_str()),
+                        ("content-type", "application/json"),
+                    ];
+                    if send(&client, Method::POST, &url, &headers, body)
+                        .await
+                        .status
+                        != StatusCode::OK
+                    {
+                        refused += 1;
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let quiet = client_from([127, 0, 0, 2]);
+    let bearer = format!("Bearer {token}");
+    let mut quiet_statuses = Vec::new();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 0..20 {
+        let body = format!(r#"{{"branchId":"quiet","barcode":"{}"}}"#, fresh_barcode());
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let reply = send(&quiet, Method::POST, &urls[n % urls.len()], &headers, body).await;
+        quiet_statuses.push(reply.status.as_u16());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut flood_refused = 0;
+    for flooder in flooders {
+        flood_refused += flooder.await.unwrap();
+    }
+    println!("fleet victim scenario: flood refused {flood_refused}; quiet {quiet_statuses:?}");
+    assert!(flood_refused > 0, "the flood was over the Diia budget");
+    assert!(
+        quiet_statuses.iter().all(|status| *status == 200),
+        "quiet branch refused: {quiet_statuses:?}"
+    );
+}
