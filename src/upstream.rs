@@ -166,12 +166,16 @@ impl Upstream {
         if let Some(retry_after) = self.brake.paused_for() {
             return Err(GatewayError::DiiaBackoff { retry_after });
         }
+        // The client's share is taken once: before the fleet's budget, or (Redis down) with
+        // the local one.
+        let mut share = request.share.as_deref();
         let reserved = match prepaid {
             Some(wait) => Some(Ok(wait)),
+            None if !shared.link().is_up() => None,
             None => {
                 // The client's own share first: a flood waits for its share, not ahead of
                 // everyone in the fleet's budget.
-                let alone = match request.share.as_deref() {
+                let alone = match share.take() {
                     Some(share) => self.brake.acquire_share(&hot.diia_budget, share).await?,
                     None => false,
                 };
@@ -199,10 +203,7 @@ impl Upstream {
             }
             Some(Err(refusal)) => Err(refusal),
             None => {
-                let admitted = self
-                    .brake
-                    .acquire(&hot.diia_budget, request.share.as_deref())
-                    .await;
+                let admitted = self.brake.acquire(&hot.diia_budget, share).await;
                 if admitted.is_ok() {
                     self.metrics.budget_fallback_admit();
                 }
