@@ -92,7 +92,7 @@ async fn redis_holds_nothing_in_clear_and_keys_follow_the_secret() {
     let barcode = fresh_barcode();
     let first = one.identify(&http, &token, &barcode).await;
     assert_eq!(first.status, StatusCode::OK);
-    let keys_before = redis.keys().await;
+    let keys_before = redis.settled().await;
     let second = two.identify(&http, &token, &barcode).await;
     assert_eq!(second.status, StatusCode::OK);
     assert_eq!(
@@ -110,7 +110,7 @@ async fn redis_holds_nothing_in_clear_and_keys_follow_the_secret() {
         third.header("cache-status"),
         Some("diia-gateway; hit; detail=remote")
     );
-    let keys_after = redis.keys().await;
+    let keys_after = redis.settled().await;
     let new: Vec<_> = keys_after
         .iter()
         .filter(|k| !keys_before.contains(k))

@@ -95,6 +95,8 @@ async fn a_sharing_request_is_replayed_by_every_instance() {
     let path = "/api/v1/acquirers/document-request";
     let first = gateways[0].post(http, path, &token, &body).await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    // Replayed from Redis (a request during the leader's write-back would join it instead).
+    world.redis.settled().await;
     for gateway in &gateways[1..] {
         let replay = gateway.post(http, path, &token, &body).await;
         assert_eq!(replay.status, StatusCode::OK);

@@ -146,6 +146,25 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Every key once each leader has written back (leaders answer first, then store and
+    /// release their lease).
+    pub async fn settled(&self) -> Vec<String> {
+        let started = Instant::now();
+        loop {
+            let keys = self.keys().await;
+            if !keys.iter().any(|k| k.starts_with("{dg}:l:")) {
+                return keys;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "a lease never released: {keys:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
