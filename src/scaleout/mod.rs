@@ -197,12 +197,6 @@ impl Scaleout {
             .rejoining(self.probe_interval * 2 + self.connect_timeout)
     }
 
-    /// What one call costs in the shared budget (1; the scripts take a weight so a call
-    /// that stands for several can be charged as such).
-    fn weight(&self) -> u32 {
-        1
-    }
-
     /// Live instances from the last heartbeat (at least 1; kept while Redis is down).
     #[must_use]
     pub fn live(&self) -> u32 {
@@ -271,7 +265,7 @@ impl Scaleout {
     /// One Diia call's worth of the shared budget: `Some(Ok(wait))` (reserved; go after
     /// `wait`), `Some(Err(refusal))`, or `None` when Redis is down (use the local budget).
     pub async fn reserve(&self, budget: BudgetValues) -> Option<Result<Duration, GatewayError>> {
-        let args = budget.args(self.weight());
+        let args = budget.args(1);
         let (code, micros): (i64, i64) = self
             .link
             .run("budget", |mut c| async move {
@@ -330,7 +324,7 @@ impl Scaleout {
         budget: BudgetValues,
         reserve: bool,
     ) -> Option<Found> {
-        let args = budget.args(if reserve { self.weight() } else { 0 });
+        let args = budget.args(u32::from(reserve));
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let reply: Vec<Value> = self
             .link

@@ -306,16 +306,7 @@ async fn an_instance_starts_ready_without_redis_and_joins_when_it_appears() {
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
     let again = gateway.identify(&http, &token, &barcode).await;
     assert_eq!(again.header("cache-status"), Some("diia-gateway; hit"));
-    // Log lines are written in batches: give the sink a moment.
-    let logged = Instant::now();
-    while !gateway.log().contains("Redis unreachable at start") {
-        assert!(
-            logged.elapsed() < Duration::from_secs(3),
-            "{}",
-            gateway.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gateway.wait_for_log("Redis unreachable at start").await;
     let redis = Redis::start_on(port, &[]).await;
     let appeared = Instant::now();
     while gateway.metric(&http, "diia_gateway_redis_up").await != 1.0 {
@@ -329,22 +320,11 @@ async fn an_instance_starts_ready_without_redis_and_joins_when_it_appears() {
     let shared = gateway.identify(&http, &token, &fresh_barcode()).await;
     assert_eq!(shared.status, StatusCode::OK);
     // The leader writes back after answering its client.
-    let stored = Instant::now();
-    while !redis.keys().await.iter().any(|k| k.starts_with("{dg}:r:")) {
-        assert!(
-            stored.elapsed() < Duration::from_secs(2),
-            "answer never stored in Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let logged = Instant::now();
-    while !gateway.log().contains("Redis reachable") {
-        assert!(
-            logged.elapsed() < Duration::from_secs(3),
-            "{}",
-            gateway.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let keys = redis.settled().await;
+    assert!(
+        keys.iter().any(|k| k.starts_with("{dg}:r:")),
+        "answer never stored in Redis: {keys:?}"
+    );
+    gateway.wait_for_log("Redis reachable").await;
     assert_eq!(gateway.log().matches("Redis reachable").count(), 1);
 }

@@ -146,14 +146,6 @@ async fn diias_back_off_on_one_instance_brakes_the_whole_fleet() {
     );
 }
 
-/// A client bound to another loopback address, so the gateways see another client.
-fn client_from(address: [u8; 4]) -> crate::it_support::HttpClient {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_local_address(Some(std::net::IpAddr::from(address)));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(connector)
-}
-
 /// The single-instance victim scenario over the fleet: one client floods every instance
 /// (a new `branchId` per request), a quiet branch behind another address scans at 10/s.
 /// The flood gets at most its share of the fleet's Diia budget; the quiet branch is never
@@ -178,7 +170,7 @@ async fn a_flooding_client_cannot_starve_a_quiet_branch_across_the_fleet() {
         .map(|n| {
             let (url, token) = (urls[n % urls.len()].clone(), token.clone());
             tokio::spawn(async move {
-                let client = client_from([127, 0, 0, 1]);
+                let client = crate::it_support::client_from([127, 0, 0, 1]);
                 let bearer = format!("Bearer {token}");
                 let mut refused = 0u32;
                 while Instant::now() < stop {
@@ -203,7 +195,7 @@ async fn a_flooding_client_cannot_starve_a_quiet_branch_across_the_fleet() {
             })
         })
         .collect();
-    let quiet = client_from([127, 0, 0, 2]);
+    let quiet = crate::it_support::client_from([127, 0, 0, 2]);
     let bearer = format!("Bearer {token}");
     let mut quiet_statuses = Vec::new();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -306,6 +306,15 @@ command_timeout = "250ms"
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
+    /// Waits (3 s at most) until the log holds `text`: lines are written in batches.
+    pub async fn wait_for_log(&self, text: &str) {
+        let started = Instant::now();
+        while !self.log().contains(text) {
+            assert!(started.elapsed() < Duration::from_secs(3), "{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The config directory.
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_owned()

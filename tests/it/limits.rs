@@ -163,15 +163,6 @@ async fn diia_429_pauses_all_upstream_calls() {
     );
 }
 
-/// A client bound to another loopback address (`127.0.0.2`), so the gateway sees another
-/// client.
-fn client_from(address: [u8; 4]) -> support::HttpClient {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_local_address(Some(std::net::IpAddr::from(address)));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(connector)
-}
-
 fn random_barcode() -> String {
     loop {
         if let Some(code) = diia_sim::Code::issue(fastrand::u64(100_000_000_000..=999_999_999_999))
@@ -205,7 +196,7 @@ async fn a_flooding_client_cannot_starve_a_quiet_branch() {
         .map(|_| {
             let (url, token) = (url.clone(), token.clone());
             tokio::spawn(async move {
-                let client = client_from([127, 0, 0, 1]);
+                let client = support::client_from([127, 0, 0, 1]);
                 let bearer = format!("Bearer {token}");
                 let (mut ok, mut refused) = (0u32, 0u32);
                 while Instant::now() < stop {
@@ -229,7 +220,7 @@ async fn a_flooding_client_cannot_starve_a_quiet_branch() {
             })
         })
         .collect();
-    let quiet = client_from([127, 0, 0, 2]);
+    let quiet = support::client_from([127, 0, 0, 2]);
     let bearer = format!("Bearer {token}");
     let mut quiet_statuses = Vec::new();
     tokio::time::sleep(Duration::from_millis(300)).await;

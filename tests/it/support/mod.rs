@@ -290,6 +290,14 @@ pub async fn issue_barcode_at(client: &Client<HttpConnector, Full<Bytes>>, sim: 
 /// The test client type.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// A client bound to another loopback address (`127.0.0.2`, …), so the gateway sees
+/// another client.
+pub fn client_from(address: [u8; 4]) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(Some(std::net::IpAddr::from(address)));
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
 /// A plain HTTP/1.1 client.
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
