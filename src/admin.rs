@@ -9,11 +9,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
-use crate::server::{Handler, HttpResponse, Shutdown};
+use crate::server::{Handler, HttpResponse, Reply, RequestBody, Shutdown};
 
 /// Admin endpoints over the gateway's state.
 pub struct Admin {
@@ -88,11 +87,7 @@ impl Admin {
 }
 
 impl Handler for Admin {
-    async fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        _peer: SocketAddr,
-    ) -> HttpResponse {
-        self.answer(request.method(), request.uri().path()).await
+    async fn handle(self: Arc<Self>, request: Request<RequestBody>, _peer: SocketAddr) -> Reply {
+        Reply::Response(self.answer(request.method(), request.uri().path()).await)
     }
 }

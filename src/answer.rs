@@ -10,19 +10,34 @@ use http::{HeaderValue, StatusCode};
 use crate::error::GatewayError;
 
 /// Diia's answer, owned and compact: the status, then the few headers kept
-/// (`Content-Type`, `Diia-Trace-Id`, `Retry-After`, `Location`) and the body in one
-/// buffer. One allocation per answer, and no slice of a connection's read buffer (which
-/// would pin ~8 KiB per cached entry). Shared by every coalesced or cached request.
+/// (`Content-Type`, `Diia-Trace-Id`, `Retry-After`, `Location`) already rendered as
+/// HTTP/1.1 header lines (with `Content-Length`), and the body, in one buffer. One
+/// allocation per answer, no slice of a connection's read buffer (which would pin ~8 KiB
+/// per cached entry), and a hit is written to an HTTP/1.1 client by copying the rendered
+/// head and the body (see [`crate::h1`]). Shared by every coalesced or cached request.
 #[derive(Debug, Clone)]
 pub struct Answer {
     /// Diia's status.
     pub status: StatusCode,
     buffer: Bytes,
-    /// Where each kept header ends in `buffer`; the body follows the last.
-    ends: [u32; KEPT_HEADERS],
+    /// Where each kept header's value lies in `buffer` (empty: absent).
+    values: [(u32, u32); KEPT_HEADERS],
+    /// Where the rendered head ends and the body starts.
+    head_end: u32,
 }
 
 const KEPT_HEADERS: usize = 4;
+
+/// The kept headers' names, in the order of [`Answer::values`].
+const KEPT_NAMES: [&[u8]; KEPT_HEADERS] = [
+    b"content-type",
+    b"diia-trace-id",
+    b"retry-after",
+    b"location",
+];
+
+/// What an answer without a `Content-Type` is sent with.
+const DEFAULT_CONTENT_TYPE: &[u8] = b"application/json";
 
 /// What an answer is built from.
 #[derive(Debug, Default, Clone, Copy)]
@@ -40,7 +55,7 @@ pub struct AnswerParts<'a> {
 }
 
 impl Answer {
-    /// Copies the parts into one owned buffer.
+    /// Copies the parts into one owned buffer, rendering the head on the way.
     #[must_use]
     pub fn new(status: StatusCode, parts: AnswerParts<'_>) -> Self {
         let headers = [
@@ -49,41 +64,87 @@ impl Answer {
             parts.retry_after,
             parts.location,
         ];
-        let length = headers.iter().flatten().map(|h| h.len()).sum::<usize>() + parts.body.len();
-        let mut buffer = Vec::with_capacity(length);
-        let mut ends = [0u32; KEPT_HEADERS];
-        for (end, header) in ends.iter_mut().zip(headers) {
-            buffer.extend_from_slice(header.unwrap_or_default());
-            *end = u32::try_from(buffer.len()).unwrap_or(u32::MAX);
+        let mut length_digits = itoa::Buffer::new();
+        let length_digits = length_digits.format(parts.body.len()).as_bytes();
+        let head_length = headers
+            .iter()
+            .zip(KEPT_NAMES)
+            .enumerate()
+            .map(|(index, (value, name))| match value {
+                Some(value) => name.len() + 4 + value.len(),
+                None if index == 0 => name.len() + 4 + DEFAULT_CONTENT_TYPE.len(),
+                None => 0,
+            })
+            .sum::<usize>()
+            + 18
+            + length_digits.len();
+        let mut buffer = Vec::with_capacity(head_length + parts.body.len());
+        let mut values = [(0u32, 0u32); KEPT_HEADERS];
+        for (index, (span, value)) in values.iter_mut().zip(headers).enumerate() {
+            let rendered = match value {
+                Some(value) => value,
+                None if index == 0 => DEFAULT_CONTENT_TYPE,
+                None => continue,
+            };
+            buffer.extend_from_slice(KEPT_NAMES[index]);
+            buffer.extend_from_slice(b": ");
+            let start = offset(buffer.len());
+            buffer.extend_from_slice(rendered);
+            if value.is_some() {
+                *span = (start, offset(buffer.len()));
+            }
+            buffer.extend_from_slice(b"\r\n");
         }
+        if has_body(status) {
+            buffer.extend_from_slice(b"content-length: ");
+            buffer.extend_from_slice(length_digits);
+            buffer.extend_from_slice(b"\r\n");
+        }
+        let head_end = offset(buffer.len());
         buffer.extend_from_slice(parts.body);
         Self {
             status,
             buffer: Bytes::from(buffer),
-            ends,
+            values,
+            head_end,
         }
     }
 
-    fn part(&self, index: usize) -> Bytes {
-        let start = if index == 0 { 0 } else { self.ends[index - 1] };
-        let end = self.ends.get(index).copied().unwrap_or(u32::MAX);
-        let (start, end) = (start as usize, (end as usize).min(self.buffer.len()));
-        self.buffer.slice(start.min(end)..end)
+    fn value(&self, index: usize) -> Option<&[u8]> {
+        let (start, end) = self.values.get(index).copied()?;
+        let value = self.buffer.get(start as usize..end as usize)?;
+        (!value.is_empty()).then_some(value)
     }
 
     fn header(&self, index: usize) -> Option<HeaderValue> {
-        let value = self.part(index);
-        if value.is_empty() {
+        let (start, end) = self.values.get(index).copied()?;
+        if start == end {
             return None;
         }
-        HeaderValue::from_maybe_shared(value).ok()
+        let (start, end) = (start as usize, (end as usize).min(self.buffer.len()));
+        HeaderValue::from_maybe_shared(self.buffer.slice(start.min(end)..end)).ok()
     }
 
     /// The body (a view of the shared buffer, no copy).
     #[must_use]
     pub fn body(&self) -> Bytes {
-        let start = self.ends[KEPT_HEADERS - 1] as usize;
-        self.buffer.slice(start.min(self.buffer.len())..)
+        let start = (self.head_end as usize).min(self.buffer.len());
+        self.buffer.slice(start..)
+    }
+
+    /// The kept headers and `Content-Length` as HTTP/1.1 header lines, each ending in
+    /// CRLF; what the hit fast path writes after the status line.
+    #[must_use]
+    pub fn rendered_head(&self) -> &[u8] {
+        let end = (self.head_end as usize).min(self.buffer.len());
+        &self.buffer[..end]
+    }
+
+    /// The body as a borrowed slice.
+    #[must_use]
+    pub fn body_bytes(&self) -> &[u8] {
+        let start = (self.head_end as usize).min(self.buffer.len());
+        &self.buffer[start..]
     }
 
     /// `Content-Type`.
@@ -110,38 +171,49 @@ impl Answer {
         self.header(3)
     }
 
-    /// The answer as bytes for another instance: status, header ends, buffer.
+    /// The answer as bytes for another instance: status, then each kept header and the
+    /// body as length-prefixed parts (independent of the rendered layout).
     #[must_use]
     pub fn to_wire(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 + 4 * KEPT_HEADERS + self.buffer.len());
+        let body = self.body_bytes();
+        let mut out = Vec::with_capacity(2 + 4 * (KEPT_HEADERS + 1) + self.buffer.len());
         out.extend_from_slice(&self.status.as_u16().to_be_bytes());
-        for end in self.ends {
-            out.extend_from_slice(&end.to_be_bytes());
+        for index in 0..KEPT_HEADERS {
+            let value = self.value(index).unwrap_or_default();
+            out.extend_from_slice(&offset(value.len()).to_be_bytes());
+            out.extend_from_slice(value);
         }
-        out.extend_from_slice(&self.buffer);
+        out.extend_from_slice(body);
         out
     }
 
     /// An answer from [`Answer::to_wire`] bytes; `None` when they are not one.
     #[must_use]
     pub fn from_wire(wire: &[u8]) -> Option<Self> {
-        let (status, rest) = wire.split_at_checked(2)?;
+        let (status, mut rest) = wire.split_at_checked(2)?;
         let status = StatusCode::from_u16(u16::from_be_bytes([status[0], status[1]])).ok()?;
-        let (ends_bytes, buffer) = rest.split_at_checked(4 * KEPT_HEADERS)?;
-        let mut ends = [0u32; KEPT_HEADERS];
-        let mut previous = 0;
-        for (end, bytes) in ends.iter_mut().zip(ends_bytes.chunks_exact(4)) {
-            *end = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-            if *end < previous || *end as usize > buffer.len() {
+        let mut values: [Option<&[u8]>; KEPT_HEADERS] = [None; KEPT_HEADERS];
+        for value in &mut values {
+            let (length, tail) = rest.split_at_checked(4)?;
+            let length = u32::from_be_bytes([length[0], length[1], length[2], length[3]]);
+            let (bytes, tail) = tail.split_at_checked(length as usize)?;
+            if HeaderValue::from_bytes(bytes).is_err() {
                 return None;
             }
-            previous = *end;
+            *value = (!bytes.is_empty()).then_some(bytes);
+            rest = tail;
         }
-        Some(Self {
+        let [content_type, trace_id, retry_after, location] = values;
+        Some(Self::new(
             status,
-            buffer: Bytes::copy_from_slice(buffer),
-            ends,
-        })
+            AnswerParts {
+                body: rest,
+                content_type,
+                trace_id,
+                retry_after,
+                location,
+            },
+        ))
     }
 
     /// Bytes held beyond the fixed-size struct (for the cache's weigher).
@@ -149,6 +221,19 @@ impl Answer {
     pub fn heap_bytes(&self) -> usize {
         self.buffer.len()
     }
+}
+
+/// Whether a response with this status carries a body (and so a `Content-Length`).
+#[must_use]
+pub fn has_body(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+/// A buffer offset as stored (answers are far below 4 GiB; larger saturates).
+fn offset(position: usize) -> u32 {
+    u32::try_from(position).unwrap_or(u32::MAX)
 }
 
 /// What one upstream call produced: Diia's answer, or why there is none.
@@ -262,6 +347,10 @@ mod tests {
         let mut bad = answer.to_wire();
         bad[5] = 0xff;
         assert!(Answer::from_wire(&bad).is_none());
+        let mut control = answer.to_wire();
+        // content-type's first byte: a control character is no header value.
+        control[6] = 0x01;
+        assert!(Answer::from_wire(&control).is_none());
     }
 
     #[test]
@@ -284,7 +373,37 @@ mod tests {
         assert_eq!(answer.trace_id(), None);
         assert_eq!(answer.retry_after(), Some(HeaderValue::from_static("3")));
         assert_eq!(answer.location(), None);
-        assert_eq!(answer.heap_bytes(), 16 + 16 + 1);
+        assert_eq!(
+            answer.rendered_head(),
+            &b"content-type: application/json\r\nretry-after: 3\r\ncontent-length: 16\r\n"[..]
+        );
+        assert_eq!(answer.body_bytes(), &br#"{"success":true}"#[..]);
+    }
+
+    #[test]
+    fn rendered_head_defaults_the_content_type_and_skips_length_without_body() {
+        let answer = Answer::new(StatusCode::NO_CONTENT, AnswerParts::default());
+        assert_eq!(answer.content_type(), None);
+        assert_eq!(
+            answer.rendered_head(),
+            &b"content-type: application/json\r\n"[..]
+        );
+        let answer = Answer::new(
+            StatusCode::OK,
+            AnswerParts {
+                body: b"{}",
+                trace_id: Some(b"t-1"),
+                location: Some(b"/x"),
+                ..AnswerParts::default()
+            },
+        );
+        assert_eq!(
+            answer.rendered_head(),
+            &b"content-type: application/json\r\ndiia-trace-id: t-1\r\nlocation: /x\r\ncontent-length: 2\r\n"[..]
+        );
+        assert_eq!(answer.trace_id(), Some(HeaderValue::from_static("t-1")));
+        let back = Answer::from_wire(&answer.to_wire()).unwrap();
+        assert_eq!(back.rendered_head(), answer.rendered_head());
     }
 
     #[test]

@@ -31,7 +31,8 @@
 //! - [`proxy`]: the request lifecycle (stages over one context) over all of the above
 //! - [`access`]: the access log line, formatted by hand on the fast path
 //! - [`metrics`], [`admin`]: what SREs see; [`logsink`]: log lines written in batches, never waited for
-//! - [`server`]: accept loop and graceful shutdown
+//! - [`server`]: accept loop and graceful shutdown; hands connections hyper must serve to hyper
+//! - [`h1`]: the HTTP/1.1 loop for plain requests; cached answers from pre-rendered bytes
 //! - [`tls`]: rustls configs, in (termination, mTLS) and out (trust toward Diia)
 //!
 //! The Diia simulator is its own crate (`diia-sim`), embedded only with the default
@@ -49,6 +50,7 @@ pub mod diia;
 #[cfg(feature = "embedded-sim")]
 mod embedded;
 pub mod error;
+pub mod h1;
 pub mod keys;
 pub mod limit;
 pub mod logsink;

@@ -33,7 +33,6 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
-use hyper::body::Incoming;
 
 use crate::access::{AccessLine, AccessLog};
 use crate::answer::{Answer, AnswerClass, CallResult};
@@ -50,14 +49,15 @@ use crate::policy::{Slot, Store, slot_for};
 use crate::request::{Checked, bearer_token, check};
 use crate::route::{Endpoint, Route, route_for};
 use crate::scaleout::{Scaleout, Shape};
-use crate::server::{Handler, HttpResponse};
+use crate::server::{Handler, HttpResponse, Reply, RequestBody};
 use crate::session::ManagedSession;
 use crate::settings::{Hot, Settings};
 use crate::upstream::{Upstream, UpstreamRequest};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+pub(crate) static CACHE_STATUS: header::HeaderName =
+    header::HeaderName::from_static("cache-status");
 static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
 static HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit");
 static REPLAY: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=replay");
@@ -122,7 +122,7 @@ impl Ctx {
 
 /// A request the stages answered (as opposed to one refused with a [`GatewayError`]).
 struct Handled {
-    response: HttpResponse,
+    response: Reply,
     outcome: RequestOutcome,
 }
 
@@ -277,9 +277,20 @@ impl Gateway {
         self.sharing.sync().await;
     }
 
-    /// Answers one request: the outer layer that renders, counts and logs. Generic over
-    /// the body so benchmarks and tests can drive it without a socket.
+    /// Answers one request as a response (for in-process callers: benchmarks, tests).
     pub async fn serve<B>(&self, request: Request<B>, peer: SocketAddr) -> HttpResponse
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
+        self.reply(request, peer).await.into_response()
+    }
+
+    /// Answers one request: the outer layer that renders, counts and logs. Generic over
+    /// the body so benchmarks and tests can drive it without a socket. Diia's answers
+    /// come back as [`Reply::Answer`], which the HTTP/1.1 loop writes from their
+    /// pre-rendered bytes.
+    pub async fn reply<B>(&self, request: Request<B>, peer: SocketAddr) -> Reply
     where
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -306,7 +317,7 @@ impl Gateway {
                     tracing::error!("internal error while answering a request");
                 }
                 (
-                    error.to_response(),
+                    Reply::Response(error.to_response()),
                     RequestOutcome::of_fault(fault),
                     Some(error.code()),
                 )
@@ -555,7 +566,10 @@ impl Gateway {
             | AnswerClass::NoAnswer => RequestOutcome::Passthrough,
         };
         Ok(Handled {
-            response: answer_response(&answer),
+            response: Reply::Answer {
+                answer,
+                cache_status: None,
+            },
             outcome,
         })
     }
@@ -624,8 +638,8 @@ fn limit(hot: &Hot, client: Who<'_>, checked: &Checked<'_>) -> Result<(), Gatewa
 }
 
 impl Handler for Gateway {
-    async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-        self.serve(request, peer).await
+    async fn handle(self: Arc<Self>, request: Request<RequestBody>, peer: SocketAddr) -> Reply {
+        self.reply(request, peer).await
     }
 
     fn tls(&self) -> Option<tokio_rustls::TlsAcceptor> {
@@ -763,9 +777,11 @@ fn handled(result: &CallResult, lookup: Lookup, sharing: bool) -> Result<Handled
         (AnswerClass::Failed, RequestOutcome::Miss) => RequestOutcome::UpstreamError,
         (_, outcome) => outcome,
     };
-    let mut response = answer_response(answer);
-    response
-        .headers_mut()
-        .insert(CACHE_STATUS.clone(), status.clone());
-    Ok(Handled { response, outcome })
+    Ok(Handled {
+        response: Reply::Answer {
+            answer: answer.clone(),
+            cache_status: Some(status),
+        },
+        outcome,
+    })
 }

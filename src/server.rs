@@ -1,45 +1,212 @@
 //! The accept loop shared by the gateway and its admin listener.
 //!
-//! HTTP/1.1 and HTTP/2 (h2c prior knowledge) on one port via hyper-util's auto builder.
-//! On shutdown the loop stops accepting, then lets open connections finish their
-//! in-flight requests (hyper's graceful shutdown) within a bounded drain time.
+//! Every connection starts in the gateway's own HTTP/1.1 loop ([`crate::h1`]), which
+//! serves plain, complete requests (the branch backends' traffic) and writes cached
+//! answers from their pre-rendered bytes. Anything else (HTTP/2, h2c prior knowledge,
+//! chunked or `Expect` bodies, upgrades, trickled or oversized heads, malformed HTTP) is
+//! handed, with the bytes already read, to hyper-util's auto builder for the rest of the
+//! connection. On shutdown the loop stops accepting, then lets open connections finish
+//! their in-flight requests within a bounded drain time.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
 
-/// A connection's byte stream, plain or TLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+use crate::answer::Answer;
+use crate::h1::{self, Served};
 
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+/// A connection's byte stream, plain or TLS.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What every handler answers: a fully buffered body (answers are small and cacheable).
 pub type HttpResponse = Response<Full<Bytes>>;
 
-/// A request handler: request plus peer address in, response out, never an error.
+/// A handler's answer: a response, or one of Diia's answers with its `Cache-Status`,
+/// which the HTTP/1.1 loop writes from the answer's pre-rendered head without building
+/// a `HeaderMap` (the cache hit's fast path).
+pub enum Reply {
+    /// Any response.
+    Response(HttpResponse),
+    /// Diia's answer as stored, plus the `Cache-Status` it is served with, if any.
+    Answer {
+        /// The answer.
+        answer: Answer,
+        /// `Cache-Status`, when the answer went through a cache.
+        cache_status: Option<&'static HeaderValue>,
+    },
+}
+
+impl Reply {
+    /// The reply as a response (for hyper's connections and in-process callers).
+    #[must_use]
+    pub fn into_response(self) -> HttpResponse {
+        match self {
+            Self::Response(response) => response,
+            Self::Answer {
+                answer,
+                cache_status,
+            } => {
+                let mut response = crate::proxy::answer_response(&answer);
+                if let Some(status) = cache_status {
+                    response
+                        .headers_mut()
+                        .insert(crate::proxy::CACHE_STATUS.clone(), status.clone());
+                }
+                response
+            }
+        }
+    }
+
+    /// The status sent.
+    #[must_use]
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Self::Response(response) => response.status(),
+            Self::Answer { answer, .. } => answer.status,
+        }
+    }
+}
+
+impl From<HttpResponse> for Reply {
+    fn from(response: HttpResponse) -> Self {
+        Self::Response(response)
+    }
+}
+
+/// A request's body: hyper's (HTTP/2 and handed-over connections), or one the HTTP/1.1
+/// loop read whole, or the start of one it is still reading from the socket.
+pub struct RequestBody(BodyKind);
+
+enum BodyKind {
+    Hyper(Incoming),
+    Whole(Option<Bytes>),
+    Streamed {
+        first: Option<Bytes>,
+        rest: mpsc::Receiver<std::io::Result<Bytes>>,
+        remaining: u64,
+    },
+}
+
+impl RequestBody {
+    /// A body already read whole (empty bodies included).
+    #[must_use]
+    pub fn whole(bytes: Bytes) -> Self {
+        Self(BodyKind::Whole((!bytes.is_empty()).then_some(bytes)))
+    }
+
+    /// A body of `length` bytes whose first part is `first` and the rest arrives on `rest`
+    /// (a read error or a closed channel before `length` bytes is a broken body).
+    pub(crate) fn streamed(
+        first: Bytes,
+        rest: mpsc::Receiver<std::io::Result<Bytes>>,
+        length: u64,
+    ) -> Self {
+        let remaining = length.saturating_sub(first.len() as u64);
+        Self(BodyKind::Streamed {
+            first: (!first.is_empty()).then_some(first),
+            rest,
+            remaining,
+        })
+    }
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        Self(BodyKind::Hyper(body))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            BodyKind::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            BodyKind::Whole(bytes) => Poll::Ready(bytes.take().map(|data| Ok(Frame::data(data)))),
+            BodyKind::Streamed {
+                first,
+                rest,
+                remaining,
+            } => {
+                if let Some(data) = first.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                if *remaining == 0 {
+                    return Poll::Ready(None);
+                }
+                match rest.poll_recv(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(Ok(data))) => {
+                        *remaining = remaining.saturating_sub(data.len() as u64);
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+                    Poll::Ready(None) => {
+                        Poll::Ready(Some(Err("connection closed mid-body".into())))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            BodyKind::Hyper(body) => body.is_end_stream(),
+            BodyKind::Whole(bytes) => bytes.is_none(),
+            BodyKind::Streamed {
+                first, remaining, ..
+            } => first.is_none() && *remaining == 0,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            BodyKind::Hyper(body) => body.size_hint(),
+            BodyKind::Whole(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            BodyKind::Streamed {
+                first, remaining, ..
+            } => SizeHint::with_exact(first.as_ref().map_or(0, |b| b.len() as u64) + remaining),
+        }
+    }
+}
+
+/// A request handler: request plus peer address in, reply out, never an error.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
     fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         peer: SocketAddr,
-    ) -> impl Future<Output = HttpResponse> + Send + 'static;
+    ) -> impl Future<Output = Reply> + Send + 'static;
 
     /// TLS for a new connection (`None`: plain HTTP). Read at accept time, so a reload
     /// changes certificates for new connections, never for open ones.
@@ -150,8 +317,8 @@ pub async fn accept_loop<H: Handler>(
     limits: ConnectionLimits,
 ) {
     let builder = connection_builder(&limits);
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let max_connections = limits.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         // Wait for a connection slot first: at the limit, new clients queue in the kernel
         // instead of being accepted and starved.
@@ -181,7 +348,7 @@ pub async fn accept_loop<H: Handler>(
             Arc::clone(&handler),
             builder.clone(),
             limits,
-            graceful.watcher(),
+            shutdown.clone(),
         );
         tokio::spawn(async move {
             connection.await;
@@ -189,7 +356,9 @@ pub async fn accept_loop<H: Handler>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+    // Every connection holds a slot until it ends; all slots back means all drained.
+    let drained = slots.acquire_many(u32::try_from(max_connections).unwrap_or(u32::MAX));
+    if tokio::time::timeout(limits.drain_timeout, drained)
         .await
         .is_err()
     {
@@ -197,8 +366,9 @@ pub async fn accept_loop<H: Handler>(
     }
 }
 
-/// One connection: TLS handshake when the handler asks for it, then HTTP/1.1 or h2 until
-/// the client leaves or the drain ends it. The first request head must be complete within
+/// One connection: TLS handshake when the handler asks for it, then the HTTP/1.1 loop,
+/// and hyper (HTTP/1.1 or h2) for whatever that loop hands over, until the client leaves
+/// or the drain ends it. The first request head must be complete within
 /// `header_read_timeout` of accept, however the bytes trickle in: the idle timer alone
 /// resets on every byte, and hyper's own header timer starts only once HTTP/1 is chosen.
 async fn serve_connection<H: Handler>(
@@ -207,13 +377,10 @@ async fn serve_connection<H: Handler>(
     handler: Arc<H>,
     builder: auto::Builder<TokioExecutor>,
     limits: ConnectionLimits,
-    watcher: Watcher,
+    shutdown: Shutdown,
 ) {
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
-    let mut stream = TimeoutStream::new(stream);
-    stream.set_read_timeout(Some(limits.idle_timeout));
-    let stream = Box::pin(stream);
     let io: Box<dyn Io> = match handler.tls() {
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls_stream)) => Box::new(tls_stream),
@@ -229,16 +396,7 @@ async fn serve_connection<H: Handler>(
         None => Box::new(stream),
     };
     let first_request = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&first_request);
-    let service = service_fn(move |request| {
-        seen.store(true, Ordering::Relaxed);
-        let handler = Arc::clone(&handler);
-        async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
-    });
-    let connection = builder
-        .serve_connection(TokioIo::new(io), service)
-        .into_owned();
-    let served = watcher.watch(connection);
+    let served = serve_protocols(io, peer, handler, builder, limits, shutdown, &first_request);
     let no_first_request = async {
         tokio::time::sleep_until(deadline).await;
         if first_request.load(Ordering::Relaxed) {
@@ -246,13 +404,124 @@ async fn serve_connection<H: Handler>(
         }
     };
     tokio::select! {
-        result = served => {
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection ended with an error");
-            }
-        }
+        () = served => {}
         () = no_first_request => {
             tracing::debug!("no complete request head within header_read_timeout of accept; closed");
         }
+    }
+}
+
+/// The gateway's HTTP/1.1 loop first; hyper for the rest of the connection when the loop
+/// hands it over.
+async fn serve_protocols<H: Handler>(
+    mut io: Box<dyn Io>,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: ConnectionLimits,
+    shutdown: Shutdown,
+    first_request: &Arc<AtomicBool>,
+) {
+    let loop_limits = h1::Limits {
+        max_head_bytes: limits.max_header_bytes.max(MIN_HEADER_BYTES),
+        idle_timeout: limits.idle_timeout,
+    };
+    let buffered = match h1::serve(
+        &mut io,
+        peer,
+        &handler,
+        &shutdown,
+        loop_limits,
+        first_request,
+    )
+    .await
+    {
+        Served::Closed => return,
+        Served::HandOver(buffered) => buffered,
+    };
+    let seen = Arc::clone(first_request);
+    let service = service_fn(move |request: Request<Incoming>| {
+        seen.store(true, Ordering::Relaxed);
+        let handler = Arc::clone(&handler);
+        handler
+            .handle(request.map(RequestBody::from), peer)
+            .map(|reply| Ok::<_, Infallible>(reply.into_response()))
+    });
+    // hyper's side gets the idle timeout as a read timeout (re-armed on every read, which
+    // the HTTP/1.1 loop avoids: each re-arm wakes the runtime's driver).
+    let mut io = TimeoutStream::new(Prefixed::new(buffered, io));
+    io.set_read_timeout(Some(limits.idle_timeout));
+    let connection = builder
+        .serve_connection(TokioIo::new(Box::pin(io)), service)
+        .into_owned();
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.wait() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+struct Prefixed {
+    read: BytesMut,
+    io: Box<dyn Io>,
+}
+
+impl Prefixed {
+    fn new(read: BytesMut, io: Box<dyn Io>) -> Self {
+        Self { read, io }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

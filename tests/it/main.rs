@@ -10,6 +10,7 @@ mod cli;
 mod coalescing;
 mod drain;
 mod hostile_clients;
+mod http1;
 mod limits;
 mod managed;
 mod metrics;
