@@ -12,7 +12,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ApiKeyConfig, AuthMode};
 use crate::error::GatewayError;
-use crate::request::{Checked, bearer_token};
+use crate::request::{Checked, bearer_credential, bearer_token};
 use crate::route::Endpoint;
 
 /// An authenticated caller.
@@ -45,7 +45,8 @@ impl Caller {
     #[must_use]
     pub fn identity<'a>(&self, acquirer: &'a [u8], headers: &'a HeaderMap) -> &'a [u8] {
         match self {
-            Self::Session => bearer_token(headers).unwrap_or_default(),
+            // Authenticated already: the token was checked by `Gate::authenticate`.
+            Self::Session => bearer_credential(headers),
             Self::Exchange | Self::Branch { .. } => acquirer,
         }
     }

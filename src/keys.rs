@@ -163,6 +163,17 @@ impl fmt::Debug for Secret {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Fingerprint([u8; 6]);
 
+impl Fingerprint {
+    /// The 12 hex digits, without `fmt` (the access log writes one per request).
+    #[must_use]
+    pub fn hex(&self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        // 6 bytes always fit 12 hex digits.
+        let _ = hex::encode_to_slice(self.0, &mut out);
+        out
+    }
+}
+
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for byte in self.0 {

@@ -20,7 +20,6 @@
 //! without spending a branch's budget, and the branch limit comes before the cache so that
 //! one branch cannot hog the gateway even with cache hits.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -131,18 +130,6 @@ struct Handled {
 struct AccessRecord {
     endpoint: Option<Endpoint>,
     barcode: Option<Barcode>,
-}
-
-/// Renders a keyed fingerprint only when a log line is actually written.
-struct Redacted<'a>(&'a HashKey, Option<Barcode>);
-
-impl fmt::Display for Redacted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.1 {
-            Some(barcode) => write!(f, "{}", self.0.fingerprint(&barcode.as_u64().to_le_bytes())),
-            None => f.write_str("-"),
-        }
-    }
 }
 
 impl Gateway {
@@ -325,14 +312,17 @@ impl Gateway {
         };
         self.metrics.request(ctx.record.endpoint, outcome, code);
         if tracing::enabled!(target: "diia_gateway::access", tracing::Level::INFO) {
-            let barcode = Redacted(&self.keys, ctx.record.barcode);
+            let barcode = ctx
+                .record
+                .barcode
+                .map(|barcode| self.keys.fingerprint(&barcode.as_u64().to_le_bytes()));
             let line = AccessLine {
                 endpoint: ctx.record.endpoint.map_or("none", Endpoint::label),
                 status: response.status().as_u16(),
                 outcome: outcome.label(),
                 code: code.unwrap_or("-"),
                 micros: u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                barcode: &barcode,
+                barcode,
                 peer: ctx.peer.ip(),
             };
             self.log_access(&line);
@@ -346,19 +336,26 @@ impl Gateway {
         let _ = self.access_log.set(log);
     }
 
-    fn log_access(&self, line: &AccessLine<'_>) {
+    fn log_access(&self, line: &AccessLine) {
         match self.access_log.get() {
             Some(log) => log.write(line),
-            None => tracing::info!(
+            None => {
+                let hex = line.barcode.map(|fingerprint| fingerprint.hex());
+                let barcode = hex
+                    .as_ref()
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .unwrap_or("-");
+                tracing::info!(
                 target: "diia_gateway::access",
                 endpoint = line.endpoint,
                 status = line.status,
                 outcome = line.outcome,
                 code = line.code,
                 micros = line.micros,
-                barcode = %line.barcode,
+                barcode,
                 peer = %line.peer,
-            ),
+                );
+            }
         }
     }
 

@@ -190,6 +190,16 @@ fn require_json_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
     }
 }
 
+/// What follows `Bearer ` in `Authorization`, unchecked: for a caller [`bearer_token`]
+/// already accepted (the check scans the whole token; once per request is enough).
+#[must_use]
+pub fn bearer_credential(headers: &HeaderMap) -> &[u8] {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().get(7..))
+        .unwrap_or_default()
+}
+
 /// The session token from `Authorization: Bearer <token>` (scheme case-insensitive, as Diia).
 pub fn bearer_token(headers: &HeaderMap) -> Result<&[u8], GatewayError> {
     let value = headers

@@ -15,7 +15,7 @@ use diia_gateway::keys::HashKey;
 use diia_gateway::metrics::Metrics;
 use diia_gateway::proxy::Gateway;
 use diia_gateway::route::Endpoint;
-use diia_gateway::server::HttpResponse;
+use diia_gateway::server::{HttpResponse, Reply};
 use diia_gateway::upstream::{Upstream, UpstreamRequest};
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, SimHandle, Simulator};
 use http::{HeaderValue, Method, Request};
@@ -135,6 +135,11 @@ impl InProcess {
     /// Serves one request in-process.
     pub async fn serve(&self, request: Request<Full<Bytes>>) -> HttpResponse {
         self.gateway.serve(request, PEER).await
+    }
+
+    /// Serves one request in-process as the HTTP/1.1 loop does: the reply, not a response.
+    pub async fn reply(&self, request: Request<Full<Bytes>>) -> Reply {
+        self.gateway.reply(request, PEER).await
     }
 }
 
