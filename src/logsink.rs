@@ -1,32 +1,57 @@
-//! Where log lines go: a bounded queue drained by one background thread that writes them in
-//! batches. A request never waits on a log write: when the queue is full the line is
-//! dropped and counted (`diia_gateway_log_lines_dropped`).
+//! Where log lines go: per-thread buffers that one background thread swaps out and writes
+//! in batches. A request never waits on a log write: a line that would grow its thread's
+//! buffer past the bound is dropped and counted (`diia_gateway_log_lines_dropped`).
 //!
 //! Why not `tracing-appender`'s non-blocking writer: it wakes its writer thread for every
 //! line and writes each line with its own syscall; at tens of thousands of access-log lines
 //! a second those wake-ups and writes cost more than the request itself (measured with
-//! `loadtest/compare-wrk.sh`, README "Benchmarks"). Here the writer thread wakes on its
-//! own every [`FLUSH_EVERY`], so senders never wake it, and writes everything queued at
-//! once.
+//! `loadtest/compare-wrk.sh`, README "Benchmarks"). Why not one queue of lines either (the
+//! previous design): an allocation per line, freed on another thread, and a shared channel
+//! whose cache lines move between cores on every line cost ~2 µs per request. Here a line
+//! is appended to its thread's own buffer under an uncontended lock; the writer thread
+//! wakes on its own every [`FLUSH_EVERY`], swaps each buffer for an empty one and writes
+//! everything at once. Lines of one thread stay in order; lines of different threads are
+//! ordered by batch (each carries its timestamp).
 
+use std::cell::RefCell;
 use std::io::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// How often the writer thread writes what is queued.
+/// How often the writer thread writes what is buffered.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
-/// A cloneable handle that queues lines for the writer thread.
+/// A cloneable handle that buffers lines for the writer thread.
 #[derive(Clone)]
 pub struct LogSink {
-    lines: SyncSender<Vec<u8>>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 }
 
-/// Stops the writer thread when dropped, after it wrote everything queued.
+/// What the writers and the writer thread share.
+struct Shared {
+    /// Tells this sink's per-thread buffers apart from another sink's (tests run several).
+    id: usize,
+    /// Every thread's buffer; the writer thread drains them all.
+    buffers: Mutex<Vec<ThreadBuffer>>,
+    /// Bytes one thread may hold between two flushes.
+    per_thread: usize,
+    dropped: AtomicU64,
+}
+
+/// One thread's lines between two flushes.
+type ThreadBuffer = Arc<Mutex<Vec<u8>>>;
+
+/// Sink ids, so a thread's buffer is registered once per sink.
+static NEXT_SINK: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's buffer, and the sink it belongs to.
+    static MINE: RefCell<Option<(usize, ThreadBuffer)>> = const { RefCell::new(None) };
+}
+
+/// Stops the writer thread when dropped, after it wrote everything buffered.
 pub struct FlushOnDrop {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -42,25 +67,27 @@ impl Drop for FlushOnDrop {
 }
 
 impl LogSink {
-    /// A sink writing to `out` through a queue of at most `capacity` lines.
+    /// A sink writing to `out`, each thread holding at most `per_thread` bytes between
+    /// two flushes.
     pub fn spawn<W: Write + Send + 'static>(
         out: W,
-        capacity: usize,
+        per_thread: usize,
     ) -> std::io::Result<(Self, FlushOnDrop)> {
-        let (lines, queue) = sync_channel(capacity);
+        let shared = Arc::new(Shared {
+            id: NEXT_SINK.fetch_add(1, Ordering::Relaxed),
+            buffers: Mutex::new(Vec::new()),
+            per_thread,
+            dropped: AtomicU64::new(0),
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let stop = Arc::clone(&stop);
+            let (stop, shared) = (Arc::clone(&stop), Arc::clone(&shared));
             std::thread::Builder::new()
                 .name("diia-gateway-log".to_owned())
-                .spawn(move || drain(&queue, out, &stop))?
-        };
-        let sink = Self {
-            lines,
-            dropped: Arc::new(AtomicU64::new(0)),
+                .spawn(move || drain(&shared, out, &stop))?
         };
         Ok((
-            sink,
+            Self { shared },
             FlushOnDrop {
                 stop,
                 thread: Some(thread),
@@ -68,21 +95,56 @@ impl LogSink {
         ))
     }
 
-    /// Lines dropped because the queue was full.
+    /// Lines dropped because their thread's buffer was full.
     #[must_use]
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Appends one line to this thread's buffer; drops and counts it when that is full.
+    pub fn push(&self, line: &[u8]) {
+        MINE.with_borrow_mut(|mine| {
+            let buffer = match mine {
+                Some((id, buffer)) if *id == self.shared.id => buffer,
+                _ => {
+                    let buffer = Arc::new(Mutex::new(Vec::with_capacity(16 * 1024)));
+                    lock(&self.shared.buffers).push(Arc::clone(&buffer));
+                    &mine.insert((self.shared.id, buffer)).1
+                }
+            };
+            let mut buffer = lock(buffer);
+            if buffer.len() + line.len() > self.shared.per_thread {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                buffer.extend_from_slice(line);
+            }
+        });
     }
 }
 
-/// The writer thread: every [`FLUSH_EVERY`], everything queued in one write.
-fn drain<W: Write>(queue: &Receiver<Vec<u8>>, mut out: W, stop: &AtomicBool) {
+/// A lock whose holder never panics mid-update (appends and swaps only): a poisoned one
+/// is still consistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The writer thread: every [`FLUSH_EVERY`], every thread's buffer swapped out and written
+/// in one write. Buffers of threads that have ended are written one last time and dropped.
+fn drain<W: Write>(shared: &Shared, mut out: W, stop: &AtomicBool) {
     let mut batch = Vec::with_capacity(64 * 1024);
+    let mut spare = Vec::new();
     loop {
         let stopping = stop.load(Ordering::Acquire);
-        while let Ok(line) = queue.try_recv() {
-            batch.extend_from_slice(&line);
+        let buffers: Vec<_> = lock(&shared.buffers).clone();
+        for buffer in &buffers {
+            std::mem::swap(&mut *lock(buffer), &mut spare);
+            batch.extend_from_slice(&spare);
+            spare.clear();
         }
+        drop(buffers);
+        // A buffer only the registry holds belongs to a thread that has ended.
+        lock(&shared.buffers)
+            .retain(|buffer| Arc::strong_count(buffer) > 1 || !lock(buffer).is_empty());
         if !batch.is_empty() {
             let _ = out.write_all(&batch);
             let _ = out.flush();
@@ -92,18 +154,6 @@ fn drain<W: Write>(queue: &Receiver<Vec<u8>>, mut out: W, stop: &AtomicBool) {
             return;
         }
         std::thread::sleep(FLUSH_EVERY);
-    }
-}
-
-impl LogSink {
-    /// Queues one line (a copy of it); drops and counts it when the queue is full.
-    pub fn push(&self, line: &[u8]) {
-        match self.lines.try_send(line.to_vec()) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
     }
 }
 
@@ -148,9 +198,9 @@ mod tests {
     }
 
     #[test]
-    fn lines_arrive_in_order_and_a_full_queue_drops_and_counts() {
+    fn lines_arrive_in_order_and_a_full_buffer_drops_and_counts() {
         let out = Shared::default();
-        let (mut sink, guard) = LogSink::spawn(out.clone(), 4).expect("thread");
+        let (mut sink, guard) = LogSink::spawn(out.clone(), 64).expect("thread");
         for n in 0..1000 {
             sink.write_all(format!("line {n}\n").as_bytes())
                 .expect("never fails");
@@ -160,12 +210,48 @@ mod tests {
         let written = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
         let lines: Vec<&str> = written.lines().collect();
         assert_eq!(lines.len() as u64 + dropped, 1000);
-        assert!(dropped > 0, "a 4-line queue overflowed");
+        assert!(dropped > 0, "a 64-byte buffer overflowed");
         assert_eq!(lines[0], "line 0");
         let numbers: Vec<u32> = lines
             .iter()
             .map(|l| l.trim_start_matches("line ").parse().expect("n"))
             .collect();
         assert!(numbers.windows(2).all(|w| w[0] < w[1]), "in order");
+    }
+
+    #[test]
+    fn every_thread_is_written_including_threads_that_ended() {
+        let out = Shared::default();
+        let (sink, guard) = LogSink::spawn(out.clone(), 1 << 20).expect("thread");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    for n in 0..100 {
+                        sink.push(format!("t{t} {n}\n").as_bytes());
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("thread");
+        }
+        std::thread::sleep(FLUSH_EVERY * 3);
+        assert_eq!(
+            lock(&sink.shared.buffers).len(),
+            0,
+            "ended threads' buffers are released"
+        );
+        drop(guard);
+        let written = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        assert_eq!(written.lines().count(), 400);
+        for t in 0..4 {
+            let mine: Vec<u32> = written
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("t{t} ")))
+                .map(|n| n.parse().expect("n"))
+                .collect();
+            assert_eq!(mine, (0..100).collect::<Vec<_>>(), "thread {t} in order");
+        }
     }
 }

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    let (log_sink, _flush_on_exit) = match LogSink::spawn(std::io::stderr(), LOG_QUEUE_LINES) {
+    let (log_sink, _flush_on_exit) = match LogSink::spawn(std::io::stderr(), LOG_BUFFER_BYTES) {
         Ok(pair) => pair,
         Err(error) => {
             eprintln!("diia-gateway: cannot start the log writer: {error}");
@@ -65,9 +65,10 @@ fn main() -> ExitCode {
     runtime.block_on(run(settings, cli.config, log_sink, log_format))
 }
 
-/// Lines waiting for stderr at most; past it new lines are dropped (and counted), never
-/// waited for: a slow log sink must not slow a request down.
-const LOG_QUEUE_LINES: usize = 65_536;
+/// Bytes of log lines one thread holds for stderr at most (~16k access lines, flushed
+/// every 20 ms); past it new lines are dropped (and counted), never waited for: a slow log
+/// sink must not slow a request down.
+const LOG_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 async fn run(
     settings: Settings,
