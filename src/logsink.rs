@@ -8,10 +8,12 @@
 //! `loadtest/compare-wrk.sh`, README "Benchmarks"). Why not one queue of lines either (the
 //! previous design): an allocation per line, freed on another thread, and a shared channel
 //! whose cache lines move between cores on every line cost ~2 µs per request. Here a line
-//! is appended to its thread's own buffer under an uncontended lock; the writer thread
-//! wakes on its own every [`FLUSH_EVERY`], swaps each buffer for an empty one and writes
-//! everything at once. Lines of one thread stay in order; lines of different threads are
-//! ordered by batch (each carries its timestamp).
+//! is appended to its thread's own buffer under an uncontended lock, behind a sequence
+//! number from one shared counter; the writer thread wakes on its own every
+//! [`FLUSH_EVERY`], swaps each buffer for an empty one, merges them by sequence and writes
+//! everything at once. So lines come out in the order they were logged, across threads
+//! (the one exception: two lines logged by different threads within the instant the
+//! writer swaps their buffers may land in consecutive batches).
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -38,7 +40,12 @@ struct Shared {
     /// Bytes one thread may hold between two flushes.
     per_thread: usize,
     dropped: AtomicU64,
+    /// The order lines were logged in, across threads.
+    sequence: AtomicU64,
 }
+
+/// Bytes before each line in a thread's buffer: its sequence number and its length.
+const FRAME: usize = 12;
 
 /// One thread's lines between two flushes.
 type ThreadBuffer = Arc<Mutex<Vec<u8>>>;
@@ -78,6 +85,7 @@ impl LogSink {
             buffers: Mutex::new(Vec::new()),
             per_thread,
             dropped: AtomicU64::new(0),
+            sequence: AtomicU64::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -112,10 +120,17 @@ impl LogSink {
                     &mine.insert((self.shared.id, buffer)).1
                 }
             };
+            let Ok(length) = u32::try_from(line.len()) else {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
             let mut buffer = lock(buffer);
-            if buffer.len() + line.len() > self.shared.per_thread {
+            if buffer.len() + FRAME + line.len() > self.shared.per_thread {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             } else {
+                let sequence = self.shared.sequence.fetch_add(1, Ordering::Relaxed);
+                buffer.extend_from_slice(&sequence.to_le_bytes());
+                buffer.extend_from_slice(&length.to_le_bytes());
                 buffer.extend_from_slice(line);
             }
         });
@@ -128,23 +143,25 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The writer thread: every [`FLUSH_EVERY`], every thread's buffer swapped out and written
-/// in one write. Buffers of threads that have ended are written one last time and dropped.
+/// The writer thread: every [`FLUSH_EVERY`], every thread's buffer swapped out, merged
+/// by sequence and written in one write. Buffers of threads that have ended are written
+/// one last time and dropped.
 fn drain<W: Write>(shared: &Shared, mut out: W, stop: &AtomicBool) {
     let mut batch = Vec::with_capacity(64 * 1024);
-    let mut spare = Vec::new();
+    let mut taken: Vec<Vec<u8>> = Vec::new();
     loop {
         let stopping = stop.load(Ordering::Acquire);
         let buffers: Vec<_> = lock(&shared.buffers).clone();
-        for buffer in &buffers {
-            std::mem::swap(&mut *lock(buffer), &mut spare);
-            batch.extend_from_slice(&spare);
-            spare.clear();
+        taken.resize_with(buffers.len(), Vec::new);
+        for (buffer, into) in buffers.iter().zip(taken.iter_mut()) {
+            into.clear();
+            std::mem::swap(&mut *lock(buffer), into);
         }
         drop(buffers);
         // A buffer only the registry holds belongs to a thread that has ended.
         lock(&shared.buffers)
             .retain(|buffer| Arc::strong_count(buffer) > 1 || !lock(buffer).is_empty());
+        merge(&taken, &mut batch);
         if !batch.is_empty() {
             let _ = out.write_all(&batch);
             let _ = out.flush();
@@ -155,6 +172,35 @@ fn drain<W: Write>(shared: &Shared, mut out: W, stop: &AtomicBool) {
         }
         std::thread::sleep(FLUSH_EVERY);
     }
+}
+
+/// Appends the lines of every framed buffer to `batch`, lowest sequence first.
+fn merge(buffers: &[Vec<u8>], batch: &mut Vec<u8>) {
+    let mut cursors = vec![0usize; buffers.len()];
+    loop {
+        let next = buffers
+            .iter()
+            .zip(&cursors)
+            .enumerate()
+            .filter_map(|(index, (buffer, &at))| Some((frame(buffer, at)?.0, index)))
+            .min();
+        let Some((_, index)) = next else { return };
+        let at = cursors[index];
+        let Some((_, line)) = frame(&buffers[index], at) else {
+            return;
+        };
+        batch.extend_from_slice(line);
+        cursors[index] = at + FRAME + line.len();
+    }
+}
+
+/// The sequence number and line framed at `at`, if one is there whole.
+fn frame(buffer: &[u8], at: usize) -> Option<(u64, &[u8])> {
+    let header = buffer.get(at..at + FRAME)?;
+    let sequence = u64::from_le_bytes(header[..8].try_into().ok()?);
+    let length = u32::from_le_bytes(header[8..].try_into().ok()?) as usize;
+    let line = buffer.get(at + FRAME..at + FRAME + length)?;
+    Some((sequence, line))
 }
 
 impl Write for LogSink {
@@ -217,6 +263,37 @@ mod tests {
             .map(|l| l.trim_start_matches("line ").parse().expect("n"))
             .collect();
         assert!(numbers.windows(2).all(|w| w[0] < w[1]), "in order");
+    }
+
+    #[test]
+    fn lines_of_different_threads_come_out_in_logging_order() {
+        let out = Shared::default();
+        let (sink, guard) = LogSink::spawn(out.clone(), 1 << 20).expect("thread");
+        // Two threads take turns: even numbers on one, odd on the other.
+        let (to_odd, odd_turn) = std::sync::mpsc::channel::<u32>();
+        let (to_even, even_turn) = std::sync::mpsc::channel::<u32>();
+        let odd = {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                while let Ok(n) = odd_turn.recv() {
+                    sink.push(format!("{n}\n").as_bytes());
+                    if to_even.send(n + 1).is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        for n in (0..40).step_by(2) {
+            sink.push(format!("{n}\n").as_bytes());
+            to_odd.send(n + 1).expect("odd thread");
+            assert_eq!(even_turn.recv().expect("odd thread"), n + 2);
+        }
+        drop(to_odd);
+        odd.join().expect("thread");
+        drop(guard);
+        let written = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        let numbers: Vec<u32> = written.lines().map(|l| l.parse().expect("n")).collect();
+        assert_eq!(numbers, (0..40).collect::<Vec<_>>());
     }
 
     #[test]
