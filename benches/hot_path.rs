@@ -19,16 +19,19 @@ use diia_gateway::barcode::Barcode;
 use diia_gateway::cache::{AnswerCache, Fetched, Lifetimes};
 use diia_gateway::config::{DiiaLimitConfig, FileConfig, RateConfig};
 use diia_gateway::error::GatewayError;
+use diia_gateway::h1::encode_answer;
 use diia_gateway::keys::HashKey;
 use diia_gateway::limit::{BudgetQuota, DiiaBrake, KeyedBudget, LimitScope, Who};
 use diia_gateway::policy::Policy;
 use diia_gateway::proxy::answer_response;
 use diia_gateway::request::JsonBody;
+use diia_gateway::server::Reply;
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::{Barcodes, InProcess};
 
 const BODY: &[u8] = br#"{"branchId":"a1b2c3d4e5f60718293a4b5c","barcode":"3389798072091"}"#;
 const TOKEN: &[u8] = b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJleHAiOjE3OTk5OTk5OTl9.c2lnbmF0dXJl";
@@ -211,6 +214,52 @@ fn hit_response(c: &mut Criterion) {
             response
         });
     });
+    // What the HTTP/1.1 loop does now: the answer's pre-rendered head and body copied into
+    // the connection's reused write buffer, as wire bytes (no HeaderMap, no allocation).
+    let mut out = Vec::with_capacity(1024);
+    group.bench_function("h1_pre_rendered_bytes", |b| {
+        b.iter(|| {
+            out.clear();
+            encode_answer(black_box(&answer), Some(&hit), false, &mut out);
+            out.len()
+        });
+    });
+    group.finish();
+}
+
+/// A whole hit as the HTTP/1.1 loop serves it: `Gateway::reply` (no response built) and
+/// the pre-rendered bytes, against `Gateway::serve` (a response with a `HeaderMap`).
+fn in_process_reply(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bench = runtime.block_on(InProcess::start());
+    let mut barcodes = Barcodes::new(338_979_900_000);
+    let barcode = barcodes.next();
+    let body = Bytes::from(format!(
+        r#"{{"branchId":"bench-branch","barcode":"{}"}}"#,
+        barcode.digits()
+    ));
+    runtime.block_on(bench.serve(bench.identification(barcode)));
+    let mut group = c.benchmark_group("end_to_end");
+    group.bench_function("in_process_cache_hit_reply_h1_bytes", |b| {
+        let mut out = Vec::with_capacity(1024);
+        b.iter(|| {
+            let request = bench.identification_body(body.clone());
+            runtime.block_on(async {
+                out.clear();
+                match bench.reply(request).await {
+                    Reply::Answer {
+                        answer,
+                        cache_status,
+                    } => encode_answer(&answer, cache_status, false, &mut out),
+                    Reply::Response(_) => unreachable!("a hit is an answer"),
+                }
+            });
+            out.len()
+        });
+    });
     group.finish();
 }
 
@@ -327,6 +376,7 @@ criterion_group!(
     cache_lookup,
     rate_limits,
     hit_response,
+    in_process_reply,
     error_rendering,
     end_to_end
 );
