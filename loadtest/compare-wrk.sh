@@ -17,6 +17,9 @@
 #   loadtest/compare-wrk.sh
 #   REPEATS=5 DURATION=10s CASES="bare gateway-log" loadtest/compare-wrk.sh
 #   MIX=zipf CASES="gateway-log nginx-log" loadtest/compare-wrk.sh
+#   BEFORE=/path/to/older/diia-gateway CASES="bare gateway-log before-log" loadtest/compare-wrk.sh
+# BEFORE adds the cases before-log / before (an older gateway binary, same settings as
+# gateway-log / gateway) for before/after rows measured in the same run.
 # MIX=zipf draws each request's barcode from 10,000 keys with a Zipf (s = 1) distribution
 # (a fresh key set per case) and also reports the calls that reached the simulator, which
 # must equal the distinct keys requested.
@@ -48,14 +51,14 @@ cleanup() {
 trap cleanup EXIT
 
 SIM=127.0.0.1:18190
-declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187)
+declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187 [before]=18191 [before-log]=18192)
 
 printf 'listen = "%s"\nauto_issue = true\n' "$SIM" > "$work/sim.toml"
 target/release/diia-sim --config "$work/sim.toml" >/dev/null 2>&1 & pids+=($!)
 target/release/bare-hyper --listen "127.0.0.1:${PORT[bare]}" >/dev/null 2>&1 & pids+=($!)
 declare -A PID=([bare]=$!)
 
-gateway() { # name port admin filter workers
+gateway() { # name port admin filter workers [binary]
   cat > "$work/$1.toml" <<CONF
 [server]
 listen = "127.0.0.1:$2"
@@ -76,12 +79,16 @@ burst = 100000
 [log]
 filter = "$4"
 CONF
-  target/release/diia-gateway --config "$work/$1.toml" 2>"$work/$1.log" >/dev/null & pids+=($!)
+  "${6:-target/release/diia-gateway}" --config "$work/$1.toml" 2>"$work/$1.log" >/dev/null & pids+=($!)
   PID[$1]=$!
 }
 gateway gateway "${PORT[gateway]}" 18185 warn 1
 gateway gateway-log "${PORT[gateway-log]}" 18186 info 1
 gateway gateway-mt-log "${PORT[gateway-mt-log]}" 18188 info 0
+if [ -n "${BEFORE:-}" ]; then
+  gateway before "${PORT[before]}" 18193 warn 1 "$BEFORE"
+  gateway before-log "${PORT[before-log]}" 18194 info 1 "$BEFORE"
+fi
 
 nginx_conf() { # name port access_log(on|off) cache(on|off)
   local access="access_log off;"
@@ -116,6 +123,7 @@ nginx_conf nginx "${PORT[nginx]}" off on
 nginx_conf nginx-log "${PORT[nginx-log]}" on on
 nginx_conf nginx-proxy "${PORT[nginx-proxy]}" off off
 
+[ -n "${BEFORE:-}" ] || unset 'PORT[before]' 'PORT[before-log]'
 for port in 18190 "${PORT[@]}"; do
   for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done

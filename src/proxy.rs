@@ -396,7 +396,8 @@ impl Gateway {
         drop(checked);
         match slot {
             Some(slot) => self.cached(ctx, slot, body).await,
-            None => self.forward(ctx, body).await,
+            // Forwarded calls are never hits: boxed, so the hit's state stays small.
+            None => Box::pin(self.forward(ctx, body)).await,
         }
     }
 
@@ -500,10 +501,19 @@ impl Gateway {
         {
             fleet.note_near_hit();
         }
+        // The token bookkeeping is rare (a login, a refused token): boxed, so its futures
+        // do not grow every request's state (which is moved, whole, on each await).
         if let Ok(answer) = result.as_ref() {
             match slot.store {
-                Store::SessionTokens => self.remember_issued(answer, slot.key).await,
-                Store::Answers | Store::Sharing => self.forget_refused(ctx, answer).await,
+                Store::SessionTokens if answer.status == http::StatusCode::OK => {
+                    Box::pin(self.remember_issued(answer, slot.key)).await;
+                }
+                Store::Answers | Store::Sharing
+                    if answer.status == http::StatusCode::UNAUTHORIZED =>
+                {
+                    Box::pin(self.forget_refused(ctx, answer)).await;
+                }
+                Store::SessionTokens | Store::Answers | Store::Sharing => {}
             }
         }
         handled(&result, lookup, slot.store == Store::Sharing)
