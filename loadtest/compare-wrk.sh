@@ -9,6 +9,8 @@
 #   gateway    diia-gateway with server.workers = 1 (one single-threaded runtime, as the
 #              bare responder), access log on (default `info`, JSON lines to a file) and off
 #   gateway-mt-log  diia-gateway with the default work-stealing runtime, access log on
+#   gateway-log-2w  diia-gateway with server.workers = 2 (one runtime per core, as NGINX's
+#              two workers), access log on
 # Each case runs REPEATS times (default 3) for DURATION (default 8s); the table shows medians
 # of req/s, p99 and CPU µs per request (utime + stime of the server's processes from /proc),
 # with the ratios to the bare responder and to NGINX's cache. Loopback only; every process
@@ -51,7 +53,7 @@ cleanup() {
 trap cleanup EXIT
 
 SIM=127.0.0.1:18190
-declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187 [before]=18191 [before-log]=18192)
+declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187 [before]=18191 [before-log]=18192 [gateway-log-2w]=18195)
 
 printf 'listen = "%s"\nauto_issue = true\n' "$SIM" > "$work/sim.toml"
 target/release/diia-sim --config "$work/sim.toml" >/dev/null 2>&1 & pids+=($!)
@@ -85,6 +87,7 @@ CONF
 gateway gateway "${PORT[gateway]}" 18185 warn 1
 gateway gateway-log "${PORT[gateway-log]}" 18186 info 1
 gateway gateway-mt-log "${PORT[gateway-mt-log]}" 18188 info 0
+gateway gateway-log-2w "${PORT[gateway-log-2w]}" 18196 info 2
 if [ -n "${BEFORE:-}" ]; then
   gateway before "${PORT[before]}" 18193 warn 1 "$BEFORE"
   gateway before-log "${PORT[before-log]}" 18194 info 1 "$BEFORE"
