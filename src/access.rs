@@ -59,53 +59,60 @@ impl AccessLog {
     }
 }
 
+/// One field's value, as the line shows it.
+enum Field<'a> {
+    /// A label, quoted in JSON.
+    Label(&'a [u8]),
+    /// A number, bare.
+    Number(u64),
+    /// An address, quoted in JSON.
+    Address(IpAddr),
+}
+
 /// One line, byte by byte: every value is a static label, a number, hex or an address,
 /// so nothing needs escaping (and no `fmt` machinery runs per request).
 fn render(line: &AccessLine, format: LogFormat, now: SystemTime, out: &mut Vec<u8>) {
-    let mut numbers = itoa::Buffer::new();
     let hex = line.barcode.map(|fingerprint| fingerprint.hex());
-    let barcode = hex.as_ref().map_or(&b"-"[..], |hex| &hex[..]);
-    match format {
-        LogFormat::Json => {
-            out.extend_from_slice(b"{\"timestamp\":\"");
-            timestamp(now, out);
-            out.extend_from_slice(
-                b"\",\"level\":\"INFO\",\"target\":\"diia_gateway::access\",\"endpoint\":\"",
-            );
-            out.extend_from_slice(line.endpoint.as_bytes());
-            out.extend_from_slice(b"\",\"status\":");
-            out.extend_from_slice(numbers.format(line.status).as_bytes());
-            out.extend_from_slice(b",\"outcome\":\"");
-            out.extend_from_slice(line.outcome.as_bytes());
-            out.extend_from_slice(b"\",\"code\":\"");
-            out.extend_from_slice(line.code.as_bytes());
-            out.extend_from_slice(b"\",\"micros\":");
-            out.extend_from_slice(numbers.format(line.micros).as_bytes());
-            out.extend_from_slice(b",\"barcode\":\"");
-            out.extend_from_slice(barcode);
-            out.extend_from_slice(b"\",\"peer\":\"");
-            address(line.peer, out);
-            out.extend_from_slice(b"\"}\n");
+    let fields = [
+        ("endpoint", Field::Label(line.endpoint.as_bytes())),
+        ("status", Field::Number(u64::from(line.status))),
+        ("outcome", Field::Label(line.outcome.as_bytes())),
+        ("code", Field::Label(line.code.as_bytes())),
+        ("micros", Field::Number(line.micros)),
+        (
+            "barcode",
+            Field::Label(hex.as_ref().map_or(&b"-"[..], |hex| &hex[..])),
+        ),
+        ("peer", Field::Address(line.peer)),
+    ];
+    let json = matches!(format, LogFormat::Json);
+    if json {
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        timestamp(now, out);
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"diia_gateway::access\"");
+    } else {
+        timestamp(now, out);
+        out.extend_from_slice(b"  INFO diia_gateway::access:");
+    }
+    let mut numbers = itoa::Buffer::new();
+    for (name, value) in fields {
+        let quoted = json && !matches!(value, Field::Number(_));
+        out.extend_from_slice(if json { b",\"" } else { b" " });
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(if json { b"\":" } else { b"=" });
+        if quoted {
+            out.push(b'"');
         }
-        LogFormat::Text => {
-            timestamp(now, out);
-            out.extend_from_slice(b"  INFO diia_gateway::access: endpoint=");
-            out.extend_from_slice(line.endpoint.as_bytes());
-            out.extend_from_slice(b" status=");
-            out.extend_from_slice(numbers.format(line.status).as_bytes());
-            out.extend_from_slice(b" outcome=");
-            out.extend_from_slice(line.outcome.as_bytes());
-            out.extend_from_slice(b" code=");
-            out.extend_from_slice(line.code.as_bytes());
-            out.extend_from_slice(b" micros=");
-            out.extend_from_slice(numbers.format(line.micros).as_bytes());
-            out.extend_from_slice(b" barcode=");
-            out.extend_from_slice(barcode);
-            out.extend_from_slice(b" peer=");
-            address(line.peer, out);
-            out.push(b'\n');
+        match value {
+            Field::Label(label) => out.extend_from_slice(label),
+            Field::Number(number) => out.extend_from_slice(numbers.format(number).as_bytes()),
+            Field::Address(peer) => address(peer, out),
+        }
+        if quoted {
+            out.push(b'"');
         }
     }
+    out.extend_from_slice(if json { b"}\n" } else { b"\n" });
 }
 
 /// RFC 3339 in UTC with microseconds, as `tracing`'s formatter writes it.

@@ -120,12 +120,17 @@ fn identify(token: &str, barcode: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-#[tokio::test]
-async fn pipelined_requests_are_answered_in_order() {
-    let h = Harness::start().await;
+/// A harness, a session token, a fresh barcode and one raw connection to the gateway.
+async fn scene(h: Harness) -> (Harness, String, String, Conn) {
     let token = h.session_token().await;
     let barcode = h.issue_barcode().await;
-    let mut conn = Conn::open(h.gateway.addr()).await;
+    let conn = Conn::open(h.gateway.addr()).await;
+    (h, token, barcode, conn)
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let (h, token, barcode, mut conn) = scene(Harness::start().await).await;
     let mut burst = identify(&token, &barcode, "");
     burst.extend(identify(&token, &barcode, ""));
     burst.extend(b"GET /nowhere HTTP/1.1\r\nhost: x\r\n\r\n");
@@ -145,12 +150,9 @@ async fn pipelined_requests_are_answered_in_order() {
 
 #[tokio::test]
 async fn a_body_written_after_its_head_is_read_from_the_socket() {
-    let h = Harness::start().await;
-    let token = h.session_token().await;
-    let barcode = h.issue_barcode().await;
+    let (_h, token, barcode, mut conn) = scene(Harness::start().await).await;
     let request = identify(&token, &barcode, "");
     let split = request.len() - 20;
-    let mut conn = Conn::open(h.gateway.addr()).await;
     conn.write(&request[..split]).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     conn.write(&request[split..split + 7]).await;
@@ -166,15 +168,15 @@ async fn a_body_written_after_its_head_is_read_from_the_socket() {
 
 #[tokio::test]
 async fn a_body_slower_than_body_timeout_is_408_and_the_connection_closes() {
-    let h = Harness::with(
-        |_| {},
-        |c| c.server.body_timeout = Duration::from_millis(300),
+    let (h, token, barcode, mut conn) = scene(
+        Harness::with(
+            |_| {},
+            |c| c.server.body_timeout = Duration::from_millis(300),
+        )
+        .await,
     )
     .await;
-    let token = h.session_token().await;
-    let barcode = h.issue_barcode().await;
     let request = identify(&token, &barcode, "");
-    let mut conn = Conn::open(h.gateway.addr()).await;
     conn.write(&request[..request.len() - 5]).await;
     let answer = conn.response().await.unwrap();
     assert_eq!(answer.status, 408, "{answer:?}");
@@ -185,10 +187,7 @@ async fn a_body_slower_than_body_timeout_is_408_and_the_connection_closes() {
 
 #[tokio::test]
 async fn a_chunked_request_mid_connection_is_handed_to_hyper_and_the_connection_lives_on() {
-    let h = Harness::start().await;
-    let token = h.session_token().await;
-    let barcode = h.issue_barcode().await;
-    let mut conn = Conn::open(h.gateway.addr()).await;
+    let (h, token, barcode, mut conn) = scene(Harness::start().await).await;
     conn.write(&identify(&token, &barcode, "")).await;
     assert_eq!(conn.response().await.unwrap().status, 200);
     let body = format!(r#"{{"branchId":"b1","barcode":"{barcode}"}}"#);
@@ -213,10 +212,7 @@ async fn a_chunked_request_mid_connection_is_handed_to_hyper_and_the_connection_
 
 #[tokio::test]
 async fn connection_close_is_answered_then_closed() {
-    let h = Harness::start().await;
-    let token = h.session_token().await;
-    let barcode = h.issue_barcode().await;
-    let mut conn = Conn::open(h.gateway.addr()).await;
+    let (_h, token, barcode, mut conn) = scene(Harness::start().await).await;
     conn.write(&identify(&token, &barcode, "connection: close\r\n"))
         .await;
     let answer = conn.response().await.unwrap();
