@@ -172,7 +172,10 @@ pub enum Lookup {
 /// A coalescing, TTL-bounded answer cache.
 #[derive(Clone)]
 pub struct AnswerCache {
-    inner: moka::future::Cache<CacheKey, Slot>,
+    /// moka's synchronous cache: nothing here needs to wait (the compute closures only
+    /// decide and spawn), and its `get` is a plain call where the async one is an
+    /// 800-byte future inside every request's state.
+    inner: moka::sync::Cache<CacheKey, Slot>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -191,7 +194,7 @@ impl AnswerCache {
     /// A cache bounded to about `max_bytes` of answers.
     #[must_use]
     pub fn new(max_bytes: u64) -> Self {
-        let inner = moka::future::Cache::builder()
+        let inner = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_key: &CacheKey, slot: &Slot| -> u32 {
                 let body = match slot {
@@ -226,16 +229,12 @@ impl AnswerCache {
     /// Drops a stored answer (a session token Diia has since refused); a call under way
     /// for the key is left alone.
     pub async fn forget_answer(&self, key: CacheKey) {
-        self.inner
-            .entry(key)
-            .and_compute_with(|current| {
-                let op = match current.as_ref().map(moka::Entry::value) {
-                    Some(Slot::Ready { .. }) => Op::Remove,
-                    Some(Slot::Pending { .. }) | None => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
+        self.inner.entry(key).and_compute_with(|current| {
+            match current.as_ref().map(moka::Entry::value) {
+                Some(Slot::Ready { .. }) => Op::Remove,
+                Some(Slot::Pending { .. }) | None => Op::Nop,
+            }
+        });
     }
 
     /// Bytes the weigher counts over all entries.
@@ -246,7 +245,7 @@ impl AnswerCache {
 
     /// Runs moka's deferred maintenance now; tests use it for exact counts.
     pub async fn sync(&self) {
-        self.inner.run_pending_tasks().await;
+        self.inner.run_pending_tasks();
     }
 
     /// A stored answer for `key`, or joins the call under way, or starts `fetch` as the
@@ -265,7 +264,7 @@ impl AnswerCache {
         Fut: Future<Output = Fetched> + Send + 'static,
     {
         // Fast path: a fresh answer or a call under way, without the key lock.
-        if let Some(slot) = self.inner.get(&key).await
+        if let Some(slot) = self.inner.get(&key)
             && !is_stale(&slot)
         {
             return join(slot, tag, deadline).await;
@@ -291,29 +290,24 @@ impl AnswerCache {
         Fut: Future<Output = Fetched> + Send + 'static,
     {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let result = self
-            .inner
-            .entry(key)
-            .and_compute_with(|current| {
-                let op = match current.map(moka::Entry::into_value) {
-                    None => Op::Put(self.spawn_call(key, id, tag, lifetimes, None, fetch())),
-                    Some(Slot::Ready {
+        let result = self.inner.entry(key).and_compute_with(|current| {
+            match current.map(moka::Entry::into_value) {
+                None => Op::Put(self.spawn_call(key, id, tag, lifetimes, None, fetch())),
+                Some(Slot::Ready {
+                    outcome,
+                    fresh_until,
+                    expires_at,
+                    ..
+                }) if fresh_until <= Instant::now() => {
+                    let stale = (expires_at > Instant::now()).then_some(Stale {
                         outcome,
-                        fresh_until,
-                        expires_at,
-                        ..
-                    }) if fresh_until <= Instant::now() => {
-                        let stale = (expires_at > Instant::now()).then_some(Stale {
-                            outcome,
-                            until: expires_at,
-                        });
-                        Op::Put(self.spawn_call(key, id, tag, lifetimes, stale, fetch()))
-                    }
-                    Some(_) => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
+                        until: expires_at,
+                    });
+                    Op::Put(self.spawn_call(key, id, tag, lifetimes, stale, fetch()))
+                }
+                Some(_) => Op::Nop,
+            }
+        });
         let slot = match result {
             CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => entry.into_value(),
             CompResult::Unchanged(entry) => return join(entry.into_value(), tag, deadline).await,
@@ -377,39 +371,35 @@ impl AnswerCache {
             };
             let settled = Arc::clone(&outcome);
             let failed = is_failure(&outcome);
-            cache
-                .entry(key)
-                .and_compute_with(|current| {
-                    // Ours: still our pending call, or nothing (our lock aged out or was
-                    // evicted; nobody else started a call meanwhile).
-                    let ours = match current.as_ref().map(moka::Entry::value) {
-                        None => true,
-                        Some(Slot::Pending { id: current_id, .. }) => *current_id == id,
-                        Some(Slot::Ready { .. }) => false,
-                    };
-                    let now = Instant::now();
-                    let op = match (ours, ttl, kept) {
-                        (false, _, _) => Op::Nop,
-                        (true, Some(ttl), _) => Op::Put(Slot::Ready {
+            cache.entry(key).and_compute_with(|current| {
+                // Ours: still our pending call, or nothing (our lock aged out or was
+                // evicted; nobody else started a call meanwhile).
+                let ours = match current.as_ref().map(moka::Entry::value) {
+                    None => true,
+                    Some(Slot::Pending { id: current_id, .. }) => *current_id == id,
+                    Some(Slot::Ready { .. }) => false,
+                };
+                let now = Instant::now();
+                match (ours, ttl, kept) {
+                    (false, _, _) => Op::Nop,
+                    (true, Some(ttl), _) => Op::Put(Slot::Ready {
+                        tag,
+                        outcome: settled,
+                        fresh_until: now + ttl,
+                        expires_at: now + ttl + stale_if_error,
+                    }),
+                    // Diia failed: put the stale answer back for the next requests.
+                    (true, None, Some(stale)) if failed && stale.until > now => {
+                        Op::Put(Slot::Ready {
                             tag,
-                            outcome: settled,
-                            fresh_until: now + ttl,
-                            expires_at: now + ttl + stale_if_error,
-                        }),
-                        // Diia failed: put the stale answer back for the next requests.
-                        (true, None, Some(stale)) if failed && stale.until > now => {
-                            Op::Put(Slot::Ready {
-                                tag,
-                                outcome: stale.outcome,
-                                fresh_until: now,
-                                expires_at: stale.until,
-                            })
-                        }
-                        (true, None, _) => Op::Remove,
-                    };
-                    std::future::ready(op)
-                })
-                .await;
+                            outcome: stale.outcome,
+                            fresh_until: now,
+                            expires_at: stale.until,
+                        })
+                    }
+                    (true, None, _) => Op::Remove,
+                }
+            });
             (outcome, origin)
         });
         let outcome = task
