@@ -83,3 +83,41 @@ async fn three_instances_make_one_diia_call_per_barcode() {
     };
     assert!(remote > 0.0, "no instance waited on another's call");
 }
+
+/// `server.workers = 2` (one single-threaded runtime per `SO_REUSEPORT` listener) on every
+/// instance: the Redis link created on the main runtime serves the workers' requests, and
+/// the answers are shared across workers and instances (checked by hand before this test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_runtimes_share_the_fleet_cache() {
+    let Some(world) = World::start(|config| config.server_extra = "workers = 2".to_owned()).await
+    else {
+        return;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways) = (&world.sim, &world.http, &world.gateways);
+    let before = sim.state().requests(Endpoint::DocumentIdentification);
+    let barcode = fresh_barcode();
+    let first = gateways[0].identify(http, &token, &barcode).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert!(first.header("cache-status").unwrap().contains("fwd=miss"));
+    world.redis.settled().await;
+    let remote = gateways[1].identify(http, &token, &barcode).await;
+    assert_eq!(
+        remote.header("cache-status"),
+        Some("diia-gateway; hit; detail=remote")
+    );
+    let near = gateways[1].identify(http, &token, &barcode).await;
+    assert!(near.header("cache-status").unwrap().contains("hit"));
+    // Many connections at once on the third instance (spread over its two workers): one
+    // call for a fresh barcode.
+    let fresh = fresh_barcode();
+    let replies = join_all((0..20).map(|_| gateways[2].identify(http, &token, &fresh))).await;
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    let calls = sim.state().requests(Endpoint::DocumentIdentification) - before;
+    assert_eq!(
+        calls, 2,
+        "one Diia call per barcode across workers and instances"
+    );
+}

@@ -191,6 +191,8 @@ pub struct FleetConfig {
     pub diia: String,
     /// `limits.branch`.
     pub branch: String,
+    /// Extra TOML under `[server]`.
+    pub server_extra: String,
     /// Extra top-level TOML sections.
     pub extra: String,
 }
@@ -205,6 +207,7 @@ impl FleetConfig {
             scaleout_extra: String::new(),
             diia: r#"{ per_second = 10000, burst = 10000, max_wait = "200ms" }"#.to_owned(),
             branch: "{ per_minute = 6000000, burst = 100000 }".to_owned(),
+            server_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -224,6 +227,7 @@ listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin}"
 request_deadline = "3s"
 drain_delay = "0s"
+{server_extra}
 
 [upstream]
 base_url = "{sim}"
@@ -257,6 +261,7 @@ command_timeout = "250ms"
             redis = config.redis_url,
             secret = secret_file.display(),
             scaleout_extra = config.scaleout_extra,
+            server_extra = config.server_extra,
             extra = config.extra,
         );
         let config_file = dir.path().join("gateway.toml");
