@@ -26,7 +26,7 @@ use diia_gateway::policy::Policy;
 use diia_gateway::proxy::answer_response;
 use diia_gateway::request::JsonBody;
 use diia_gateway::server::Reply;
-use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig};
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -127,7 +127,7 @@ fn cache_lookup(c: &mut Criterion) {
             })
             .await
             .unwrap();
-        cache.sync().await;
+        cache.sync();
     });
     c.bench_function("cache/hit", |b| {
         b.to_async(&runtime).iter(|| async {
@@ -280,13 +280,7 @@ fn end_to_end(c: &mut Criterion) {
         config.limits.branch.burst = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.client.per_minute = NonZeroU32::new(u32::MAX).unwrap();
         config.limits.client.burst = NonZeroU32::new(u32::MAX).unwrap();
-        let sim = diia_sim::Simulator::start(SimConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            auto_issue: true,
-            ..SimConfig::default()
-        })
-        .await
-        .unwrap();
+        let sim = support::auto_issuing_simulator().await;
         config.upstream.base_url = sim.base_url();
         let settings = diia_gateway::Settings::build(&config).unwrap();
         let gateway = (diia_gateway::start(settings).await.unwrap(), sim);

@@ -12,7 +12,7 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::num::NonZeroU32;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use diia_gateway::config::FileConfig;
 use diia_gateway::policy::Policy;
 use diia_gateway::proxy::Gateway;
 use diia_gateway::scaleout::{BudgetValues, Shape};
-use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, Simulator};
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 use hdrhistogram::Histogram;
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -184,13 +184,7 @@ async fn run() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "6b".repeat(16) + &"d2".repeat(16)).unwrap();
-    let sim = Simulator::start(SimConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        auto_issue: true,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = crate::support::auto_issuing_simulator().await;
     let off = Gateway::build(&settings(&sim.base_url(), None, &secret)).unwrap();
     let on = Gateway::build(&settings(&sim.base_url(), Some(port), &secret)).unwrap();
     let other = Gateway::build(&settings(&sim.base_url(), Some(port), &secret)).unwrap();

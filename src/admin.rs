@@ -37,11 +37,7 @@ impl Admin {
             (&Method::GET, "/metrics") => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                Bytes::from(
-                    self.gateway
-                        .render_metrics(!self.shutdown.is_triggered())
-                        .await,
-                ),
+                Bytes::from(self.gateway.render_metrics(!self.shutdown.is_triggered())),
             ),
             (&Method::GET, "/healthz") => {
                 (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))

@@ -228,7 +228,7 @@ impl AnswerCache {
 
     /// Drops a stored answer (a session token Diia has since refused); a call under way
     /// for the key is left alone.
-    pub async fn forget_answer(&self, key: CacheKey) {
+    pub fn forget_answer(&self, key: CacheKey) {
         self.inner.entry(key).and_compute_with(|current| {
             match current.as_ref().map(moka::Entry::value) {
                 Some(Slot::Ready { .. }) => Op::Remove,
@@ -244,7 +244,7 @@ impl AnswerCache {
     }
 
     /// Runs moka's deferred maintenance now; tests use it for exact counts.
-    pub async fn sync(&self) {
+    pub fn sync(&self) {
         self.inner.run_pending_tasks();
     }
 

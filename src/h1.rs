@@ -146,7 +146,7 @@ pub(crate) async fn serve<H: Handler>(
         };
         let close_after = head.close || exchange.body_left || shutdown.is_triggered();
         out.clear();
-        encode(exchange.reply, close_after, &mut out).await;
+        encode(exchange.reply, close_after, &mut out);
         if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
             return Served::Closed;
         }
@@ -325,7 +325,7 @@ fn build(head: &Head, bytes: &Bytes) -> Option<Request<()>> {
 }
 
 /// Renders `reply` as an HTTP/1.1 response into `out`.
-async fn encode(reply: Reply, close: bool, out: &mut Vec<u8>) {
+fn encode(reply: Reply, close: bool, out: &mut Vec<u8>) {
     match reply {
         Reply::Answer {
             answer,

@@ -277,7 +277,7 @@ fn spawn_housekeeping(gateway: &Arc<Gateway>, closing: &Shutdown) -> JoinHandle<
         let mut ticks = tokio::time::interval(HOUSEKEEPING_PERIOD);
         loop {
             tokio::select! {
-                _ = ticks.tick() => gateway.housekeeping().await,
+                _ = ticks.tick() => gateway.housekeeping(),
                 () = shutdown.wait() => break,
             }
         }

@@ -233,8 +233,8 @@ impl Gateway {
 
     /// Prometheus text for `/metrics`; settles cache bookkeeping first so counts are exact.
     /// `ready` is what `/readyz` answers.
-    pub async fn render_metrics(&self, ready: bool) -> String {
-        self.sync_caches().await;
+    pub fn render_metrics(&self, ready: bool) -> String {
+        self.sync_caches();
         let hot = self.hot.load();
         hot.limits.run_pending_tasks();
         let cache = |name, cache: &AnswerCache| (name, cache.entry_count(), cache.weighted_bytes());
@@ -253,15 +253,15 @@ impl Gateway {
     }
 
     /// Periodic upkeep: forget idle branch budgets, settle cache bookkeeping.
-    pub async fn housekeeping(&self) {
+    pub fn housekeeping(&self) {
         self.hot.load().limits.run_pending_tasks();
-        self.sync_caches().await;
+        self.sync_caches();
     }
 
-    async fn sync_caches(&self) {
-        self.answers.sync().await;
-        self.session_tokens.sync().await;
-        self.sharing.sync().await;
+    fn sync_caches(&self) {
+        self.answers.sync();
+        self.session_tokens.sync();
+        self.sharing.sync();
     }
 
     /// Answers one request as a response (for in-process callers: benchmarks, tests).
@@ -519,14 +519,12 @@ impl Gateway {
         handled(&result, lookup, slot.store == Store::Sharing)
     }
 
-    /// Pass-through: notes which token-cache entry handed out this session token.
+    /// Pass-through: notes which token-cache entry handed out this session token (a 200
+    /// from the token exchange; the caller checks the status).
     async fn remember_issued(&self, answer: &Answer, slot: CacheKey) {
         #[derive(serde::Deserialize)]
         struct Issued {
             token: String,
-        }
-        if answer.status != http::StatusCode::OK {
-            return;
         }
         if let Ok(issued) = serde_json::from_slice::<Issued>(&answer.body()) {
             let token = self
@@ -553,7 +551,7 @@ impl Gateway {
             tracing::info!(
                 "Diia refused a session token the gateway handed out; dropped from the token cache"
             );
-            self.session_tokens.forget_answer(slot).await;
+            self.session_tokens.forget_answer(slot);
         }
     }
 

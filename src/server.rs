@@ -90,12 +90,6 @@ impl Reply {
     }
 }
 
-impl From<HttpResponse> for Reply {
-    fn from(response: HttpResponse) -> Self {
-        Self::Response(response)
-    }
-}
-
 /// A request's body: hyper's (HTTP/2 and handed-over connections), or one the HTTP/1.1
 /// loop read whole, or the start of one it is still reading from the socket.
 pub struct RequestBody(BodyKind);

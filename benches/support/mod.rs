@@ -36,16 +36,21 @@ pub struct InProcess {
     pub settings: Settings,
 }
 
+/// The simulator on a free loopback port, issuing barcodes as they are first seen.
+pub async fn auto_issuing_simulator() -> SimHandle {
+    Simulator::start(SimConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        auto_issue: true,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
 impl InProcess {
     /// Starts the simulator (auto-issuing barcodes) and builds a gateway in front of it.
     pub async fn start() -> Self {
-        let sim = Simulator::start(SimConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            auto_issue: true,
-            ..SimConfig::default()
-        })
-        .await
-        .unwrap();
+        let sim = auto_issuing_simulator().await;
         let mut config = FileConfig::default();
         config.upstream.base_url = sim.base_url();
         config.limits.branch.per_minute = NonZeroU32::new(u32::MAX).unwrap();

@@ -121,7 +121,7 @@ async fn safe_calls_are_retried_within_the_budget() {
     )
     .await;
     assert_eq!(first.gateway_code(), "upstream_unreachable");
-    let metrics = gateway.gateway().render_metrics(true).await;
+    let metrics = gateway.gateway().render_metrics(true);
     assert!(
         metrics.contains("diia_gateway_upstream_retries_total 2"),
         "two retries for the first call"
@@ -134,7 +134,7 @@ async fn safe_calls_are_retried_within_the_budget() {
         )
         .await;
     }
-    let metrics = gateway.gateway().render_metrics(true).await;
+    let metrics = gateway.gateway().render_metrics(true);
     assert!(
         metrics.contains("diia_gateway_upstream_retries_total 3"),
         "the budget of 3 caps retries: {}",
@@ -157,7 +157,7 @@ async fn sharing_requests_are_never_retried() {
     )
     .await;
     assert_eq!(reply.gateway_code(), "upstream_unreachable");
-    let metrics = gateway.gateway().render_metrics(true).await;
+    let metrics = gateway.gateway().render_metrics(true);
     assert!(metrics.contains("diia_gateway_upstream_retries_total 0"));
 }
 

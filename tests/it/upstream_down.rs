@@ -32,7 +32,7 @@ async fn unreachable_diia_is_502() {
     .await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.gateway_code(), "upstream_unreachable");
-    let metrics = gateway.gateway().render_metrics(true).await;
+    let metrics = gateway.gateway().render_metrics(true);
     assert!(metrics.contains(r#"diia_gateway_requests_total{endpoint="document_identification",outcome="upstream_error"} 1"#));
 }
 
