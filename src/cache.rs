@@ -1,11 +1,13 @@
 //! Short-lived answers and in-flight calls, one moka cache per kind: identical requests
 //! coalesce into one Diia call, and a cached answer is only ever found by its own acquirer.
 //!
-//! Each entry is a [`Slot`]: either a pending call (a shared future over a spawned task)
-//! or a finished answer. The task is spawned, not driven by the first client, so a
-//! leader whose client hangs up still finishes the call and fills the cache: a
-//! single-use barcode must never be sent to Diia twice. Waiters are woken by the shared
-//! future (no polling) and bounded by their own request deadline. A pending entry
+//! Each entry is a [`Slot`]: either a pending call (a shared future its waiters join) or
+//! a finished answer. The first request runs the call in its own task (no hand-off to
+//! another task or thread), inside a [`Detachable`]: if that request goes away mid-call
+//! (client gone, deadline), the rest of the call is spawned, so the call still finishes
+//! and fills the cache: a single-use barcode must never be sent to Diia twice. Waiters
+//! are woken through the shared future (no polling) and bounded by their own request
+//! deadline. A pending entry
 //! expires after the longest an upstream call can take (the "lock age"), which stops a
 //! lost task from blocking a key forever.
 //!
@@ -22,6 +24,7 @@ use moka::Expiry;
 use moka::ops::compute::{CompResult, Op};
 
 use crate::answer::{Answer, AnswerClass, CallResult};
+use crate::detach::Detachable;
 use crate::error::GatewayError;
 use crate::keys::CacheKey;
 use crate::policy::Policy;
@@ -290,23 +293,26 @@ impl AnswerCache {
         Fut: Future<Output = Fetched> + Send + 'static,
     {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut leading = None;
         let result = self.inner.entry(key).and_compute_with(|current| {
-            match current.map(moka::Entry::into_value) {
-                None => Op::Put(self.spawn_call(key, id, tag, lifetimes, None, fetch())),
+            let stale = match current.map(moka::Entry::into_value) {
+                None => None,
                 Some(Slot::Ready {
                     outcome,
                     fresh_until,
                     expires_at,
                     ..
                 }) if fresh_until <= Instant::now() => {
-                    let stale = (expires_at > Instant::now()).then_some(Stale {
+                    (expires_at > Instant::now()).then_some(Stale {
                         outcome,
                         until: expires_at,
-                    });
-                    Op::Put(self.spawn_call(key, id, tag, lifetimes, stale, fetch()))
+                    })
                 }
-                Some(_) => Op::Nop,
-            }
+                Some(_) => return Op::Nop,
+            };
+            let (slot, work) = self.start_call(key, id, tag, lifetimes, stale, fetch());
+            leading = Some(work);
+            Op::Put(slot)
         });
         let slot = match result {
             CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => entry.into_value(),
@@ -315,10 +321,12 @@ impl AnswerCache {
                 return Err(GatewayError::Internal);
             }
         };
-        let Slot::Pending { outcome, stale, .. } = slot else {
+        let (Slot::Pending { stale, .. }, Some(work)) = (slot, leading) else {
             return Err(GatewayError::Internal);
         };
-        let (outcome, origin) = tokio::time::timeout_at(deadline, outcome)
+        // The call runs here, in this request's task; past the deadline (or if this
+        // request is dropped) it goes on detached and still fills the cache.
+        let (outcome, origin) = tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?;
         if is_failure(&outcome)
@@ -336,7 +344,10 @@ impl AnswerCache {
         Ok((outcome, lookup))
     }
 
-    fn spawn_call<Fut>(
+    /// The pending slot for a new call, and the call itself: the leader awaits it, its
+    /// waiters join the slot's shared outcome, which the call sends when it has settled
+    /// and stored its answer.
+    fn start_call<Fut>(
         &self,
         key: CacheKey,
         id: u64,
@@ -344,7 +355,7 @@ impl AnswerCache {
         lifetimes: Lifetimes,
         stale: Option<Stale>,
         call: Fut,
-    ) -> Slot
+    ) -> (Slot, Detachable<(Arc<CallResult>, Origin)>)
     where
         Fut: Future<Output = Fetched> + Send + 'static,
     {
@@ -355,7 +366,8 @@ impl AnswerCache {
             stale_if_error,
             longest_call,
         } = lifetimes;
-        let task = tokio::spawn(async move {
+        let (settled_tx, settled_rx) = tokio::sync::oneshot::channel();
+        let work = Detachable::new(async move {
             let Fetched { result, origin } = call.await;
             let outcome = Arc::new(policy.settle(result));
             // A fleet answer lives no longer here than it does in Redis.
@@ -400,21 +412,24 @@ impl AnswerCache {
                     (true, None, _) => Op::Remove,
                 }
             });
+            // No waiter left is fine: the answer is stored for the next request.
+            let _ = settled_tx.send((Arc::clone(&outcome), origin));
             (outcome, origin)
         });
-        let outcome = task
-            .map(|joined| {
-                joined.unwrap_or_else(|_| (Arc::new(Err(GatewayError::Internal)), Origin::Diia))
+        let outcome = settled_rx
+            .map(|sent| {
+                sent.unwrap_or_else(|_| (Arc::new(Err(GatewayError::Internal)), Origin::Diia))
             })
             .boxed()
             .shared();
-        Slot::Pending {
+        let slot = Slot::Pending {
             id,
             tag,
             outcome,
             stale,
             expires_at: Instant::now() + longest_call,
-        }
+        };
+        (slot, work)
     }
 }
 

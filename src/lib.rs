@@ -22,6 +22,7 @@
 //! - [`policy`]: cache keys per endpoint and how long each answer lives
 //! - [`keys`]: keyed hashes for cache keys and log fingerprints, redacting secrets
 //! - [`cache`]: moka caches with coalescing and replay
+//! - [`detach`]: a leader's call runs in its request's task, finishing detached if dropped
 //! - [`limit`]: governor limits per branch and toward Diia, and Diia's brake
 //! - [`upstream`]: hyper + rustls client toward Diia
 //! - [`breaker`]: circuit breaker and retry budget toward Diia
@@ -46,6 +47,7 @@ pub mod breaker;
 pub mod cache;
 pub mod caller;
 pub mod config;
+pub mod detach;
 pub mod diia;
 #[cfg(feature = "embedded-sim")]
 mod embedded;

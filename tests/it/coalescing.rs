@@ -76,6 +76,54 @@ async fn leader_call_finishes_after_its_client_hangs_up() {
     assert_eq!(h.sim_calls("document_identification").await, 1);
 }
 
+/// HTTP/2 resets the stream of a request its client gave up on, and the server drops that
+/// request's handler mid-call; the leader's call runs in that handler, so it must go on
+/// detached and still fill the cache (and never send the single-use barcode twice).
+#[tokio::test]
+async fn leader_call_finishes_after_its_http2_stream_is_reset() {
+    let h = Arc::new(Harness::start().await);
+    let token = h.session_token().await;
+    let barcode = h.issue_barcode().await;
+    h.set_faults(json!({"latency": "400ms"})).await;
+
+    let h2: support::HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let leader = {
+        let (url, bearer) = (
+            h.url("/api/v1/acquirers/document-identification"),
+            format!("Bearer {token}"),
+        );
+        let body = format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#);
+        let h2 = h2.clone();
+        tokio::spawn(async move {
+            support::send(
+                &h2,
+                http::Method::POST,
+                &url,
+                &[
+                    ("authorization", &bearer),
+                    ("content-type", "application/json"),
+                ],
+                body,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort(); // RST_STREAM: the gateway drops the handler, the connection stays
+    let _ = leader.await;
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    h.set_faults(json!({})).await;
+    let rescan = h.identify(&token, "b", &barcode).await;
+    assert_eq!(rescan.status, StatusCode::OK);
+    assert_eq!(rescan.header("cache-status"), Some("diia-gateway; hit"));
+    assert_eq!(h.sim_calls("document_identification").await, 1);
+    drop(h2);
+}
+
 #[tokio::test]
 async fn waiters_are_bounded_by_the_request_deadline() {
     let h = Arc::new(
