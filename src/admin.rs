@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 
+use crate::head::RequestHead;
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
 use crate::server::{Handler, HttpResponse, Reply, RequestBody, Shutdown};
@@ -83,7 +84,12 @@ impl Admin {
 }
 
 impl Handler for Admin {
-    async fn handle(self: Arc<Self>, request: Request<RequestBody>, _peer: SocketAddr) -> Reply {
-        Reply::Response(self.answer(request.method(), request.uri().path()).await)
+    async fn handle(
+        self: Arc<Self>,
+        head: RequestHead,
+        _body: RequestBody,
+        _peer: SocketAddr,
+    ) -> Reply {
+        Reply::Response(self.answer(&head.method, head.uri.path()).await)
     }
 }

@@ -6,12 +6,13 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, Method};
+use http::Method;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{ApiKeyConfig, AuthMode};
 use crate::error::GatewayError;
+use crate::head::RequestHead;
 use crate::request::{Checked, bearer_credential, bearer_token};
 use crate::route::Endpoint;
 
@@ -40,13 +41,13 @@ pub enum Scope {
 }
 
 impl Caller {
-    /// Who cached answers belong to: the session token in `headers` (pass-through) or, in
+    /// Who cached answers belong to: the session token in `head` (pass-through) or, in
     /// managed mode, the acquirer (`acquirer`), shared by all its branches.
     #[must_use]
-    pub fn identity<'a>(&self, acquirer: &'a [u8], headers: &'a HeaderMap) -> &'a [u8] {
+    pub fn identity<'a>(&self, acquirer: &'a [u8], head: &'a RequestHead) -> &'a [u8] {
         match self {
             // Authenticated already: the token was checked by `Gate::authenticate`.
-            Self::Session => bearer_credential(headers),
+            Self::Session => bearer_credential(head),
             Self::Exchange | Self::Branch { .. } => acquirer,
         }
     }
@@ -110,18 +111,16 @@ impl<'a> Gate<'a> {
     pub fn authenticate(
         &self,
         endpoint: Endpoint,
-        headers: &HeaderMap,
+        head: &RequestHead,
     ) -> Result<Caller, GatewayError> {
         match self {
             Self::PassThrough if endpoint == Endpoint::TokenExchange => Ok(Caller::Exchange),
             Self::PassThrough => {
-                bearer_token(headers)?;
+                bearer_token(head)?;
                 Ok(Caller::Session)
             }
             Self::ApiKeys(keys) => {
-                let presented = headers
-                    .get("x-api-key")
-                    .ok_or(GatewayError::InvalidApiKey)?;
+                let presented = head.api_key.as_ref().ok_or(GatewayError::InvalidApiKey)?;
                 let scope = keys
                     .find(presented.as_bytes())
                     .ok_or(GatewayError::InvalidApiKey)?;
@@ -210,13 +209,15 @@ mod tests {
 
     #[test]
     fn session_identity_is_the_token() {
-        let mut headers = HeaderMap::new();
-        headers.insert("authorization", HeaderValue::from_static("Bearer abc"));
+        let head = RequestHead {
+            authorization: Some(HeaderValue::from_static("Bearer abc")),
+            ..RequestHead::default()
+        };
         let caller = Gate::PassThrough
-            .authenticate(Endpoint::DocumentIdentification, &headers)
+            .authenticate(Endpoint::DocumentIdentification, &head)
             .expect("bearer");
-        assert_eq!(caller.identity(b"acq", &headers), b"abc");
-        let missing = Gate::PassThrough.authenticate(Endpoint::Branches, &HeaderMap::new());
+        assert_eq!(caller.identity(b"acq", &head), b"abc");
+        let missing = Gate::PassThrough.authenticate(Endpoint::Branches, &RequestHead::default());
         assert_eq!(missing.err(), Some(GatewayError::MissingAuthorization));
     }
 }

@@ -22,8 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use http::header;
+use http::{HeaderValue, Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::answer::{Answer, has_body};
+use crate::head::{Field, RequestHead};
 use crate::server::{Handler, Io, Reply, RequestBody, Shutdown};
 
 /// What the loop needs to know about the listener's bounds.
@@ -66,9 +67,10 @@ const BAD_REQUEST: &[u8] =
 struct Head {
     method: Method,
     path: (usize, usize),
-    headers: SmallVec<[(HeaderName, (usize, usize)); 16]>,
+    /// The headers the stages read ([`Field`]); the others are not even named.
+    fields: SmallVec<[(Field, (usize, usize)); 8]>,
     length: usize,
-    content_length: u64,
+    content_length: Option<u64>,
     close: bool,
 }
 
@@ -126,21 +128,19 @@ pub(crate) async fn serve<H: Handler>(
             close(io).await;
             return Served::Closed;
         };
-        let Ok(content_length) = usize::try_from(head.content_length) else {
+        let Ok(content_length) = usize::try_from(head.content_length.unwrap_or(0)) else {
             return Served::Closed;
         };
         let exchange = if read.len() >= content_length {
             let body = RequestBody::whole(read.split_to(content_length).freeze());
-            let reply = Arc::clone(handler)
-                .handle(request.map(|()| body), peer)
-                .await;
+            let reply = Arc::clone(handler).handle(request, body, peer).await;
             Exchange {
                 reply,
                 body_left: false,
             }
         } else {
-            stream_body(io, &mut read, head.content_length, |body| {
-                Arc::clone(handler).handle(request.map(|()| body), peer)
+            stream_body(io, &mut read, head.content_length.unwrap_or(0), |body| {
+                Arc::clone(handler).handle(request, body, peer)
             })
             .await
         };
@@ -261,34 +261,35 @@ fn parse(buffer: &[u8], limits: Limits) -> Option<Head> {
     let mut head = Head {
         method,
         path,
-        headers: SmallVec::new(),
+        fields: SmallVec::new(),
         length,
-        content_length: 0,
+        content_length: None,
         close: false,
     };
-    let mut content_length = None;
     for parsed in request.headers.iter() {
-        let name = HeaderName::from_bytes(parsed.name.as_bytes()).ok()?;
-        if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
-            return None;
-        }
-        if name == header::CONTENT_LENGTH {
-            match (content_length, decimal(parsed.value)) {
-                (None, Some(value)) => content_length = Some(value),
-                _ => return None,
+        let name = parsed.name.as_bytes();
+        if let Some(field) = Field::of(name) {
+            if field == Field::ContentLength {
+                match (head.content_length, decimal(parsed.value)) {
+                    (None, Some(value)) => head.content_length = Some(value),
+                    _ => return None,
+                }
+            } else {
+                head.fields.push((field, span(buffer, parsed.value)?));
             }
-        }
-        if name == header::CONNECTION {
+        } else if name.eq_ignore_ascii_case(b"connection") {
             if parsed.value.eq_ignore_ascii_case(b"close") {
                 head.close = true;
             } else if !parsed.value.eq_ignore_ascii_case(b"keep-alive") {
                 return None;
             }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return None;
         }
-        let value = span(buffer, parsed.value)?;
-        head.headers.push((name, value));
     }
-    head.content_length = content_length.unwrap_or(0);
     Some(head)
 }
 
@@ -307,20 +308,17 @@ fn span(whole: &[u8], part: &[u8]) -> Option<(usize, usize)> {
     (end <= whole.len()).then_some((start, end))
 }
 
-/// The request as `http` types, its header values sharing the head's buffer.
-fn build(head: &Head, bytes: &Bytes) -> Option<Request<()>> {
+/// The request head the stages read, its values sharing the head's buffer (no
+/// `HeaderMap`, no allocation).
+fn build(head: &Head, bytes: &Bytes) -> Option<RequestHead> {
     let slice =
         |(start, end): (usize, usize)| bytes.get(start..end).map(|_| bytes.slice(start..end));
     let uri = Uri::from_maybe_shared(slice(head.path)?).ok()?;
-    let mut headers = HeaderMap::with_capacity(head.headers.len());
-    for (name, value) in &head.headers {
-        let value = HeaderValue::from_maybe_shared(slice(*value)?).ok()?;
-        headers.append(name.clone(), value);
+    let mut request = RequestHead::new(head.method.clone(), uri);
+    request.content_length = head.content_length;
+    for (field, value) in &head.fields {
+        request.set(*field, HeaderValue::from_maybe_shared(slice(*value)?).ok()?);
     }
-    let mut request = Request::new(());
-    *request.method_mut() = head.method.clone();
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
     Some(request)
 }
 
@@ -437,17 +435,25 @@ mod tests {
 
     #[test]
     fn a_plain_post_is_served_here_with_its_length() {
-        let raw = b"POST /api/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\n{\"a\":\"b\"}   ";
+        let raw = b"POST /api/v1/x?q=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nAUTHORIZATION: Bearer t\r\nContent-Type: application/json\r\nDiia-Trace-Id: 42\r\nConnection: keep-alive\r\nAuthorization: Bearer second\r\n\r\n{\"a\":\"b\"}   ";
         let head = simple(raw).expect("simple");
         assert_eq!(head.method, Method::POST);
-        assert_eq!(head.content_length, 12);
+        assert_eq!(head.content_length, Some(12));
         assert!(!head.close);
         assert_eq!(head.length, raw.len() - 12);
         let bytes = Bytes::copy_from_slice(&raw[..head.length]);
         let request = build(&head, &bytes).expect("request");
-        assert_eq!(request.uri().path(), "/api/v1/x");
-        assert_eq!(request.headers()["content-length"], "12");
-        assert_eq!(request.headers()["host"], "a");
+        assert_eq!(request.uri.path(), "/api/v1/x");
+        assert_eq!(request.uri.query(), Some("q=1"));
+        assert_eq!(request.content_length, Some(12));
+        let value = |v: &Option<HeaderValue>| v.as_ref().map(|v| v.as_bytes().to_vec());
+        assert_eq!(value(&request.authorization), Some(b"Bearer t".to_vec()));
+        assert_eq!(
+            value(&request.content_type),
+            Some(b"application/json".to_vec())
+        );
+        assert_eq!(value(&request.trace_id), Some(b"42".to_vec()));
+        assert_eq!(request.api_key, None);
     }
 
     #[test]
@@ -477,7 +483,7 @@ mod tests {
     fn connection_close_is_honoured() {
         let head = simple(b"GET /x HTTP/1.1\r\nConnection: Close\r\n\r\n").expect("simple");
         assert!(head.close);
-        assert_eq!(head.content_length, 0);
+        assert_eq!(head.content_length, None);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - [`error`]: [`GatewayError`], the only place statuses, codes and fault are chosen
 //! - [`answer`]: Diia's answer and its one classification ([`answer::AnswerClass`])
 //! - [`barcode`]: the EAN-13 [`barcode::Barcode`] newtype, redacting
+//! - [`head`]: the request head the stages read (method, URI, five headers), parsed at the edge
 //! - [`route`]: `(method, path)` → [`route::Endpoint`]; the managed-mode route refusal
 //! - [`caller`]: who is calling (bearer, API key, mTLS), the one place callers are authenticated
 //! - [`request`]: what each endpoint needs, checked into a [`request::Checked`]
@@ -53,6 +54,7 @@ pub mod diia;
 mod embedded;
 pub mod error;
 pub mod h1;
+pub mod head;
 pub mod keys;
 pub mod limit;
 pub mod logsink;

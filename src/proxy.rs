@@ -11,7 +11,8 @@
 //! 6. **branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`);
 //! 7. **cache / coalesce / replay** ([`crate::policy`] keys, [`crate::cache`]) or
 //!    **forward**: the Diia budget (wait, then 503), Diia's back-off (503), the upstream
-//!    call with its deadline (502/504), inside a spawned task that outlives the client;
+//!    call with its deadline (502/504), run by the request that leads the key and spawned
+//!    to finish on its own if that request goes away mid-call ([`crate::detach`]);
 //! 8. **respond** with Diia's status and body, `Cache-Status`, metrics, redacted access log.
 //!
 //! Each stage is an `async fn` over `&mut Ctx` returning `Result<_, GatewayError>`;
@@ -28,7 +29,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, Either};
-use http::request::Parts;
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
@@ -41,6 +41,7 @@ use crate::caller::{Caller, Gate, Scope};
 use crate::config::AuthMode;
 use crate::diia::SESSION_TOKEN_LIFETIME;
 use crate::error::{Fault, GatewayError, JSON_CONTENT_TYPE};
+use crate::head::{DIIA_TRACE_ID, RequestHead};
 use crate::keys::{CacheKey, HashKey};
 use crate::limit::Who;
 use crate::metrics::{Metrics, RequestOutcome, Snapshot};
@@ -57,7 +58,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub(crate) static CACHE_STATUS: header::HeaderName =
     header::HeaderName::from_static("cache-status");
-static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
 static HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit");
 static REPLAY: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=replay");
 static MISS_STORED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; stored");
@@ -99,7 +99,7 @@ pub struct Gateway {
 
 /// One request on its way through the stages.
 pub struct Ctx {
-    parts: Parts,
+    head: RequestHead,
     peer: SocketAddr,
     started: Instant,
     deadline: tokio::time::Instant,
@@ -282,11 +282,22 @@ impl Gateway {
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
+        let (parts, body) = request.into_parts();
+        self.reply_to(RequestHead::from_parts(parts), body, peer)
+            .await
+    }
+
+    /// [`Gateway::reply`] for a head parsed at the edge (the HTTP/1.1 loop's, without a
+    /// `HeaderMap`).
+    pub async fn reply_to<B>(&self, head: RequestHead, body: B, peer: SocketAddr) -> Reply
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
         let started = Instant::now();
         let hot = self.hot.load_full();
-        let (parts, body) = request.into_parts();
         let mut ctx = Ctx {
-            parts,
+            head,
             peer,
             started,
             deadline: tokio::time::Instant::from_std(started + hot.request_deadline),
@@ -374,22 +385,22 @@ impl Gateway {
         let path_param = ctx
             .route
             .as_ref()
-            .and_then(|route| route.param(ctx.parts.uri.path()));
-        let checked = check(endpoint, path_param, &ctx.parts, &body)?;
+            .and_then(|route| route.param(ctx.head.uri.path()));
+        let checked = check(endpoint, path_param, &ctx.head, &body)?;
         ctx.record.barcode = checked.barcode();
         let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
-        caller.may(&ctx.parts.method, &checked)?;
+        caller.may(&ctx.head.method, &checked)?;
         limit(&ctx.hot, client(caller, ctx.peer), &checked)?;
         let acquirer = self.managed.as_ref().map_or(&b""[..], |m| m.identity());
         let credentials = ctx
-            .parts
-            .headers
-            .get(header::AUTHORIZATION)
+            .head
+            .authorization
+            .as_ref()
             .map_or(&b""[..], HeaderValue::as_bytes);
         let slot = slot_for(
             &self.keys,
             endpoint,
-            caller.identity(acquirer, &ctx.parts.headers),
+            caller.identity(acquirer, &ctx.head),
             &checked,
             credentials,
         );
@@ -403,7 +414,7 @@ impl Gateway {
 
     /// Stage 1: which endpoint (404/405 otherwise).
     fn route(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        let routed = route_for(self.auth_mode, &ctx.parts.method, ctx.parts.uri.path())?;
+        let routed = route_for(self.auth_mode, &ctx.head.method, ctx.head.uri.path())?;
         ctx.record.endpoint = Some(routed.endpoint);
         ctx.route = Some(routed);
         Ok(())
@@ -412,7 +423,7 @@ impl Gateway {
     /// Stage 2: who is calling.
     fn authenticate(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
         let gate = Gate::new(self.auth_mode, ctx.hot.api_keys.as_deref());
-        ctx.caller = Some(gate.authenticate(ctx.endpoint()?, &ctx.parts.headers)?);
+        ctx.caller = Some(gate.authenticate(ctx.endpoint()?, &ctx.head)?);
         Ok(())
     }
 
@@ -426,12 +437,7 @@ impl Gateway {
         B::Error: Into<BoxError>,
     {
         let limit = ctx.hot.body_limit;
-        let declared = ctx
-            .parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = ctx.head.content_length;
         let mut body = std::pin::pin!(body);
         if declared.is_some_and(|length| length > limit as u64) {
             drain(body.as_mut()).await;
@@ -477,7 +483,7 @@ impl Gateway {
         let (result, lookup) = cache
             .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
                 let share = share_of(ctx);
-                let mut request = upstream_request(endpoint, &ctx.parts, body);
+                let mut request = upstream_request(endpoint, &ctx.head, body);
                 request.share.clone_from(&share);
                 let call = self.fetch(ctx, request);
                 match &self.scaleout {
@@ -545,7 +551,7 @@ impl Gateway {
         if !matches!(ctx.caller, Some(Caller::Session)) {
             return;
         }
-        let token = bearer_token(&ctx.parts.headers).unwrap_or_default();
+        let token = bearer_token(&ctx.head).unwrap_or_default();
         let token = self.keys.key("issued").part(token).finish();
         if let Some(slot) = self.issued_tokens.remove(&token).await {
             tracing::info!(
@@ -557,7 +563,7 @@ impl Gateway {
 
     /// Stage 7b: forwarded as is, never cached.
     async fn forward(&self, ctx: &Ctx, body: Bytes) -> Result<Handled, GatewayError> {
-        let request = upstream_request(ctx.endpoint()?, &ctx.parts, body);
+        let request = upstream_request(ctx.endpoint()?, &ctx.head, body);
         let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request)(None))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)??;
@@ -643,8 +649,13 @@ fn limit(hot: &Hot, client: Who<'_>, checked: &Checked<'_>) -> Result<(), Gatewa
 }
 
 impl Handler for Gateway {
-    async fn handle(self: Arc<Self>, request: Request<RequestBody>, peer: SocketAddr) -> Reply {
-        self.reply(request, peer).await
+    async fn handle(
+        self: Arc<Self>,
+        head: RequestHead,
+        body: RequestBody,
+        peer: SocketAddr,
+    ) -> Reply {
+        self.reply_to(head, body, peer).await
     }
 
     fn tls(&self) -> Option<tokio_rustls::TlsAcceptor> {
@@ -718,17 +729,17 @@ async fn drain<B: Body<Data = Bytes>>(mut body: Pin<&mut B>) {
     let _ = tokio::time::timeout(DRAIN_MAX_TIME, discard).await;
 }
 
-fn upstream_request(endpoint: Endpoint, parts: &Parts, body: Bytes) -> UpstreamRequest {
+fn upstream_request(endpoint: Endpoint, head: &RequestHead, body: Bytes) -> UpstreamRequest {
     UpstreamRequest {
         endpoint,
-        method: parts.method.clone(),
-        path_and_query: parts
+        method: head.method.clone(),
+        path_and_query: head
             .uri
             .path_and_query()
-            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
-        authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
-        trace_id: parts.headers.get(&DIIA_TRACE_ID).cloned(),
-        content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+            .map_or_else(|| head.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+        authorization: head.authorization.clone(),
+        trace_id: head.trace_id.clone(),
+        content_type: head.content_type.clone(),
         body,
         share: None,
         prepaid: None,

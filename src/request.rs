@@ -12,8 +12,9 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use http::request::Parts;
-use http::{HeaderMap, Method, header};
+use http::{HeaderValue, Method, Uri};
+
+use crate::head::RequestHead;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
@@ -109,11 +110,11 @@ impl Checked<'_> {
 pub fn check<'a>(
     endpoint: Endpoint,
     path_param: Option<&'a str>,
-    parts: &'a Parts,
+    head: &'a RequestHead,
     body: &'a [u8],
 ) -> Result<Checked<'a>, GatewayError> {
     let json = || -> Result<JsonBody<'a>, GatewayError> {
-        require_json_content_type(&parts.headers)?;
+        require_json_content_type(head.content_type.as_ref())?;
         JsonBody::parse(body)
     };
     match endpoint {
@@ -121,7 +122,7 @@ pub fn check<'a>(
             acquirer_token: path_param.ok_or(GatewayError::InvalidAcquirerToken)?,
         }),
         Endpoint::DocumentIdentification | Endpoint::DocumentIdentificationAge => {
-            refuse_query(parts)?;
+            refuse_query(&head.uri)?;
             let body = json()?;
             Ok(Checked::Identification {
                 branch: body.branch_id()?,
@@ -130,7 +131,7 @@ pub fn check<'a>(
             })
         }
         Endpoint::DocumentRequest => {
-            refuse_query(parts)?;
+            refuse_query(&head.uri)?;
             let body = json()?;
             Ok(Checked::Sharing {
                 branch: body.branch_id()?,
@@ -139,7 +140,7 @@ pub fn check<'a>(
             })
         }
         Endpoint::DocumentRequestStatus => Ok(Checked::Status {
-            barcode: status_query(parts.uri.query())?.0,
+            barcode: status_query(head.uri.query())?.0,
         }),
         Endpoint::OfferRequestStatus => Ok(Checked::OfferStatus),
         Endpoint::OfferRequestDynamic => {
@@ -152,7 +153,7 @@ pub fn check<'a>(
             })
         }
         Endpoint::Branches | Endpoint::Offers => {
-            if matches!(parts.method, Method::POST | Method::PUT) {
+            if matches!(head.method, Method::POST | Method::PUT) {
                 json()?;
             }
             Ok(Checked::Forward {
@@ -165,8 +166,8 @@ pub fn check<'a>(
 
 /// Cached POST routes take no query: it is not part of the cache key, so it must not be
 /// forwarded either.
-fn refuse_query(parts: &Parts) -> Result<(), GatewayError> {
-    match parts.uri.query() {
+fn refuse_query(uri: &Uri) -> Result<(), GatewayError> {
+    match uri.query() {
         None | Some("") => Ok(()),
         Some(_) => Err(GatewayError::InvalidQuery),
     }
@@ -174,9 +175,8 @@ fn refuse_query(parts: &Parts) -> Result<(), GatewayError> {
 
 /// JSON routes take `application/json` (parameters such as `charset` allowed): a body sent
 /// as anything else is refused before it can fill a cache entry.
-fn require_json_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
-    let value = headers
-        .get(header::CONTENT_TYPE)
+fn require_json_content_type(content_type: Option<&HeaderValue>) -> Result<(), GatewayError> {
+    let value = content_type
         .ok_or(GatewayError::UnsupportedMediaType)?
         .as_bytes();
     let essence = value.split(|&b| b == b';').next().unwrap_or_default();
@@ -193,17 +193,18 @@ fn require_json_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
 /// What follows `Bearer ` in `Authorization`, unchecked: for a caller [`bearer_token`]
 /// already accepted (the check scans the whole token; once per request is enough).
 #[must_use]
-pub fn bearer_credential(headers: &HeaderMap) -> &[u8] {
-    headers
-        .get(http::header::AUTHORIZATION)
+pub fn bearer_credential(head: &RequestHead) -> &[u8] {
+    head.authorization
+        .as_ref()
         .and_then(|value| value.as_bytes().get(7..))
         .unwrap_or_default()
 }
 
 /// The session token from `Authorization: Bearer <token>` (scheme case-insensitive, as Diia).
-pub fn bearer_token(headers: &HeaderMap) -> Result<&[u8], GatewayError> {
-    let value = headers
-        .get(http::header::AUTHORIZATION)
+pub fn bearer_token(head: &RequestHead) -> Result<&[u8], GatewayError> {
+    let value = head
+        .authorization
+        .as_ref()
         .ok_or(GatewayError::MissingAuthorization)?
         .as_bytes();
     let (scheme, token) = value
@@ -453,23 +454,15 @@ mod tests {
 
     #[test]
     fn bearer_parsing_follows_diia() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(
-            bearer_token(&headers),
-            Err(GatewayError::MissingAuthorization)
-        );
-        headers.insert("authorization", "bearer abc.def".parse().expect("header"));
-        assert_eq!(bearer_token(&headers), Ok(&b"abc.def"[..]));
-        headers.insert("authorization", "Basic abc".parse().expect("header"));
-        assert_eq!(
-            bearer_token(&headers),
-            Err(GatewayError::InvalidAuthorization)
-        );
-        headers.insert("authorization", "Bearer ".parse().expect("header"));
-        assert_eq!(
-            bearer_token(&headers),
-            Err(GatewayError::InvalidAuthorization)
-        );
+        let mut head = RequestHead::default();
+        assert_eq!(bearer_token(&head), Err(GatewayError::MissingAuthorization));
+        let mut with = |value: &'static str| {
+            head.authorization = Some(HeaderValue::from_static(value));
+            bearer_token(&head).map(<[u8]>::to_vec)
+        };
+        assert_eq!(with("bearer abc.def"), Ok(b"abc.def".to_vec()));
+        assert_eq!(with("Basic abc"), Err(GatewayError::InvalidAuthorization));
+        assert_eq!(with("Bearer "), Err(GatewayError::InvalidAuthorization));
     }
 
     #[test]

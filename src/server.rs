@@ -33,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::answer::Answer;
 use crate::h1::{self, Served};
+use crate::head::RequestHead;
 
 /// A connection's byte stream, plain or TLS.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -198,7 +199,8 @@ pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
     fn handle(
         self: Arc<Self>,
-        request: Request<RequestBody>,
+        head: RequestHead,
+        body: RequestBody,
         peer: SocketAddr,
     ) -> impl Future<Output = Reply> + Send + 'static;
 
@@ -437,8 +439,13 @@ async fn serve_protocols<H: Handler>(
     let service = service_fn(move |request: Request<Incoming>| {
         seen.store(true, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
+        let (parts, body) = request.into_parts();
         handler
-            .handle(request.map(RequestBody::from), peer)
+            .handle(
+                RequestHead::from_parts(parts),
+                RequestBody::from(body),
+                peer,
+            )
             .map(|reply| Ok::<_, Infallible>(reply.into_response()))
     });
     // hyper's side gets the idle timeout as a read timeout (re-armed on every read, which
