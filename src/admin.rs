@@ -84,12 +84,7 @@ impl Admin {
 }
 
 impl Handler for Admin {
-    async fn handle(
-        self: Arc<Self>,
-        head: RequestHead,
-        _body: RequestBody,
-        _peer: SocketAddr,
-    ) -> Reply {
+    async fn handle(&self, head: RequestHead, _body: RequestBody, _peer: SocketAddr) -> Reply {
         Reply::Response(self.answer(&head.method, head.uri.path()).await)
     }
 }

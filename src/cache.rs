@@ -266,20 +266,55 @@ impl AnswerCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Fetched> + Send + 'static,
     {
-        // Fast path: a fresh answer or a call under way, without the key lock.
+        if let Some(found) = self.stored(key, tag) {
+            return Ok(found);
+        }
+        // Boxed: waiting (for the leader, or as the leader) takes futures that would
+        // otherwise make every request's state, hits included, kilobytes larger, and that
+        // state is copied whole as each request's futures are built.
+        Box::pin(self.wait_or_lead(key, tag, lifetimes, deadline, fetch)).await
+    }
+
+    /// A fresh stored answer for `key` (or the refusal of a mismatched tag), without
+    /// waiting and without a future: `None` when the key holds a call under way, nothing,
+    /// or only a stale answer.
+    fn stored(&self, key: CacheKey, tag: Option<CacheKey>) -> Option<(Arc<CallResult>, Lookup)> {
+        let slot = self.inner.get(&key)?;
+        if is_stale(&slot) {
+            return None;
+        }
+        if slot.tag() != tag {
+            return Some(tag_mismatch());
+        }
+        match slot {
+            Slot::Ready { outcome, .. } => Some((outcome, Lookup::Hit)),
+            Slot::Pending { .. } => None,
+        }
+    }
+
+    /// The waiting part of [`AnswerCache::get_or_fetch`]: join the call under way, or lead.
+    async fn wait_or_lead<F, Fut>(
+        &self,
+        key: CacheKey,
+        tag: Option<CacheKey>,
+        lifetimes: Lifetimes,
+        deadline: tokio::time::Instant,
+        fetch: F,
+    ) -> Result<(Arc<CallResult>, Lookup), GatewayError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Fetched> + Send + 'static,
+    {
         if let Some(slot) = self.inner.get(&key)
             && !is_stale(&slot)
         {
             return join(slot, tag, deadline).await;
         }
-        // Boxed: the slow path's futures (moka's compute, the wait for the leader) would
-        // otherwise make every request's state kilobytes larger, and that state is moved
-        // whole on each await (measured: `cargo bench --bench allocations` prints it).
-        Box::pin(self.lead_or_join(key, tag, lifetimes, deadline, fetch)).await
+        self.lead_or_join(key, tag, lifetimes, deadline, fetch)
+            .await
     }
 
-    /// The slow path of [`AnswerCache::get_or_fetch`]: become the leader (no entry, or only
-    /// a stale one), or find who already is.
+    /// Become the leader (no entry, or only a stale one), or find who already is.
     async fn lead_or_join<F, Fut>(
         &self,
         key: CacheKey,
@@ -433,6 +468,14 @@ impl AnswerCache {
     }
 }
 
+/// What a request gets for a key taken by another tag (another sharing `requestId`).
+fn tag_mismatch() -> (Arc<CallResult>, Lookup) {
+    (
+        Arc::new(Err(GatewayError::SharingAlreadyRequested)),
+        Lookup::TagMismatch,
+    )
+}
+
 /// A stored answer past its freshness (kept only for stale-if-error).
 fn is_stale(slot: &Slot) -> bool {
     matches!(slot, Slot::Ready { fresh_until, .. } if *fresh_until <= Instant::now())
@@ -444,10 +487,7 @@ async fn join(
     deadline: tokio::time::Instant,
 ) -> Result<(Arc<CallResult>, Lookup), GatewayError> {
     if slot.tag() != tag {
-        return Ok((
-            Arc::new(Err(GatewayError::SharingAlreadyRequested)),
-            Lookup::TagMismatch,
-        ));
+        return Ok(tag_mismatch());
     }
     match slot {
         Slot::Ready { outcome, .. } => Ok((outcome, Lookup::Hit)),

@@ -133,14 +133,14 @@ pub(crate) async fn serve<H: Handler>(
         };
         let exchange = if read.len() >= content_length {
             let body = RequestBody::whole(read.split_to(content_length).freeze());
-            let reply = Arc::clone(handler).handle(request, body, peer).await;
+            let reply = handler.handle(request, body, peer).await;
             Exchange {
                 reply,
                 body_left: false,
             }
         } else {
             stream_body(io, &mut read, head.content_length.unwrap_or(0), |body| {
-                Arc::clone(handler).handle(request, body, peer)
+                handler.handle(request, body, peer)
             })
             .await
         };
