@@ -1,6 +1,7 @@
 //! Scale-out over real processes: one `redis-server`, three `diia-gateway` processes and
-//! one simulator, all on loopback. Tests run one at a time (they measure rates and kill
-//! processes); each starts its own Redis on a free port and stops everything it started.
+//! one simulator, all on loopback (and a Prometheus for the dashboard test). Tests run one
+//! at a time (they measure rates and kill processes); each starts its own Redis on a free
+//! port and stops everything it started.
 //!
 //! `redis-server` must be installed (`.ci/run` installs it); under `CI=true` a missing
 //! binary fails the tests, elsewhere they are skipped with a note.
@@ -13,6 +14,7 @@ mod it_support;
 mod budget;
 mod coalescing;
 mod local_limits;
+mod ops;
 mod privacy;
 mod sharing;
 mod support;

@@ -8,43 +8,22 @@
 
 use crate::support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use http::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::Harness;
+use support::prometheus::{
+    Prometheus, api, assert_data, dashboard_queries, is_scaleout, repo, tool,
+};
 
 const RULES: &str = "deploy/prometheus/diia-gateway.rules.yml";
 const RULE_TESTS: [&str; 2] = [
     "deploy/prometheus/diia-gateway.rules.test.yml",
     "deploy/prometheus/diia-gateway.rules.slow.test.yml",
 ];
-const DASHBOARD: &str = "deploy/grafana/diia-gateway.json";
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-/// The binary on `PATH`, or `None` (after failing the test under `CI=true`).
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{name} is required under CI=true (apt-get install prometheus)"
-        );
-        eprintln!("SKIPPED: {name} not installed (apt-get install prometheus)");
-    }
-    found
-}
 
 #[test]
 fn promtool_checks_and_unit_tests_the_rules() {
@@ -131,81 +110,6 @@ fn time_scaled_rules() -> String {
         .join("\n")
 }
 
-/// A Prometheus process on a free loopback port, killed on drop.
-struct Prometheus {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_prometheus(binary: &Path, scrape: std::net::SocketAddr) -> Prometheus {
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.yml");
-    std::fs::write(&rules, time_scaled_rules()).unwrap();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: diia-gateway\n    static_configs:\n      - targets: ['{scrape}']\n",
-            rules.display()
-        ),
-    )
-    .unwrap();
-    let port = support::dead_port().port();
-    let child = Command::new(binary)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg("--log.level=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Prometheus {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        _dir: dir,
-    }
-}
-
-/// Form-encodes a query parameter.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-async fn api(client: &support::HttpClient, url: &str) -> Value {
-    let reply = support::send(client, Method::GET, url, &[], String::new()).await;
-    assert_eq!(reply.status, StatusCode::OK, "{url}: {:?}", reply.body);
-    reply.json()
-}
-
-async fn query(client: &support::HttpClient, prometheus: &str, promql: &str) -> Value {
-    api(
-        client,
-        &format!("{prometheus}/api/v1/query?query={}", encode(promql)),
-    )
-    .await
-}
-
 async fn firing(client: &support::HttpClient, prometheus: &str) -> Vec<String> {
     let alerts = api(client, &format!("{prometheus}/api/v1/alerts")).await;
     alerts["data"]["alerts"]
@@ -283,37 +187,15 @@ async fn alerts_fire_on_a_real_prometheus_and_every_dashboard_query_returns_data
         )
         .await,
     );
-    let prometheus = start_prometheus(&binary, h.gateway.admin_addr());
     let client = support::client();
-    let started = Instant::now();
-    loop {
-        let ready = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.get(format!("{}/-/ready", prometheus.url).parse().unwrap()),
-        )
-        .await;
-        if matches!(ready, Ok(Ok(response)) if response.status() == StatusCode::OK) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "prometheus did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let rules = time_scaled_rules();
+    let prometheus =
+        Prometheus::start(&binary, &[h.gateway.admin_addr()], Some(&rules), &client).await;
     let token = h.session_token().await;
     let stop = Arc::new(AtomicBool::new(false));
     drive_traffic(&h, token, Arc::clone(&stop));
     // Baseline: scraped, healthy.
-    let started = Instant::now();
-    loop {
-        let up = query(&client, &prometheus.url, r#"up{job="diia-gateway"}"#).await;
-        if up["data"]["result"][0]["value"][1] == "1" {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(15), "never scraped");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    prometheus.wait_until_scraped(&client, 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(firing(&client, &prometheus.url).await.is_empty());
 
@@ -372,28 +254,14 @@ async fn alerts_fire_on_a_real_prometheus_and_every_dashboard_query_returns_data
         fault.elapsed().as_secs_f64()
     ));
 
-    // Every dashboard query parses and returns data (Grafana's variables filled in).
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo(DASHBOARD)).unwrap()).unwrap();
-    let mut checked = 0;
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            let promql = target["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "15s")
-                .replace("$job", ".*");
-            let answer = query(&client, &prometheus.url, &promql).await;
-            assert_eq!(answer["status"], "success", "{promql}");
-            assert!(
-                !answer["data"]["result"].as_array().unwrap().is_empty(),
-                "no data for panel '{}': {promql}",
-                panel["title"]
-            );
-            checked += 1;
-        }
-    }
-    assert!(checked >= 15, "{checked} dashboard queries");
+    // Every dashboard query parses and returns data (Grafana's variables filled in); the
+    // scale-out panels read metrics only `[scaleout]` exports: the fleet tests check those.
+    let (scaleout, single): (Vec<_>, Vec<_>) = dashboard_queries()
+        .into_iter()
+        .partition(|(_, promql)| is_scaleout(promql));
+    assert_data(&prometheus, &client, &single).await;
+    assert!(single.len() >= 15, "{} dashboard queries", single.len());
+    assert!(scaleout.len() >= 5, "{} scale-out queries", scaleout.len());
 
     let healed = Instant::now();
     h.set_faults(json!({})).await;

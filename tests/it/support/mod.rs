@@ -4,6 +4,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod prometheus;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

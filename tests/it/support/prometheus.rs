@@ -1,0 +1,217 @@
+//! A real Prometheus on loopback for the operations-kit tests (the single-instance ops test
+//! and the scale-out dashboard test): started on a free port, scraping given targets every
+//! second, queried over HTTP, killed on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::Value;
+
+use super::{HttpClient, send};
+
+/// The shipped Grafana dashboard.
+pub const DASHBOARD: &str = "deploy/grafana/diia-gateway.json";
+
+/// Metrics only a gateway with `[scaleout]` exports: the dashboard's scale-out panels are
+/// checked by the fleet tests, every other panel by the single-instance ops test.
+pub const SCALEOUT_METRICS: [&str; 5] = [
+    "diia_gateway_redis_up",
+    "diia_gateway_redis_op_seconds",
+    "diia_gateway_shared_lookups_total",
+    "diia_gateway_budget_fallback_admits_total",
+    "diia_gateway_instances_live",
+];
+
+/// A path in this repository.
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The binary on `PATH`, or `None` (after failing the test under `CI=true`).
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name} is required under CI=true (apt-get install prometheus)"
+        );
+        eprintln!("SKIPPED: {name} not installed (apt-get install prometheus)");
+    }
+    found
+}
+
+/// A Prometheus process on a free loopback port, killed on drop.
+pub struct Prometheus {
+    child: Child,
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Starts one scraping `targets` (job `diia-gateway`) every second, with `rules` (a
+    /// rules file's text) when given, and waits until it is ready.
+    pub async fn start(
+        binary: &Path,
+        targets: &[SocketAddr],
+        rules: Option<&str>,
+        client: &HttpClient,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rule_files = match rules {
+            Some(text) => {
+                let path = dir.path().join("rules.yml");
+                std::fs::write(&path, text).unwrap();
+                format!("rule_files:\n  - {}\n", path.display())
+            }
+            None => String::new(),
+        };
+        let targets = targets
+            .iter()
+            .map(|target| format!("'{target}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}\
+                 scrape_configs:\n  - job_name: diia-gateway\n    static_configs:\n      - targets: [{targets}]\n"
+            ),
+        )
+        .unwrap();
+        let port = super::dead_port().port();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let prometheus = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let started = Instant::now();
+        loop {
+            let ready = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.get(format!("{}/-/ready", prometheus.url).parse().unwrap()),
+            )
+            .await;
+            if matches!(ready, Ok(Ok(response)) if response.status() == StatusCode::OK) {
+                return prometheus;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "prometheus did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// An instant query's JSON answer.
+    pub async fn query(&self, client: &HttpClient, promql: &str) -> Value {
+        api(
+            client,
+            &format!("{}/api/v1/query?query={}", self.url, encode(promql)),
+        )
+        .await
+    }
+
+    /// Waits (bounded) until every scrape target is up.
+    pub async fn wait_until_scraped(&self, client: &HttpClient, targets: usize) {
+        let started = Instant::now();
+        loop {
+            let up = self.query(client, r#"sum(up{job="diia-gateway"})"#).await;
+            let scraped = up["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|value| value.parse::<usize>().ok());
+            if scraped == Some(targets) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(15), "never scraped");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A GET to Prometheus's API, asserted 200.
+pub async fn api(client: &HttpClient, url: &str) -> Value {
+    let reply = send(client, Method::GET, url, &[], String::new()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{url}: {:?}", reply.body);
+    reply.json()
+}
+
+/// Form-encodes a query parameter.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The dashboard's queries with Grafana's variables filled in, each with its panel title.
+pub fn dashboard_queries() -> Vec<(String, String)> {
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo(DASHBOARD)).unwrap()).unwrap();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let promql = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "15s")
+                .replace("$job", ".*");
+            queries.push((panel["title"].as_str().unwrap_or("").to_owned(), promql));
+        }
+    }
+    queries
+}
+
+/// Whether a query reads a metric only `[scaleout]` exports.
+pub fn is_scaleout(promql: &str) -> bool {
+    SCALEOUT_METRICS
+        .iter()
+        .any(|metric| promql.contains(metric))
+}
+
+/// Asserts that each query parses and returns data.
+pub async fn assert_data(
+    prometheus: &Prometheus,
+    client: &HttpClient,
+    queries: &[(String, String)],
+) {
+    for (title, promql) in queries {
+        let answer = prometheus.query(client, promql).await;
+        assert_eq!(answer["status"], "success", "{promql}");
+        assert!(
+            !answer["data"]["result"].as_array().unwrap().is_empty(),
+            "no data for panel '{title}': {promql}"
+        );
+    }
+}
