@@ -292,7 +292,8 @@ impl AnswerCache {
         }
     }
 
-    /// The waiting part of [`AnswerCache::get_or_fetch`]: join the call under way, or lead.
+    /// The waiting part of [`AnswerCache::get_or_fetch`]: join the call under way, or
+    /// become the leader (no entry, or only a stale one).
     async fn wait_or_lead<F, Fut>(
         &self,
         key: CacheKey,
@@ -310,23 +311,6 @@ impl AnswerCache {
         {
             return join(slot, tag, deadline).await;
         }
-        self.lead_or_join(key, tag, lifetimes, deadline, fetch)
-            .await
-    }
-
-    /// Become the leader (no entry, or only a stale one), or find who already is.
-    async fn lead_or_join<F, Fut>(
-        &self,
-        key: CacheKey,
-        tag: Option<CacheKey>,
-        lifetimes: Lifetimes,
-        deadline: tokio::time::Instant,
-        fetch: F,
-    ) -> Result<(Arc<CallResult>, Lookup), GatewayError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Fetched> + Send + 'static,
-    {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut leading = None;
         let result = self.inner.entry(key).and_compute_with(|current| {

@@ -62,15 +62,25 @@ async fn leader_call_finishes_after_its_client_hangs_up() {
         let (token, barcode) = (token.clone(), barcode.clone());
         tokio::spawn(async move { h.identify(&token, "b", &barcode).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    leader.abort(); // the branch backend gives up; the connection is dropped
-    let _ = leader.await;
+    // The branch backend gives up; the connection is dropped.
+    abandon_then_rescan(&h, leader, &token, &barcode).await;
+}
 
+/// Aborts the leader's client mid-call (Diia takes 400 ms), then checks that the abandoned
+/// call still completed and filled the cache: the re-scan is a hit, and the single-use
+/// barcode was sent to Diia exactly once.
+async fn abandon_then_rescan(
+    h: &Harness,
+    leader: tokio::task::JoinHandle<support::Reply>,
+    token: &str,
+    barcode: &str,
+) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort();
+    let _ = leader.await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     h.set_faults(json!({})).await;
-    // The abandoned call still completed and filled the cache: the re-scan is a hit,
-    // and the single-use barcode was sent to Diia exactly once.
-    let rescan = h.identify(&token, "b", &barcode).await;
+    let rescan = h.identify(token, "b", barcode).await;
     assert_eq!(rescan.status, StatusCode::OK);
     assert_eq!(rescan.header("cache-status"), Some("diia-gateway; hit"));
     assert_eq!(h.sim_calls("document_identification").await, 1);
@@ -111,16 +121,8 @@ async fn leader_call_finishes_after_its_http2_stream_is_reset() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    leader.abort(); // RST_STREAM: the gateway drops the handler, the connection stays
-    let _ = leader.await;
-
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    h.set_faults(json!({})).await;
-    let rescan = h.identify(&token, "b", &barcode).await;
-    assert_eq!(rescan.status, StatusCode::OK);
-    assert_eq!(rescan.header("cache-status"), Some("diia-gateway; hit"));
-    assert_eq!(h.sim_calls("document_identification").await, 1);
+    // RST_STREAM: the gateway drops the handler, the connection stays.
+    abandon_then_rescan(&h, leader, &token, &barcode).await;
     drop(h2);
 }
 
