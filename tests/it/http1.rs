@@ -262,3 +262,51 @@ async fn idle_connections_close_after_idle_timeout_and_busy_ones_stay_open() {
         "closed after {waited:?}"
     );
 }
+
+/// A client that repeats `Authorization` cannot make the gateway key a request by one value
+/// and send Diia the other: the first value counts for both, in the HTTP/1.1 loop and in
+/// hyper (a chunked body), so a forged first token never reads another token's answer.
+#[tokio::test]
+async fn a_repeated_authorization_counts_by_its_first_value_for_the_key_and_for_diia() {
+    let (h, token, barcode, mut conn) = scene(Harness::start().await).await;
+    // The real token first: keyed and forwarded by it.
+    conn.write(&identify(
+        &token,
+        &barcode,
+        "authorization: Bearer forged\r\n",
+    ))
+    .await;
+    let first = conn.response().await.unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(first.header("cache-status").unwrap().contains("fwd=miss"));
+    // The forged token first, the real one second: never the real token's cached answer.
+    let forged_first = identify(
+        "forged",
+        &barcode,
+        &format!("authorization: Bearer {token}\r\n"),
+    );
+    conn.write(&forged_first).await;
+    let forged = conn.response().await.unwrap();
+    assert_eq!(forged.status, 401, "{forged:?}");
+    assert_ne!(forged.header("cache-status"), Some("diia-gateway; hit"));
+    // The same through hyper (chunked body, handed over mid-connection).
+    let body = format!(r#"{{"branchId":"b1","barcode":"{barcode}"}}"#);
+    let chunked = format!(
+        "POST {IDENT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer forged\r\n\
+         authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    conn.write(chunked.as_bytes()).await;
+    let through_hyper = conn.response().await.unwrap();
+    assert_eq!(through_hyper.status, 401, "{through_hyper:?}");
+    assert_ne!(
+        through_hyper.header("cache-status"),
+        Some("diia-gateway; hit")
+    );
+    // And the real token alone still reads its answer.
+    conn.write(&identify(&token, &barcode, "")).await;
+    let hit = conn.response().await.unwrap();
+    assert_eq!(hit.header("cache-status"), Some("diia-gateway; hit"));
+    let _ = h;
+}
