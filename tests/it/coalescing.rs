@@ -127,7 +127,7 @@ async fn leader_call_finishes_after_its_http2_stream_is_reset() {
 }
 
 #[tokio::test]
-async fn waiters_are_bounded_by_the_request_deadline() {
+async fn a_leader_past_its_deadline_answers_504_and_its_call_still_fills_the_cache() {
     let h = Arc::new(
         Harness::with(
             |_| {},
@@ -149,4 +149,12 @@ async fn waiters_are_bounded_by_the_request_deadline() {
         started.elapsed() < Duration::from_millis(1400),
         "answered at the deadline, not after Diia"
     );
+    // The leader's call, which ran in the request that timed out, went on by itself and
+    // filled the cache: the re-scan is a hit, and Diia saw the barcode once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.set_faults(json!({})).await;
+    let rescan = h.identify(&token, "b", &barcode).await;
+    assert_eq!(rescan.status, StatusCode::OK, "{rescan:?}");
+    assert_eq!(rescan.header("cache-status"), Some("diia-gateway; hit"));
+    assert_eq!(h.sim_calls("document_identification").await, 1);
 }
