@@ -272,7 +272,67 @@ impl AnswerCache {
         // Boxed: waiting (for the leader, or as the leader) takes futures that would
         // otherwise make every request's state, hits included, kilobytes larger, and that
         // state is copied whole as each request's futures are built.
-        Box::pin(self.wait_or_lead(key, tag, lifetimes, deadline, fetch)).await
+        Box::pin(async move {
+            // Join the call under way, or become the leader (no entry, or a stale one).
+            if let Some(slot) = self.inner.get(&key)
+                && !is_stale(&slot)
+            {
+                return join(slot, tag, deadline).await;
+            }
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let mut leading = None;
+            let result = self.inner.entry(key).and_compute_with(|current| {
+                let stale = match current.map(moka::Entry::into_value) {
+                    None => None,
+                    Some(Slot::Ready {
+                        outcome,
+                        fresh_until,
+                        expires_at,
+                        ..
+                    }) if fresh_until <= Instant::now() => {
+                        (expires_at > Instant::now()).then_some(Stale {
+                            outcome,
+                            until: expires_at,
+                        })
+                    }
+                    Some(_) => return Op::Nop,
+                };
+                let (slot, work) = self.start_call(key, id, tag, lifetimes, stale, fetch());
+                leading = Some(work);
+                Op::Put(slot)
+            });
+            let slot = match result {
+                CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => entry.into_value(),
+                CompResult::Unchanged(entry) => {
+                    return join(entry.into_value(), tag, deadline).await;
+                }
+                CompResult::StillNone(_) | CompResult::Removed(_) => {
+                    return Err(GatewayError::Internal);
+                }
+            };
+            let (Slot::Pending { stale, .. }, Some(work)) = (slot, leading) else {
+                return Err(GatewayError::Internal);
+            };
+            // The call runs here, in this request's task; past the deadline (or if this
+            // request is dropped) it goes on detached and still fills the cache.
+            let (outcome, origin) = tokio::time::timeout_at(deadline, work)
+                .await
+                .map_err(|_| GatewayError::UpstreamTimeout)?;
+            if is_failure(&outcome)
+                && let Some(stale) = stale
+            {
+                return Ok((stale.outcome, Lookup::Stale));
+            }
+            let lookup = match origin {
+                Origin::Diia => Lookup::Miss {
+                    stored: lifetimes.policy.ttl(&outcome).is_some(),
+                },
+                Origin::RemoteHit { .. } => Lookup::RemoteHit,
+                Origin::RemoteWait { .. } => Lookup::RemoteCoalesced,
+            };
+            Ok((outcome, lookup))
+        })
+        .await
     }
 
     /// A fresh stored answer for `key` (or the refusal of a mismatched tag), without
@@ -290,77 +350,6 @@ impl AnswerCache {
             Slot::Ready { outcome, .. } => Some((outcome, Lookup::Hit)),
             Slot::Pending { .. } => None,
         }
-    }
-
-    /// The waiting part of [`AnswerCache::get_or_fetch`]: join the call under way, or
-    /// become the leader (no entry, or only a stale one).
-    async fn wait_or_lead<F, Fut>(
-        &self,
-        key: CacheKey,
-        tag: Option<CacheKey>,
-        lifetimes: Lifetimes,
-        deadline: tokio::time::Instant,
-        fetch: F,
-    ) -> Result<(Arc<CallResult>, Lookup), GatewayError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Fetched> + Send + 'static,
-    {
-        if let Some(slot) = self.inner.get(&key)
-            && !is_stale(&slot)
-        {
-            return join(slot, tag, deadline).await;
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut leading = None;
-        let result = self.inner.entry(key).and_compute_with(|current| {
-            let stale = match current.map(moka::Entry::into_value) {
-                None => None,
-                Some(Slot::Ready {
-                    outcome,
-                    fresh_until,
-                    expires_at,
-                    ..
-                }) if fresh_until <= Instant::now() => {
-                    (expires_at > Instant::now()).then_some(Stale {
-                        outcome,
-                        until: expires_at,
-                    })
-                }
-                Some(_) => return Op::Nop,
-            };
-            let (slot, work) = self.start_call(key, id, tag, lifetimes, stale, fetch());
-            leading = Some(work);
-            Op::Put(slot)
-        });
-        let slot = match result {
-            CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => entry.into_value(),
-            CompResult::Unchanged(entry) => return join(entry.into_value(), tag, deadline).await,
-            CompResult::StillNone(_) | CompResult::Removed(_) => {
-                return Err(GatewayError::Internal);
-            }
-        };
-        let (Slot::Pending { stale, .. }, Some(work)) = (slot, leading) else {
-            return Err(GatewayError::Internal);
-        };
-        // The call runs here, in this request's task; past the deadline (or if this
-        // request is dropped) it goes on detached and still fills the cache.
-        let (outcome, origin) = tokio::time::timeout_at(deadline, work)
-            .await
-            .map_err(|_| GatewayError::UpstreamTimeout)?;
-        if is_failure(&outcome)
-            && let Some(stale) = stale
-        {
-            return Ok((stale.outcome, Lookup::Stale));
-        }
-        let lookup = match origin {
-            Origin::Diia => Lookup::Miss {
-                stored: lifetimes.policy.ttl(&outcome).is_some(),
-            },
-            Origin::RemoteHit { .. } => Lookup::RemoteHit,
-            Origin::RemoteWait { .. } => Lookup::RemoteCoalesced,
-        };
-        Ok((outcome, lookup))
     }
 
     /// The pending slot for a new call, and the call itself: the leader awaits it, its
