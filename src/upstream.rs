@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::answer::{Answer, AnswerClass, AnswerParts, CallResult};
 use crate::breaker::{Breaker, RetryBudget};
 use crate::error::GatewayError;
+use crate::head::DIIA_TRACE_ID;
 use crate::limit::{DiiaBrake, Share};
 use crate::metrics::Metrics;
 use crate::route::{CallClass, Endpoint};
@@ -59,7 +60,6 @@ pub struct Upstream {
     shared: Option<Arc<Scaleout>>,
 }
 
-static DIIA_TRACE_ID: header::HeaderName = header::HeaderName::from_static("diia-trace-id");
 static ACCEPT_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 impl Upstream {
