@@ -281,6 +281,8 @@ async fn run() {
         row("miss at 1k req/s, off"),
         row("miss at 1k req/s, on"),
         row("lookup script (hit), same loop"),
+        row("near hit, on, same loop"),
+        row("lookup script (hit) at 1k req/s"),
     ];
     // One barcode per gateway: a barcode is single-use at the simulator as at Diia.
     let hits = [
@@ -322,6 +324,10 @@ async fn run() {
         assert!(fleet.lookup_once(key, budget).await);
         rows[7].record(started);
         let started = Instant::now();
+        let response = on.serve(identification(&bearer, hits[1]), PEER).await;
+        rows[8].record(started);
+        assert!(response.status().is_success());
+        let started = Instant::now();
         let response = on.serve(identification(&bearer, *barcode), PEER).await;
         rows[2].record(started);
         let status = response.headers().get("cache-status").cloned();
@@ -341,7 +347,7 @@ async fn run() {
     // Paced at 1,000 requests/s (the issue's measuring point), one at a time, off and on
     // interleaved so both see the same machine.
     let mut ticks = tokio::time::interval(Duration::from_millis(1));
-    for _ in 0..samples {
+    for n in 0..samples {
         for (index, gateway) in [(5, &off), (6, &on)] {
             ticks.tick().await;
             let started = Instant::now();
@@ -349,16 +355,25 @@ async fn run() {
             rows[index].record(started);
             assert_eq!(status, StatusCode::OK);
         }
+        // The round trip a miss must wait for, paced the same way.
+        let key = keys.key("bench").part(&n.to_le_bytes()).finish();
+        ticks.tick().await;
+        let started = Instant::now();
+        assert!(fleet.lookup_once(key, budget).await);
+        rows[9].record(started);
     }
     rows.iter().for_each(Row::print);
     let p50 = |row: &Row| row.histogram.value_at_quantile(0.5) as f64 / 1000.0;
     println!(
         "\nadded by scale-out at p50: miss back to back {:.1} µs, miss at 1k req/s {:.1} µs; \
-         remote hit vs near hit {:.1} µs (one lookup round trip in the same loop: {:.1} µs)",
+         remote hit vs near hit {:.1} µs, vs a near hit in the same loop {:.1} µs \
+         (one lookup round trip in the same loop: {:.1} µs; paced at 1k req/s: {:.1} µs)",
         p50(&rows[4]) - p50(&rows[3]),
         p50(&rows[6]) - p50(&rows[5]),
         p50(&rows[2]) - p50(&rows[1]),
+        p50(&rows[2]) - p50(&rows[8]),
         p50(&rows[7]),
+        p50(&rows[9]),
     );
     let _ = redis.kill();
     let _ = redis.wait();

@@ -1,27 +1,27 @@
-//! Short-lived answers and in-flight calls, one moka cache per kind: identical requests
+//! Short-lived answers and in-flight calls, one cache per kind: identical requests
 //! coalesce into one Diia call, and a cached answer is only ever found by its own acquirer.
 //!
-//! Each entry is a [`Slot`]: either a pending call (a shared future its waiters join) or
-//! a finished answer. The first request runs the call in its own task (no hand-off to
-//! another task or thread), inside a [`Detachable`]: if that request goes away mid-call
-//! (client gone, deadline), the rest of the call is spawned, so the call still finishes
-//! and fills the cache: a single-use barcode must never be sent to Diia twice. Waiters
-//! are woken through the shared future (no polling) and bounded by their own request
-//! deadline. A pending entry
-//! expires after the longest an upstream call can take (the "lock age"), which stops a
-//! lost task from blocking a key forever.
+//! Finished answers live in moka (bounded by bytes, expiring per entry); calls under way
+//! live in a small table beside it, one pending call per key, whose shared outcome the
+//! waiters join. The first request runs the call in its own task (no hand-off to another
+//! task or thread), inside a [`Detachable`]: if that request goes away mid-call (client
+//! gone, deadline), the rest of the call is spawned, so the call still finishes and fills
+//! the cache: a single-use barcode must never be sent to Diia twice. Waiters are woken
+//! through the shared future (no polling) and bounded by their own request deadline. A
+//! call's hold on its key ends when it settles, and at the latest after the longest an
+//! upstream call can take (the "lock age"), so a lost call never blocks a key forever.
 //!
 //! Keys are keyed digests that include the bearer session token (see [`crate::keys`]);
 //! a key can therefore never match a request of another acquirer.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use moka::Expiry;
-use moka::ops::compute::{CompResult, Op};
 
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::detach::Detachable;
@@ -87,66 +87,55 @@ struct Stale {
     until: Instant,
 }
 
-/// A cache entry: a call under way, or its answer.
+/// A finished answer, as the answer cache holds it.
 #[derive(Clone)]
-enum Slot {
-    Pending {
-        id: u64,
-        tag: Option<CacheKey>,
-        outcome: SharedOutcome,
-        /// The answer this call refreshes, served if the call fails.
-        stale: Option<Stale>,
-        /// The lock age: a lost call stops blocking its key then.
-        expires_at: Instant,
-    },
-    Ready {
-        tag: Option<CacheKey>,
-        outcome: Arc<CallResult>,
-        /// Served as a hit until then.
-        fresh_until: Instant,
-        /// Kept (for stale-if-error) until then.
-        expires_at: Instant,
-    },
+struct Ready {
+    tag: Option<CacheKey>,
+    outcome: Arc<CallResult>,
+    /// Served as a hit until then.
+    fresh_until: Instant,
+    /// Kept (for stale-if-error) until then.
+    expires_at: Instant,
 }
 
-impl Slot {
-    fn tag(&self) -> Option<CacheKey> {
-        match self {
-            Self::Pending { tag, .. } | Self::Ready { tag, .. } => *tag,
-        }
+impl Ready {
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.fresh_until > now
     }
 }
 
-struct SlotExpiry;
-
-impl SlotExpiry {
-    fn life(slot: &Slot) -> Option<Duration> {
-        match slot {
-            Slot::Pending { expires_at, .. } | Slot::Ready { expires_at, .. } => {
-                Some(expires_at.saturating_duration_since(Instant::now()))
-            }
-        }
-    }
+/// A call under way: its waiters join `outcome`.
+#[derive(Clone)]
+struct Pending {
+    id: u64,
+    tag: Option<CacheKey>,
+    outcome: SharedOutcome,
+    /// The answer this call refreshes, served if the call fails.
+    stale: Option<Stale>,
+    /// The lock age: a lost call stops blocking its key then.
+    expires_at: Instant,
 }
 
-impl Expiry<CacheKey, Slot> for SlotExpiry {
+struct ReadyExpiry;
+
+impl Expiry<CacheKey, Ready> for ReadyExpiry {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        slot: &Slot,
+        ready: &Ready,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Self::life(slot)
+        Some(ready.expires_at.saturating_duration_since(Instant::now()))
     }
 
     fn expire_after_update(
         &self,
         _key: &CacheKey,
-        slot: &Slot,
+        ready: &Ready,
         _updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Self::life(slot)
+        Some(ready.expires_at.saturating_duration_since(Instant::now()))
     }
 }
 
@@ -175,10 +164,14 @@ pub enum Lookup {
 /// A coalescing, TTL-bounded answer cache.
 #[derive(Clone)]
 pub struct AnswerCache {
-    /// moka's synchronous cache: nothing here needs to wait (the compute closures only
-    /// decide and spawn), and its `get` is a plain call where the async one is an
-    /// 800-byte future inside every request's state.
-    inner: moka::sync::Cache<CacheKey, Slot>,
+    /// Finished answers. moka's synchronous cache: its `get` is a plain call where the
+    /// async one is an 800-byte future inside every request's state.
+    answers: moka::sync::Cache<CacheKey, Ready>,
+    /// Calls under way, one per key. Apart from the answers: a call is taken and settled
+    /// with one short lock each here, where moka's per-key compute costs several
+    /// concurrent-map operations and allocations (most of a miss's CPU on the cache side).
+    /// At most one entry per request in flight, so it needs no bound of its own.
+    calls: Arc<Mutex<HashMap<CacheKey, Pending>>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -193,62 +186,84 @@ fn is_failure(result: &CallResult) -> bool {
 /// ~650 bytes per answer in all, so `cache.max_bytes` bounds real memory.
 const ENTRY_OVERHEAD: usize = 600;
 
+/// What the answers hold for a key.
+enum Held {
+    /// A fresh answer (or the refusal of a mismatched tag): served at once.
+    Fresh((Arc<CallResult>, Lookup)),
+    /// Only an answer past its freshness, kept for stale-if-error.
+    Stale(Stale),
+    /// Nothing.
+    Nothing,
+}
+
+/// What a request does about a key with no fresh answer.
+enum Turn {
+    /// Joins the call under way.
+    Join(Pending),
+    /// Leads: makes the one call, and settles it through `settled`.
+    Lead {
+        id: u64,
+        stale: Option<Stale>,
+        settled: tokio::sync::oneshot::Sender<(Arc<CallResult>, Origin)>,
+    },
+}
+
 impl AnswerCache {
     /// A cache bounded to about `max_bytes` of answers.
     #[must_use]
     pub fn new(max_bytes: u64) -> Self {
-        let inner = moka::sync::Cache::builder()
+        let answers = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_key: &CacheKey, slot: &Slot| -> u32 {
-                let body = match slot {
-                    Slot::Ready { outcome, .. } => {
-                        outcome.as_ref().as_ref().map_or(0, Answer::heap_bytes)
-                    }
-                    Slot::Pending { .. } => 0,
-                };
+            .weigher(|_key: &CacheKey, ready: &Ready| -> u32 {
+                let body = ready
+                    .outcome
+                    .as_ref()
+                    .as_ref()
+                    .map_or(0, Answer::heap_bytes);
                 u32::try_from(body + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
             })
-            .expire_after(SlotExpiry)
+            .expire_after(ReadyExpiry)
             .build();
         Self {
-            inner,
+            answers,
+            calls: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
         }
     }
 
-    /// Entries (answers and pending calls) currently held; approximate, for metrics.
+    /// Entries (answers and calls under way) currently held; approximate, for metrics.
     #[must_use]
     pub fn entry_count(&self) -> u64 {
-        self.inner.entry_count()
+        let calls = self.calls.lock().map_or(0, |calls| calls.len());
+        self.answers.entry_count() + calls as u64
     }
 
     /// Whether the key holds an answer or a call under way (a request for it will not
     /// need a Diia call of its own).
     #[must_use]
     pub fn holds(&self, key: CacheKey) -> bool {
-        self.inner.contains_key(&key)
+        self.answers.contains_key(&key)
+            || self
+                .calls
+                .lock()
+                .is_ok_and(|calls| calls.contains_key(&key))
     }
 
     /// Drops a stored answer (a session token Diia has since refused); a call under way
     /// for the key is left alone.
     pub fn forget_answer(&self, key: CacheKey) {
-        self.inner.entry(key).and_compute_with(|current| {
-            match current.as_ref().map(moka::Entry::value) {
-                Some(Slot::Ready { .. }) => Op::Remove,
-                Some(Slot::Pending { .. }) | None => Op::Nop,
-            }
-        });
+        self.answers.invalidate(&key);
     }
 
     /// Bytes the weigher counts over all entries.
     #[must_use]
     pub fn weighted_bytes(&self) -> u64 {
-        self.inner.weighted_size()
+        self.answers.weighted_size()
     }
 
     /// Runs moka's deferred maintenance now; tests use it for exact counts.
     pub fn sync(&self) {
-        self.inner.run_pending_tasks();
+        self.answers.run_pending_tasks();
     }
 
     /// A stored answer for `key`, or joins the call under way, or starts `fetch` as the
@@ -266,53 +281,28 @@ impl AnswerCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Fetched> + Send + 'static,
     {
-        if let Some(found) = self.stored(key, tag) {
-            return Ok(found);
-        }
+        let stale = match self.held(key, tag) {
+            Held::Fresh(found) => return Ok(found),
+            Held::Stale(stale) => Some(stale),
+            Held::Nothing => None,
+        };
         // Boxed: waiting (for the leader, or as the leader) takes futures that would
         // otherwise make every request's state, hits included, kilobytes larger, and that
         // state is copied whole as each request's futures are built.
         Box::pin(async move {
-            // Join the call under way, or become the leader (no entry, or a stale one).
-            if let Some(slot) = self.inner.get(&key)
-                && !is_stale(&slot)
-            {
-                return join(slot, tag, deadline).await;
+            let (id, stale, settled) = match self.take_turn(key, tag, lifetimes, stale)? {
+                Turn::Join(pending) => return join(pending, tag, deadline).await,
+                Turn::Lead { id, stale, settled } => (id, stale, settled),
+            };
+            // An earlier leader may have stored its answer and left between our look at
+            // the answers and taking the key: then that answer is ours too.
+            if let Held::Fresh((outcome, lookup)) = self.held(key, tag) {
+                let origin = Origin::Diia;
+                let _ = settled.send((Arc::clone(&outcome), origin));
+                self.release(key, id);
+                return Ok((outcome, lookup));
             }
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut leading = None;
-            let result = self.inner.entry(key).and_compute_with(|current| {
-                let stale = match current.map(moka::Entry::into_value) {
-                    None => None,
-                    Some(Slot::Ready {
-                        outcome,
-                        fresh_until,
-                        expires_at,
-                        ..
-                    }) if fresh_until <= Instant::now() => {
-                        (expires_at > Instant::now()).then_some(Stale {
-                            outcome,
-                            until: expires_at,
-                        })
-                    }
-                    Some(_) => return Op::Nop,
-                };
-                let (slot, work) = self.start_call(key, id, tag, lifetimes, stale, fetch());
-                leading = Some(work);
-                Op::Put(slot)
-            });
-            let slot = match result {
-                CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => entry.into_value(),
-                CompResult::Unchanged(entry) => {
-                    return join(entry.into_value(), tag, deadline).await;
-                }
-                CompResult::StillNone(_) | CompResult::Removed(_) => {
-                    return Err(GatewayError::Internal);
-                }
-            };
-            let (Slot::Pending { stale, .. }, Some(work)) = (slot, leading) else {
-                return Err(GatewayError::Internal);
-            };
+            let work = self.settle_call(key, id, tag, lifetimes, stale.clone(), settled, fetch());
             // The call runs here, in this request's task; past the deadline (or if this
             // request is dropped) it goes on detached and still fills the cache.
             let (outcome, origin) = tokio::time::timeout_at(deadline, work)
@@ -335,47 +325,105 @@ impl AnswerCache {
         .await
     }
 
-    /// A fresh stored answer for `key` (or the refusal of a mismatched tag), without
-    /// waiting and without a future: `None` when the key holds a call under way, nothing,
-    /// or only a stale answer.
-    fn stored(&self, key: CacheKey, tag: Option<CacheKey>) -> Option<(Arc<CallResult>, Lookup)> {
-        let slot = self.inner.get(&key)?;
-        if is_stale(&slot) {
-            return None;
+    /// What the answers hold for `key`, without waiting and without a future.
+    fn held(&self, key: CacheKey, tag: Option<CacheKey>) -> Held {
+        let Some(ready) = self.answers.get(&key) else {
+            return Held::Nothing;
+        };
+        let now = Instant::now();
+        if !ready.is_fresh(now) {
+            if ready.expires_at <= now {
+                return Held::Nothing;
+            }
+            return Held::Stale(Stale {
+                outcome: ready.outcome,
+                until: ready.expires_at,
+            });
         }
-        if slot.tag() != tag {
-            return Some(tag_mismatch());
+        if ready.tag != tag {
+            return Held::Fresh(tag_mismatch());
         }
-        match slot {
-            Slot::Ready { outcome, .. } => Some((outcome, Lookup::Hit)),
-            Slot::Pending { .. } => None,
+        Held::Fresh((ready.outcome, Lookup::Hit))
+    }
+
+    /// Joins the key's call under way, or takes the key for a new call (none under way,
+    /// or one past its lock age).
+    fn take_turn(
+        &self,
+        key: CacheKey,
+        tag: Option<CacheKey>,
+        lifetimes: Lifetimes,
+        stale: Option<Stale>,
+    ) -> Result<Turn, GatewayError> {
+        let now = Instant::now();
+        let mut calls = self.calls.lock().map_err(|_| GatewayError::Internal)?;
+        if let Some(pending) = calls.get(&key)
+            && pending.expires_at > now
+        {
+            return Ok(Turn::Join(pending.clone()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (settled, settled_rx) = tokio::sync::oneshot::channel();
+        let outcome = settled_rx
+            .map(|sent| {
+                sent.unwrap_or_else(|_| (Arc::new(Err(GatewayError::Internal)), Origin::Diia))
+            })
+            .boxed()
+            .shared();
+        calls.insert(
+            key,
+            Pending {
+                id,
+                tag,
+                outcome,
+                stale: stale.clone(),
+                expires_at: now + lifetimes.longest_call,
+            },
+        );
+        Ok(Turn::Lead { id, stale, settled })
+    }
+
+    /// Frees the key for the next call, if it is still ours (not taken over past its lock
+    /// age).
+    fn release(&self, key: CacheKey, id: u64) {
+        if let Ok(mut calls) = self.calls.lock()
+            && calls.get(&key).is_some_and(|pending| pending.id == id)
+        {
+            calls.remove(&key);
         }
     }
 
-    /// The pending slot for a new call, and the call itself: the leader awaits it, its
-    /// waiters join the slot's shared outcome, which the call sends when it has settled
-    /// and stored its answer.
-    fn start_call<Fut>(
+    /// The leader's call, settled: its answer stored (or the stale one put back), the key
+    /// freed, the waiters told. If it is dropped unfinished (the runtime is going away),
+    /// the key is freed all the same.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call's whole context, used once"
+    )]
+    fn settle_call<Fut>(
         &self,
         key: CacheKey,
         id: u64,
         tag: Option<CacheKey>,
         lifetimes: Lifetimes,
         stale: Option<Stale>,
+        settled: tokio::sync::oneshot::Sender<(Arc<CallResult>, Origin)>,
         call: Fut,
-    ) -> (Slot, Detachable<(Arc<CallResult>, Origin)>)
+    ) -> Detachable<(Arc<CallResult>, Origin)>
     where
         Fut: Future<Output = Fetched> + Send + 'static,
     {
-        let cache = self.inner.clone();
-        let kept = stale.clone();
+        let claim = Claim {
+            cache: self.clone(),
+            key,
+            id,
+        };
         let Lifetimes {
             policy,
             stale_if_error,
-            longest_call,
+            ..
         } = lifetimes;
-        let (settled_tx, settled_rx) = tokio::sync::oneshot::channel();
-        let work = Detachable::new(async move {
+        Detachable::new(async move {
             let Fetched { result, origin } = call.await;
             let outcome = Arc::new(policy.settle(result));
             // A fleet answer lives no longer here than it does in Redis.
@@ -389,55 +437,56 @@ impl AnswerCache {
                     .map(|ttl| ttl.min(fresh_for))
                     .filter(|ttl| !ttl.is_zero()),
             };
-            let settled = Arc::clone(&outcome);
-            let failed = is_failure(&outcome);
-            cache.entry(key).and_compute_with(|current| {
-                // Ours: still our pending call, or nothing (our lock aged out or was
-                // evicted; nobody else started a call meanwhile).
-                let ours = match current.as_ref().map(moka::Entry::value) {
-                    None => true,
-                    Some(Slot::Pending { id: current_id, .. }) => *current_id == id,
-                    Some(Slot::Ready { .. }) => false,
-                };
+            if claim.is_ours() {
                 let now = Instant::now();
-                match (ours, ttl, kept) {
-                    (false, _, _) => Op::Nop,
-                    (true, Some(ttl), _) => Op::Put(Slot::Ready {
-                        tag,
-                        outcome: settled,
-                        fresh_until: now + ttl,
-                        expires_at: now + ttl + stale_if_error,
-                    }),
-                    // Diia failed: put the stale answer back for the next requests.
-                    (true, None, Some(stale)) if failed && stale.until > now => {
-                        Op::Put(Slot::Ready {
+                match (ttl, stale) {
+                    (Some(ttl), _) => claim.cache.answers.insert(
+                        key,
+                        Ready {
                             tag,
-                            outcome: stale.outcome,
-                            fresh_until: now,
-                            expires_at: stale.until,
-                        })
-                    }
-                    (true, None, _) => Op::Remove,
+                            outcome: Arc::clone(&outcome),
+                            fresh_until: now + ttl,
+                            expires_at: now + ttl + stale_if_error,
+                        },
+                    ),
+                    // Diia failed: the stale answer stays for the next requests.
+                    (None, Some(stale)) if is_failure(&outcome) && stale.until > now => {}
+                    (None, _) => claim.cache.answers.invalidate(&key),
                 }
-            });
+            }
+            // The key is free before the waiters hear: a request that finds it free finds
+            // the answer stored.
+            drop(claim);
             // No waiter left is fine: the answer is stored for the next request.
-            let _ = settled_tx.send((Arc::clone(&outcome), origin));
+            let _ = settled.send((Arc::clone(&outcome), origin));
             (outcome, origin)
-        });
-        let outcome = settled_rx
-            .map(|sent| {
-                sent.unwrap_or_else(|_| (Arc::new(Err(GatewayError::Internal)), Origin::Diia))
-            })
-            .boxed()
-            .shared();
-        let slot = Slot::Pending {
-            id,
-            tag,
-            outcome,
-            stale,
-            expires_at: Instant::now() + longest_call,
-        };
-        (slot, work)
+        })
+    }
+}
+
+/// A leader's hold on its key; dropping it frees the key (if still ours), also when the
+/// call is dropped unfinished, so a lost call never blocks its key.
+struct Claim {
+    cache: AnswerCache,
+    key: CacheKey,
+    id: u64,
+}
+
+impl Claim {
+    /// Whether the key is still ours: not taken over past its lock age (only its own
+    /// claim ever frees a key, so a free key means a later call took it and settled).
+    fn is_ours(&self) -> bool {
+        self.cache.calls.lock().is_ok_and(|calls| {
+            calls
+                .get(&self.key)
+                .is_some_and(|pending| pending.id == self.id)
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.cache.release(self.key, self.id);
     }
 }
 
@@ -449,29 +498,159 @@ fn tag_mismatch() -> (Arc<CallResult>, Lookup) {
     )
 }
 
-/// A stored answer past its freshness (kept only for stale-if-error).
-fn is_stale(slot: &Slot) -> bool {
-    matches!(slot, Slot::Ready { fresh_until, .. } if *fresh_until <= Instant::now())
-}
-
 async fn join(
-    slot: Slot,
+    pending: Pending,
     tag: Option<CacheKey>,
     deadline: tokio::time::Instant,
 ) -> Result<(Arc<CallResult>, Lookup), GatewayError> {
-    if slot.tag() != tag {
+    if pending.tag != tag {
         return Ok(tag_mismatch());
     }
-    match slot {
-        Slot::Ready { outcome, .. } => Ok((outcome, Lookup::Hit)),
-        Slot::Pending { outcome, stale, .. } => {
-            let (outcome, _) = tokio::time::timeout_at(deadline, outcome)
-                .await
-                .map_err(|_| GatewayError::UpstreamTimeout)?;
-            match stale {
-                Some(stale) if is_failure(&outcome) => Ok((stale.outcome, Lookup::Stale)),
-                _ => Ok((outcome, Lookup::Coalesced)),
+    let (outcome, _) = tokio::time::timeout_at(deadline, pending.outcome)
+        .await
+        .map_err(|_| GatewayError::UpstreamTimeout)?;
+    match pending.stale {
+        Some(stale) if is_failure(&outcome) => Ok((stale.outcome, Lookup::Stale)),
+        _ => Ok((outcome, Lookup::Coalesced)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::answer::AnswerParts;
+
+    fn lifetimes(ttl: Duration) -> Lifetimes {
+        Lifetimes {
+            policy: Policy::Verification {
+                ttl,
+                negative_ttl: ttl,
+            },
+            stale_if_error: Duration::ZERO,
+            longest_call: Duration::from_secs(10),
+        }
+    }
+
+    fn ok() -> CallResult {
+        Ok(Answer::new(
+            http::StatusCode::OK,
+            AnswerParts {
+                body: br#"{"success":true}"#,
+                ..AnswerParts::default()
+            },
+        ))
+    }
+
+    fn key(n: u64) -> CacheKey {
+        crate::keys::HashKey::fixed([5; 16])
+            .key("test")
+            .part(&n.to_le_bytes())
+            .finish()
+    }
+
+    /// Many requests for one key on two threads, with a call that settles at once (the
+    /// widest window for a request to look at the answers just before a leader stores its
+    /// answer and frees the key): one call per key, never two.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_freed_between_look_and_take_is_answered_not_called_again() {
+        let cache = AnswerCache::new(64 << 20);
+        let calls = Arc::new(AtomicU32::new(0));
+        let keys = 20_000u64;
+        let mut requests = tokio::task::JoinSet::new();
+        for n in 0..keys {
+            for _ in 0..6 {
+                let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+                requests.spawn(async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    cache
+                        .get_or_fetch(
+                            key(n),
+                            None,
+                            lifetimes(Duration::from_secs(60)),
+                            deadline,
+                            || {
+                                calls.fetch_add(1, Ordering::SeqCst);
+                                async { Fetched::diia(ok()) }
+                            },
+                        )
+                        .await
+                        .map(|(outcome, _)| outcome.is_ok())
+                });
             }
         }
+        while let Some(answered) = requests.join_next().await {
+            assert_eq!(answered.unwrap(), Ok(true));
+        }
+        assert_eq!(u64::from(calls.load(Ordering::SeqCst)), keys);
+        assert!(cache.calls.lock().unwrap().is_empty(), "every key freed");
+    }
+
+    /// A result that is not kept frees the key: the next request calls again.
+    #[tokio::test]
+    async fn an_unkept_result_frees_the_key_for_the_next_call() {
+        let cache = AnswerCache::new(1 << 20);
+        let calls = AtomicU32::new(0);
+        for _ in 0..2 {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            let (outcome, lookup) = cache
+                .get_or_fetch(key(1), None, lifetimes(Duration::ZERO), deadline, || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { Fetched::diia(Err(GatewayError::UpstreamTimeout)) }
+                })
+                .await
+                .unwrap();
+            assert!(outcome.is_err());
+            assert_eq!(lookup, Lookup::Miss { stored: false });
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(!cache.holds(key(1)));
+    }
+
+    /// A call past its lock age no longer blocks its key, and its late answer does not
+    /// replace the answer of the call that took over.
+    #[tokio::test]
+    async fn a_call_past_its_lock_age_is_taken_over() {
+        let cache = AnswerCache::new(1 << 20);
+        let short = Lifetimes {
+            longest_call: Duration::from_millis(100),
+            ..lifetimes(Duration::from_secs(60))
+        };
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let first = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                cache
+                    .get_or_fetch(key(2), None, short, deadline, || async move {
+                        let _ = release_rx.await;
+                        Fetched::diia(Err(GatewayError::UpstreamTimeout))
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(cache.holds(key(2)));
+        std::thread::sleep(Duration::from_millis(120));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let (second, lookup) = cache
+            .get_or_fetch(key(2), None, short, deadline, || async {
+                Fetched::diia(ok())
+            })
+            .await
+            .unwrap();
+        assert!(second.is_ok());
+        assert_eq!(lookup, Lookup::Miss { stored: true });
+        release_tx.send(()).unwrap();
+        assert!(first.await.unwrap().unwrap().0.is_err());
+        let (kept, lookup) = cache
+            .get_or_fetch(key(2), None, short, deadline, || async {
+                Fetched::diia(ok())
+            })
+            .await
+            .unwrap();
+        assert_eq!(lookup, Lookup::Hit);
+        assert!(kept.is_ok(), "the late failure did not replace the answer");
     }
 }
