@@ -126,6 +126,92 @@ fn identification(bearer: &HeaderValue, barcode: Barcode) -> Request<Full<Bytes>
     request
 }
 
+/// The machine's floor for one Redis round trip: `PING` over a blocking socket (no async
+/// runtime, no client library), back to back or paced at 1,000 per second.
+fn raw_ping(port: u16, samples: u64, paced: bool) -> Row {
+    use std::io::{Read, Write};
+    let mut row = row(if paced {
+        "raw PING, blocking socket, 1k/s"
+    } else {
+        "raw PING, blocking socket"
+    });
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket.set_nodelay(true).unwrap();
+    let mut reply = [0u8; 7];
+    let mut next = Instant::now();
+    for _ in 0..samples {
+        if paced {
+            next += Duration::from_millis(1);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        let started = Instant::now();
+        socket.write_all(b"PING\r\n").unwrap();
+        socket.read_exact(&mut reply).unwrap();
+        row.record(started);
+        assert_eq!(&reply, b"+PONG\r\n");
+    }
+    row
+}
+
+/// Paced misses (off, on) and lookups from a `server.workers` thread (a current-thread
+/// runtime of its own), with the thread's own Redis lane (`lanes`) or through the primary
+/// connection, whose driver runs on the shared runtime, as every command did before lanes.
+fn worker_thread_rows(
+    (off, on): (&Gateway, &Gateway),
+    bearer: &HeaderValue,
+    barcodes: &[Barcode],
+    lanes: bool,
+) -> [Row; 3] {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if lanes {
+        diia_gateway::scaleout::link::serve_on_this_thread();
+    }
+    let via = if lanes { "own lane" } else { "via primary" };
+    let mut rows = [
+        row("worker miss 1k/s, off"),
+        row(&format!("worker miss 1k/s, on, {via}")),
+        row(&format!("worker lookup (lead) 1k/s, {via}")),
+    ];
+    runtime.block_on(async {
+        let fleet = on.scaleout().unwrap();
+        let budget = BudgetValues {
+            per_second: 1_000_000,
+            burst: 1_000_000,
+            max_wait: Duration::from_millis(250),
+        };
+        let keys = diia_gateway::keys::HashKey::fixed([if lanes { 7 } else { 8 }; 16]);
+        // The lane opens in the background after the first command.
+        let warm = keys.key("warm").finish();
+        fleet.lookup_once(warm, budget).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lanes && !fleet.link().lane_open_here() {
+            assert!(Instant::now() < deadline, "lane did not open");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut ticks = tokio::time::interval(Duration::from_millis(1));
+        for (n, pair) in barcodes.chunks_exact(2).enumerate() {
+            for (index, (gateway, barcode)) in
+                [(off, pair[0]), (on, pair[1])].into_iter().enumerate()
+            {
+                ticks.tick().await;
+                let started = Instant::now();
+                let (status, _) = body_of(gateway, identification(bearer, barcode)).await;
+                rows[index].record(started);
+                assert_eq!(status, StatusCode::OK);
+            }
+            let key = keys.key("paced").part(&n.to_le_bytes()).finish();
+            ticks.tick().await;
+            let started = Instant::now();
+            assert!(!fleet.lookup_once(key, budget).await);
+            rows[2].record(started);
+        }
+    });
+    rows
+}
+
 async fn wait_for_redis(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -282,7 +368,7 @@ async fn run() {
         row("miss at 1k req/s, on"),
         row("lookup script (hit), same loop"),
         row("near hit, on, same loop"),
-        row("lookup script (hit) at 1k req/s"),
+        row("lookup script (lead) at 1k req/s"),
     ];
     // One barcode per gateway: a barcode is single-use at the simulator as at Diia.
     let hits = [
@@ -355,25 +441,59 @@ async fn run() {
             rows[index].record(started);
             assert_eq!(status, StatusCode::OK);
         }
-        // The round trip a miss must wait for, paced the same way.
-        let key = keys.key("bench").part(&n.to_le_bytes()).finish();
+        // The round trip a miss waits for (a key nobody holds), paced the same way.
+        let key = keys.key("paced").part(&n.to_le_bytes()).finish();
         ticks.tick().await;
         let started = Instant::now();
-        assert!(fleet.lookup_once(key, budget).await);
+        assert!(!fleet.lookup_once(key, budget).await);
         rows[9].record(started);
     }
     rows.iter().for_each(Row::print);
+    let floor = tokio::task::spawn_blocking(move || {
+        [
+            raw_ping(port, samples, false),
+            raw_ping(port, samples, true),
+        ]
+    })
+    .await
+    .unwrap();
+    floor.iter().for_each(Row::print);
+    // The same paced misses from a `server.workers` thread, through the primary connection
+    // (as before lanes) and on the thread's own lane.
+    let worker: Vec<[Row; 3]> = [false, true]
+        .into_iter()
+        .map(|lanes| {
+            let barcodes: Vec<Barcode> = (0..samples * 2).map(|_| fresh()).collect();
+            tokio::task::block_in_place(|| {
+                std::thread::scope(|scope| {
+                    scope
+                        .spawn(|| worker_thread_rows((&off, &on), &bearer, &barcodes, lanes))
+                        .join()
+                        .unwrap()
+                })
+            })
+        })
+        .collect();
+    worker.iter().flatten().for_each(Row::print);
     let p50 = |row: &Row| row.histogram.value_at_quantile(0.5) as f64 / 1000.0;
     println!(
         "\nadded by scale-out at p50: miss back to back {:.1} µs, miss at 1k req/s {:.1} µs; \
          remote hit vs near hit {:.1} µs, vs a near hit in the same loop {:.1} µs \
-         (one lookup round trip in the same loop: {:.1} µs; paced at 1k req/s: {:.1} µs)",
+         (one lookup round trip in the same loop: {:.1} µs; paced at 1k req/s: {:.1} µs; \
+         the machine's floor, raw PING paced at 1k req/s: {:.1} µs)",
         p50(&rows[4]) - p50(&rows[3]),
         p50(&rows[6]) - p50(&rows[5]),
         p50(&rows[2]) - p50(&rows[1]),
         p50(&rows[2]) - p50(&rows[8]),
         p50(&rows[7]),
         p50(&rows[9]),
+        p50(&floor[1]),
+    );
+    println!(
+        "from a server.workers thread, miss at 1k req/s added {:.1} µs through the primary \
+         connection, {:.1} µs on the thread's own lane",
+        p50(&worker[0][1]) - p50(&worker[0][0]),
+        p50(&worker[1][1]) - p50(&worker[1][0]),
     );
     let _ = redis.kill();
     let _ = redis.wait();

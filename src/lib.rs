@@ -409,6 +409,7 @@ fn serve_branch(
             std::thread::Builder::new()
                 .name(format!("diia-gateway-worker-{n}"))
                 .spawn(move || {
+                    scaleout::link::serve_on_this_thread();
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build();

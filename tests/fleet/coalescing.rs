@@ -2,6 +2,7 @@
 //! call per barcode for the whole fleet; re-scans on every instance cost nothing.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use diia_sim::route::Endpoint;
 use futures_util::future::join_all;
@@ -120,4 +121,102 @@ async fn worker_runtimes_share_the_fleet_cache() {
         calls, 2,
         "one Diia call per barcode across workers and instances"
     );
+}
+
+/// Connections without a pattern subscription (worker lanes) whose last command was the
+/// lookup script.
+async fn lanes_with_lookups(world: &World) -> usize {
+    let list = world
+        .redis
+        .reply(&["CLIENT", "LIST"])
+        .await
+        .unwrap_or_default();
+    list.lines()
+        .filter(|line| line.contains(" psub=0 ") && line.contains(" cmd=evalsha "))
+        .count()
+}
+
+/// Scans fresh barcodes, many connections at once (the kernel spreads them over both
+/// workers of each instance), until two lanes have carried lookups.
+async fn until_lanes_carry_lookups(world: &World, token: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let barcodes: Vec<String> = (0..12).map(|_| fresh_barcode()).collect();
+        let replies = join_all(
+            barcodes
+                .iter()
+                .enumerate()
+                .map(|(n, barcode)| world.gateways[n % 3].identify(&world.http, token, barcode)),
+        )
+        .await;
+        for reply in &replies {
+            assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        }
+        if lanes_with_lookups(world).await >= 2 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker lane carried a lookup: {:?}",
+            world.redis.reply(&["CLIENT", "LIST"]).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With `server.workers = 2`, each worker thread sends its Redis commands on a connection of
+/// its own (a lane), not through the primary connection that holds the Pub/Sub
+/// subscription: a fleet lookup must not cross threads twice. Seen from Redis: connections
+/// without a pattern subscription that ran the lookup script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_send_their_lookups_on_their_own_connections() {
+    let Some(world) = World::start(|config| config.server_extra = "workers = 2".to_owned()).await
+    else {
+        return;
+    };
+    let token = world.token().await;
+    until_lanes_carry_lookups(&world, &token).await;
+}
+
+/// A Redis restart kills every lane's connection: lanes are opened afresh once Redis is
+/// back, so the fleet goes down once and up once (no second outage when a dead lane is
+/// first used), and the lanes carry lookups again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_lanes_reopen_after_a_redis_restart_without_a_second_outage() {
+    let Some(mut world) =
+        World::start(|config| config.server_extra = "workers = 2".to_owned()).await
+    else {
+        return;
+    };
+    let token = world.token().await;
+    until_lanes_carry_lookups(&world, &token).await;
+    world.redis.kill();
+    // Every instance notices (a heartbeat or a request fails), then Redis returns.
+    for gateway in &world.gateways {
+        let barcode = fresh_barcode();
+        let reply = gateway.identify(&world.http, &token, &barcode).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        gateway.wait_for_log("Redis unavailable").await;
+    }
+    // Down for longer than a connection's own reconnect attempts last.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    world.redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for gateway in &world.gateways {
+        // The first line is from the start-up.
+        while gateway.log().matches("Redis reachable").count() < 2 {
+            assert!(Instant::now() < deadline, "not back on Redis");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    until_lanes_carry_lookups(&world, &token).await;
+    for gateway in &world.gateways {
+        let log = gateway.log();
+        assert_eq!(
+            log.matches("Redis unavailable").count(),
+            1,
+            "one outage, one line: {log}"
+        );
+        assert_eq!(log.matches("Redis reachable").count(), 2, "{log}");
+    }
 }

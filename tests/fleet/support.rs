@@ -109,6 +109,12 @@ impl Redis {
 
     /// One command in RESP, as the default user; the first line of the reply.
     pub async fn command(&self, args: &[&str]) -> Option<String> {
+        let text = self.reply(args).await?;
+        Some(text.lines().next().unwrap_or_default().to_owned())
+    }
+
+    /// One command in RESP, as the default user; the whole reply as text.
+    pub async fn reply(&self, args: &[&str]) -> Option<String> {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .ok()?;
@@ -122,8 +128,7 @@ impl Redis {
             .await
             .ok()?
             .ok()?;
-        let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
-        Some(text.lines().next().unwrap_or_default().to_owned())
+        Some(String::from_utf8_lossy(&buffer[..n]).into_owned())
     }
 
     /// Every key (KEYS is fine on a test server).
