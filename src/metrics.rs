@@ -199,6 +199,8 @@ impl Gauges {
 pub struct FleetMetrics {
     redis_up: Gauge,
     redis_op: Family<Labels1, Histogram>,
+    /// One handle per known operation, resolved once (no label hashing per round trip).
+    redis_ops: [(&'static str, Histogram); REDIS_OPS.len()],
     /// One handle per lookup result, resolved once (a near hit costs one atomic add).
     lookups: [(&'static str, Counter); LOOKUP_RESULTS.len()],
     fallback_admits: Counter,
@@ -214,8 +216,19 @@ const LOOKUP_RESULTS: [&str; 5] = [
     "degraded",
 ];
 
+/// The `op` labels of `redis_op_seconds` that the link records.
+const REDIS_OPS: [&str; 6] = ["lookup", "finish", "budget", "brake", "heartbeat", "probe"];
+
 impl FleetMetrics {
     fn register(registry: &mut Registry) -> Self {
+        let redis_op = registered(
+            registry,
+            "redis_op_seconds",
+            "Redis round trips by operation (lookup, finish, budget, brake, heartbeat, probe)",
+            Family::<Labels1, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_025, 2.0, 14))
+            }),
+        );
         let lookups = registered(
             registry,
             "shared_lookups",
@@ -229,14 +242,8 @@ impl FleetMetrics {
                 "1 while Redis answers (shared mode), 0 while the gateway runs degraded on local state",
                 Gauge::default(),
             ),
-            redis_op: registered(
-                registry,
-                "redis_op_seconds",
-                "Redis round trips by operation (lookup, finish, budget, brake, heartbeat, probe)",
-                Family::<Labels1, Histogram>::new_with_constructor(|| {
-                    Histogram::new(exponential_buckets(0.000_025, 2.0, 14))
-                }),
-            ),
+            redis_ops: REDIS_OPS.map(|op| (op, redis_op.get_or_create(&[("op", op)]).clone())),
+            redis_op,
             lookups: LOOKUP_RESULTS
                 .map(|result| (result, lookups.get_or_create(&[("result", result)]).clone())),
             fallback_admits: registered(
@@ -410,10 +417,11 @@ impl Metrics {
     /// Records one Redis round trip.
     pub fn redis_op(&self, op: &'static str, elapsed: Duration) {
         if let Some(fleet) = &self.fleet {
-            fleet
-                .redis_op
-                .get_or_create(&[("op", op)])
-                .observe(elapsed.as_secs_f64());
+            let seconds = elapsed.as_secs_f64();
+            match fleet.redis_ops.iter().find(|(name, _)| *name == op) {
+                Some((_, histogram)) => histogram.observe(seconds),
+                None => fleet.redis_op.get_or_create(&[("op", op)]).observe(seconds),
+            }
         }
     }
 

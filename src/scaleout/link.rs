@@ -25,16 +25,20 @@ use crate::settings::ScaleoutSettings;
 /// Pattern every instance subscribes to: one channel per key, named after the key.
 pub const CHANNEL_PATTERN: &str = "{dg}:c:*";
 
+/// A key's Redis entry or channel name: `{dg}:<kind>:` and the key in hex (fixed length,
+/// kept on the stack).
+pub type Channel = [u8; 39];
+
 /// Local waiters for keys led by another instance, woken by the channel message.
 #[derive(Default)]
 pub struct Waiters {
-    channels: Mutex<HashMap<Vec<u8>, watch::Sender<Option<Bytes>>>>,
+    channels: Mutex<HashMap<Channel, watch::Sender<Option<Bytes>>>>,
 }
 
 /// One registration; dropping it forgets the channel when nobody else waits on it.
 pub struct Waiting {
     waiters: Arc<Waiters>,
-    channel: Vec<u8>,
+    channel: Channel,
     /// Receives the leader's message.
     pub message: watch::Receiver<Option<Bytes>>,
 }
@@ -53,15 +57,15 @@ impl Drop for Waiting {
 
 impl Waiters {
     /// Registers interest in `channel` (before the lookup, so no message is missed).
-    pub fn register(self: &Arc<Self>, channel: &[u8]) -> Option<Waiting> {
+    pub fn register(self: &Arc<Self>, channel: Channel) -> Option<Waiting> {
         let mut channels = self.channels.lock().ok()?;
         let message = channels
-            .entry(channel.to_vec())
+            .entry(channel)
             .or_insert_with(|| watch::channel(None).0)
             .subscribe();
         Some(Waiting {
             waiters: Arc::clone(self),
-            channel: channel.to_vec(),
+            channel,
             message,
         })
     }
@@ -83,8 +87,11 @@ impl Waiters {
         else {
             return;
         };
+        let Ok(channel) = Channel::try_from(channel.as_slice()) else {
+            return;
+        };
         if let Ok(channels) = self.channels.lock()
-            && let Some(sender) = channels.get(channel.as_slice())
+            && let Some(sender) = channels.get(&channel)
         {
             sender.send_replace(Some(Bytes::copy_from_slice(payload)));
         }
@@ -201,8 +208,10 @@ impl RedisLink {
             ups: AtomicU64::new(0),
         });
         let watcher = Arc::clone(&health);
+        // No response timeout of the client's own: every command already runs under
+        // `command_timeout` (`attempt`), and a second timer per command costs on each one.
         let lane_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.command_timeout))
+            .set_response_timeout(None)
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(settings.probe_interval)

@@ -131,20 +131,38 @@ impl std::fmt::Debug for Scaleout {
     }
 }
 
+/// One Redis key or channel name, `{dg}:<kind>:<the key in hex>`, built on the stack (one
+/// per entry kind on every fleet lookup).
+#[derive(Clone, Copy)]
+struct Name(link::Channel);
+
+impl Name {
+    fn new(kind: u8, key: CacheKey) -> Self {
+        let mut name = *b"{dg}:?:00000000000000000000000000000000";
+        name[5] = kind;
+        // 16 bytes always fill the 32 digits: the lengths are fixed by the types.
+        let _ = hex::encode_to_slice(key.as_bytes(), &mut name[7..]);
+        Self(name)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Names of one key's Redis entries.
 struct Names {
-    result: String,
-    lease: String,
-    channel: String,
+    result: Name,
+    lease: Name,
+    channel: Name,
 }
 
 impl Names {
     fn of(key: CacheKey) -> Self {
-        let hex = hex::encode(key.as_bytes());
         Self {
-            result: format!("{{dg}}:r:{hex}"),
-            lease: format!("{{dg}}:l:{hex}"),
-            channel: format!("{{dg}}:c:{hex}"),
+            result: Name::new(b'r', key),
+            lease: Name::new(b'l', key),
+            channel: Name::new(b'c', key),
         }
     }
 }
@@ -240,7 +258,7 @@ impl Scaleout {
             .link
             .run("finish", |mut c| async move {
                 redis::cmd("DEL")
-                    .arg(&names.result)
+                    .arg(names.result.as_bytes())
                     .query_async::<i64>(&mut c)
                     .await
             })
@@ -332,8 +350,8 @@ impl Scaleout {
                 scripts::LOOKUP
                     .key(BUDGET_KEY)
                     .key(BRAKE_KEY)
-                    .key(&names.result)
-                    .key(&names.lease)
+                    .key(names.result.as_bytes())
+                    .key(names.lease.as_bytes())
                     .arg(&args[..])
                     .arg(holder)
                     .arg(lease_ms)
@@ -446,13 +464,13 @@ impl Scaleout {
             .link
             .run("finish", |mut c| async move {
                 scripts::FINISH
-                    .key(&names.result)
-                    .key(&names.lease)
+                    .key(names.result.as_bytes())
+                    .key(names.lease.as_bytes())
                     .arg(holder)
                     .arg(value)
                     .arg(ttl_ms)
                     .arg(positive)
-                    .arg(&names.channel)
+                    .arg(names.channel.as_bytes())
                     .arg(message)
                     .invoke_async::<i64>(&mut c)
                     .await
@@ -484,7 +502,7 @@ impl Scaleout {
         let mut call = Some(call);
         let mut waited = Duration::ZERO;
         loop {
-            let Some(waiting) = self.link.waiters.register(names.channel.as_bytes()) else {
+            let Some(waiting) = self.link.waiters.register(names.channel.0) else {
                 break;
             };
             let claim = holder(tag);
@@ -630,6 +648,25 @@ impl Shape {
             Policy::Sharing { ttl } => ttl.max(crate::diia::BARCODE_LIFETIME),
             Policy::Verification { ttl, .. } => ttl,
             Policy::SessionToken { .. } => self.longest_call,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_kind_and_the_key_in_hex_under_the_hash_tag() {
+        let key = crate::keys::HashKey::fixed([1; 16]).key("t").finish();
+        let hex = hex::encode(key.as_bytes());
+        let names = Names::of(key);
+        for (name, kind) in [
+            (names.result, "r"),
+            (names.lease, "l"),
+            (names.channel, "c"),
+        ] {
+            assert_eq!(name.as_bytes(), format!("{{dg}}:{kind}:{hex}").as_bytes());
         }
     }
 }
