@@ -167,7 +167,7 @@ fn worker_thread_rows(
         .build()
         .unwrap();
     if lanes {
-        diia_gateway::scaleout::link::serve_on_this_thread();
+        diia_gateway::worker::enter();
     }
     let via = if lanes { "own lane" } else { "via primary" };
     let mut rows = [

@@ -70,6 +70,7 @@ pub mod session;
 pub mod settings;
 pub mod tls;
 pub mod upstream;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -409,7 +410,7 @@ fn serve_branch(
             std::thread::Builder::new()
                 .name(format!("diia-gateway-worker-{n}"))
                 .spawn(move || {
-                    scaleout::link::serve_on_this_thread();
+                    worker::enter();
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build();

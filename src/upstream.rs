@@ -1,7 +1,9 @@
 //! The client toward Diia: pooled hyper client over rustls, HTTP/1.1 and HTTP/2 (ALPN),
 //! connect and total deadlines, Diia's budget spent per call, and Diia's back-off honoured.
 
+use std::cell::RefCell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,10 +48,44 @@ pub struct UpstreamRequest {
     pub prepaid: Option<Duration>,
 }
 
+/// A pool of connections to Diia.
+type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// How a pool is made: the shared runtime's pool and each worker thread's own pool are
+/// made alike.
+#[derive(Clone)]
+struct PoolRecipe {
+    connector: HttpsConnector<HttpConnector>,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl PoolRecipe {
+    fn pool(&self) -> Pool {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(self.idle_timeout)
+            .pool_max_idle_per_host(self.max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(self.connector.clone())
+    }
+}
+
+thread_local! {
+    /// A `server.workers` thread's own pools, one per [`Upstream`] (tests build several):
+    /// a connection's task runs on the runtime that opened it, so a pool shared across
+    /// worker runtimes would hand each call's I/O to another thread and back.
+    static POOLS: RefCell<Vec<(usize, Pool)>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The pooled client plus what every call needs. Per-call settings (deadlines, retries,
 /// the Diia budget) come from the hot settings each call is given.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The shared runtime's pool.
+    client: Pool,
+    recipe: PoolRecipe,
+    /// Tells this upstream's pools apart on a worker thread.
+    id: usize,
     base: String,
     brake: DiiaBrake,
     metrics: Arc<Metrics>,
@@ -84,14 +120,16 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cold.pool_idle_timeout)
-            .pool_max_idle_per_host(cold.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let recipe = PoolRecipe {
+            connector,
+            idle_timeout: cold.pool_idle_timeout,
+            max_idle: cold.pool_max_idle,
+        };
+        static UPSTREAMS: AtomicUsize = AtomicUsize::new(0);
         Ok(Self {
-            client,
+            client: recipe.pool(),
+            recipe,
+            id: UPSTREAMS.fetch_add(1, Ordering::Relaxed),
             base: base_url.trim_end_matches('/').to_owned(),
             brake: DiiaBrake::new(),
             metrics,
@@ -106,6 +144,26 @@ impl Upstream {
     #[must_use]
     pub fn brake(&self) -> &DiiaBrake {
         &self.brake
+    }
+
+    /// Runs `use_pool` with this thread's pool: its own on a `server.workers` thread
+    /// (made on first use), the shared one elsewhere.
+    fn with_pool<T>(&self, use_pool: impl FnOnce(&Pool) -> T) -> T {
+        if !crate::worker::is_worker() {
+            return use_pool(&self.client);
+        }
+        POOLS.with(|pools| {
+            let Ok(mut pools) = pools.try_borrow_mut() else {
+                return use_pool(&self.client);
+            };
+            if let Some((_, pool)) = pools.iter().find(|(id, _)| *id == self.id) {
+                return use_pool(pool);
+            }
+            let pool = self.recipe.pool();
+            let used = use_pool(&pool);
+            pools.push((self.id, pool));
+            used
+        })
     }
 
     /// One call to Diia: breaker, then budget, then the exchange under the upstream
@@ -268,8 +326,7 @@ impl Upstream {
             .body(Full::new(request.body))
             .map_err(|_| GatewayError::Internal)?;
         let response = self
-            .client
-            .request(upstream_request)
+            .with_pool(|pool| pool.request(upstream_request))
             .await
             .map_err(|error| {
                 tracing::debug!(connect = error.is_connect(), "upstream request failed");

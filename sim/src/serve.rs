@@ -37,6 +37,7 @@ pub async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        simulator.state.connection_opened();
         let simulator = Arc::clone(&simulator);
         let service = service_fn(move |request| {
             let simulator = Arc::clone(&simulator);

@@ -110,6 +110,7 @@ pub struct SimState {
     counters: [AtomicU64; Endpoint::ALL.len()],
     pushes: AtomicU64,
     unrouted: AtomicU64,
+    connections: AtomicU64,
 }
 
 impl SimState {
@@ -125,6 +126,7 @@ impl SimState {
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
             pushes: AtomicU64::new(0),
             unrouted: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
         }
     }
 
@@ -134,6 +136,16 @@ impl SimState {
             Some(endpoint) => self.counters[endpoint.slot()].fetch_add(1, Ordering::Relaxed),
             None => self.unrouted.fetch_add(1, Ordering::Relaxed),
         };
+    }
+
+    /// Counts one accepted connection (how many a client's pools opened).
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections accepted since start (or the last reset).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Requests seen by an endpoint since start (or the last reset).
@@ -153,10 +165,11 @@ impl SimState {
             })
             .collect();
         format!(
-            r#"{{"requests":{{{}}},"total":{total},"unrouted":{},"pushes":{}}}"#,
+            r#"{{"requests":{{{}}},"total":{total},"unrouted":{},"pushes":{},"connections":{}}}"#,
             per_endpoint.join(","),
             self.unrouted.load(Ordering::Relaxed),
-            self.pushes.load(Ordering::Relaxed)
+            self.pushes.load(Ordering::Relaxed),
+            self.connections()
         )
     }
 
@@ -167,6 +180,7 @@ impl SimState {
         }
         self.pushes.store(0, Ordering::Relaxed);
         self.unrouted.store(0, Ordering::Relaxed);
+        self.connections.store(0, Ordering::Relaxed);
     }
 
     fn fresh_id(&self) -> String {

@@ -323,14 +323,8 @@ struct Lane {
 }
 
 thread_local! {
-    /// `Some` on a `server.workers` thread: its lanes, one per link.
-    static LANES: RefCell<Option<Vec<Lane>>> = const { RefCell::new(None) };
-}
-
-/// Marks this thread as a `server.workers` thread (one current-thread runtime): its Redis
-/// commands go on lanes of its own, whose drivers run on this thread.
-pub fn serve_on_this_thread() {
-    LANES.with(|lanes| *lanes.borrow_mut() = Some(Vec::new()));
+    /// A `server.workers` thread's lanes, one per link.
+    static LANES: RefCell<Vec<Lane>> = const { RefCell::new(Vec::new()) };
 }
 
 impl RedisLink {
@@ -338,9 +332,11 @@ impl RedisLink {
     /// while the lane opens (the primary carries those commands meanwhile).
     fn lane(&self) -> Option<ConnectionManager> {
         let ups = self.health.ups.load(Ordering::Acquire);
+        if !crate::worker::is_worker() {
+            return None;
+        }
         LANES.with(|lanes| {
             let mut lanes = lanes.try_borrow_mut().ok()?;
-            let lanes = lanes.as_mut()?;
             match lanes.iter_mut().find(|lane| lane.link == self.id) {
                 Some(lane) if lane.ups == ups => lane.manager.clone(),
                 Some(lane) => {
@@ -382,9 +378,6 @@ impl RedisLink {
                 let Ok(mut lanes) = lanes.try_borrow_mut() else {
                     return;
                 };
-                let Some(lanes) = lanes.as_mut() else {
-                    return;
-                };
                 let Some(index) = lanes
                     .iter()
                     .position(|lane| lane.link == link && lane.ups == ups)
@@ -405,11 +398,10 @@ impl RedisLink {
     #[must_use]
     pub fn lane_open_here(&self) -> bool {
         LANES.with(|lanes| {
-            lanes.borrow().as_ref().is_some_and(|lanes| {
-                lanes
-                    .iter()
-                    .any(|lane| lane.link == self.id && lane.manager.is_some())
-            })
+            lanes
+                .borrow()
+                .iter()
+                .any(|lane| lane.link == self.id && lane.manager.is_some())
         })
     }
 }

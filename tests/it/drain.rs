@@ -110,3 +110,40 @@ async fn per_core_workers_share_one_gateway_and_drain() {
         .expect("every worker drained");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// Each `server.workers` thread calls Diia on connections of its own (a connection's task
+/// runs on the runtime that opened it; a shared pool would hand every call's I/O to another
+/// thread and back). One request at a time over new client connections, spread by the
+/// kernel over both workers: a shared pool reuses one keep-alive connection for all of
+/// them, per-thread pools open exactly one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_thread_calls_diia_on_its_own_connection() {
+    let h = Harness::with(|_| {}, |c| c.server.workers = 2).await;
+    let mut barcodes = Vec::new();
+    for _ in 0..16 {
+        barcodes.push(h.issue_barcode().await);
+    }
+    // The test's own connection to the simulator is counted by now.
+    let before = h.sim_stats().await["connections"].as_u64().unwrap();
+    let token = h.session_token().await;
+    for (scan, barcode) in barcodes.iter().enumerate() {
+        let client = support::client();
+        let url = h.url("/api/v1/acquirers/document-identification");
+        let reply = support::send(
+            &client,
+            Method::POST,
+            &url,
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/json"),
+            ],
+            format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "scan {scan}");
+    }
+    // The token exchange went through one of the two pools as well.
+    let stats = h.sim_stats().await;
+    let opened = stats["connections"].as_u64().unwrap() - before;
+    assert_eq!(opened, 2, "one connection per worker thread: {stats}");
+}
