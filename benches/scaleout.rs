@@ -154,26 +154,27 @@ fn raw_ping(port: u16, samples: u64, paced: bool) -> Row {
 }
 
 /// Paced misses (off, on) and lookups from a `server.workers` thread (a current-thread
-/// runtime of its own), with the thread's own Redis lane (`lanes`) or through the primary
-/// connection, whose driver runs on the shared runtime, as every command did before lanes.
+/// runtime of its own), on the thread's own connections (`own`: its Diia pool and Redis
+/// lane) or on the shared runtime's (its Diia pool and the primary Redis connection, whose
+/// tasks run on the other runtime), as every call did before per-thread connections.
 fn worker_thread_rows(
     (off, on): (&Gateway, &Gateway),
     bearer: &HeaderValue,
     barcodes: &[Barcode],
-    lanes: bool,
+    own: bool,
 ) -> [Row; 3] {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    if lanes {
+    if own {
         diia_gateway::worker::enter();
     }
-    let via = if lanes { "own lane" } else { "via primary" };
+    let via = if own { "own" } else { "shared" };
     let mut rows = [
-        row("worker miss 1k/s, off"),
-        row(&format!("worker miss 1k/s, on, {via}")),
-        row(&format!("worker lookup (lead) 1k/s, {via}")),
+        row(&format!("worker, {via} conns: miss 1k/s, off")),
+        row(&format!("worker, {via} conns: miss 1k/s, on")),
+        row(&format!("worker, {via} conns: lookup 1k/s")),
     ];
     runtime.block_on(async {
         let fleet = on.scaleout().unwrap();
@@ -182,12 +183,12 @@ fn worker_thread_rows(
             burst: 1_000_000,
             max_wait: Duration::from_millis(250),
         };
-        let keys = diia_gateway::keys::HashKey::fixed([if lanes { 7 } else { 8 }; 16]);
+        let keys = diia_gateway::keys::HashKey::fixed([if own { 7 } else { 8 }; 16]);
         // The lane opens in the background after the first command.
         let warm = keys.key("warm").finish();
         fleet.lookup_once(warm, budget).await;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while lanes && !fleet.link().lane_open_here() {
+        while own && !fleet.link().lane_open_here() {
             assert!(Instant::now() < deadline, "lane did not open");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -458,16 +459,16 @@ async fn run() {
     .await
     .unwrap();
     floor.iter().for_each(Row::print);
-    // The same paced misses from a `server.workers` thread, through the primary connection
-    // (as before lanes) and on the thread's own lane.
+    // The same paced misses from a `server.workers` thread, on the shared runtime's
+    // connections (as before) and on the thread's own.
     let worker: Vec<[Row; 3]> = [false, true]
         .into_iter()
-        .map(|lanes| {
+        .map(|own| {
             let barcodes: Vec<Barcode> = (0..samples * 2).map(|_| fresh()).collect();
             tokio::task::block_in_place(|| {
                 std::thread::scope(|scope| {
                     scope
-                        .spawn(|| worker_thread_rows((&off, &on), &bearer, &barcodes, lanes))
+                        .spawn(|| worker_thread_rows((&off, &on), &bearer, &barcodes, own))
                         .join()
                         .unwrap()
                 })
@@ -490,8 +491,13 @@ async fn run() {
         p50(&floor[1]),
     );
     println!(
-        "from a server.workers thread, miss at 1k req/s added {:.1} µs through the primary \
-         connection, {:.1} µs on the thread's own lane",
+        "from a server.workers thread at 1k req/s, on the shared runtime's connections vs its \
+         own: miss off {:.1} vs {:.1} µs, lookup {:.1} vs {:.1} µs, miss added by scale-out \
+         {:.1} vs {:.1} µs",
+        p50(&worker[0][0]),
+        p50(&worker[1][0]),
+        p50(&worker[0][2]),
+        p50(&worker[1][2]),
         p50(&worker[0][1]) - p50(&worker[0][0]),
         p50(&worker[1][1]) - p50(&worker[1][0]),
     );
