@@ -459,6 +459,40 @@ async fn run() {
     .await
     .unwrap();
     floor.iter().for_each(Row::print);
+    // What Redis itself costs a paced miss: a bare GET, and a script with one GET and one
+    // SET … PX (the least a lease can be), through a plain redis-rs connection.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut plain = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let lease = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) then return 1 end \
+         redis.call('SET', KEYS[2], ARGV[1], 'PX', 5000) return 0",
+    );
+    let mut script_rows = [
+        row("plain redis-rs GET, 1k/s"),
+        row("plain redis-rs GET+SET PX script, 1k/s"),
+    ];
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    for n in 0..samples {
+        ticks.tick().await;
+        let started = Instant::now();
+        let _: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(format!("{{dg}}:x:{n}"))
+            .query_async(&mut plain)
+            .await
+            .unwrap();
+        script_rows[0].record(started);
+        ticks.tick().await;
+        let started = Instant::now();
+        let _: i64 = lease
+            .key(format!("{{dg}}:y:{n}"))
+            .key(format!("{{dg}}:z:{n}"))
+            .arg("holder")
+            .invoke_async(&mut plain)
+            .await
+            .unwrap();
+        script_rows[1].record(started);
+    }
+    script_rows.iter().for_each(Row::print);
     // The same paced misses from a `server.workers` thread, on the shared runtime's
     // connections (as before) and on the thread's own.
     let worker: Vec<[Row; 3]> = [false, true]
