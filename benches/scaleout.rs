@@ -23,9 +23,10 @@ use diia_gateway::answer::{Answer, AnswerParts};
 use diia_gateway::barcode::Barcode;
 use diia_gateway::cache::Origin;
 use diia_gateway::config::FileConfig;
+use diia_gateway::keys::CacheKey;
 use diia_gateway::policy::Policy;
 use diia_gateway::proxy::Gateway;
-use diia_gateway::scaleout::{BudgetValues, Shape};
+use diia_gateway::scaleout::{BudgetValues, Scaleout, Shape};
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 use hdrhistogram::Histogram;
 use http::{HeaderValue, Request, StatusCode};
@@ -194,23 +195,44 @@ fn worker_thread_rows(
         }
         let mut ticks = tokio::time::interval(Duration::from_millis(1));
         for (n, pair) in barcodes.chunks_exact(2).enumerate() {
-            for (index, (gateway, barcode)) in
-                [(off, pair[0]), (on, pair[1])].into_iter().enumerate()
-            {
-                ticks.tick().await;
-                let started = Instant::now();
-                let (status, _) = body_of(gateway, identification(bearer, barcode)).await;
-                rows[index].record(started);
-                assert_eq!(status, StatusCode::OK);
-            }
             let key = keys.key("paced").part(&n.to_le_bytes()).finish();
-            ticks.tick().await;
-            let started = Instant::now();
-            assert!(!fleet.lookup_once(key, budget).await);
-            rows[2].record(started);
+            let [off_row, on_row, lookup_row] = &mut rows;
+            paced_round(
+                &mut ticks,
+                (off, on),
+                bearer,
+                [pair[0], pair[1]],
+                (fleet, key, budget),
+                [off_row, on_row, lookup_row],
+            )
+            .await;
         }
     });
     rows
+}
+
+/// One round paced at 1,000 requests/s: a miss with scale-out off, one with it on, then
+/// the lookup round trip such a miss waits for (a key nobody holds), each after its tick,
+/// so all three see the same machine.
+async fn paced_round(
+    ticks: &mut tokio::time::Interval,
+    (off, on): (&Gateway, &Gateway),
+    bearer: &HeaderValue,
+    barcodes: [Barcode; 2],
+    (fleet, key, budget): (&Scaleout, CacheKey, BudgetValues),
+    [off_row, on_row, lookup_row]: [&mut Row; 3],
+) {
+    for (gateway, barcode, row) in [(off, barcodes[0], off_row), (on, barcodes[1], on_row)] {
+        ticks.tick().await;
+        let started = Instant::now();
+        let (status, _) = body_of(gateway, identification(bearer, barcode)).await;
+        row.record(started);
+        assert_eq!(status, StatusCode::OK);
+    }
+    ticks.tick().await;
+    let started = Instant::now();
+    assert!(!fleet.lookup_once(key, budget).await);
+    lookup_row.record(started);
 }
 
 async fn wait_for_redis(port: u16) {
@@ -435,19 +457,17 @@ async fn run() {
     // interleaved so both see the same machine.
     let mut ticks = tokio::time::interval(Duration::from_millis(1));
     for n in 0..samples {
-        for (index, gateway) in [(5, &off), (6, &on)] {
-            ticks.tick().await;
-            let started = Instant::now();
-            let (status, _) = body_of(gateway, identification(&bearer, fresh())).await;
-            rows[index].record(started);
-            assert_eq!(status, StatusCode::OK);
-        }
-        // The round trip a miss waits for (a key nobody holds), paced the same way.
         let key = keys.key("paced").part(&n.to_le_bytes()).finish();
-        ticks.tick().await;
-        let started = Instant::now();
-        assert!(!fleet.lookup_once(key, budget).await);
-        rows[9].record(started);
+        let [.., off_row, on_row, _, _, lookup_row] = &mut rows;
+        paced_round(
+            &mut ticks,
+            (&off, &on),
+            &bearer,
+            [fresh(), fresh()],
+            (fleet, key, budget),
+            [off_row, on_row, lookup_row],
+        )
+        .await;
     }
     rows.iter().for_each(Row::print);
     let floor = tokio::task::spawn_blocking(move || {

@@ -87,19 +87,7 @@ async fn per_core_workers_share_one_gateway_and_drain() {
     let barcode = h.issue_barcode().await;
     // New connections each time: the kernel spreads them over the workers.
     for scan in 0..12 {
-        let client = support::client();
-        let url = h.url("/api/v1/acquirers/document-identification");
-        let reply = support::send(
-            &client,
-            Method::POST,
-            &url,
-            &[
-                ("authorization", &format!("Bearer {token}")),
-                ("content-type", "application/json"),
-            ],
-            format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#),
-        )
-        .await;
+        let reply = identify_on_a_new_connection(&h, &token, &barcode).await;
         assert_eq!(reply.status, StatusCode::OK, "scan {scan}");
     }
     assert_eq!(h.sim_calls("document_identification").await, 1);
@@ -127,23 +115,29 @@ async fn each_worker_thread_calls_diia_on_its_own_connection() {
     let before = h.sim_stats().await["connections"].as_u64().unwrap();
     let token = h.session_token().await;
     for (scan, barcode) in barcodes.iter().enumerate() {
-        let client = support::client();
-        let url = h.url("/api/v1/acquirers/document-identification");
-        let reply = support::send(
-            &client,
-            Method::POST,
-            &url,
-            &[
-                ("authorization", &format!("Bearer {token}")),
-                ("content-type", "application/json"),
-            ],
-            format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#),
-        )
-        .await;
+        let reply = identify_on_a_new_connection(&h, &token, barcode).await;
         assert_eq!(reply.status, StatusCode::OK, "scan {scan}");
     }
     // The token exchange went through one of the two pools as well.
     let stats = h.sim_stats().await;
     let opened = stats["connections"].as_u64().unwrap() - before;
     assert_eq!(opened, 2, "one connection per worker thread: {stats}");
+}
+
+/// One identification on a connection of its own: the kernel spreads new connections over
+/// the `server.workers` sockets.
+async fn identify_on_a_new_connection(h: &Harness, token: &str, barcode: &str) -> support::Reply {
+    let client = support::client();
+    let url = h.url("/api/v1/acquirers/document-identification");
+    support::send(
+        &client,
+        Method::POST,
+        &url,
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/json"),
+        ],
+        format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#),
+    )
+    .await
 }
