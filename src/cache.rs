@@ -234,7 +234,7 @@ impl AnswerCache {
     /// Entries (answers and calls under way) currently held; approximate, for metrics.
     #[must_use]
     pub fn entry_count(&self) -> u64 {
-        let calls = self.calls.lock().map_or(0, |calls| calls.len());
+        let calls = self.calls().len();
         self.answers.entry_count() + calls as u64
     }
 
@@ -242,11 +242,7 @@ impl AnswerCache {
     /// need a Diia call of its own).
     #[must_use]
     pub fn holds(&self, key: CacheKey) -> bool {
-        self.answers.contains_key(&key)
-            || self
-                .calls
-                .lock()
-                .is_ok_and(|calls| calls.contains_key(&key))
+        self.answers.contains_key(&key) || self.calls().contains_key(&key)
     }
 
     /// Drops a stored answer (a session token Diia has since refused); a call under way
@@ -290,7 +286,7 @@ impl AnswerCache {
         // otherwise make every request's state, hits included, kilobytes larger, and that
         // state is copied whole as each request's futures are built.
         Box::pin(async move {
-            let (id, stale, settled) = match self.take_turn(key, tag, lifetimes, stale)? {
+            let (id, stale, settled) = match self.take_turn(key, tag, lifetimes, stale) {
                 Turn::Join(pending) => return join(pending, tag, deadline).await,
                 Turn::Lead { id, stale, settled } => (id, stale, settled),
             };
@@ -325,6 +321,14 @@ impl AnswerCache {
         .await
     }
 
+    /// The table of calls under way. Nothing panics while holding it, so a poisoned lock
+    /// (impossible today) would still hold a consistent table: keep serving.
+    fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Pending>> {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// What the answers hold for `key`, without waiting and without a future.
     fn held(&self, key: CacheKey, tag: Option<CacheKey>) -> Held {
         let Some(ready) = self.answers.get(&key) else {
@@ -354,13 +358,13 @@ impl AnswerCache {
         tag: Option<CacheKey>,
         lifetimes: Lifetimes,
         stale: Option<Stale>,
-    ) -> Result<Turn, GatewayError> {
+    ) -> Turn {
         let now = Instant::now();
-        let mut calls = self.calls.lock().map_err(|_| GatewayError::Internal)?;
+        let mut calls = self.calls();
         if let Some(pending) = calls.get(&key)
             && pending.expires_at > now
         {
-            return Ok(Turn::Join(pending.clone()));
+            return Turn::Join(pending.clone());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (settled, settled_rx) = tokio::sync::oneshot::channel();
@@ -380,15 +384,14 @@ impl AnswerCache {
                 expires_at: now + lifetimes.longest_call,
             },
         );
-        Ok(Turn::Lead { id, stale, settled })
+        Turn::Lead { id, stale, settled }
     }
 
     /// Frees the key for the next call, if it is still ours (not taken over past its lock
     /// age).
     fn release(&self, key: CacheKey, id: u64) {
-        if let Ok(mut calls) = self.calls.lock()
-            && calls.get(&key).is_some_and(|pending| pending.id == id)
-        {
+        let mut calls = self.calls();
+        if calls.get(&key).is_some_and(|pending| pending.id == id) {
             calls.remove(&key);
         }
     }
@@ -476,11 +479,10 @@ impl Claim {
     /// Whether the key is still ours: not taken over past its lock age (only its own
     /// claim ever frees a key, so a free key means a later call took it and settled).
     fn is_ours(&self) -> bool {
-        self.cache.calls.lock().is_ok_and(|calls| {
-            calls
-                .get(&self.key)
-                .is_some_and(|pending| pending.id == self.id)
-        })
+        self.cache
+            .calls()
+            .get(&self.key)
+            .is_some_and(|pending| pending.id == self.id)
     }
 }
 
