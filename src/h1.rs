@@ -6,7 +6,7 @@
 //! the [`Handler`], and answered in one write: a cached answer from its pre-rendered head
 //! ([`Answer::rendered_head`]) and body, without a `HeaderMap`, a boxed service future or
 //! hyper's dispatcher. Everything else is handed over, with the bytes already read, to
-//! hyper for the rest of the connection ([`Served::HandOver`]): hyper stays the authority
+//! hyper for the rest of the connection (`Served::HandOver`): hyper stays the authority
 //! for every HTTP edge (trickled heads and their timeout, 431, chunked bodies,
 //! `100-continue`, HTTP/1.0, h2c), and the loop only serves what it recognises whole.
 //!
