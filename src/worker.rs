@@ -2,7 +2,7 @@
 //! runtime of its own and keeps its own connections (Redis lanes, Diia pools): a
 //! connection's driver task runs on the runtime that opened it, so a request using a
 //! connection of another thread's runtime waits for two cross-thread wake-ups per round trip
-//! (~60–90 µs on a 2-vCPU VM, `benches/scaleout.rs`).
+//! (40–100 µs per round trip on a 2-vCPU VM, `benches/scaleout.rs`).
 
 use std::cell::Cell;
 

@@ -2,8 +2,8 @@
 //! probe and the commands of the shared runtime, a RESP3 `ConnectionManager` (it
 //! reconnects and resubscribes by itself). Each `server.workers` thread sends its commands
 //! on a lane of its own, a connection whose driver runs on that thread's runtime: through
-//! the primary, every command would cross to another thread and back (two wake-ups, ~60 µs
-//! per command on a 2-vCPU VM, measured by `benches/scaleout.rs`). Every command runs under
+//! the primary, every command would cross to another thread and back (two wake-ups, ~90 µs
+//! per paced command on a 2-vCPU VM, measured by `benches/scaleout.rs`). Every command runs under
 //! `scaleout.command_timeout`; the first error or timeout marks Redis down (one log line),
 //! and from then on callers skip Redis at once instead of waiting on it. A background probe
 //! marks it up again, and each lane is opened afresh after that.
