@@ -293,8 +293,7 @@ impl AnswerCache {
             // An earlier leader may have stored its answer and left between our look at
             // the answers and taking the key: then that answer is ours too.
             if let Held::Fresh((outcome, lookup)) = self.held(key, tag) {
-                let origin = Origin::Diia;
-                let _ = settled.send((Arc::clone(&outcome), origin));
+                let _ = settled.send((Arc::clone(&outcome), Origin::Diia));
                 self.release(key, id);
                 return Ok((outcome, lookup));
             }
@@ -396,8 +395,8 @@ impl AnswerCache {
         }
     }
 
-    /// The leader's call, settled: its answer stored (or the stale one put back), the key
-    /// freed, the waiters told. If it is dropped unfinished (the runtime is going away),
+    /// The leader's call, settled: its answer stored (or, when Diia failed, the stale one
+    /// left in place), the key freed, the waiters told. If it is dropped unfinished (the runtime is going away),
     /// the key is freed all the same.
     #[expect(
         clippy::too_many_arguments,

@@ -3,7 +3,6 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -125,11 +124,10 @@ impl Upstream {
             idle_timeout: cold.pool_idle_timeout,
             max_idle: cold.pool_max_idle,
         };
-        static UPSTREAMS: AtomicUsize = AtomicUsize::new(0);
         Ok(Self {
             client: recipe.pool(),
             recipe,
-            id: UPSTREAMS.fetch_add(1, Ordering::Relaxed),
+            id: crate::worker::next_owner(),
             base: base_url.trim_end_matches('/').to_owned(),
             brake: DiiaBrake::new(),
             metrics,

@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -226,13 +226,12 @@ impl RedisLink {
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| LinkError(e.to_string()))?;
         metrics.set_redis_up(false);
-        static LINKS: AtomicUsize = AtomicUsize::new(0);
         Ok(Self {
             manager,
             client,
             lane_config,
             connect_timeout: settings.connect_timeout,
-            id: LINKS.fetch_add(1, Ordering::Relaxed),
+            id: crate::worker::next_owner(),
             health,
             command_timeout: settings.command_timeout,
             metrics,
@@ -337,28 +336,19 @@ impl RedisLink {
         }
         LANES.with(|lanes| {
             let mut lanes = lanes.try_borrow_mut().ok()?;
+            let opening = Lane {
+                link: self.id,
+                manager: None,
+                ups,
+            };
             match lanes.iter_mut().find(|lane| lane.link == self.id) {
-                Some(lane) if lane.ups == ups => lane.manager.clone(),
-                Some(lane) => {
-                    // Opened before Redis last came back: its connection may be a dead one.
-                    *lane = Lane {
-                        link: self.id,
-                        manager: None,
-                        ups,
-                    };
-                    self.open_lane(ups);
-                    None
-                }
-                None => {
-                    lanes.push(Lane {
-                        link: self.id,
-                        manager: None,
-                        ups,
-                    });
-                    self.open_lane(ups);
-                    None
-                }
+                Some(lane) if lane.ups == ups => return lane.manager.clone(),
+                // Opened before Redis last came back: its connection may be a dead one.
+                Some(lane) => *lane = opening,
+                None => lanes.push(opening),
             }
+            self.open_lane(ups);
+            None
         })
     }
 
