@@ -438,16 +438,22 @@ impl BranchPki {
         Client::builder(TokioExecutor::new()).build(connector)
     }
 
-    /// A managed-mode mTLS config: `bindings` is the `client_certs` TOML array (may be
-    /// empty), `extra_tls` lines go under `[server.tls]`, the client budget is `burst`.
+    /// A managed-mode mTLS config: `bindings` is the `client_certs` TOML array (empty:
+    /// the key is left out), `extra_tls` lines go under `[server.tls]`, the client budget
+    /// is `burst`.
     fn config(&self, upstream: &str, bindings: &str, extra_tls: &str, burst: u32) -> String {
+        let client_certs = if bindings.is_empty() {
+            String::new()
+        } else {
+            format!("client_certs = [{bindings}]\n")
+        };
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [server.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n{extra_tls}\n\
              [upstream]\nbase_url = \"{upstream}\"\n\
              [auth]\nmode = \"managed\"\nbranch_auth = \"mtls\"\n\
              acquirer_token = \"{DEMO_ACQUIRER_TOKEN}\"\nauth_token = \"{DEMO_AUTH_TOKEN}\"\n\
-             client_certs = [{bindings}]\n\
+             {client_certs}\
              [limits.branch]\nper_minute = 100000\nburst = 10000\n\
              [limits.client]\nper_minute = 1\nburst = {burst}\n",
             self.server_cert.display().to_string(),
