@@ -929,6 +929,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn client_certificate_keys_need_mtls() {
+        let tls = "[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert!(
+            problem(&format!("{tls}client_crl = [\"crl.pem\"]\n"))
+                .starts_with("server.tls.client_crl:")
+        );
+        let bindings = "client_certs = [{ branch = \"a\", name = \"a.example\" }]\n";
+        assert!(problem(&format!("[auth]\n{bindings}")).starts_with("auth.client_certs:"));
+        assert!(
+            problem(&format!(
+                "[auth]\nmode = \"managed\"\nacquirer_token = \"t\"\n{bindings}"
+            ))
+            .starts_with("auth.client_certs:"),
+            "api-key branch auth"
+        );
+    }
+
     #[cfg(feature = "embedded-sim")]
     #[test]
     fn simulator_needs_a_loopback_listener() {

@@ -412,8 +412,13 @@ impl BranchPki {
         self.write(file, &crl.pem().unwrap())
     }
 
-    /// An HTTPS client (connections pooled) presenting `id`.
+    /// An HTTP/1.1 client over TLS (connections pooled) presenting `id`.
     fn https(&self, id: &ClientId) -> HttpsClient {
+        self.https_with(id, false)
+    }
+
+    /// The same over HTTP/2 (ALPN `h2`: the gateway hands the connection to hyper).
+    fn https_with(&self, id: &ClientId, h2: bool) -> HttpsClient {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(&self.ca).unwrap() {
             roots.add(cert.unwrap()).unwrap();
@@ -430,11 +435,14 @@ impl BranchPki {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&id.key).unwrap())
         .unwrap();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
-            .https_only()
-            .enable_http1()
-            .build();
+            .https_only();
+        let connector = if h2 {
+            builder.enable_http2().build()
+        } else {
+            builder.enable_http1().build()
+        };
         Client::builder(TokioExecutor::new()).build(connector)
     }
 
@@ -543,7 +551,8 @@ async fn a_branch_certificate_acts_only_as_its_own_branch() {
     let pki = BranchPki::new();
     let sim = Simulator::start(support::sim_config()).await.unwrap();
     let (gateway, _file) = start_from(&pki.config(&sim.base_url(), BINDINGS, "", 10_000)).await;
-    let kyiv = pki.https(&pki.client("kyiv-001.branches.example", true, 1));
+    let kyiv_id = pki.client("kyiv-001.branches.example", true, 1);
+    let kyiv = pki.https(&kyiv_id);
     let lviv = pki.https(&pki.client("lviv-002.branches.example", false, 2));
     let back_office = pki.https(&pki.client("backoffice.example", true, 3));
     let stray = pki.https(&pki.client("stray.branches.example", true, 4));
@@ -552,7 +561,14 @@ async fn a_branch_certificate_acts_only_as_its_own_branch() {
 
     assert_eq!(identify_as(&kyiv, &gateway, &sim, "kyiv-001").await, ok);
     assert_eq!(identify_as(&lviv, &gateway, &sim, "lviv-002").await, ok);
-    let identified = 2;
+    // Over HTTP/2 too (hyper's path, not the HTTP/1.1 loop).
+    let kyiv_h2 = pki.https_with(&kyiv_id, true);
+    assert_eq!(identify_as(&kyiv_h2, &gateway, &sim, "kyiv-001").await, ok);
+    assert_eq!(
+        identify_as(&kyiv_h2, &gateway, &sim, "lviv-002").await,
+        refused("branch_mismatch")
+    );
+    let identified = 3;
     assert_eq!(
         identify_as(&kyiv, &gateway, &sim, "lviv-002").await,
         refused("branch_mismatch")
