@@ -737,12 +737,14 @@ fn tls_acceptor(server: &ServerConfig) -> Result<ServerTls, ConfigError> {
     }
     let crls = crate::tls::crls(&tls.client_crl)
         .map_err(|problem| invalid("server.tls.client_crl", problem))?;
-    let revoked = if crls.is_empty() {
-        None
-    } else {
-        let revoked = crate::tls::Revoked::new(&crls)
-            .map_err(|problem| invalid("server.tls.client_crl", problem))?;
-        Some(Arc::new(revoked))
+    let revoked = match (&tls.client_ca, crls.is_empty()) {
+        (Some(ca), false) => {
+            let revoked = crate::tls::Revoked::new(&crls, ca)
+                .map_err(|problem| invalid("server.tls.client_crl", problem))?;
+            // Nothing revoked: no per-request lookup.
+            (!revoked.is_empty()).then(|| Arc::new(revoked))
+        }
+        (None, _) | (_, true) => None,
     };
     let config = crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref(), &crls)
         .map_err(|problem| invalid("server.tls", problem))?;

@@ -196,17 +196,55 @@ pub struct Revoked {
 }
 
 impl Revoked {
-    /// From the CRLs rustls checks handshakes against (their signatures are checked there).
-    pub fn new(crls: &[CertificateRevocationListDer<'static>]) -> Result<Self, String> {
+    /// From the CRLs rustls checks handshakes against. Each CA certificate in `client_ca`
+    /// must have a CRL among them that it signed (checked here): rustls refuses every
+    /// certificate whose issuer has no CRL, and this per-request check trusts the CRLs'
+    /// contents. (CRLs of intermediate CAs outside `client_ca` are checked by rustls at
+    /// the handshake.)
+    pub fn new(
+        crls: &[CertificateRevocationListDer<'static>],
+        client_ca: &Path,
+    ) -> Result<Self, String> {
+        let cas = certificates(client_ca)?;
+        let cas = cas
+            .iter()
+            .map(|der| {
+                x509_parser::parse_x509_certificate(der)
+                    .map(|(_, cert)| cert)
+                    .map_err(|e| format!("{}: {e}", client_ca.display()))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut covered = vec![false; cas.len()];
         let mut by_issuer: HashMap<Box<[u8]>, HashSet<Box<[u8]>>> = HashMap::new();
         for der in crls {
             let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
                 .map_err(|e| format!("unreadable CRL: {e}"))?;
-            let serials = by_issuer.entry(crl.issuer().as_raw().into()).or_default();
-            serials.extend(
+            let issuer = crl.issuer().as_raw();
+            for (ca, covered) in cas.iter().zip(covered.iter_mut()) {
+                if ca.subject().as_raw() != issuer {
+                    continue;
+                }
+                crl.verify_signature(ca.public_key()).map_err(|_| {
+                    format!(
+                        "the CRL of '{}' is not signed by that CA in {}",
+                        crl.issuer(),
+                        client_ca.display()
+                    )
+                })?;
+                *covered = true;
+            }
+            by_issuer.entry(issuer.into()).or_default().extend(
                 crl.iter_revoked_certificates()
                     .map(|revoked| Box::<[u8]>::from(revoked.raw_serial())),
             );
+        }
+        if let Some((ca, _)) = cas.iter().zip(&covered).find(|(_, covered)| !**covered) {
+            return Err(format!(
+                "no CRL for '{}' of {}: every certificate it signed would be refused \
+                 (give one CRL per CA)",
+                ca.subject(),
+                client_ca.display()
+            ));
         }
         Ok(Self { by_issuer })
     }
@@ -234,11 +272,14 @@ mod tests {
         KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
     };
 
-    fn ca(name: &str) -> Issuer<'static, KeyPair> {
+    /// A CA: its issuer and its certificate (PEM).
+    fn ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
-        Issuer::new(params, KeyPair::generate().expect("key"))
+        let key = KeyPair::generate().expect("key");
+        let pem = params.self_signed(&key).expect("self-signed").pem();
+        (Issuer::new(params, key), pem)
     }
 
     fn leaf(issuer: &Issuer<'_, KeyPair>, sans: &[&str], cn: &str, serial: u64) -> Vec<u8> {
@@ -257,7 +298,7 @@ mod tests {
 
     #[test]
     fn dns_names_win_over_the_common_name() {
-        let issuer = ca("test ca");
+        let (issuer, _) = ca("test ca");
         let with_san = ClientCert::from_der(&leaf(&issuer, &["Kyiv-001.Example"], "cn-name", 1));
         assert_eq!(with_san.names(), [Arc::from("kyiv-001.example")]);
         let cn_only = ClientCert::from_der(&leaf(&issuer, &[], "Lviv-002", 2));
@@ -271,9 +312,9 @@ mod tests {
 
     #[test]
     fn revoked_serials_are_found_by_issuer() {
-        let issuer = ca("test ca");
+        let (issuer, issuer_pem) = ca("test ca");
         // CRLs name their CA by its distinguished name (as rustls matches them).
-        let other_issuer = ca("other ca");
+        let (other_issuer, other_pem) = ca("other ca");
         let crl = CertificateRevocationListParams {
             this_update: rcgen::date_time_ymd(2024, 1, 1),
             next_update: rcgen::date_time_ymd(2099, 1, 1),
@@ -289,12 +330,29 @@ mod tests {
         }
         .signed_by(&issuer)
         .expect("crl");
-        let revoked =
-            Revoked::new(&[CertificateRevocationListDer::from(crl.der().to_vec())]).expect("crl");
+        let dir = tempfile::tempdir().expect("dir");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &issuer_pem).expect("write");
+        let crl = CertificateRevocationListDer::from(crl.der().to_vec());
+        let revoked = Revoked::new(std::slice::from_ref(&crl), &ca_file).expect("crl");
         assert!(!revoked.is_empty());
         assert!(revoked.contains(&ClientCert::from_der(&leaf(&issuer, &["a"], "a", 7))));
         assert!(!revoked.contains(&ClientCert::from_der(&leaf(&issuer, &["a"], "a", 8))));
         // The same serial from another CA is not revoked.
         assert!(!revoked.contains(&ClientCert::from_der(&leaf(&other_issuer, &["a"], "a", 7))));
+
+        // A CA of client_ca without a CRL, or a CRL another key signed, is refused.
+        let other_file = dir.path().join("other.pem");
+        std::fs::write(&other_file, &other_pem).expect("write");
+        let both = dir.path().join("both.pem");
+        std::fs::write(&both, issuer_pem + &other_pem).expect("write");
+        let problem = Revoked::new(std::slice::from_ref(&crl), &both).expect_err("uncovered");
+        assert!(problem.contains("no CRL for 'CN=other ca'"), "{problem}");
+        let (_, impostor_pem) = ca("test ca");
+        let forged = dir.path().join("forged.pem");
+        std::fs::write(&forged, impostor_pem).expect("write");
+        let problem = Revoked::new(std::slice::from_ref(&crl), &forged).expect_err("forged");
+        assert!(problem.contains("not signed by that CA"), "{problem}");
+        assert!(Revoked::new(std::slice::from_ref(&crl), &other_file).is_err());
     }
 }
