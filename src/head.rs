@@ -8,10 +8,10 @@
 //! `HeaderMap::get` does. The connection's client certificate, when it showed one, rides
 //! along (for [`crate::caller`]).
 
-use http::header::{self, HeaderName};
-use http::request::Parts;
 use std::sync::Arc;
 
+use http::header::{self, HeaderName};
+use http::request::Parts;
 use http::{HeaderValue, Method, Uri};
 
 use crate::tls::ClientCert;
