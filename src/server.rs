@@ -33,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::answer::Answer;
 use crate::h1::{self, Served};
 use crate::head::RequestHead;
+use crate::tls::ClientCert;
 
 /// A connection's byte stream, plain or TLS.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -378,9 +379,20 @@ async fn serve_connection<H: Handler>(
 ) {
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
-    let io: Box<dyn Io> = match handler.tls() {
+    let (io, client_cert): (Box<dyn Io>, _) = match handler.tls() {
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => Box::new(tls_stream),
+            Ok(Ok(tls_stream)) => {
+                // Verified by the acceptor's verifier; read once for the whole connection.
+                let cert = tls_stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| {
+                        let end_entity = chain.first()?;
+                        Some(Arc::new(ClientCert::from_der(end_entity)))
+                    });
+                (Box::new(tls_stream), cert)
+            }
             Ok(Err(error)) => {
                 tracing::debug!(%error, "TLS handshake failed");
                 return;
@@ -390,10 +402,19 @@ async fn serve_connection<H: Handler>(
                 return;
             }
         },
-        None => Box::new(stream),
+        None => (Box::new(stream), None),
     };
     let first_request = Arc::new(AtomicBool::new(false));
-    let served = serve_protocols(io, peer, handler, builder, limits, shutdown, &first_request);
+    let served = serve_protocols(
+        io,
+        peer,
+        client_cert,
+        handler,
+        builder,
+        limits,
+        shutdown,
+        &first_request,
+    );
     let no_first_request = async {
         tokio::time::sleep_until(deadline).await;
         if first_request.load(Ordering::Relaxed) {
@@ -409,10 +430,12 @@ async fn serve_connection<H: Handler>(
 }
 
 /// The gateway's HTTP/1.1 loop first; hyper for the rest of the connection when the loop
-/// hands it over.
+/// hands it over. Every request head carries the connection's client certificate.
+#[allow(clippy::too_many_arguments)]
 async fn serve_protocols<H: Handler>(
     mut io: Box<dyn Io>,
     peer: SocketAddr,
+    client_cert: Option<Arc<ClientCert>>,
     handler: Arc<H>,
     builder: auto::Builder<TokioExecutor>,
     limits: ConnectionLimits,
@@ -426,6 +449,7 @@ async fn serve_protocols<H: Handler>(
     let buffered = match h1::serve(
         &mut io,
         peer,
+        client_cert.as_ref(),
         &handler,
         &shutdown,
         loop_limits,
@@ -441,14 +465,10 @@ async fn serve_protocols<H: Handler>(
         seen.store(true, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
         let (parts, body) = request.into_parts();
+        let mut head = RequestHead::from_parts(parts);
+        head.client_cert.clone_from(&client_cert);
         async move {
-            let reply = handler
-                .handle(
-                    RequestHead::from_parts(parts),
-                    RequestBody::from(body),
-                    peer,
-                )
-                .await;
+            let reply = handler.handle(head, RequestBody::from(body), peer).await;
             Ok::<_, Infallible>(reply.into_response())
         }
     });
