@@ -1,20 +1,25 @@
-//! The request head the stages read, parsed once at the edge: method, URI and the five
-//! headers the gateway acts on. Nothing else of a request is read or forwarded (Diia gets
+//! The request head the stages read, parsed once at the edge: method, URI and the
+//! headers the gateway acts on (five, plus the two a trusted proxy names the client in). Nothing else of a request is read or forwarded (Diia gets
 //! `Authorization`, `Content-Type` and `diia-trace-id`, see [`crate::upstream`]).
 //!
 //! The HTTP/1.1 loop fills it straight from the parsed bytes (values share the read
 //! buffer: no `HeaderMap`, no allocation); requests hyper serves (HTTP/2, chunked, …) are
 //! converted from their `HeaderMap`. Repeated headers keep their first value, as
-//! `HeaderMap::get` does.
+//! `HeaderMap::get` does, except `X-Forwarded-For` and `Forwarded`, whose lines are kept
+//! in order (several lines are one list; [`crate::client`] reads them, and only for a
+//! request from a trusted proxy).
 
 use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::{HeaderValue, Method, Uri};
+use smallvec::SmallVec;
 
 /// `x-api-key`: a branch's key in managed mode.
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// `diia-trace-id`: passed to Diia and back, for tracing a call across both.
 pub static DIIA_TRACE_ID: HeaderName = HeaderName::from_static("diia-trace-id");
+/// `x-forwarded-for`: the client and the proxies it went through, as a trusted proxy says.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Method, URI and the headers the stages read.
 #[derive(Debug, Clone, Default)]
@@ -33,6 +38,9 @@ pub struct RequestHead {
     pub content_length: Option<u64>,
     /// `diia-trace-id`.
     pub trace_id: Option<HeaderValue>,
+    /// Every `X-Forwarded-For` and `Forwarded` line, in order, tagged with its header
+    /// (values share the read buffer; two lines fit without allocating).
+    pub forwarded: SmallVec<[(Field, HeaderValue); 2]>,
 }
 
 /// Which field of [`RequestHead`] a header fills, if any.
@@ -48,6 +56,10 @@ pub enum Field {
     ContentLength,
     /// `diia-trace-id`.
     TraceId,
+    /// `X-Forwarded-For` (every line kept).
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239; every line kept).
+    Forwarded,
 }
 
 impl Field {
@@ -55,21 +67,24 @@ impl Field {
     #[must_use]
     pub fn of(name: &[u8]) -> Option<Self> {
         // By length first: most headers a client sends are ruled out by one compare.
-        let (field, wanted): (Self, &[u8]) = match name.len() {
-            13 => (Self::Authorization, b"authorization"),
-            9 => (Self::ApiKey, b"x-api-key"),
-            12 => (Self::ContentType, b"content-type"),
-            14 => (Self::ContentLength, b"content-length"),
-            // `diia-trace-id` is 13 long too.
+        let candidates: &[(Self, &[u8])] = match name.len() {
+            13 => &[
+                (Self::Authorization, b"authorization"),
+                (Self::TraceId, b"diia-trace-id"),
+            ],
+            9 => &[
+                (Self::ApiKey, b"x-api-key"),
+                (Self::Forwarded, b"forwarded"),
+            ],
+            12 => &[(Self::ContentType, b"content-type")],
+            14 => &[(Self::ContentLength, b"content-length")],
+            15 => &[(Self::XForwardedFor, b"x-forwarded-for")],
             _ => return None,
         };
-        if name.eq_ignore_ascii_case(wanted) {
-            Some(field)
-        } else if field == Self::Authorization && name.eq_ignore_ascii_case(b"diia-trace-id") {
-            Some(Self::TraceId)
-        } else {
-            None
-        }
+        candidates
+            .iter()
+            .find(|(_, wanted)| name.eq_ignore_ascii_case(wanted))
+            .map(|(field, _)| *field)
     }
 }
 
@@ -84,9 +99,14 @@ impl RequestHead {
         }
     }
 
-    /// Sets `field` unless an earlier header already did (the first value counts).
+    /// Sets `field` unless an earlier header already did (the first value counts); a
+    /// forwarding header's line is added to the others.
     pub fn set(&mut self, field: Field, value: HeaderValue) {
         let slot = match field {
+            Field::XForwardedFor | Field::Forwarded => {
+                self.forwarded.push((field, value));
+                return;
+            }
             Field::Authorization => &mut self.authorization,
             Field::ApiKey => &mut self.api_key,
             Field::ContentType => &mut self.content_type,
@@ -113,6 +133,15 @@ impl RequestHead {
             mut headers,
             ..
         } = parts;
+        let mut forwarded = SmallVec::new();
+        for (field, name) in [
+            (Field::XForwardedFor, &X_FORWARDED_FOR),
+            (Field::Forwarded, &header::FORWARDED),
+        ] {
+            if let header::Entry::Occupied(entry) = headers.entry(name) {
+                forwarded.extend(entry.remove_entry_mult().1.map(|value| (field, value)));
+            }
+        }
         Self {
             method,
             uri,
@@ -124,6 +153,7 @@ impl RequestHead {
             api_key: headers.remove(&API_KEY),
             content_type: headers.remove(header::CONTENT_TYPE),
             trace_id: headers.remove(&DIIA_TRACE_ID),
+            forwarded,
         }
     }
 }
@@ -140,6 +170,10 @@ mod tests {
             (b"content-TYPE", Some(Field::ContentType)),
             (b"Content-Length", Some(Field::ContentLength)),
             (b"Diia-Trace-Id", Some(Field::TraceId)),
+            (b"X-Forwarded-For", Some(Field::XForwardedFor)),
+            (b"FORWARDED", Some(Field::Forwarded)),
+            (b"x-forwarded-fox", None),
+            (b"forwardes", None),
             (b"host", None),
             (b"authorisation", None),
             (b"x-api-keys", None),
@@ -178,5 +212,36 @@ mod tests {
         let from_hyper = RequestHead::from_parts(request.into_parts().0);
         assert_eq!(from_hyper.authorization, head.authorization);
         assert_eq!(from_hyper.content_length, Some(12));
+    }
+
+    #[test]
+    fn every_forwarding_line_is_kept_in_order() {
+        let mut head = RequestHead::default();
+        for value in ["10.0.0.1, 10.0.0.2", "10.0.0.3"] {
+            head.set(Field::XForwardedFor, HeaderValue::from_static(value));
+        }
+        head.set(Field::Forwarded, HeaderValue::from_static("for=10.0.0.4"));
+        let lines: Vec<_> = head
+            .forwarded
+            .iter()
+            .map(|(field, value)| (*field, value.as_bytes()))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                (Field::XForwardedFor, &b"10.0.0.1, 10.0.0.2"[..]),
+                (Field::XForwardedFor, b"10.0.0.3"),
+                (Field::Forwarded, b"for=10.0.0.4"),
+            ]
+        );
+
+        let mut request = http::Request::new(());
+        let headers = request.headers_mut();
+        for value in ["10.0.0.1, 10.0.0.2", "10.0.0.3"] {
+            headers.append(&X_FORWARDED_FOR, HeaderValue::from_static(value));
+        }
+        headers.append(header::FORWARDED, HeaderValue::from_static("for=10.0.0.4"));
+        let from_hyper = RequestHead::from_parts(request.into_parts().0);
+        assert_eq!(from_hyper.forwarded, head.forwarded);
     }
 }

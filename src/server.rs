@@ -5,7 +5,8 @@
 //! answers from their pre-rendered bytes. Anything else (HTTP/2, h2c prior knowledge,
 //! chunked or `Expect` bodies, upgrades, trickled or oversized heads, malformed HTTP) is
 //! handed, with the bytes already read, to hyper-util's auto builder for the rest of the
-//! connection. On shutdown the loop stops accepting, then lets open connections finish
+//! connection. Before any of it, the handler's [`Clients`] read a trusted proxy's PROXY
+//! header and count the connection against its client. On shutdown the loop stops accepting, then lets open connections finish
 //! their in-flight requests within a bounded drain time.
 
 use std::convert::Infallible;
@@ -31,6 +32,7 @@ use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::answer::Answer;
+use crate::client::{Accepted, Clients};
 use crate::h1::{self, Served};
 use crate::head::RequestHead;
 
@@ -210,6 +212,12 @@ pub trait Handler: Send + Sync + 'static {
     fn tls(&self) -> Option<TlsAcceptor> {
         None
     }
+
+    /// Who connects: trusted proxies' PROXY headers and connections per client (`None`:
+    /// every peer is its own client, uncapped; the admin listener).
+    fn clients(&self) -> Option<&Clients> {
+        None
+    }
 }
 
 /// Signals shutdown to every loop holding a receiver; cheap to clone.
@@ -363,7 +371,8 @@ pub async fn accept_loop<H: Handler>(
     }
 }
 
-/// One connection: TLS handshake when the handler asks for it, then the HTTP/1.1 loop,
+/// One connection: the client (a trusted proxy's PROXY header) and its per-client
+/// connection count, then the TLS handshake when the handler asks for it, then the HTTP/1.1 loop,
 /// and hyper (HTTP/1.1 or h2) for whatever that loop hands over, until the client leaves
 /// or the drain ends it. The first request head must be complete within
 /// `header_read_timeout` of accept, however the bytes trickle in: the idle timer alone
@@ -378,19 +387,42 @@ async fn serve_connection<H: Handler>(
 ) {
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
-    let io: Box<dyn Io> = match handler.tls() {
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => Box::new(tls_stream),
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("TLS handshake timed out");
-                return;
-            }
+    let mut stream = stream;
+    // The client first (a trusted proxy's PROXY header comes before TLS), then its place
+    // in the per-client connection count, held until the connection ends.
+    let accepted = match handler.clients() {
+        None => Accepted {
+            client: peer,
+            slot: None,
+            read: BytesMut::new(),
         },
-        None => Box::new(stream),
+        Some(clients) => {
+            match tokio::time::timeout_at(deadline, clients.accept(&mut stream, peer)).await {
+                Ok(Ok(accepted)) => accepted,
+                Ok(Err(refused)) => {
+                    tracing::debug!(%peer, %refused, "connection refused at accept");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no PROXY header within header_read_timeout; closed");
+                    return;
+                }
+            }
+        }
+    };
+    let Accepted {
+        client: peer,
+        slot: _slot,
+        read,
+    } = accepted;
+    let io = if read.is_empty() {
+        secure(stream, handler.tls(), deadline).await
+    } else {
+        let io: Box<dyn Io> = Box::new(stream);
+        secure(Prefixed::new(read, io), handler.tls(), deadline).await
+    };
+    let Some(io) = io else {
+        return;
     };
     let first_request = Arc::new(AtomicBool::new(false));
     let served = serve_protocols(io, peer, handler, builder, limits, shutdown, &first_request);
@@ -404,6 +436,28 @@ async fn serve_connection<H: Handler>(
         () = served => {}
         () = no_first_request => {
             tracing::debug!("no complete request head within header_read_timeout of accept; closed");
+        }
+    }
+}
+
+/// The TLS handshake within `deadline` when `tls` is on; `None`: it failed.
+async fn secure<S: Io + 'static>(
+    stream: S,
+    tls: Option<TlsAcceptor>,
+    deadline: tokio::time::Instant,
+) -> Option<Box<dyn Io>> {
+    let Some(acceptor) = tls else {
+        return Some(Box::new(stream));
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => Some(Box::new(tls_stream)),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
         }
     }
 }
