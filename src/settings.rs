@@ -954,6 +954,37 @@ mod tests {
     }
 
     #[test]
+    fn client_identity_keys_are_checked() {
+        assert!(
+            problem("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]")
+                .starts_with("server.trusted_proxies:")
+        );
+        assert!(
+            problem("[server]\ntrusted_proxies = [\"lb.example\"]")
+                .starts_with("server.trusted_proxies:")
+        );
+        assert!(problem("[server]\nproxy_protocol = true").starts_with("server.proxy_protocol:"));
+        assert!(
+            problem("[server]\nmax_connections_per_client = 0")
+                .starts_with("server.max_connections_per_client:")
+        );
+        assert!(problem("[limits]\nipv6_prefix = 129").starts_with("limits.ipv6_prefix:"));
+        let settings = Settings::from_toml(
+            "[server]\ntrusted_proxies = [\"10.1.2.3/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n\
+             proxy_protocol = true\nforwarded_header = \"forwarded\"\n",
+        )
+        .expect("valid");
+        let nets: Vec<String> = settings
+            .cold
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        assert!(settings.cold.proxy_protocol);
+    }
+
+    #[test]
     fn cold_diff_names_every_changed_key() {
         let a = Settings::from_toml("").expect("valid").cold;
         let b = Settings::from_toml("[server]\nmax_in_flight = 7\n[upstream]\npool_max_idle = 3\n")
