@@ -9,7 +9,8 @@
 //!   `UNKNOWN`/unspecified family (the balancer's own health checks) leaves the peer;
 //! - otherwise, per request, the rightmost address of `server.forwarded_header`
 //!   (`X-Forwarded-For` or RFC 7239 `Forwarded`, every line of it as one list) that is not
-//!   itself a trusted proxy ([`Clients::client`]). An entry that is no address (`unknown`,
+//!   itself a trusted proxy ([`Clients::client_of`], asked by the connection layer for each
+//!   request, before the handler runs). An entry that is no address (`unknown`,
 //!   an obfuscated name, garbage) ends the walk, as does the list's end: the client is
 //!   then the last trusted hop reached (the peer when there is none).
 //!
@@ -30,12 +31,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Buf, BytesMut};
+use http::header::{self, HeaderName};
 use ipnet::IpNet;
 use ppp::{HeaderResult, PartialResult};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::ForwardedHeader;
-use crate::head::{Field, RequestHead};
+use crate::head::{Field, X_FORWARDED_FOR};
+use crate::metrics::Metrics;
 
 /// The most bytes read while waiting for a PROXY header to complete (v1 is at most 107;
 /// v2 is 16 plus addresses and a few TLVs).
@@ -57,12 +60,12 @@ pub fn aggregate(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
 
 /// Who the clients are: trusted proxies, how they name clients, and the connections each
 /// client holds. Shared by every accept loop of the branch listener.
-#[derive(Debug)]
 pub struct Clients {
     trusted: Box<[IpNet]>,
     proxy_protocol: bool,
     header: Field,
     connections: Arc<Connections>,
+    metrics: Arc<Metrics>,
 }
 
 /// A connection that may be served: its client, its place in the per-client count, and
@@ -88,6 +91,20 @@ pub enum Refused {
     TooManyConnections,
 }
 
+impl Refused {
+    /// Every [`Refused::label`], in order (the metric's label set).
+    pub const LABELS: [&'static str; 2] = ["proxy_header", "per_client"];
+
+    /// The metric label.
+    #[must_use]
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::ProxyHeader(_) => Self::LABELS[0],
+            Self::TooManyConnections => Self::LABELS[1],
+        }
+    }
+}
+
 impl Clients {
     /// The policy from checked settings.
     #[must_use]
@@ -97,6 +114,7 @@ impl Clients {
         header: ForwardedHeader,
         max_connections_per_client: usize,
         ipv6_prefix: u8,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             trusted: trusted.into_boxed_slice(),
@@ -110,7 +128,13 @@ impl Clients {
                 ipv6_prefix: AtomicU8::new(ipv6_prefix),
                 open: Mutex::new(HashMap::new()),
             }),
+            metrics,
         }
+    }
+
+    /// Counts a connection closed at accept (`diia_gateway_connections_refused_total`).
+    pub fn refused(&self, refused: &Refused) {
+        self.metrics.connection_refused(refused);
     }
 
     /// Whether `ip` is a trusted proxy.
@@ -153,22 +177,41 @@ impl Clients {
         Ok(Accepted { client, slot, read })
     }
 
-    /// The client of one request from `peer` (the connection's client): the rightmost
-    /// untrusted address of the forwarding header when `peer` is a trusted proxy without
-    /// the PROXY protocol, else `peer` itself, headers unread. An address taken from a
-    /// header gets port 0 (nothing reads it).
+    /// Whether the requests of a connection from `peer` name their client in the
+    /// forwarding header: `peer` is a trusted proxy and the PROXY protocol is off. For any
+    /// other peer the headers are not even looked at.
     #[must_use]
-    pub fn client(&self, peer: SocketAddr, head: &RequestHead) -> SocketAddr {
-        if self.proxy_protocol || self.trusted.is_empty() || !self.trusts(peer.ip()) {
-            return peer;
+    pub fn reads_forwarding(&self, peer: IpAddr) -> bool {
+        !self.proxy_protocol && !self.trusted.is_empty() && self.trusts(peer)
+    }
+
+    /// Which header names the client (`server.forwarded_header`).
+    #[must_use]
+    pub fn forwarding_field(&self) -> Field {
+        self.header
+    }
+
+    /// [`Clients::forwarding_field`] as a header name (for a `HeaderMap`).
+    #[must_use]
+    pub fn forwarding_header(&self) -> &'static HeaderName {
+        match self.header {
+            Field::Forwarded => &header::FORWARDED,
+            _ => &X_FORWARDED_FOR,
         }
-        let lines = head
-            .forwarded
-            .iter()
-            .rev()
-            .filter(|(field, _)| *field == self.header)
-            .map(|(_, value)| value.as_bytes());
-        let client = self.rightmost_untrusted(peer.ip(), lines);
+    }
+
+    /// The client of one request from `peer`, a trusted proxy
+    /// ([`Clients::reads_forwarding`]): the rightmost address in the forwarding header's
+    /// lines (`last_first`: the last line first) that is not a trusted proxy. Reads the
+    /// values in place; allocates nothing. An address taken from the header gets port 0
+    /// (nothing reads it).
+    #[must_use]
+    pub fn client_of<'a>(
+        &self,
+        peer: SocketAddr,
+        last_first: impl Iterator<Item = &'a [u8]>,
+    ) -> SocketAddr {
+        let client = self.rightmost_untrusted(peer.ip(), last_first);
         if client == peer.ip() {
             peer
         } else {
@@ -378,20 +421,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use http::HeaderValue;
 
     fn clients(trusted: &[&str], header: ForwardedHeader) -> Clients {
         let nets = trusted.iter().map(|net| net.parse().unwrap()).collect();
-        Clients::new(nets, false, header, 3, 64)
+        Clients::new(nets, false, header, 3, 64, Arc::new(Metrics::new()))
     }
 
+    /// The client of a request from `peer` with these header lines, as the connection
+    /// layer asks: only a peer that [`Clients::reads_forwarding`], only the configured
+    /// header, lines last first.
     fn resolve(clients: &Clients, peer: &str, field: Field, lines: &[&str]) -> String {
-        let mut head = RequestHead::default();
-        for line in lines {
-            head.set(field, HeaderValue::from_str(line).unwrap());
-        }
         let peer = SocketAddr::new(peer.parse().unwrap(), 4000);
-        clients.client(peer, &head).ip().to_string()
+        if !clients.reads_forwarding(peer.ip()) || field != clients.forwarding_field() {
+            return peer.ip().to_string();
+        }
+        let last_first = lines.iter().rev().map(|line| line.as_bytes());
+        clients.client_of(peer, last_first).ip().to_string()
     }
 
     #[test]

@@ -131,6 +131,7 @@ pub(crate) async fn serve<H: Handler>(
         let Ok(content_length) = usize::try_from(head.content_length.unwrap_or(0)) else {
             return Served::Closed;
         };
+        let peer = client(handler.as_ref(), peer, &head, &head_bytes);
         let exchange = if read.len() >= content_length {
             let body = RequestBody::whole(read.split_to(content_length).freeze());
             let reply = handler.handle(request, body, peer).await;
@@ -158,6 +159,23 @@ pub(crate) async fn serve<H: Handler>(
             return Served::Closed;
         }
     }
+}
+
+/// The request's client: `peer`, or, when `peer` is a trusted proxy that names clients
+/// in a forwarding header, the client it names (read in place from the head's bytes;
+/// other peers' headers are not looked at).
+fn client<H: Handler>(handler: &H, peer: SocketAddr, head: &Head, bytes: &Bytes) -> SocketAddr {
+    let Some(clients) = handler.clients().filter(|c| c.reads_forwarding(peer.ip())) else {
+        return peer;
+    };
+    let field = clients.forwarding_field();
+    let lines = head
+        .fields
+        .iter()
+        .rev()
+        .filter(|(named, _)| *named == field)
+        .filter_map(|(_, (start, end))| bytes.get(*start..*end));
+    clients.client_of(peer, lines)
 }
 
 /// A handler's reply, and whether part of the request body was never read (the

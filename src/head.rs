@@ -1,18 +1,18 @@
-//! The request head the stages read, parsed once at the edge: method, URI and the
-//! headers the gateway acts on (five, plus the two a trusted proxy names the client in). Nothing else of a request is read or forwarded (Diia gets
+//! The request head the stages read, parsed once at the edge: method, URI and the five
+//! headers the gateway acts on. Nothing else of a request is read or forwarded (Diia gets
 //! `Authorization`, `Content-Type` and `diia-trace-id`, see [`crate::upstream`]).
 //!
 //! The HTTP/1.1 loop fills it straight from the parsed bytes (values share the read
 //! buffer: no `HeaderMap`, no allocation); requests hyper serves (HTTP/2, chunked, …) are
 //! converted from their `HeaderMap`. Repeated headers keep their first value, as
-//! `HeaderMap::get` does, except `X-Forwarded-For` and `Forwarded`, whose lines are kept
-//! in order (several lines are one list; [`crate::client`] reads them, and only for a
-//! request from a trusted proxy).
+//! `HeaderMap::get` does. `X-Forwarded-For` and `Forwarded` are named ([`Field`]) but not
+//! kept: the connection layer reads them, straight from the read buffer or `HeaderMap`
+//! and only for a request from a trusted proxy, to tell the handler who the client is
+//! ([`crate::client`]).
 
 use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::{HeaderValue, Method, Uri};
-use smallvec::SmallVec;
 
 /// `x-api-key`: a branch's key in managed mode.
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -38,9 +38,6 @@ pub struct RequestHead {
     pub content_length: Option<u64>,
     /// `diia-trace-id`.
     pub trace_id: Option<HeaderValue>,
-    /// Every `X-Forwarded-For` and `Forwarded` line, in order, tagged with its header
-    /// (values share the read buffer; two lines fit without allocating).
-    pub forwarded: SmallVec<[(Field, HeaderValue); 2]>,
 }
 
 /// Which field of [`RequestHead`] a header fills, if any.
@@ -56,9 +53,9 @@ pub enum Field {
     ContentLength,
     /// `diia-trace-id`.
     TraceId,
-    /// `X-Forwarded-For` (every line kept).
+    /// `X-Forwarded-For` (read by the connection layer, not kept in the head).
     XForwardedFor,
-    /// `Forwarded` (RFC 7239; every line kept).
+    /// `Forwarded` (RFC 7239; read by the connection layer, not kept in the head).
     Forwarded,
 }
 
@@ -99,14 +96,11 @@ impl RequestHead {
         }
     }
 
-    /// Sets `field` unless an earlier header already did (the first value counts); a
-    /// forwarding header's line is added to the others.
+    /// Sets `field` unless an earlier header already did (the first value counts); the
+    /// forwarding headers are not kept (see the module docs).
     pub fn set(&mut self, field: Field, value: HeaderValue) {
         let slot = match field {
-            Field::XForwardedFor | Field::Forwarded => {
-                self.forwarded.push((field, value));
-                return;
-            }
+            Field::XForwardedFor | Field::Forwarded => return,
             Field::Authorization => &mut self.authorization,
             Field::ApiKey => &mut self.api_key,
             Field::ContentType => &mut self.content_type,
@@ -133,15 +127,6 @@ impl RequestHead {
             mut headers,
             ..
         } = parts;
-        let mut forwarded = SmallVec::new();
-        for (field, name) in [
-            (Field::XForwardedFor, &X_FORWARDED_FOR),
-            (Field::Forwarded, &header::FORWARDED),
-        ] {
-            if let header::Entry::Occupied(entry) = headers.entry(name) {
-                forwarded.extend(entry.remove_entry_mult().1.map(|value| (field, value)));
-            }
-        }
         Self {
             method,
             uri,
@@ -153,7 +138,6 @@ impl RequestHead {
             api_key: headers.remove(&API_KEY),
             content_type: headers.remove(header::CONTENT_TYPE),
             trace_id: headers.remove(&DIIA_TRACE_ID),
-            forwarded,
         }
     }
 }
@@ -212,36 +196,5 @@ mod tests {
         let from_hyper = RequestHead::from_parts(request.into_parts().0);
         assert_eq!(from_hyper.authorization, head.authorization);
         assert_eq!(from_hyper.content_length, Some(12));
-    }
-
-    #[test]
-    fn every_forwarding_line_is_kept_in_order() {
-        let mut head = RequestHead::default();
-        for value in ["10.0.0.1, 10.0.0.2", "10.0.0.3"] {
-            head.set(Field::XForwardedFor, HeaderValue::from_static(value));
-        }
-        head.set(Field::Forwarded, HeaderValue::from_static("for=10.0.0.4"));
-        let lines: Vec<_> = head
-            .forwarded
-            .iter()
-            .map(|(field, value)| (*field, value.as_bytes()))
-            .collect();
-        assert_eq!(
-            lines,
-            [
-                (Field::XForwardedFor, &b"10.0.0.1, 10.0.0.2"[..]),
-                (Field::XForwardedFor, b"10.0.0.3"),
-                (Field::Forwarded, b"for=10.0.0.4"),
-            ]
-        );
-
-        let mut request = http::Request::new(());
-        let headers = request.headers_mut();
-        for value in ["10.0.0.1, 10.0.0.2", "10.0.0.3"] {
-            headers.append(&X_FORWARDED_FOR, HeaderValue::from_static(value));
-        }
-        headers.append(header::FORWARDED, HeaderValue::from_static("for=10.0.0.4"));
-        let from_hyper = RequestHead::from_parts(request.into_parts().0);
-        assert_eq!(from_hyper.forwarded, head.forwarded);
     }
 }

@@ -103,8 +103,8 @@ pub struct Gateway {
 /// One request on its way through the stages.
 pub struct Ctx {
     head: RequestHead,
-    /// The client: the TCP peer, or the address a trusted proxy vouches for
-    /// ([`crate::client`]).
+    /// The client: the TCP peer, or the address a trusted proxy vouches for (resolved by
+    /// the connection layer, [`crate::client`]).
     peer: SocketAddr,
     started: Instant,
     deadline: tokio::time::Instant,
@@ -171,6 +171,14 @@ impl Gateway {
             Arc::new(ManagedSession::new(credentials, login))
         });
         let max_bytes = settings.cold.cache_max_bytes;
+        let clients = Clients::new(
+            settings.cold.trusted_proxies.clone(),
+            settings.cold.proxy_protocol,
+            settings.cold.forwarded_header,
+            settings.cold.max_connections_per_client,
+            settings.hot.limits_config.ipv6_prefix,
+            Arc::clone(&metrics),
+        );
         Ok(Self {
             hot: ArcSwap::new(Arc::clone(&settings.hot)),
             auth_mode: settings.cold.auth_mode,
@@ -189,13 +197,7 @@ impl Gateway {
                 .build(),
             access_log: std::sync::OnceLock::new(),
             scaleout,
-            clients: Clients::new(
-                settings.cold.trusted_proxies.clone(),
-                settings.cold.proxy_protocol,
-                settings.cold.forwarded_header,
-                settings.cold.max_connections_per_client,
-                settings.hot.limits_config.ipv6_prefix,
-            ),
+            clients,
         })
     }
 
@@ -309,9 +311,6 @@ impl Gateway {
     {
         let started = Instant::now();
         let hot = self.hot.load_full();
-        // The client behind a trusted proxy, once per request (the headers are not even
-        // looked at for any other peer).
-        let peer = self.clients.client(peer, &head);
         let mut ctx = Ctx {
             head,
             peer,

@@ -401,10 +401,12 @@ async fn serve_connection<H: Handler>(
                 Ok(Ok(accepted)) => accepted,
                 Ok(Err(refused)) => {
                     tracing::debug!(%peer, %refused, "connection refused at accept");
+                    clients.refused(&refused);
                     return;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "no PROXY header within header_read_timeout; closed");
+                    clients.refused(&crate::client::Refused::ProxyHeader("timed out"));
                     return;
                 }
             }
@@ -495,6 +497,13 @@ async fn serve_protocols<H: Handler>(
         seen.store(true, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
         let (parts, body) = request.into_parts();
+        let peer = match handler.clients().filter(|c| c.reads_forwarding(peer.ip())) {
+            Some(clients) => {
+                let lines = parts.headers.get_all(clients.forwarding_header()).iter();
+                clients.client_of(peer, lines.rev().map(HeaderValue::as_bytes))
+            }
+            None => peer,
+        };
         async move {
             let reply = handler
                 .handle(

@@ -336,6 +336,25 @@ async fn forwarded_for_counts_from_a_trusted_peer_only() {
         spoofed.len(),
         "{peers:?}"
     );
+
+    // A request hyper serves (`Expect` is handed over by the HTTP/1.1 loop) is resolved
+    // the same way, every header line counted.
+    let mut stream = connect_from([127, 0, 0, 1], h.gateway.addr()).await;
+    let request = format!(
+        "GET /api/v1/acquirers/document-request/status?barcode={}&requestId=r HTTP/1.1\r\n\
+         host: gw\r\nauthorization: Bearer {token}\r\nexpect: 100-continue\r\n\
+         x-forwarded-for: 6.6.6.6\r\nx-forwarded-for: 203.0.113.50, 127.0.0.1\r\n\
+         connection: close\r\n\r\n",
+        diia_sim::Code::issue(338_979_807_000).unwrap().digits()
+    );
+    let answer = exchange(&mut stream, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    let peers = log.wait_for(peers.len() + 1).await;
+    assert_eq!(
+        peers.last().map(String::as_str),
+        Some("203.0.113.50"),
+        "{peers:?}"
+    );
 }
 
 /// With `proxy_protocol`, a trusted proxy's PROXY header names the client; the same
@@ -403,6 +422,10 @@ async fn a_trusted_peer_without_a_proxy_header_is_refused() {
     let mut other = connect_from([127, 0, 0, 9], h.gateway.addr()).await;
     let answer = exchange(&mut other, login_request().as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let refused = h
+        .metric("diia_gateway_connections_refused_total{reason=\"proxy_header\"}")
+        .await;
+    assert_eq!(refused, 2.0);
 }
 
 /// `max_connections_per_client = 3`: a fourth connection from one client is closed at
@@ -469,4 +492,8 @@ async fn connections_are_capped_per_client_at_accept() {
     let request = format!("{}{}", header("203.0.113.10"), login_request());
     let answer = exchange(&mut other, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let refused = h
+        .metric("diia_gateway_connections_refused_total{reason=\"per_client\"}")
+        .await;
+    assert!(refused >= 2.0, "{refused}");
 }
