@@ -93,6 +93,11 @@ pub(crate) async fn serve<H: Handler>(
     // the runtime's driver through an eventfd write: a syscall per request).
     let mut idle = std::pin::pin!(tokio::time::sleep(limits.idle_timeout));
     let mut last_read = Instant::now();
+    // Whether this peer's forwarding headers name the client (a trusted proxy); for any
+    // other peer they are not even recorded.
+    let forwarding = handler
+        .clients()
+        .is_some_and(|clients| clients.reads_forwarding(peer.ip()));
     loop {
         while read.is_empty() {
             if shutdown.is_triggered() {
@@ -118,7 +123,7 @@ pub(crate) async fn serve<H: Handler>(
             }
             last_read = Instant::now();
         }
-        let Some(head) = parse(&read, limits) else {
+        let Some(head) = parse(&read, limits, forwarding) else {
             return Served::HandOver(read);
         };
         first_request.store(true, Ordering::Relaxed);
@@ -131,7 +136,11 @@ pub(crate) async fn serve<H: Handler>(
         let Ok(content_length) = usize::try_from(head.content_length.unwrap_or(0)) else {
             return Served::Closed;
         };
-        let peer = client(handler.as_ref(), peer, &head, &head_bytes);
+        let peer = if forwarding {
+            client(handler.as_ref(), peer, &head, &head_bytes)
+        } else {
+            peer
+        };
         let exchange = if read.len() >= content_length {
             let body = RequestBody::whole(read.split_to(content_length).freeze());
             let reply = handler.handle(request, body, peer).await;
@@ -255,8 +264,9 @@ enum Forwarded {
 }
 
 /// Parses the head at the start of `buffer`, if it is one the loop serves (`None`: not
-/// yet a whole head, or not one the loop serves: hyper's).
-fn parse(buffer: &[u8], limits: Limits) -> Option<Head> {
+/// yet a whole head, or not one the loop serves: hyper's). Forwarding headers are recorded
+/// only when `forwarding` (the peer is a trusted proxy that names clients in them).
+fn parse(buffer: &[u8], limits: Limits, forwarding: bool) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let length = match request.parse(buffer) {
@@ -291,6 +301,10 @@ fn parse(buffer: &[u8], limits: Limits) -> Option<Head> {
                 match (head.content_length, decimal(parsed.value)) {
                     (None, Some(value)) => head.content_length = Some(value),
                     _ => return None,
+                }
+            } else if matches!(field, Field::XForwardedFor | Field::Forwarded) {
+                if forwarding {
+                    head.fields.push((field, span(buffer, parsed.value)?));
                 }
             } else {
                 head.fields.push((field, span(buffer, parsed.value)?));
@@ -335,6 +349,10 @@ fn build(head: &Head, bytes: &Bytes) -> Option<RequestHead> {
     let mut request = RequestHead::new(head.method.clone(), uri);
     request.content_length = head.content_length;
     for (field, value) in &head.fields {
+        if matches!(field, Field::XForwardedFor | Field::Forwarded) {
+            // Read by `client`, not kept in the head.
+            continue;
+        }
         request.set(*field, HeaderValue::from_maybe_shared(slice(*value)?).ok()?);
     }
     Some(request)
@@ -448,7 +466,27 @@ mod tests {
     };
 
     fn simple(raw: &[u8]) -> Option<Head> {
-        parse(raw, LIMITS)
+        parse(raw, LIMITS, false)
+    }
+
+    #[test]
+    fn forwarding_headers_are_recorded_only_for_a_trusted_proxy() {
+        let raw = b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nforwarded: for=10.0.0.2\r\nx-forwarded-for: 10.0.0.3\r\n\r\n";
+        assert!(simple(raw).expect("served here").fields.is_empty());
+        let head = parse(raw, LIMITS, true).expect("served here");
+        let fields: Vec<_> = head
+            .fields
+            .iter()
+            .map(|(field, (start, end))| (*field, &raw[*start..*end]))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                (Field::XForwardedFor, &b"10.0.0.1"[..]),
+                (Field::Forwarded, b"for=10.0.0.2"),
+                (Field::XForwardedFor, b"10.0.0.3"),
+            ]
+        );
     }
 
     #[test]
