@@ -430,7 +430,8 @@ async fn a_trusted_peer_without_a_proxy_header_is_refused() {
 
 /// `max_connections_per_client = 3`: a fourth connection from one client is closed at
 /// accept while another client still connects; a closed connection gives its place back.
-/// Behind a PROXY-protocol proxy the client is the header's, not the proxy.
+/// Behind a PROXY-protocol proxy the client is the header's, not the proxy; IPv6 clients
+/// count per /64.
 #[tokio::test]
 async fn connections_are_capped_per_client_at_accept() {
     let h = Harness::with(
@@ -492,8 +493,29 @@ async fn connections_are_capped_per_client_at_accept() {
     let request = format!("{}{}", header("203.0.113.10"), login_request());
     let answer = exchange(&mut other, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // IPv6 clients count per /64 (`limits.ipv6_prefix`): three addresses of one /64 fill
+    // its place, another /64 still gets in.
+    let header6 = |client: &str| format!("PROXY TCP6 {client} ::1 40000 8080\r\n");
+    for n in 1..=3 {
+        let mut stream = connect_from([127, 0, 0, 1], addr).await;
+        stream
+            .write_all(header6(&format!("2001:db8:0:7::{n}")).as_bytes())
+            .await
+            .unwrap();
+        proxied.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut same_64 = connect_from([127, 0, 0, 1], addr).await;
+    let request = format!("{}{}", header6("2001:db8:0:7:ffff::9"), login_request());
+    assert_eq!(exchange(&mut same_64, request.as_bytes()).await, "");
+    let mut other_64 = connect_from([127, 0, 0, 1], addr).await;
+    let request = format!("{}{}", header6("2001:db8:0:8::1"), login_request());
+    let answer = exchange(&mut other_64, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
     let refused = h
         .metric("diia_gateway_connections_refused_total{reason=\"per_client\"}")
         .await;
-    assert!(refused >= 2.0, "{refused}");
+    assert!(refused >= 3.0, "{refused}");
 }
