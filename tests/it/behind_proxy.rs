@@ -192,6 +192,11 @@ struct Haproxy {
 
 impl Haproxy {
     async fn start(backend: SocketAddr) -> Self {
+        Self::start_with(backend, true).await
+    }
+
+    async fn start_with(backend: SocketAddr, send_proxy: bool) -> Self {
+        let send_proxy = if send_proxy { " send-proxy-v2" } else { "" };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -205,7 +210,7 @@ impl Haproxy {
                 "global\n  maxconn 256\n\
                  defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
                  frontend branches\n  bind 127.0.0.1:{port}\n  default_backend gateway\n\
-                 backend gateway\n  server gw {backend} send-proxy-v2\n"
+                 backend gateway\n  server gw {backend}{send_proxy}\n"
             ),
         )
         .unwrap();
@@ -279,6 +284,56 @@ async fn haproxy_in_front_keeps_clients_apart() {
     assert!(
         peers.iter().all(|p| p == "127.0.0.2" || p == "127.0.0.3"),
         "the balancer's address in the access log: {peers:?}"
+    );
+}
+
+/// The attack's numbers, before and after (run by hand, prints one line):
+/// `cargo test --test it behind_proxy::measure -- --ignored --nocapture`. One branch floods
+/// status polls through haproxy, then another polls 5 times (within its own burst).
+/// Before: a plain TCP balancer, the client is the TCP peer (what the gateway did before
+/// `trusted_proxies`); after: `send-proxy-v2`, the balancer trusted.
+#[tokio::test]
+#[ignore = "a measurement: prints before/after numbers"]
+async fn measure_a_flood_behind_haproxy() {
+    if !haproxy_available() {
+        return;
+    }
+    async fn run(send_proxy: bool) -> (usize, usize) {
+        let h = Harness::with(
+            |_| {},
+            |c| {
+                small_client_budget(c);
+                if send_proxy {
+                    c.server.trusted_proxies = vec!["127.0.0.1/32".to_owned()];
+                    c.server.proxy_protocol = true;
+                }
+            },
+        )
+        .await;
+        let haproxy = Haproxy::start_with(h.gateway.addr(), send_proxy).await;
+        let base = format!("http://{}", haproxy.addr);
+        let (loud, quiet) = (
+            support::client_from([127, 0, 0, 2]),
+            support::client_from([127, 0, 0, 3]),
+        );
+        let token = login(&loud, &base).await;
+        for _ in 0..20 {
+            poll(&loud, &base, &token, &[]).await;
+        }
+        let mut answered = 0;
+        for _ in 0..5 {
+            if poll(&quiet, &base, &token, &[]).await != StatusCode::TOO_MANY_REQUESTS {
+                answered += 1;
+            }
+        }
+        (answered, 5 - answered)
+    }
+    let before = run(false).await;
+    let after = run(true).await;
+    println!(
+        "quiet branch's 5 polls after a flood by another branch behind haproxy: \
+         before {} answered / {} x 429; after {} answered / {} x 429",
+        before.0, before.1, after.0, after.1
     );
 }
 
