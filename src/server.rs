@@ -195,7 +195,8 @@ impl Body for RequestBody {
     }
 }
 
-/// A request handler: request plus peer address in, reply out, never an error.
+/// A request handler: request plus its client's address in (the TCP peer, or whom a
+/// trusted proxy names, see [`crate::client`]), reply out, never an error.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request. Borrows the handler: the HTTP/1.1 loop awaits the future in
     /// place, so no owning wrapper (one level less of a kilobytes-large future built per
