@@ -89,6 +89,30 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// TLS termination on the branch listener (absent: plain HTTP).
     pub tls: Option<ServerTlsConfig>,
+    /// Load balancers whose word on the client's address is taken (CIDRs or addresses);
+    /// from any other peer `X-Forwarded-For`, `Forwarded` and PROXY headers are ignored or
+    /// refused. Empty: every client is its TCP peer.
+    pub trusted_proxies: Vec<String>,
+    /// Trusted proxies open each connection with a PROXY protocol header (v1 or v2), which
+    /// names the client; mandatory from them. Off: `forwarded_header` names the client.
+    pub proxy_protocol: bool,
+    /// Which header a trusted proxy (without `proxy_protocol`) appends the client to.
+    pub forwarded_header: ForwardedHeader,
+    /// Connections one client may hold at once (the real client behind a trusted proxy;
+    /// IPv6 by `limits.ipv6_prefix`); more are closed at accept.
+    pub max_connections_per_client: usize,
+}
+
+/// The header a trusted load balancer names the client in; only that one is read (a
+/// client could write the other one itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, …`.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1, …`.
+    Forwarded,
 }
 
 /// `[server.tls]`
@@ -126,6 +150,10 @@ impl Default for ServerConfig {
             drain_delay: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(15),
             tls: None,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            forwarded_header: ForwardedHeader::XForwardedFor,
+            max_connections_per_client: 1000,
         }
     }
 }
@@ -268,6 +296,9 @@ pub struct LimitsConfig {
     pub max_tracked: u64,
     /// The gateway-wide budget toward Diia.
     pub diia: DiiaLimitConfig,
+    /// IPv6 clients count as one per this prefix length (0..=128): whoever holds a /64
+    /// holds every address in it.
+    pub ipv6_prefix: u8,
 }
 
 impl Default for LimitsConfig {
@@ -279,6 +310,7 @@ impl Default for LimitsConfig {
             poll: PollLimitConfig::default(),
             max_tracked: 50_000,
             diia: DiiaLimitConfig::default(),
+            ipv6_prefix: 64,
         }
     }
 }

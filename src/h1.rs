@@ -95,6 +95,11 @@ pub(crate) async fn serve<H: Handler>(
     // the runtime's driver through an eventfd write: a syscall per request).
     let mut idle = std::pin::pin!(tokio::time::sleep(limits.idle_timeout));
     let mut last_read = Instant::now();
+    // Whether this peer's forwarding headers name the client (a trusted proxy); for any
+    // other peer they are not even recorded.
+    let forwarding = handler
+        .clients()
+        .is_some_and(|clients| clients.reads_forwarding(peer.ip()));
     loop {
         while read.is_empty() {
             if shutdown.is_triggered() {
@@ -120,7 +125,7 @@ pub(crate) async fn serve<H: Handler>(
             }
             last_read = Instant::now();
         }
-        let Some(head) = parse(&read, limits) else {
+        let Some(head) = parse(&read, limits, forwarding) else {
             return Served::HandOver(read);
         };
         first_request.store(true, Ordering::Relaxed);
@@ -133,6 +138,11 @@ pub(crate) async fn serve<H: Handler>(
         request.client_cert = client_cert.cloned();
         let Ok(content_length) = usize::try_from(head.content_length.unwrap_or(0)) else {
             return Served::Closed;
+        };
+        let peer = if forwarding {
+            client(handler.as_ref(), peer, &head, &head_bytes)
+        } else {
+            peer
         };
         let exchange = if read.len() >= content_length {
             let body = RequestBody::whole(read.split_to(content_length).freeze());
@@ -161,6 +171,23 @@ pub(crate) async fn serve<H: Handler>(
             return Served::Closed;
         }
     }
+}
+
+/// The request's client: `peer`, or, when `peer` is a trusted proxy that names clients
+/// in a forwarding header, the client it names (read in place from the head's bytes;
+/// other peers' headers are not looked at).
+fn client<H: Handler>(handler: &H, peer: SocketAddr, head: &Head, bytes: &Bytes) -> SocketAddr {
+    let Some(clients) = handler.clients().filter(|c| c.reads_forwarding(peer.ip())) else {
+        return peer;
+    };
+    let field = clients.forwarding_field();
+    let lines = head
+        .fields
+        .iter()
+        .rev()
+        .filter(|(named, _)| *named == field)
+        .filter_map(|(_, (start, end))| bytes.get(*start..*end));
+    clients.client_of(peer, lines)
 }
 
 /// A handler's reply, and whether part of the request body was never read (the
@@ -240,8 +267,9 @@ enum Forwarded {
 }
 
 /// Parses the head at the start of `buffer`, if it is one the loop serves (`None`: not
-/// yet a whole head, or not one the loop serves: hyper's).
-fn parse(buffer: &[u8], limits: Limits) -> Option<Head> {
+/// yet a whole head, or not one the loop serves: hyper's). Forwarding headers are recorded
+/// only when `forwarding` (the peer is a trusted proxy that names clients in them).
+fn parse(buffer: &[u8], limits: Limits, forwarding: bool) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let length = match request.parse(buffer) {
@@ -276,6 +304,10 @@ fn parse(buffer: &[u8], limits: Limits) -> Option<Head> {
                 match (head.content_length, decimal(parsed.value)) {
                     (None, Some(value)) => head.content_length = Some(value),
                     _ => return None,
+                }
+            } else if matches!(field, Field::XForwardedFor | Field::Forwarded) {
+                if forwarding {
+                    head.fields.push((field, span(buffer, parsed.value)?));
                 }
             } else {
                 head.fields.push((field, span(buffer, parsed.value)?));
@@ -320,6 +352,10 @@ fn build(head: &Head, bytes: &Bytes) -> Option<RequestHead> {
     let mut request = RequestHead::new(head.method.clone(), uri);
     request.content_length = head.content_length;
     for (field, value) in &head.fields {
+        if matches!(field, Field::XForwardedFor | Field::Forwarded) {
+            // Read by `client`, not kept in the head.
+            continue;
+        }
         request.set(*field, HeaderValue::from_maybe_shared(slice(*value)?).ok()?);
     }
     Some(request)
@@ -433,7 +469,27 @@ mod tests {
     };
 
     fn simple(raw: &[u8]) -> Option<Head> {
-        parse(raw, LIMITS)
+        parse(raw, LIMITS, false)
+    }
+
+    #[test]
+    fn forwarding_headers_are_recorded_only_for_a_trusted_proxy() {
+        let raw = b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nforwarded: for=10.0.0.2\r\nx-forwarded-for: 10.0.0.3\r\n\r\n";
+        assert!(simple(raw).expect("served here").fields.is_empty());
+        let head = parse(raw, LIMITS, true).expect("served here");
+        let fields: Vec<_> = head
+            .fields
+            .iter()
+            .map(|(field, (start, end))| (*field, &raw[*start..*end]))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                (Field::XForwardedFor, &b"10.0.0.1"[..]),
+                (Field::Forwarded, b"for=10.0.0.2"),
+                (Field::XForwardedFor, b"10.0.0.3"),
+            ]
+        );
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! buffer: no `HeaderMap`, no allocation); requests hyper serves (HTTP/2, chunked, …) are
 //! converted from their `HeaderMap`. Repeated headers keep their first value, as
 //! `HeaderMap::get` does. The connection's client certificate, when it showed one, rides
-//! along (for [`crate::caller`]).
+//! along (for [`crate::caller`]). `X-Forwarded-For` and `Forwarded` are named ([`Field`])
+//! but not kept: the connection layer reads them, straight from the read buffer or
+//! `HeaderMap` and only for a request from a trusted proxy, to tell the handler who the
+//! client is ([`crate::client`]).
 
 use std::sync::Arc;
 
@@ -20,6 +23,8 @@ use crate::tls::ClientCert;
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// `diia-trace-id`: passed to Diia and back, for tracing a call across both.
 pub static DIIA_TRACE_ID: HeaderName = HeaderName::from_static("diia-trace-id");
+/// `x-forwarded-for`: the client and the proxies it went through, as a trusted proxy says.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Method, URI and the headers the stages read.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +61,10 @@ pub enum Field {
     ContentLength,
     /// `diia-trace-id`.
     TraceId,
+    /// `X-Forwarded-For` (read by the connection layer, not kept in the head).
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239; read by the connection layer, not kept in the head).
+    Forwarded,
 }
 
 impl Field {
@@ -63,21 +72,24 @@ impl Field {
     #[must_use]
     pub fn of(name: &[u8]) -> Option<Self> {
         // By length first: most headers a client sends are ruled out by one compare.
-        let (field, wanted): (Self, &[u8]) = match name.len() {
-            13 => (Self::Authorization, b"authorization"),
-            9 => (Self::ApiKey, b"x-api-key"),
-            12 => (Self::ContentType, b"content-type"),
-            14 => (Self::ContentLength, b"content-length"),
-            // `diia-trace-id` is 13 long too.
+        let candidates: &[(Self, &[u8])] = match name.len() {
+            13 => &[
+                (Self::Authorization, b"authorization"),
+                (Self::TraceId, b"diia-trace-id"),
+            ],
+            9 => &[
+                (Self::ApiKey, b"x-api-key"),
+                (Self::Forwarded, b"forwarded"),
+            ],
+            12 => &[(Self::ContentType, b"content-type")],
+            14 => &[(Self::ContentLength, b"content-length")],
+            15 => &[(Self::XForwardedFor, b"x-forwarded-for")],
             _ => return None,
         };
-        if name.eq_ignore_ascii_case(wanted) {
-            Some(field)
-        } else if field == Self::Authorization && name.eq_ignore_ascii_case(b"diia-trace-id") {
-            Some(Self::TraceId)
-        } else {
-            None
-        }
+        candidates
+            .iter()
+            .find(|(_, wanted)| name.eq_ignore_ascii_case(wanted))
+            .map(|(field, _)| *field)
     }
 }
 
@@ -92,9 +104,11 @@ impl RequestHead {
         }
     }
 
-    /// Sets `field` unless an earlier header already did (the first value counts).
+    /// Sets `field` unless an earlier header already did (the first value counts); the
+    /// forwarding headers are not kept (see the module docs).
     pub fn set(&mut self, field: Field, value: HeaderValue) {
         let slot = match field {
+            Field::XForwardedFor | Field::Forwarded => return,
             Field::Authorization => &mut self.authorization,
             Field::ApiKey => &mut self.api_key,
             Field::ContentType => &mut self.content_type,
@@ -149,6 +163,10 @@ mod tests {
             (b"content-TYPE", Some(Field::ContentType)),
             (b"Content-Length", Some(Field::ContentLength)),
             (b"Diia-Trace-Id", Some(Field::TraceId)),
+            (b"X-Forwarded-For", Some(Field::XForwardedFor)),
+            (b"FORWARDED", Some(Field::Forwarded)),
+            (b"x-forwarded-fox", None),
+            (b"forwardes", None),
             (b"host", None),
             (b"authorisation", None),
             (b"x-api-keys", None),

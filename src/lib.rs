@@ -18,6 +18,8 @@
 //! - [`barcode`]: the EAN-13 [`barcode::Barcode`] newtype, redacting
 //! - [`head`]: the request head the stages read (method, URI, five headers), parsed at the edge
 //! - [`route`]: `(method, path)` → [`route::Endpoint`]; the managed-mode route refusal
+//! - [`client`]: who the client is behind a trusted load balancer (PROXY protocol,
+//!   `X-Forwarded-For`/`Forwarded`), and its connection count
 //! - [`caller`]: who is calling (bearer, API key, mTLS), the one place callers are authenticated
 //! - [`request`]: what each endpoint needs, checked into a [`request::Checked`]
 //! - [`policy`]: cache keys per endpoint and how long each answer lives
@@ -47,6 +49,7 @@ pub mod barcode;
 pub mod breaker;
 pub mod cache;
 pub mod caller;
+pub mod client;
 pub mod config;
 pub mod detach;
 pub mod diia;

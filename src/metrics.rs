@@ -127,6 +127,8 @@ pub struct Metrics {
     upstream_calls: Family<Labels2, Counter>,
     saved: Counter,
     retries: Counter,
+    /// Connections closed at accept, by [`crate::client::Refused::label`].
+    connections_refused: [Counter; crate::client::Refused::LABELS.len()],
     breaker_open: [Gauge; CallClass::ALL.len()],
     gauges: Gauges,
     /// Scale-out (Redis) metrics; registered only when `[scaleout]` is on.
@@ -341,6 +343,14 @@ impl Metrics {
             "Retries of safe calls after a connect failure (within the retry budget)",
             Counter::default(),
         );
+        let refused_family = registered(
+            &mut registry,
+            "connections_refused",
+            "Connections closed at accept: no valid PROXY header from a trusted proxy (proxy_header), or the client's max_connections_per_client reached (per_client)",
+            Family::<Labels1, Counter>::default(),
+        );
+        let connections_refused = crate::client::Refused::LABELS
+            .map(|reason| refused_family.get_or_create(&[("reason", reason)]).clone());
         let breaker_family = registered(
             &mut registry,
             "circuit_open",
@@ -362,6 +372,7 @@ impl Metrics {
             upstream_calls,
             saved,
             retries,
+            connections_refused,
             breaker_open,
             gauges,
             fleet,
@@ -445,6 +456,17 @@ impl Metrics {
     pub fn set_instances(&self, live: u32) {
         if let Some(fleet) = &self.fleet {
             fleet.instances.set(i64::from(live));
+        }
+    }
+
+    /// Counts one connection closed at accept.
+    pub fn connection_refused(&self, refused: &crate::client::Refused) {
+        let index = crate::client::Refused::LABELS
+            .iter()
+            .position(|label| *label == refused.label())
+            .unwrap_or(0);
+        if let Some(counter) = self.connections_refused.get(index) {
+            counter.inc();
         }
     }
 

@@ -38,6 +38,7 @@ use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::barcode::Barcode;
 use crate::cache::{AnswerCache, Fetched, Lifetimes, Lookup};
 use crate::caller::{Caller, Gate, Scope};
+use crate::client::Clients;
 use crate::config::AuthMode;
 use crate::diia::SESSION_TOKEN_LIFETIME;
 use crate::error::{Fault, GatewayError, JSON_CONTENT_TYPE};
@@ -95,11 +96,15 @@ pub struct Gateway {
     access_log: std::sync::OnceLock<AccessLog>,
     /// Scale-out: the fleet through Redis, when `[scaleout]` is on.
     scaleout: Option<Arc<Scaleout>>,
+    /// Who the client is behind a trusted proxy; connections per client.
+    clients: Clients,
 }
 
 /// One request on its way through the stages.
 pub struct Ctx {
     head: RequestHead,
+    /// The client: the TCP peer, or the address a trusted proxy vouches for (resolved by
+    /// the connection layer, [`crate::client`]).
     peer: SocketAddr,
     started: Instant,
     deadline: tokio::time::Instant,
@@ -166,6 +171,14 @@ impl Gateway {
             Arc::new(ManagedSession::new(credentials, login))
         });
         let max_bytes = settings.cold.cache_max_bytes;
+        let clients = Clients::new(
+            settings.cold.trusted_proxies.clone(),
+            settings.cold.proxy_protocol,
+            settings.cold.forwarded_header,
+            settings.cold.max_connections_per_client,
+            settings.hot.limits_config.ipv6_prefix,
+            Arc::clone(&metrics),
+        );
         Ok(Self {
             hot: ArcSwap::new(Arc::clone(&settings.hot)),
             auth_mode: settings.cold.auth_mode,
@@ -184,6 +197,7 @@ impl Gateway {
                 .build(),
             access_log: std::sync::OnceLock::new(),
             scaleout,
+            clients,
         })
     }
 
@@ -216,6 +230,7 @@ impl Gateway {
             None => hot,
         };
         let hot = hot.carry_over(&self.hot.load());
+        self.clients.set_ipv6_prefix(hot.limits_config.ipv6_prefix);
         self.hot.store(Arc::new(hot));
     }
 
@@ -668,6 +683,10 @@ impl Handler for Gateway {
 
     fn tls(&self) -> Option<tokio_rustls::TlsAcceptor> {
         self.hot.load().tls.clone()
+    }
+
+    fn clients(&self) -> Option<&Clients> {
+        Some(&self.clients)
     }
 }
 

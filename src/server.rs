@@ -5,7 +5,8 @@
 //! answers from their pre-rendered bytes. Anything else (HTTP/2, h2c prior knowledge,
 //! chunked or `Expect` bodies, upgrades, trickled or oversized heads, malformed HTTP) is
 //! handed, with the bytes already read, to hyper-util's auto builder for the rest of the
-//! connection. On shutdown the loop stops accepting, then lets open connections finish
+//! connection. Before any of it, the handler's [`Clients`] read a trusted proxy's PROXY
+//! header and count the connection against its client. On shutdown the loop stops accepting, then lets open connections finish
 //! their in-flight requests within a bounded drain time.
 
 use std::convert::Infallible;
@@ -31,6 +32,7 @@ use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::answer::Answer;
+use crate::client::{Accepted, Clients};
 use crate::h1::{self, Served};
 use crate::head::RequestHead;
 use crate::tls::ClientCert;
@@ -194,7 +196,8 @@ impl Body for RequestBody {
     }
 }
 
-/// A request handler: request plus peer address in, reply out, never an error.
+/// A request handler: request plus its client's address in (the TCP peer, or whom a
+/// trusted proxy names, see [`crate::client`]), reply out, never an error.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request. Borrows the handler: the HTTP/1.1 loop awaits the future in
     /// place, so no owning wrapper (one level less of a kilobytes-large future built per
@@ -209,6 +212,12 @@ pub trait Handler: Send + Sync + 'static {
     /// TLS for a new connection (`None`: plain HTTP). Read at accept time, so a reload
     /// changes certificates for new connections, never for open ones.
     fn tls(&self) -> Option<TlsAcceptor> {
+        None
+    }
+
+    /// Who connects: trusted proxies' PROXY headers and connections per client (`None`:
+    /// every peer is its own client, uncapped; the admin listener).
+    fn clients(&self) -> Option<&Clients> {
         None
     }
 }
@@ -364,7 +373,8 @@ pub async fn accept_loop<H: Handler>(
     }
 }
 
-/// One connection: TLS handshake when the handler asks for it, then the HTTP/1.1 loop,
+/// One connection: the client (a trusted proxy's PROXY header) and its per-client
+/// connection count, then the TLS handshake when the handler asks for it, then the HTTP/1.1 loop,
 /// and hyper (HTTP/1.1 or h2) for whatever that loop hands over, until the client leaves
 /// or the drain ends it. The first request head must be complete within
 /// `header_read_timeout` of accept, however the bytes trickle in: the idle timer alone
@@ -379,30 +389,44 @@ async fn serve_connection<H: Handler>(
 ) {
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
-    let (io, client_cert): (Box<dyn Io>, _) = match handler.tls() {
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => {
-                // Verified by the acceptor's verifier; read once for the whole connection.
-                let cert = tls_stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| {
-                        let end_entity = chain.first()?;
-                        Some(Arc::new(ClientCert::from_der(end_entity)))
-                    });
-                (Box::new(tls_stream), cert)
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("TLS handshake timed out");
-                return;
-            }
+    let mut stream = stream;
+    // The client first (a trusted proxy's PROXY header comes before TLS), then its place
+    // in the per-client connection count, held until the connection ends.
+    let accepted = match handler.clients() {
+        None => Accepted {
+            client: peer,
+            slot: None,
+            read: BytesMut::new(),
         },
-        None => (Box::new(stream), None),
+        Some(clients) => {
+            match tokio::time::timeout_at(deadline, clients.accept(&mut stream, peer)).await {
+                Ok(Ok(accepted)) => accepted,
+                Ok(Err(refused)) => {
+                    tracing::debug!(%peer, %refused, "connection refused at accept");
+                    clients.refused(&refused);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no PROXY header within header_read_timeout; closed");
+                    clients.refused(&crate::client::Refused::ProxyHeader("timed out"));
+                    return;
+                }
+            }
+        }
+    };
+    let Accepted {
+        client: peer,
+        slot: _slot,
+        read,
+    } = accepted;
+    let io = if read.is_empty() {
+        secure(stream, handler.tls(), deadline).await
+    } else {
+        let io: Box<dyn Io> = Box::new(stream);
+        secure(Prefixed::new(read, io), handler.tls(), deadline).await
+    };
+    let Some((io, client_cert)) = io else {
+        return;
     };
     let first_request = Arc::new(AtomicBool::new(false));
     let served = serve_protocols(
@@ -425,6 +449,36 @@ async fn serve_connection<H: Handler>(
         () = served => {}
         () = no_first_request => {
             tracing::debug!("no complete request head within header_read_timeout of accept; closed");
+        }
+    }
+}
+
+/// The TLS handshake within `deadline` when `tls` is on, and the client certificate it
+/// verified (read once for the whole connection); `None`: the handshake failed.
+async fn secure<S: Io + 'static>(
+    stream: S,
+    tls: Option<TlsAcceptor>,
+    deadline: tokio::time::Instant,
+) -> Option<(Box<dyn Io>, Option<Arc<ClientCert>>)> {
+    let Some(acceptor) = tls else {
+        return Some((Box::new(stream), None));
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => {
+            let cert = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| Some(Arc::new(ClientCert::from_der(chain.first()?))));
+            Some((Box::new(tls_stream), cert))
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
         }
     }
 }
@@ -465,6 +519,13 @@ async fn serve_protocols<H: Handler>(
         seen.store(true, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
         let (parts, body) = request.into_parts();
+        let peer = match handler.clients().filter(|c| c.reads_forwarding(peer.ip())) {
+            Some(clients) => {
+                let lines = parts.headers.get_all(clients.forwarding_header()).iter();
+                clients.client_of(peer, lines.rev().map(HeaderValue::as_bytes))
+            }
+            None => peer,
+        };
         let mut head = RequestHead::from_parts(parts);
         head.client_cert.clone_from(&client_cert);
         async move {

@@ -321,6 +321,14 @@ cold_settings! {
     log_filter: String = "log.filter",
     /// Several instances as one through Redis (`None`: off).
     scaleout: Option<ScaleoutSettings> = "scaleout",
+    /// Load balancers whose word on the client is taken.
+    trusted_proxies: Vec<ipnet::IpNet> = "server.trusted_proxies",
+    /// Trusted proxies open connections with a PROXY protocol header.
+    proxy_protocol: bool = "server.proxy_protocol",
+    /// The header trusted proxies name the client in (without the PROXY protocol).
+    forwarded_header: crate::config::ForwardedHeader = "server.forwarded_header",
+    /// Connections one client may hold at once.
+    max_connections_per_client: usize = "server.max_connections_per_client",
 }
 
 /// `[scaleout]`, checked, with its files read.
@@ -397,7 +405,10 @@ impl Settings {
             Some(scaleout) => HashKey::from_fleet(&scaleout.secret),
             None => HashKey::random().map_err(|e| invalid("keys", e.to_string()))?,
         };
-        let cold = cold(file, target, credentials, scaleout);
+        let cold = Cold {
+            trusted_proxies: trusted_proxies(&file.server)?,
+            ..cold(file, target, credentials, scaleout)
+        };
         Ok(Self {
             hot: Arc::new(hot),
             cold,
@@ -450,7 +461,39 @@ fn cold(
         log_format: file.log.format,
         log_filter: file.log.filter.clone(),
         scaleout,
+        trusted_proxies: Vec::new(),
+        proxy_protocol: server.proxy_protocol,
+        forwarded_header: server.forwarded_header,
+        max_connections_per_client: server.max_connections_per_client,
     }
+}
+
+/// `server.trusted_proxies`: CIDRs, or single addresses (a /32 or /128).
+fn trusted_proxies(server: &ServerConfig) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let nets = server
+        .trusted_proxies
+        .iter()
+        .map(|entry| {
+            let entry = entry.trim();
+            entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    invalid(
+                        "server.trusted_proxies",
+                        format!("{entry:?} is no CIDR (e.g. \"10.0.0.0/8\") or address"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if server.proxy_protocol && nets.is_empty() {
+        return Err(invalid(
+            "server.proxy_protocol",
+            "needs server.trusted_proxies: the load balancers that send the PROXY header",
+        ));
+    }
+    Ok(nets)
 }
 
 /// 1/`fleet` of every local rate (rounded up, at least 1).
@@ -635,6 +678,12 @@ fn check_server(server: &ServerConfig) -> Result<(), ConfigError> {
     if server.max_connections == 0 {
         return Err(invalid("server.max_connections", "must be above 0"));
     }
+    if server.max_connections_per_client == 0 {
+        return Err(invalid(
+            "server.max_connections_per_client",
+            "must be above 0",
+        ));
+    }
     if !(8192..=1024 * 1024).contains(&server.max_header_bytes) {
         return Err(invalid(
             "server.max_header_bytes",
@@ -714,6 +763,12 @@ fn limiters(limits: &LimitsConfig) -> Result<(Limits, Arc<BudgetQuota>), ConfigE
     }
     if limits.max_tracked == 0 {
         return Err(invalid("limits.max_tracked", "must be above 0"));
+    }
+    if limits.ipv6_prefix > 128 {
+        return Err(invalid(
+            "limits.ipv6_prefix",
+            "must be within 0..=128 (an IPv6 prefix length; 64 is one subscriber's network)",
+        ));
     }
     Ok((
         Limits::new(limits),
@@ -956,6 +1011,37 @@ mod tests {
         assert!(problem(text).starts_with("simulator:"));
         assert!(Settings::from_toml("[simulator]\nauto_issue = true\n").is_ok());
         assert!(problem("[simulator]\nauto_isue = true\n").starts_with("simulator:"));
+    }
+
+    #[test]
+    fn client_identity_keys_are_checked() {
+        assert!(
+            problem("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]")
+                .starts_with("server.trusted_proxies:")
+        );
+        assert!(
+            problem("[server]\ntrusted_proxies = [\"lb.example\"]")
+                .starts_with("server.trusted_proxies:")
+        );
+        assert!(problem("[server]\nproxy_protocol = true").starts_with("server.proxy_protocol:"));
+        assert!(
+            problem("[server]\nmax_connections_per_client = 0")
+                .starts_with("server.max_connections_per_client:")
+        );
+        assert!(problem("[limits]\nipv6_prefix = 129").starts_with("limits.ipv6_prefix:"));
+        let settings = Settings::from_toml(
+            "[server]\ntrusted_proxies = [\"10.1.2.3/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n\
+             proxy_protocol = true\nforwarded_header = \"forwarded\"\n",
+        )
+        .expect("valid");
+        let nets: Vec<String> = settings
+            .cold
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        assert!(settings.cold.proxy_protocol);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod behind_proxy;
 mod cache;
 mod cli;
 mod coalescing;

@@ -707,3 +707,68 @@ async fn two_certificates_behind_one_address_have_their_own_budgets() {
         );
     }
 }
+
+/// Behind a PROXY-protocol balancer the header comes before the TLS handshake: it names
+/// the client, then TLS runs on the bytes after it; without it a trusted peer gets no
+/// handshake.
+#[tokio::test]
+async fn a_proxy_header_comes_before_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = pki();
+    let sim = Simulator::start(support::sim_config()).await.unwrap();
+    let mut config: FileConfig = support::gateway_config(&sim.base_url());
+    config.server.tls = Some(ServerTlsConfig {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: None,
+        client_crl: Vec::new(),
+    });
+    config.server.trusted_proxies = vec!["127.0.0.1/32".to_owned()];
+    config.server.proxy_protocol = true;
+    let gateway = support::start_gateway(config).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 443\r\n")
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio::time::timeout(support::REQUEST_BOUND, connector.connect(name, stream))
+        .await
+        .unwrap()
+        .expect("TLS after the PROXY header");
+    let request = format!(
+        "GET /api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN} HTTP/1.1\r\nhost: localhost\r\n\
+         authorization: Basic {DEMO_AUTH_TOKEN}\r\nconnection: close\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(support::REQUEST_BOUND, tls.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The trusted peer's TLS without the header: no handshake.
+    let base = format!("https://localhost:{}", gateway.addr().port());
+    assert!(
+        token_exchange(&https_client(&pki, false), &base)
+            .await
+            .is_err()
+    );
+}
