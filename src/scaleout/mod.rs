@@ -956,6 +956,106 @@ impl Shape {
 mod tests {
     use super::*;
 
+    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    /// An instance that never connects (the link is lazy).
+    fn instance() -> Scaleout {
+        let settings = ScaleoutSettings {
+            redis_url: "redis://127.0.0.1:1".to_owned(),
+            redis_password: None,
+            redis_ca: None,
+            secret: FleetSecret::parse(HEX, "1").unwrap(),
+            command_timeout: Duration::from_millis(25),
+            connect_timeout: Duration::from_millis(25),
+            probe_interval: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_secs(1),
+            instance_ttl: Duration::from_secs(5),
+            lease: Duration::from_secs(1),
+            sharing_wait: Duration::from_millis(500),
+        };
+        Scaleout::new(&settings, Arc::new(Metrics::with_fleet(true))).unwrap()
+    }
+
+    #[test]
+    fn the_head_is_the_kind_and_sixteen_digits() {
+        assert_eq!(&head(POSITIVE, 1_764_000_000_123), b"P0001764000000123");
+        assert_eq!(&head(FAILURE, u64::MAX)[1..], b"9999999999999999");
+    }
+
+    #[tokio::test]
+    async fn a_value_opens_only_with_its_key_kind_and_expiry() {
+        let fleet = instance();
+        let key = crate::keys::HashKey::fixed([1; 16]).key("t").finish();
+        let names = Names::of(key);
+        let answer = Answer::new(
+            http::StatusCode::OK,
+            crate::answer::AnswerParts {
+                body: b"{\"success\":true}",
+                content_type: None,
+                trace_id: None,
+                retry_after: None,
+                location: None,
+            },
+        );
+        let tag = Some(crate::keys::HashKey::fixed([2; 16]).key("tag").finish());
+        let value = fleet
+            .seal(
+                &names,
+                &Ok(answer),
+                1_000,
+                Some(Duration::from_secs(2)),
+                tag,
+            )
+            .unwrap();
+        assert_eq!(&value[..HEAD], b"P0000000000003000");
+        let sealed = fleet.unseal(&names, &value).unwrap();
+        assert_eq!((sealed.stamp_ms, sealed.expires_ms), (1_000, 3_000));
+        assert_eq!(sealed.tag, tag_text(tag));
+        assert!(sealed.result.is_ok());
+        // Relabelled as another kind, given a longer life, moved, or altered: no.
+        let mut relabelled = value.clone();
+        relabelled[0] = NEGATIVE;
+        assert!(fleet.unseal(&names, &relabelled).is_none());
+        let mut longer = value.clone();
+        longer[5] = b'9';
+        assert!(fleet.unseal(&names, &longer).is_none());
+        let other = Names::of(crate::keys::HashKey::fixed([1; 16]).key("u").finish());
+        assert!(fleet.unseal(&other, &value).is_none());
+        let mut flipped = value;
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(fleet.unseal(&names, &flipped).is_none());
+        // Not stored: it expires as it is sealed.
+        let message = fleet
+            .seal(
+                &names,
+                &Err(GatewayError::UpstreamTimeout),
+                5_000,
+                None,
+                None,
+            )
+            .unwrap();
+        let sealed = fleet.unseal(&names, &message).unwrap();
+        assert_eq!((sealed.stamp_ms, sealed.expires_ms), (5_000, 5_000));
+        assert!(matches!(sealed.result, Err(GatewayError::UpstreamTimeout)));
+    }
+
+    #[test]
+    fn a_budget_clock_horizon_is_burst_over_rate_plus_the_full_wait() {
+        let budget = BudgetValues {
+            per_second: 100,
+            burst: 50,
+            max_wait: Duration::from_millis(200),
+            queue: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(60),
+        };
+        // 50 × 10 ms + 200 ms, also when queued half as deep.
+        assert_eq!(budget.args(1), [10_000, 50, 200_000, 1, 60_000, 700_000]);
+        assert_eq!(
+            budget.half_deep().args(1),
+            [10_000, 50, 100_000, 1, 60_000, 700_000]
+        );
+    }
+
     #[test]
     fn names_are_the_kind_and_the_key_in_hex_under_the_hash_tag() {
         let key = crate::keys::HashKey::fixed([1; 16]).key("t").finish();
