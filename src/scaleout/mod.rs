@@ -502,7 +502,7 @@ impl Scaleout {
                 .invoke_async(&mut c)
                 .await
         };
-        let reply: Vec<Value> = if anyway {
+        let mut reply: Vec<Value> = if anyway {
             self.link.run_anyway("lookup", call).await?
         } else {
             self.link.run("lookup", call).await?
@@ -512,17 +512,16 @@ impl Scaleout {
             _ => -1,
         };
         let millis = |v: Option<&Value>| Duration::from_millis(u64::try_from(int(v)).unwrap_or(0));
-        match (int(reply.first()), reply.get(1)) {
-            (1, Some(Value::BulkString(value))) => Some(Found::Hit(
-                value.clone(),
-                millis(reply.get(2)),
-                RedisClock::read(reply.get(3)),
-            )),
-            (3, Some(Value::BulkString(holder))) => Some(Found::Held(
-                holder.clone(),
-                millis(reply.get(2)),
-                RedisClock::read(reply.get(3)),
-            )),
+        let code = int(reply.first());
+        let (left, clock) = (millis(reply.get(2)), RedisClock::read(reply.get(3)));
+        // The value or holder moves out of the reply (no copy of a stored answer).
+        match (code, reply.get_mut(1)) {
+            (1, Some(Value::BulkString(value))) => {
+                Some(Found::Hit(std::mem::take(value), left, clock))
+            }
+            (3, Some(Value::BulkString(holder))) => {
+                Some(Found::Held(std::mem::take(holder), left, clock))
+            }
             (code, _) => match budget_reply(code, int(reply.get(1)))? {
                 Budget::Go(wait) => Some(Found::Lead(wait, RedisClock::read(reply.get(2)))),
                 Budget::Refused(refusal) => Some(Found::Refused(refusal)),
