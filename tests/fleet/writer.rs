@@ -70,25 +70,21 @@ negative_ttl = "2s""#
     );
 }
 
+/// `limits.diia.max_backoff` of 2 s.
+fn short_backoff(config: &mut crate::support::FleetConfig) {
+    config.diia =
+        r#"{ per_second = 10000, burst = 10000, max_wait = "200ms", max_backoff = "2s" }"#
+            .to_owned();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_brake_or_budget_denies_service_at_most_max_backoff() {
-    let Some(world) = World::start(|config| {
-        config.diia =
-            r#"{ per_second = 10000, burst = 10000, max_wait = "200ms", max_backoff = "2s" }"#
-                .to_owned();
-    })
-    .await
-    else {
+async fn a_day_long_brake_stops_diia_calls_for_at_most_max_backoff() {
+    let Some(world) = World::start(short_backoff).await else {
         return;
     };
     let token = world.token().await;
     let (sim, http, gateways, redis) = (&world.sim, &world.http, &world.gateways, &world.redis);
     let mut c = redis.connection().await;
-    // The budget's clock pushed a lifetime ahead: read as corrupt and reset.
-    let _: () = c.set("{dg}:budget", "99999999999999999999").await.unwrap();
-    let reply = gateways[0].identify(http, &token, &fresh_barcode()).await;
-    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-    // A day-long brake: Diia calls resume after max_backoff.
     let _: () = redis::cmd("SET")
         .arg("{dg}:brake")
         .arg("1")
@@ -114,6 +110,10 @@ async fn a_forged_brake_or_budget_denies_service_at_most_max_backoff() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    eprintln!(
+        "a day-long brake: Diia calls resumed after {:?} ({refused} refused)",
+        pulled.elapsed()
+    );
     assert!(refused > 0, "the brake was not honoured at all");
     assert_eq!(
         sim.state().requests(Endpoint::DocumentIdentification),
@@ -124,6 +124,31 @@ async fn a_forged_brake_or_budget_denies_service_at_most_max_backoff() {
         let reply = gateway.identify(http, &token, &fresh_barcode()).await;
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_clock_pushed_far_ahead_is_reset() {
+    let Some(world) = World::start(short_backoff).await else {
+        return;
+    };
+    let token = world.token().await;
+    let (http, gateways, redis) = (&world.http, &world.gateways, &world.redis);
+    let mut c = redis.connection().await;
+    // A lifetime ahead, then not a number: each read as corrupt and reset as a missing key
+    // (which starts empty: the first call waits one interval, well within max_wait).
+    for forged in ["99999999999999999999", "nan", "junk"] {
+        let _: () = c.set("{dg}:budget", forged).await.unwrap();
+        for gateway in gateways {
+            let reply = gateway.identify(http, &token, &fresh_barcode()).await;
+            assert_eq!(reply.status, StatusCode::OK, "{forged}: {reply:?}");
+        }
+    }
+    // A key of another type is replaced, not an error that marks Redis down.
+    let _: () = c.del("{dg}:budget").await.unwrap();
+    let _: () = c.rpush("{dg}:budget", "x").await.unwrap();
+    let reply = gateways[0].identify(http, &token, &fresh_barcode()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(gateways[0].metric(http, "diia_gateway_redis_up").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
