@@ -65,7 +65,10 @@ async fn a_redis_stall_never_sends_a_second_push() {
     let started = Instant::now();
     let retry = gateways[1].post(http, SHARE, &token, &body).await;
     let took = started.elapsed();
+    // Identification keeps running degraded meanwhile.
+    let identified = gateways[2].identify(http, &token, &fresh_barcode()).await;
     world.redis.resume();
+    assert_eq!(identified.status, StatusCode::OK, "{identified:?}");
     // Never a second push: the stall is waited out (up to `scaleout.sharing_wait`), then
     // the request is refused, never sent to Diia on fleet state nobody could read.
     assert_unavailable(&retry);
