@@ -183,6 +183,8 @@ fn worker_thread_rows(
             per_second: 1_000_000,
             burst: 1_000_000,
             max_wait: Duration::from_millis(250),
+            queue: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(60),
         };
         let keys = diia_gateway::keys::HashKey::fixed([if own { 7 } else { 8 }; 16]);
         // The lane opens in the background after the first command.
@@ -318,6 +320,8 @@ async fn run() {
         per_second: 1_000_000,
         burst: 1_000_000,
         max_wait: Duration::from_millis(250),
+        queue: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(60),
     };
     let keys = diia_gateway::keys::HashKey::fixed([3; 16]);
     let answer = || {

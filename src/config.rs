@@ -620,6 +620,10 @@ pub struct ScaleoutConfig {
     /// `upstream.timeout` + `limits.diia.max_wait` + 1 s). Sharing claims last 3 minutes.
     #[serde(with = "humantime_serde::option")]
     pub lease: Option<Duration>,
+    /// How long a sharing request waits out a Redis that does not answer (a stall, a fork
+    /// pause) before `503 sharing_unavailable`: it is never sent on unknown fleet state.
+    #[serde(with = "humantime_serde")]
+    pub sharing_wait: Duration,
 }
 
 impl Default for ScaleoutConfig {
@@ -637,6 +641,7 @@ impl Default for ScaleoutConfig {
             heartbeat_interval: Duration::from_secs(1),
             instance_ttl: Duration::from_secs(5),
             lease: None,
+            sharing_wait: Duration::from_millis(500),
         }
     }
 }

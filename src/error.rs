@@ -145,6 +145,21 @@ pub enum GatewayError {
     /// with garbage): the push may have happened, so the request is never sent again.
     #[error("sharing outcome unknown")]
     SharingOutcomeUnknown,
+    /// Scale-out: a sharing request while the fleet's state cannot be read (Redis stalled
+    /// or down past `scaleout.sharing_wait`, or its stored value does not open), and this
+    /// instance holds no outcome: a second consent push is worse than a refusal.
+    #[error("sharing unavailable")]
+    SharingUnavailable {
+        /// When the fleet's state may be readable again.
+        retry_after: Duration,
+    },
+    /// Scale-out: the answer another instance stored does not open (corrupted, or written
+    /// by someone without the fleet secret); the barcode is not sent to Diia again.
+    #[error("fleet answer unreadable")]
+    FleetAnswerUnreadable {
+        /// The stored value's remaining life.
+        retry_after: Duration,
+    },
     /// A branch or client spent one of its budgets.
     #[error("rate limited")]
     RateLimited {
@@ -233,6 +248,9 @@ impl GatewayError {
             Self::BodyRead | Self::InvalidJson => StatusCode::BAD_REQUEST,
             Self::SharingAlreadyRequested => StatusCode::CONFLICT,
             Self::SharingOutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+            Self::SharingUnavailable { .. } | Self::FleetAnswerUnreadable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::DiiaBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
@@ -274,6 +292,8 @@ impl GatewayError {
             Self::InvalidQuery => "invalid_query",
             Self::SharingAlreadyRequested => "sharing_already_requested",
             Self::SharingOutcomeUnknown => "sharing_outcome_unknown",
+            Self::SharingUnavailable { .. } => "sharing_unavailable",
+            Self::FleetAnswerUnreadable { .. } => "fleet_answer_unreadable",
             Self::RateLimited { scope, .. } => match scope {
                 LimitScope::Branch => "branch_rate_limited",
                 LimitScope::Client => "client_rate_limited",
@@ -321,7 +341,9 @@ impl GatewayError {
             | Self::DiiaBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
-            | Self::Overloaded => Fault::Limit,
+            | Self::Overloaded
+            | Self::SharingUnavailable { .. }
+            | Self::FleetAnswerUnreadable { .. } => Fault::Limit,
             Self::UpstreamAuth
             | Self::UpstreamUnreachable
             | Self::UpstreamProtocol
@@ -360,7 +382,9 @@ impl GatewayError {
             Self::DiiaBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
-            | Self::Overloaded => "ServiceUnavailableError",
+            | Self::Overloaded
+            | Self::SharingUnavailable { .. }
+            | Self::FleetAnswerUnreadable { .. } => "ServiceUnavailableError",
             Self::UpstreamUnreachable | Self::UpstreamProtocol | Self::UpstreamAuth => {
                 "BadGatewayError"
             }
@@ -408,6 +432,12 @@ impl GatewayError {
             Self::SharingOutcomeUnknown => {
                 "Diia did not confirm this sharing request in time; the consent push may have been sent. Do not resend: poll document-request/status with this requestId"
             }
+            Self::SharingUnavailable { .. } => {
+                "The gateway fleet cannot tell whether this sharing request was already sent; it is not sent again. Retry later with the same requestId"
+            }
+            Self::FleetAnswerUnreadable { .. } => {
+                "The gateway fleet holds an answer for this request that it cannot read; the request is not sent to Diia again. Retry later"
+            }
             Self::RateLimited { scope, .. } => match scope {
                 LimitScope::Branch => "Too many requests from this branch",
                 LimitScope::Client => "Too many requests from this client",
@@ -432,7 +462,9 @@ impl GatewayError {
             Self::RateLimited { retry_after, .. }
             | Self::DiiaBudgetExhausted { retry_after }
             | Self::DiiaBackoff { retry_after }
-            | Self::CircuitOpen { retry_after } => Some(*retry_after),
+            | Self::CircuitOpen { retry_after }
+            | Self::SharingUnavailable { retry_after }
+            | Self::FleetAnswerUnreadable { retry_after } => Some(*retry_after),
             Self::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -210,12 +210,14 @@ pub struct FleetMetrics {
 }
 
 /// The `result` labels of `shared_lookups_total`.
-const LOOKUP_RESULTS: [&str; 5] = [
+const LOOKUP_RESULTS: [&str; 7] = [
     "near_hit",
     "remote_hit",
     "leader",
     "remote_wait",
     "degraded",
+    "unavailable",
+    "unreadable",
 ];
 
 /// The `op` labels of `redis_op_seconds` that the link records.
@@ -234,7 +236,7 @@ impl FleetMetrics {
         let lookups = registered(
             registry,
             "shared_lookups",
-            "Cache lookups in scale-out mode by result (near_hit, remote_hit, leader, remote_wait, degraded)",
+            "Cache lookups in scale-out mode by result (near_hit, remote_hit, leader, remote_wait, degraded, unavailable, unreadable)",
             Family::<Labels1, Counter>::default(),
         );
         Self {

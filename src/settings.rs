@@ -194,6 +194,8 @@ impl Hot {
             per_second: diia.per_second.get(),
             burst: diia.burst.get(),
             max_wait: diia.max_wait,
+            queue: diia.max_wait,
+            max_backoff: diia.max_backoff,
         }
     }
 
@@ -354,6 +356,8 @@ pub struct ScaleoutSettings {
     pub instance_ttl: Duration,
     /// A leader's claim on a key (not sharing: those last as long as the barcode).
     pub lease: Duration,
+    /// How long a sharing request retries a Redis that does not answer.
+    pub sharing_wait: Duration,
 }
 
 impl Settings {
@@ -591,6 +595,7 @@ fn scaleout(file: &FileConfig) -> Result<Option<ScaleoutSettings>, ConfigError> 
         heartbeat_interval: config.heartbeat_interval,
         instance_ttl: config.instance_ttl,
         lease,
+        sharing_wait: config.sharing_wait,
     }))
 }
 

@@ -274,6 +274,18 @@ impl RedisLink {
         self.attempt(op, call).await
     }
 
+    /// Runs one operation under the command timeout even while Redis counts as down (a
+    /// sharing request that must read the fleet's state rather than guess, a leader's
+    /// write-back); `None` on error or timeout. Success does not mark Redis up: only the
+    /// probe does, after resubscribing.
+    pub async fn run_anyway<T, F, Fut>(&self, op: &'static str, call: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.attempt(op, call).await
+    }
+
     async fn attempt<T, F, Fut>(&self, op: &'static str, call: F) -> Option<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,

@@ -6,18 +6,28 @@
 //! local: the near cache in front of Redis, per-branch and per-client limits (at quota / N,
 //! so abuse protection costs no round trip), the breaker.
 //!
-//! Redis down never fails a request: the first error marks it down, every instance runs
+//! Redis down fails no identification: the first error marks it down, every instance runs
 //! on its local state (budget at rate / N, local coalescing) until the probe finds Redis
-//! again. Keys are MACs under the fleet secret and values are sealed with it
-//! ([`secret`]): Redis never holds a barcode, requestId or token in clear.
+//! again. Sharing requests are the exception, because "never a second consent push"
+//! outranks "degraded, never failed": on fleet state it cannot read (Redis stalled or down,
+//! a value that does not open) an instance never sends one; it retries the lookup for up
+//! to `scaleout.sharing_wait`, then answers `503 sharing_unavailable` unless its near
+//! cache holds the outcome.
+//!
+//! Keys are MACs under the fleet secret and values are sealed with it ([`secret`]): Redis
+//! never holds a barcode, requestId or token in clear. What Redis hands back is bounded,
+//! never trusted: a value opens only under its key, its kind and its absolute expiry on
+//! Redis's clock (a replayed or relabelled value is not served), Diia's brake is read for
+//! at most `limits.diia.max_backoff`, a budget clock far ahead is reset, and only fleet
+//! members signed under the secret count as instances.
 
 pub mod link;
 mod scripts;
 pub mod secret;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use redis::Value;
@@ -31,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::settings::ScaleoutSettings;
 pub use link::{LinkError, RedisLink};
-pub use secret::{FleetSecret, Sealer};
+pub use secret::{FleetSecret, Members, Sealer};
 
 const BUDGET_KEY: &str = "{dg}:budget";
 const BRAKE_KEY: &str = "{dg}:brake";
@@ -40,6 +50,15 @@ const FLEET_KEY: &str = "{dg}:fleet";
 const POSITIVE: u8 = b'P';
 const NEGATIVE: u8 = b'N';
 const FAILURE: u8 = b'F';
+/// A value's clear head: its kind and its absolute expiry (16 digits, ms on Redis's clock),
+/// read by the lookup script and bound to the value by the seal.
+const HEAD: usize = 17;
+/// How much earlier than a waiter's lookup a leader's message may have been sealed (the
+/// leader seals, then its write-back runs; instances' estimates of Redis's clock differ
+/// by a round trip): an older message is a replay and is ignored.
+const MESSAGE_SKEW: u64 = 1_000;
+/// Pause between two lookups of a sharing request while Redis does not answer.
+const SHARING_RETRY: Duration = Duration::from_millis(20);
 
 /// The Diia budget's values as the shared GCRA takes them.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +69,11 @@ pub struct BudgetValues {
     pub burst: u32,
     /// Longest wait before a 503.
     pub max_wait: Duration,
+    /// The configured longest wait (`max_wait` of the fullest queue): with the burst, how
+    /// far ahead a reservation can ever put the budget's clock; further is corrupt.
+    pub queue: Duration,
+    /// `limits.diia.max_backoff`: the longest brake read from Redis.
+    pub max_backoff: Duration,
 }
 
 impl BudgetValues {
@@ -63,17 +87,24 @@ impl BudgetValues {
         }
     }
 
-    /// Script arguments: emission interval (µs), burst, longest wait (µs), and the weight
-    /// of one call (see [`Scaleout::weight`]), never above the burst.
-    fn args(self, weight: u32) -> [u64; 4] {
-        let interval = 1_000_000 / u64::from(self.per_second.max(1));
-        let max_wait = u64::try_from(self.max_wait.as_micros()).unwrap_or(u64::MAX);
+    /// Script arguments: emission interval (µs), burst, longest wait (µs), the weight of
+    /// one call (never above the burst), the longest brake (ms) and the furthest ahead the
+    /// budget's clock can be (µs).
+    fn args(self, weight: u32) -> [u64; 6] {
+        let interval = (1_000_000 / u64::from(self.per_second.max(1))).max(1);
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let burst = u64::from(self.burst.max(1));
+        let max_backoff = u64::try_from(self.max_backoff.as_millis()).unwrap_or(u64::MAX);
+        let horizon = burst
+            .saturating_mul(interval)
+            .saturating_add(micros(self.queue.max(self.max_wait)));
         [
-            interval.max(1),
+            interval,
             burst,
-            max_wait,
+            micros(self.max_wait),
             u64::from(weight).min(burst),
+            max_backoff.max(1),
+            horizon,
         ]
     }
 }
@@ -100,28 +131,84 @@ fn budget_reply(code: i64, micros: i64) -> Option<Budget> {
     }
 }
 
+/// Redis's clock as a script read it, and when the reply arrived here.
+#[derive(Debug, Clone, Copy)]
+struct RedisClock {
+    ms: u64,
+    at: Instant,
+}
+
+impl RedisClock {
+    fn read(value: Option<&Value>) -> Self {
+        let ms = match value {
+            Some(Value::Int(ms)) => u64::try_from(*ms).unwrap_or(0),
+            _ => 0,
+        };
+        Self {
+            ms,
+            at: Instant::now(),
+        }
+    }
+
+    /// Redis's clock now, estimated from the reading and the local clock since.
+    fn now_ms(&self) -> u64 {
+        let since = u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.ms.saturating_add(since)
+    }
+}
+
 /// What a shared lookup found.
 enum Found {
-    /// A stored answer (already opened), with the life it has left.
-    Hit(CallResult, Duration),
-    /// Another instance leads; its lease holder text and remaining life.
-    Held(Vec<u8>, Duration),
+    /// A stored value (still sealed), its TTL and Redis's clock.
+    Hit(Vec<u8>, Duration, RedisClock),
+    /// Another instance leads; its lease holder text, remaining life, and Redis's clock.
+    Held(Vec<u8>, Duration, RedisClock),
     /// This instance leads after `wait` (budget reserved).
-    Lead(Duration),
+    Lead(Duration, RedisClock),
     /// The budget or Diia's brake refused.
     Refused(GatewayError),
+}
+
+/// A value or message opened: what it holds, sealed with it.
+struct Sealed {
+    result: CallResult,
+    /// Absolute expiry on Redis's clock (ms); the stamp itself when it was not stored.
+    expires_ms: u64,
+    /// When it was sealed, on Redis's clock as the sealer estimated it (ms).
+    stamp_ms: u64,
+    tag: Vec<u8>,
+}
+
+/// A value's clear head: kind and absolute expiry in 16 digits.
+fn head(kind: u8, expires_ms: u64) -> [u8; HEAD] {
+    let mut head = [b'0'; HEAD];
+    head[0] = kind;
+    let mut n = expires_ms.min(9_999_999_999_999_999);
+    for digit in head[1..].iter_mut().rev() {
+        *digit = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        n /= 10;
+    }
+    head
 }
 
 /// The fleet side of one gateway instance.
 pub struct Scaleout {
     link: Arc<RedisLink>,
     sealer: Sealer,
+    members: Members,
     lease: Duration,
+    sharing_wait: Duration,
     instance: String,
+    /// This instance's signed member in the fleet set, as last written.
+    member: Mutex<Option<String>>,
     instance_ttl: Duration,
     probe_interval: Duration,
     connect_timeout: Duration,
     live: AtomicU32,
+    /// Redis's clock minus `origin`'s age (ms), from the last heartbeat: stamps values
+    /// sealed without a lookup's reading and this instance's fleet member.
+    clock_offset: AtomicU64,
+    origin: Instant,
     metrics: Arc<Metrics>,
 }
 
@@ -187,15 +274,24 @@ impl Scaleout {
     pub fn new(settings: &ScaleoutSettings, metrics: Arc<Metrics>) -> Result<Self, LinkError> {
         let link = Arc::new(RedisLink::new(settings, Arc::clone(&metrics))?);
         metrics.set_instances(1);
+        // Until Redis is heard from, its clock is taken to be this host's.
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
         Ok(Self {
             link,
             sealer: settings.secret.sealer(),
+            members: settings.secret.members(),
             lease: settings.lease,
+            sharing_wait: settings.sharing_wait,
             instance: format!("{:016x}", fastrand::u64(..)),
+            member: Mutex::new(None),
             instance_ttl: settings.instance_ttl,
             probe_interval: settings.probe_interval,
             connect_timeout: settings.connect_timeout,
             live: AtomicU32::new(1),
+            clock_offset: AtomicU64::new(u64::try_from(wall.as_millis()).unwrap_or(0)),
+            origin: Instant::now(),
             metrics,
         })
     }
@@ -221,22 +317,59 @@ impl Scaleout {
         self.live.load(Ordering::Relaxed).max(1)
     }
 
+    /// Redis's clock now, as last read by a heartbeat (ms).
+    fn redis_now_ms(&self) -> u64 {
+        let age = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.clock_offset
+            .load(Ordering::Relaxed)
+            .saturating_add(age)
+    }
+
+    /// The last member this instance wrote (empty when none).
+    fn current_member(&self) -> String {
+        self.member
+            .lock()
+            .map(|member| member.clone().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
     /// Says this instance is alive and reads the live count; `Some(n)` when it changed.
+    /// Only members signed under the fleet secret and stamped within the instance ttl
+    /// count: a Redis writer cannot divide every local limit by adding members.
     pub async fn heartbeat(&self) -> Option<u32> {
         let ttl = u64::try_from(self.instance_ttl.as_millis()).unwrap_or(u64::MAX);
-        let instance = self.instance.clone();
-        let live: u32 = self
+        let member = self.members.sign(&self.instance, self.redis_now_ms());
+        let previous = self.current_member();
+        let sent = member.clone();
+        let (now, members): (u64, Vec<Vec<u8>>) = self
             .link
             .run("heartbeat", |mut c| async move {
                 scripts::HEARTBEAT
                     .key(FLEET_KEY)
-                    .arg(instance)
+                    .arg(sent)
+                    .arg(previous)
                     .arg(ttl)
                     .invoke_async(&mut c)
                     .await
             })
             .await?;
-        let mut live = live.max(1);
+        let age = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.clock_offset
+            .store(now.saturating_sub(age), Ordering::Relaxed);
+        if let Ok(mut current) = self.member.lock() {
+            *current = Some(member);
+        }
+        let mut instances: Vec<&[u8]> = members
+            .iter()
+            .filter_map(|member| self.members.open(member))
+            .filter(|(_, stamp)| {
+                stamp.saturating_add(ttl) >= now && *stamp <= now.saturating_add(ttl)
+            })
+            .map(|(instance, _)| instance)
+            .collect();
+        instances.sort_unstable();
+        instances.dedup();
+        let mut live = u32::try_from(instances.len()).unwrap_or(u32::MAX).max(1);
         if self.link.rejoining(self.instance_ttl) {
             // A restarted Redis lost the fleet set: instances reappear one heartbeat at a
             // time, and a count that drops meanwhile would hand out larger local shares.
@@ -267,7 +400,7 @@ impl Scaleout {
 
     /// Leaves the fleet (on shutdown), so the others take over its share at once.
     pub async fn leave(&self) {
-        let instance = self.instance.clone();
+        let instance = self.current_member();
         let _ = self
             .link
             .run("heartbeat", |mut c| async move {
@@ -307,7 +440,7 @@ impl Scaleout {
     pub async fn lookup_once(&self, key: CacheKey, budget: BudgetValues) -> bool {
         let names = Names::of(key);
         let found = self
-            .lookup(&names, &holder(None), self.lease, budget, true)
+            .lookup(&names, &holder(None), self.lease, budget, true, false)
             .await;
         matches!(found, Some(Found::Hit(..)))
     }
@@ -315,8 +448,18 @@ impl Scaleout {
     /// One write-back round trip (store, release, publish), as a leader makes it after
     /// its call; for `benches/scaleout.rs`.
     pub async fn write_back_once(&self, key: CacheKey, result: CallResult, ttl: Duration) {
-        self.finish(Names::of(key), holder(None), result, Some(ttl), None)
-            .await;
+        let clock = RedisClock {
+            ms: self.redis_now_ms(),
+            at: Instant::now(),
+        };
+        let write = WriteBack {
+            holder: holder(None),
+            ttl: Some(ttl),
+            tag: None,
+            clock,
+            patience: Duration::ZERO,
+        };
+        self.finish(Names::of(key), result, write).await;
     }
 
     /// Shares Diia's `Retry-After` pause with the fleet (only ever extended).
@@ -334,6 +477,8 @@ impl Scaleout {
             .await;
     }
 
+    /// One lookup round trip (stored value, lease, budget); `None` when Redis did not
+    /// answer. `anyway`: try even while Redis counts as down.
     async fn lookup(
         &self,
         names: &Names,
@@ -341,58 +486,93 @@ impl Scaleout {
         lease: Duration,
         budget: BudgetValues,
         reserve: bool,
+        anyway: bool,
     ) -> Option<Found> {
         let args = budget.args(u32::from(reserve));
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
-        let reply: Vec<Value> = self
-            .link
-            .run("lookup", |mut c| async move {
-                scripts::LOOKUP
-                    .key(BUDGET_KEY)
-                    .key(BRAKE_KEY)
-                    .key(names.result.as_bytes())
-                    .key(names.lease.as_bytes())
-                    .arg(&args[..])
-                    .arg(holder)
-                    .arg(lease_ms)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let call = |mut c: redis::aio::ConnectionManager| async move {
+            scripts::LOOKUP
+                .key(BUDGET_KEY)
+                .key(BRAKE_KEY)
+                .key(names.result.as_bytes())
+                .key(names.lease.as_bytes())
+                .arg(&args[..])
+                .arg(holder)
+                .arg(lease_ms)
+                .invoke_async(&mut c)
+                .await
+        };
+        let mut reply: Vec<Value> = if anyway {
+            self.link.run_anyway("lookup", call).await?
+        } else {
+            self.link.run("lookup", call).await?
+        };
         let int = |v: Option<&Value>| match v {
             Some(Value::Int(n)) => *n,
             _ => -1,
         };
         let millis = |v: Option<&Value>| Duration::from_millis(u64::try_from(int(v)).unwrap_or(0));
-        match (int(reply.first()), reply.get(1)) {
+        let code = int(reply.first());
+        let (left, clock) = (millis(reply.get(2)), RedisClock::read(reply.get(3)));
+        // The value or holder moves out of the reply (no copy of a stored answer).
+        match (code, reply.get_mut(1)) {
             (1, Some(Value::BulkString(value))) => {
-                let (result, _, _) = self.open(names, value)?;
-                Some(Found::Hit(result, millis(reply.get(2))))
+                Some(Found::Hit(std::mem::take(value), left, clock))
             }
             (3, Some(Value::BulkString(holder))) => {
-                Some(Found::Held(holder.clone(), millis(reply.get(2))))
+                Some(Found::Held(std::mem::take(holder), left, clock))
             }
             (code, _) => match budget_reply(code, int(reply.get(1)))? {
-                Budget::Go(wait) => Some(Found::Lead(wait)),
+                Budget::Go(wait) => Some(Found::Lead(wait, RedisClock::read(reply.get(2)))),
                 Budget::Refused(refusal) => Some(Found::Refused(refusal)),
             },
         }
     }
 
-    /// Seals a result: prefix byte, then sealed `fresh_ms ‖ tag ‖ kind ‖ payload`.
+    /// A sharing request's lookup: Redis not answering is waited out for up to
+    /// `scaleout.sharing_wait` (a stall, a fork pause), retrying even while Redis counts as
+    /// down; `None` only when it never answered.
+    async fn lookup_patiently(
+        &self,
+        names: &Names,
+        holder: &str,
+        lease: Duration,
+        budget: BudgetValues,
+        reserve: bool,
+    ) -> Option<Found> {
+        let until = Instant::now() + self.sharing_wait;
+        loop {
+            let found = self
+                .lookup(names, holder, lease, budget, reserve, true)
+                .await;
+            if found.is_some() {
+                return found;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            tokio::time::sleep(SHARING_RETRY.min(left)).await;
+        }
+    }
+
+    /// Seals a result: the clear head (kind, absolute expiry), then sealed
+    /// `stamp_ms ‖ tag ‖ payload`, with the key and the head as associated data. Not stored
+    /// (`ttl` none): it expires as it is sealed, and lives only as a message.
     fn seal(
         &self,
         names: &Names,
         result: &CallResult,
-        fresh: Duration,
+        stamp_ms: u64,
+        ttl: Option<Duration>,
         tag: Option<CacheKey>,
     ) -> Option<Vec<u8>> {
         let mut plain = Vec::with_capacity(64);
-        plain.extend_from_slice(&u64::try_from(fresh.as_millis()).unwrap_or(0).to_be_bytes());
+        plain.extend_from_slice(&stamp_ms.to_be_bytes());
         let tag = tag_text(tag);
         plain.push(u8::try_from(tag.len()).ok()?);
         plain.extend_from_slice(&tag);
-        let prefix = match result {
+        let kind = match result {
             Ok(answer) => {
                 plain.extend_from_slice(&answer.to_wire());
                 if AnswerClass::of_status(answer.status) == AnswerClass::Ok {
@@ -409,43 +589,49 @@ impl Scaleout {
                 FAILURE
             }
         };
-        let mut out = vec![prefix];
-        out.extend(self.sealer.seal(names.result.as_bytes(), &plain)?);
+        let life = ttl.map_or(0, |ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let head = head(kind, stamp_ms.saturating_add(life));
+        let mut out = head.to_vec();
+        out.extend(self.sealer.seal(&associated(names, &head), &plain)?);
         Some(out)
     }
 
-    /// Opens a value or message: the result, its freshness left, its tag text.
-    fn open(&self, names: &Names, value: &[u8]) -> Option<(CallResult, Duration, Vec<u8>)> {
-        let (&prefix, sealed) = value.split_first()?;
-        let plain = self.sealer.open(names.result.as_bytes(), sealed)?;
-        let (fresh, rest) = plain.split_at_checked(8)?;
-        let fresh = Duration::from_millis(u64::from_be_bytes(fresh.try_into().ok()?));
+    /// Opens a value or message sealed for this key; `None` when it does not open.
+    fn unseal(&self, names: &Names, value: &[u8]) -> Option<Sealed> {
+        let (head, sealed) = value.split_at_checked(HEAD)?;
+        let head: [u8; HEAD] = head.try_into().ok()?;
+        let plain = self.sealer.open(&associated(names, &head), sealed)?;
+        let expires_ms = std::str::from_utf8(&head[1..]).ok()?.parse().ok()?;
+        let (stamp, rest) = plain.split_at_checked(8)?;
+        let stamp_ms = u64::from_be_bytes(stamp.try_into().ok()?);
         let (&tag_len, rest) = rest.split_first()?;
         let (tag, payload) = rest.split_at_checked(usize::from(tag_len))?;
-        let result = if prefix == FAILURE {
-            let (wait, code) = payload.split_at_checked(8)?;
-            let wait = Duration::from_millis(u64::from_be_bytes(wait.try_into().ok()?));
-            Err(GatewayError::from_remote(
-                std::str::from_utf8(code).ok()?,
-                wait,
-            ))
-        } else {
-            Ok(Answer::from_wire(payload)?)
+        let result = match head[0] {
+            FAILURE => {
+                let (wait, code) = payload.split_at_checked(8)?;
+                let wait = Duration::from_millis(u64::from_be_bytes(wait.try_into().ok()?));
+                Err(GatewayError::from_remote(
+                    std::str::from_utf8(code).ok()?,
+                    wait,
+                ))
+            }
+            POSITIVE | NEGATIVE => Ok(Answer::from_wire(payload)?),
+            _ => return None,
         };
-        Some((result, fresh, tag.to_vec()))
+        Some(Sealed {
+            result,
+            expires_ms,
+            stamp_ms,
+            tag: tag.to_vec(),
+        })
     }
 
     /// The leader's write-back, after its client has its answer: store (when kept), free
-    /// the lease, tell the waiters.
-    async fn finish(
-        &self,
-        names: Names,
-        holder: String,
-        result: CallResult,
-        ttl: Option<Duration>,
-        tag: Option<CacheKey>,
-    ) {
-        let Some(message) = self.seal(&names, &result, ttl.unwrap_or_default(), tag) else {
+    /// the lease, tell the waiters. Tried even while Redis counts as down (the lease is
+    /// ours to free), within the write's patience.
+    async fn finish(&self, names: Names, result: CallResult, write: WriteBack) {
+        let stamp = write.clock.now_ms();
+        let Some(message) = self.seal(&names, &result, stamp, write.ttl, write.tag) else {
             return;
         };
         let positive = if message.first() == Some(&POSITIVE) {
@@ -453,35 +639,45 @@ impl Scaleout {
         } else {
             "0"
         };
-        let (value, ttl_ms) = match ttl {
+        let (value, ttl_ms) = match write.ttl {
             Some(ttl) => (
                 message.clone(),
                 u64::try_from(ttl.as_millis()).unwrap_or(1).max(1),
             ),
             None => (Vec::new(), 1),
         };
-        let _ = self
-            .link
-            .run("finish", |mut c| async move {
-                scripts::FINISH
-                    .key(names.result.as_bytes())
-                    .key(names.lease.as_bytes())
-                    .arg(holder)
-                    .arg(value)
-                    .arg(ttl_ms)
-                    .arg(positive)
-                    .arg(names.channel.as_bytes())
-                    .arg(message)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            })
-            .await;
+        let until = Instant::now() + write.patience;
+        loop {
+            let (holder, value, message) = (&write.holder, value.clone(), message.clone());
+            let done = self
+                .link
+                .run_anyway("finish", |mut c| async move {
+                    scripts::FINISH
+                        .key(names.result.as_bytes())
+                        .key(names.lease.as_bytes())
+                        .arg(holder)
+                        .arg(value)
+                        .arg(ttl_ms)
+                        .arg(positive)
+                        .arg(names.channel.as_bytes())
+                        .arg(message)
+                        .invoke_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
+            let left = until.saturating_duration_since(Instant::now());
+            if done.is_some() || left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(SHARING_RETRY.min(left)).await;
+        }
     }
 
     /// One cacheable request's call, fleet-wide: a stored answer in Redis, or the answer
     /// of the instance that leads the key, or this instance leads and `call` goes to Diia
     /// (given the wait the shared budget reserved). Degrades to `call(None)` (local
-    /// budget) whenever Redis is down.
+    /// budget) whenever Redis is down, except for a sharing request, which is refused
+    /// rather than sent on fleet state nobody could read.
     pub async fn fetch<F, Fut>(
         self: Arc<Self>,
         key: CacheKey,
@@ -499,6 +695,7 @@ impl Scaleout {
         } else {
             self.lease
         };
+        let ours = tag_text(tag);
         let mut call = Some(call);
         let mut waited = Duration::ZERO;
         loop {
@@ -518,21 +715,56 @@ impl Scaleout {
                 Standing::Alone => shape.budget.half_deep(),
                 Standing::Within | Standing::Over => shape.budget,
             };
-            let found = self.lookup(&names, &claim, lease, budget, reserve).await;
-            let (holder_text, left) = match found {
+            let found = if shape.sharing {
+                self.lookup_patiently(&names, &claim, lease, budget, reserve)
+                    .await
+            } else {
+                self.lookup(&names, &claim, lease, budget, reserve, false)
+                    .await
+            };
+            let (holder_text, left, clock) = match found {
+                None if shape.sharing => {
+                    // Never a second push: unknown fleet state is not "nothing sent".
+                    self.metrics.shared_lookup("unavailable");
+                    return Fetched::diia(Err(GatewayError::SharingUnavailable {
+                        retry_after: self.probe_interval,
+                    }));
+                }
                 None => break,
-                Some(Found::Hit(result, fresh)) => {
-                    self.metrics.shared_lookup("remote_hit");
-                    return Fetched {
-                        result,
-                        origin: Origin::RemoteHit { fresh_for: fresh },
-                    };
+                Some(Found::Hit(value, ttl, clock)) => {
+                    let now = clock.ms;
+                    match self.unseal(&names, &value) {
+                        // Its sealed expiry, not the TTL Redis reports, bounds its life.
+                        Some(sealed) if sealed.expires_ms > now => {
+                            if !tags_match(&sealed.tag, &ours) {
+                                self.metrics.shared_lookup("remote_hit");
+                                return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
+                            }
+                            self.metrics.shared_lookup("remote_hit");
+                            let left = Duration::from_millis(sealed.expires_ms - now);
+                            return Fetched {
+                                result: sealed.result,
+                                origin: Origin::RemoteHit {
+                                    fresh_for: left.min(ttl),
+                                },
+                            };
+                        }
+                        // Does not open (or, at the very millisecond, just expired: the
+                        // script drops expired values itself): held, never absent.
+                        Some(_) | None => {
+                            self.metrics.shared_lookup("unreadable");
+                            match unreadable(&shape, ttl) {
+                                Some(refusal) => return Fetched::diia(Err(refusal)),
+                                None => break,
+                            }
+                        }
+                    }
                 }
                 Some(Found::Refused(refusal)) => {
                     self.metrics.shared_lookup("leader");
                     return Fetched::diia(Err(refusal));
                 }
-                Some(Found::Lead(wait)) => {
+                Some(Found::Lead(wait, clock)) => {
                     self.metrics.shared_lookup("leader");
                     drop(waiting);
                     let Some(call) = call.take() else {
@@ -540,20 +772,30 @@ impl Scaleout {
                     };
                     let prepaid = reserve.then_some(wait);
                     let result = shape.policy.settle(call(prepaid).await);
-                    let ttl = shape.policy.ttl(&result);
+                    let write = WriteBack {
+                        holder: claim,
+                        ttl: shape.policy.ttl(&result),
+                        tag,
+                        clock,
+                        patience: if shape.sharing {
+                            self.sharing_wait
+                        } else {
+                            Duration::ZERO
+                        },
+                    };
                     let me = Arc::clone(&self);
                     let kept = result.clone();
                     tokio::spawn(async move {
                         // The clients first: their answers leave before the write-back
                         // takes the worker.
                         tokio::task::yield_now().await;
-                        me.finish(names, claim, kept, ttl, tag).await;
+                        me.finish(names, kept, write).await;
                     });
                     return Fetched::diia(result);
                 }
-                Some(Found::Held(holder_text, left)) => (holder_text, left),
+                Some(Found::Held(holder_text, left, clock)) => (holder_text, left, clock),
             };
-            if tag_of_holder(&holder_text) != tag_text(tag).as_slice() {
+            if tag_of_holder(&holder_text) != ours.as_slice() {
                 return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
             }
             self.metrics.shared_lookup("remote_wait");
@@ -567,10 +809,20 @@ impl Scaleout {
             let started = tokio::time::Instant::now();
             match self.wait(waiting, cap).await {
                 Waited::Message(value) => {
-                    if let Some((result, fresh, _)) = self.open(&names, &value) {
-                        let fresh_for = (!fresh.is_zero()).then_some(fresh);
+                    // Only a message sealed after this lookup (less the skew) is the
+                    // leader's answer; an older one is a replay and is ignored.
+                    let floor = clock.ms.saturating_sub(MESSAGE_SKEW);
+                    if let Some(sealed) = self.unseal(&names, &value)
+                        && sealed.stamp_ms >= floor
+                    {
+                        if !tags_match(&sealed.tag, &ours) {
+                            return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
+                        }
+                        let fresh_for = (sealed.expires_ms > sealed.stamp_ms).then(|| {
+                            Duration::from_millis(sealed.expires_ms.saturating_sub(clock.now_ms()))
+                        });
                         return Fetched {
-                            result,
+                            result: sealed.result,
                             origin: Origin::RemoteWait { fresh_for },
                         };
                     }
@@ -588,6 +840,12 @@ impl Scaleout {
             if waited >= shape.longest_call {
                 return Fetched::diia(Err(GatewayError::UpstreamTimeout));
             }
+        }
+        if shape.sharing {
+            self.metrics.shared_lookup("unavailable");
+            return Fetched::diia(Err(GatewayError::SharingUnavailable {
+                retry_after: self.probe_interval,
+            }));
         }
         self.metrics.shared_lookup("degraded");
         match call.take() {
@@ -617,6 +875,47 @@ impl Scaleout {
                 () = tokio::time::sleep_until(until) => return Waited::Expired,
             }
         }
+    }
+}
+
+/// What a leader's write-back needs besides the result.
+struct WriteBack {
+    /// The lease holder text this leader claimed.
+    holder: String,
+    /// How long the result is stored (`None`: only published).
+    ttl: Option<Duration>,
+    tag: Option<CacheKey>,
+    /// Redis's clock at the leader's lookup: the stamp and expiry are sealed on it.
+    clock: RedisClock,
+    /// How long to keep trying while Redis does not answer.
+    patience: Duration,
+}
+
+/// The seal's associated data: the Redis key and the value's clear head.
+fn associated(names: &Names, head: &[u8; HEAD]) -> [u8; 39 + HEAD] {
+    let mut aad = [0u8; 39 + HEAD];
+    aad[..39].copy_from_slice(names.result.as_bytes());
+    aad[39..].copy_from_slice(head);
+    aad
+}
+
+/// Whether a stored tag is the request's (both MACs in hex, or `-`).
+fn tags_match(stored: &[u8], ours: &[u8]) -> bool {
+    bool::from(subtle::ConstantTimeEq::ct_eq(stored, ours))
+}
+
+/// What a request gets for a stored value that does not open: it counts as held, never as
+/// absent. A sharing request or an identification (a single-use barcode) is refused, not
+/// sent again; a login (`None`) may be repeated, so it runs degraded.
+fn unreadable(shape: &Shape, ttl: Duration) -> Option<GatewayError> {
+    let retry_after = ttl.clamp(Duration::from_secs(1), crate::diia::BARCODE_LIFETIME);
+    if shape.sharing {
+        return Some(GatewayError::SharingUnavailable { retry_after });
+    }
+    match shape.policy {
+        Policy::Sharing { .. } => Some(GatewayError::SharingUnavailable { retry_after }),
+        Policy::Verification { .. } => Some(GatewayError::FleetAnswerUnreadable { retry_after }),
+        Policy::SessionToken { .. } => None,
     }
 }
 
@@ -655,6 +954,106 @@ impl Shape {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    /// An instance that never connects (the link is lazy).
+    fn instance() -> Scaleout {
+        let settings = ScaleoutSettings {
+            redis_url: "redis://127.0.0.1:1".to_owned(),
+            redis_password: None,
+            redis_ca: None,
+            secret: FleetSecret::parse(HEX, "1").unwrap(),
+            command_timeout: Duration::from_millis(25),
+            connect_timeout: Duration::from_millis(25),
+            probe_interval: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_secs(1),
+            instance_ttl: Duration::from_secs(5),
+            lease: Duration::from_secs(1),
+            sharing_wait: Duration::from_millis(500),
+        };
+        Scaleout::new(&settings, Arc::new(Metrics::with_fleet(true))).unwrap()
+    }
+
+    #[test]
+    fn the_head_is_the_kind_and_sixteen_digits() {
+        assert_eq!(&head(POSITIVE, 1_764_000_000_123), b"P0001764000000123");
+        assert_eq!(&head(FAILURE, u64::MAX)[1..], b"9999999999999999");
+    }
+
+    #[tokio::test]
+    async fn a_value_opens_only_with_its_key_kind_and_expiry() {
+        let fleet = instance();
+        let key = crate::keys::HashKey::fixed([1; 16]).key("t").finish();
+        let names = Names::of(key);
+        let answer = Answer::new(
+            http::StatusCode::OK,
+            crate::answer::AnswerParts {
+                body: b"{\"success\":true}",
+                content_type: None,
+                trace_id: None,
+                retry_after: None,
+                location: None,
+            },
+        );
+        let tag = Some(crate::keys::HashKey::fixed([2; 16]).key("tag").finish());
+        let value = fleet
+            .seal(
+                &names,
+                &Ok(answer),
+                1_000,
+                Some(Duration::from_secs(2)),
+                tag,
+            )
+            .unwrap();
+        assert_eq!(&value[..HEAD], b"P0000000000003000");
+        let sealed = fleet.unseal(&names, &value).unwrap();
+        assert_eq!((sealed.stamp_ms, sealed.expires_ms), (1_000, 3_000));
+        assert_eq!(sealed.tag, tag_text(tag));
+        assert!(sealed.result.is_ok());
+        // Relabelled as another kind, given a longer life, moved, or altered: no.
+        let mut relabelled = value.clone();
+        relabelled[0] = NEGATIVE;
+        assert!(fleet.unseal(&names, &relabelled).is_none());
+        let mut longer = value.clone();
+        longer[5] = b'9';
+        assert!(fleet.unseal(&names, &longer).is_none());
+        let other = Names::of(crate::keys::HashKey::fixed([1; 16]).key("u").finish());
+        assert!(fleet.unseal(&other, &value).is_none());
+        let mut flipped = value;
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(fleet.unseal(&names, &flipped).is_none());
+        // Not stored: it expires as it is sealed.
+        let message = fleet
+            .seal(
+                &names,
+                &Err(GatewayError::UpstreamTimeout),
+                5_000,
+                None,
+                None,
+            )
+            .unwrap();
+        let sealed = fleet.unseal(&names, &message).unwrap();
+        assert_eq!((sealed.stamp_ms, sealed.expires_ms), (5_000, 5_000));
+        assert!(matches!(sealed.result, Err(GatewayError::UpstreamTimeout)));
+    }
+
+    #[test]
+    fn a_budget_clock_horizon_is_burst_over_rate_plus_the_full_wait() {
+        let budget = BudgetValues {
+            per_second: 100,
+            burst: 50,
+            max_wait: Duration::from_millis(200),
+            queue: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(60),
+        };
+        // 50 × 10 ms + 200 ms, also when queued half as deep.
+        assert_eq!(budget.args(1), [10_000, 50, 200_000, 1, 60_000, 700_000]);
+        assert_eq!(
+            budget.half_deep().args(1),
+            [10_000, 50, 100_000, 1, 60_000, 700_000]
+        );
+    }
 
     #[test]
     fn names_are_the_kind_and_the_key_in_hex_under_the_hash_tag() {

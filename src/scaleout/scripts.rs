@@ -9,21 +9,36 @@ use redis::Script;
 /// The budget part, shared by [`LOOKUP`] and [`RESERVE`] (same positions in both): Diia's
 /// brake first, then a GCRA reservation of `weight` calls' worth. `KEYS[1]` budget,
 /// `KEYS[2]` brake; `ARGV[1]` emission interval (µs), `ARGV[2]` burst, `ARGV[3]` longest
-/// wait (µs), `ARGV[4]` weight. Sets `wait` (declared by the caller), or returns
-/// `{0, wait_us}` (over the longest wait) or `{2, pause_us}` (Diia's brake).
+/// wait (µs), `ARGV[4]` weight, `ARGV[5]` `limits.diia.max_backoff` (ms), `ARGV[6]` the
+/// furthest ahead a reservation can put the budget's clock (µs: `burst / rate +
+/// max_wait`). Sets `wait` (declared by the caller), or returns `{0, wait_us}` (over the
+/// longest wait) or `{2, pause_us}` (Diia's brake).
 ///
-/// A missing budget key starts empty (no burst): only a Redis that lost its data has no
-/// key (it is never expired), and a restarted Redis must add nothing to what the
-/// instances' local budgets just sent.
+/// What a Redis writer may have left is bounded, never trusted: a brake longer than
+/// `max_backoff` is cut to it (instances only ever set it that long), and a budget clock
+/// that is not a number or is further ahead than any reservation puts it is reset as a
+/// missing one. A missing budget key starts empty (no burst): only a Redis that lost its
+/// data has no key (it is never expired), and a restarted Redis must add nothing to what
+/// the instances' local budgets just sent.
 const BUDGET_LUA: &str = r"
+local max_backoff = tonumber(ARGV[5])
 local brake = redis.call('PTTL', KEYS[2])
+if brake > max_backoff then
+  redis.call('PEXPIRE', KEYS[2], max_backoff)
+  brake = max_backoff
+end
 if brake > 0 then return {2, brake * 1000} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local weight = tonumber(ARGV[4])
-local tat = tonumber(redis.call('GET', KEYS[1]) or string.format('%.0f', now + (burst - 1) * interval))
+local stored = redis.pcall('GET', KEYS[1])
+local tat = nil
+if type(stored) == 'string' then tat = tonumber(stored) end
+if tat == nil or tat ~= tat or tat > now + tonumber(ARGV[6]) then
+  tat = now + (burst - 1) * interval
+end
 if tat < now then tat = now end
 wait = tat - now - (burst - weight) * interval
 if wait < 0 then wait = 0 end
@@ -39,24 +54,39 @@ pub static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Cache lookup, lease and budget in one round trip. Keys: budget, brake (as in
-/// [`BUDGET_LUA`]), result, lease. Args: the four budget args, lease holder, lease ms. A
+/// [`BUDGET_LUA`]), result, lease. Args: the six budget args, lease holder, lease ms. A
 /// weight of 0 takes the lease without the budget (the caller reserves it later, after its
 /// client's share of the budget allows).
-/// Returns `{1, value, pttl_ms}` (stored answer), `{3, holder, pttl_ms}` (another leader),
-/// `{4, wait_us}` (this caller leads, budget reserved), or a budget refusal.
+/// Returns `{1, value, pttl_ms, now_ms}` (stored answer; an empty value when the key holds
+/// no string), `{3, holder, pttl_ms, now_ms}` (another leader), `{4, wait_us, now_ms}` (this
+/// caller leads, budget reserved), or a budget refusal; `now_ms` is Redis's clock.
+///
+/// A stored value starts with its kind and its absolute expiry (16 digits, ms on Redis's
+/// clock), both sealed with it: a value past that expiry (`DUMP`ed and `RESTORE`d with a
+/// new TTL) is gone, whatever its TTL says. The sealing itself is checked by the instance.
 pub static LOOKUP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"
-local v = redis.call('GET', KEYS[3])
-if v then return {{1, v, redis.call('PTTL', KEYS[3])}} end
-local holder = redis.call('GET', KEYS[4])
-if holder then return {{3, holder, redis.call('PTTL', KEYS[4])}} end
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local v = redis.pcall('GET', KEYS[3])
+if type(v) == 'table' then return {{1, '', redis.call('PTTL', KEYS[3]), now_ms}} end
+if v then
+  local expires = tonumber(string.sub(v, 2, 17))
+  if expires == nil or expires > now_ms then
+    return {{1, v, redis.call('PTTL', KEYS[3]), now_ms}}
+  end
+  redis.call('DEL', KEYS[3])
+end
+local holder = redis.pcall('GET', KEYS[4])
+if type(holder) == 'table' then holder = '' end
+if holder then return {{3, holder, redis.call('PTTL', KEYS[4]), now_ms}} end
 local wait = 0
 if tonumber(ARGV[4]) > 0 then
 {BUDGET_LUA}
 end
-redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[6])
-return {{4, wait}}
+redis.call('SET', KEYS[4], ARGV[7], 'PX', ARGV[8])
+return {{4, wait, now_ms}}
 "
     ))
 });
@@ -67,12 +97,12 @@ return {{4, wait}}
 pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         "if ARGV[2] ~= '' then\n",
-        "  local cur = redis.call('GET', KEYS[1])\n",
-        "  if not (cur and string.sub(cur, 1, 1) == 'P' and ARGV[4] == '0') then\n",
+        "  local cur = redis.pcall('GET', KEYS[1])\n",
+        "  if not (type(cur) == 'string' and string.sub(cur, 1, 1) == 'P' and ARGV[4] == '0') then\n",
         "    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
         "  end\n",
         "end\n",
-        "if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end\n",
+        "if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end\n",
         "redis.call('PUBLISH', ARGV[5], ARGV[6])\n",
         "return 1\n",
     ))
@@ -88,16 +118,22 @@ pub static PAUSE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// Heartbeat: this instance is alive; returns the live count. Keys: fleet. Args: instance
-/// id, instance ttl ms.
+/// Heartbeat: this instance is alive. Keys: fleet. Args: this instance's signed member,
+/// its previous one ('' when none), instance ttl ms. Returns `{now_ms, members}`: Redis's
+/// clock and the members heard from within the ttl (at most 1024; the instance counts only
+/// those signed under the fleet secret). A fleet key of another type is replaced.
 pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         "local t = redis.call('TIME')\n",
         "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
-        "local ttl = tonumber(ARGV[2])\n",
-        "redis.call('ZADD', KEYS[1], now, ARGV[1])\n",
+        "local ttl = tonumber(ARGV[3])\n",
+        "if type(redis.pcall('ZADD', KEYS[1], now, ARGV[1])) == 'table' then\n",
+        "  redis.call('DEL', KEYS[1])\n",
+        "  redis.call('ZADD', KEYS[1], now, ARGV[1])\n",
+        "end\n",
+        "if ARGV[2] ~= '' and ARGV[2] ~= ARGV[1] then redis.call('ZREM', KEYS[1], ARGV[2]) end\n",
         "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)\n",
         "redis.call('PEXPIRE', KEYS[1], ttl * 2)\n",
-        "return redis.call('ZCARD', KEYS[1])\n",
+        "return {now, redis.call('ZRANGEBYSCORE', KEYS[1], now - ttl, now + ttl, 'LIMIT', 0, 1024)}\n",
     ))
 });

@@ -4,18 +4,23 @@
 //! finds the answer), yet nothing in Redis names a barcode, a requestId or a token.
 //!
 //! Values are sealed with ChaCha20-Poly1305 under a random 96-bit nonce, with the Redis
-//! key as associated data: a value moved to another key does not open.
+//! key, the value's kind and its absolute expiry as associated data: a value moved to
+//! another key, relabelled, or given a longer life does not open. Fleet members carry an
+//! HMAC under the secret, so a Redis writer cannot add instances to the fleet.
 
 use std::fmt;
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hkdf::{HKDF_SHA256, KeyType, Salt};
+use ring::hmac;
 use subtle::ConstantTimeEq;
 
 /// Domain of every derived key; a new layout of what is stored gets a new salt.
 const SALT: &[u8] = b"diia-gateway scaleout v1";
-/// The first byte of every sealed value: the layout version.
-const SEAL_VERSION: u8 = 1;
+/// The first byte of every sealed value: the layout version (2: kind and expiry bound).
+const SEAL_VERSION: u8 = 2;
+/// Bytes of a fleet member's MAC (truncated HMAC-SHA256).
+const MEMBER_MAC_LEN: usize = 16;
 
 /// The shared secret as read from `scaleout.secret_file`.
 #[derive(Clone)]
@@ -97,6 +102,59 @@ impl FleetSecret {
             .ok();
         Sealer { key }
     }
+
+    /// The key that signs fleet members.
+    #[must_use]
+    pub fn members(&self) -> Members {
+        let key: [u8; 32] = self.subkey("fleet member");
+        Members {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &key),
+        }
+    }
+}
+
+/// Signs and checks the fleet set's members: `instance.stamp_ms.mac`, the stamp a time on
+/// Redis's clock, the MAC over both under the fleet secret.
+pub struct Members {
+    key: hmac::Key,
+}
+
+impl fmt::Debug for Members {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Members(<redacted>)")
+    }
+}
+
+impl Members {
+    /// This instance's member text at `stamp_ms`.
+    #[must_use]
+    pub fn sign(&self, instance: &str, stamp_ms: u64) -> String {
+        let signed = format!("{instance}.{stamp_ms}");
+        let tag = hmac::sign(&self.key, signed.as_bytes());
+        let mac = tag.as_ref().get(..MEMBER_MAC_LEN).unwrap_or_default();
+        format!("{signed}.{}", hex::encode(mac))
+    }
+
+    /// The instance and stamp of a member signed under this secret; `None` for anything
+    /// else (compared in constant time).
+    #[must_use]
+    pub fn open<'a>(&self, member: &'a [u8]) -> Option<(&'a [u8], u64)> {
+        let dot = member.iter().rposition(|b| *b == b'.')?;
+        let (signed, mac) = (member.get(..dot)?, member.get(dot + 1..)?);
+        let mut given = [0u8; MEMBER_MAC_LEN];
+        hex::decode_to_slice(mac, &mut given).ok()?;
+        let tag = hmac::sign(&self.key, signed);
+        let expected = tag.as_ref().get(..MEMBER_MAC_LEN)?;
+        if !bool::from(expected.ct_eq(&given)) {
+            return None;
+        }
+        let dot = signed.iter().rposition(|b| *b == b'.')?;
+        let stamp = std::str::from_utf8(signed.get(dot + 1..)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        Some((signed.get(..dot)?, stamp))
+    }
 }
 
 /// Seals and opens values stored in Redis.
@@ -174,6 +232,22 @@ mod tests {
         let b: [u8; 16] = secret.subkey("log");
         assert_ne!(a, b);
         assert_eq!(a, secret.subkey::<16>("keys"));
+    }
+
+    #[test]
+    fn members_open_only_when_signed_by_the_secret() {
+        let secret = FleetSecret::parse(HEX, "1").unwrap();
+        let members = secret.members();
+        let member = members.sign("00ff00ff00ff00ff", 1_700_000_000_123);
+        assert_eq!(
+            members.open(member.as_bytes()),
+            Some((&b"00ff00ff00ff00ff"[..], 1_700_000_000_123))
+        );
+        let later = member.replace(".1700000000123.", ".1800000000123.");
+        assert!(members.open(later.as_bytes()).is_none());
+        assert!(members.open(b"00ff00ff00ff00ff").is_none());
+        let other = FleetSecret::parse(&HEX.replace("1f", "20"), "2").unwrap();
+        assert!(other.members().open(member.as_bytes()).is_none());
     }
 
     #[test]

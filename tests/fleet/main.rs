@@ -13,8 +13,10 @@ mod it_support;
 
 mod budget;
 mod coalescing;
+mod hiccups;
 mod local_limits;
 mod ops;
 mod privacy;
 mod sharing;
 mod support;
+mod writer;

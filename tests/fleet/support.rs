@@ -102,6 +102,35 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing is answered, as in a
+    /// fork pause or a stalled host.
+    pub fn stop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a stopped server (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server runs").id();
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill {signal} {pid}");
+    }
+
+    /// A binary-safe connection of the test's own (reading and rewriting sealed values).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
     /// The data directory (for `SAVE`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -198,6 +227,8 @@ pub struct FleetConfig {
     pub branch: String,
     /// Extra TOML under `[server]`.
     pub server_extra: String,
+    /// The body of `[cache]`.
+    pub cache: String,
     /// Extra top-level TOML sections.
     pub extra: String,
 }
@@ -213,6 +244,7 @@ impl FleetConfig {
             diia: r#"{ per_second = 10000, burst = 10000, max_wait = "200ms" }"#.to_owned(),
             branch: "{ per_minute = 6000000, burst = 100000 }".to_owned(),
             server_extra: String::new(),
+            cache: r#"negative_ttl = "30s""#.to_owned(),
             extra: String::new(),
         }
     }
@@ -239,7 +271,7 @@ base_url = "{sim}"
 timeout = "3s"
 
 [cache]
-negative_ttl = "30s"
+{cache}
 
 [log]
 format = "json"
@@ -267,6 +299,7 @@ command_timeout = "250ms"
             secret = secret_file.display(),
             scaleout_extra = config.scaleout_extra,
             server_extra = config.server_extra,
+            cache = config.cache,
             extra = config.extra,
         );
         let config_file = dir.path().join("gateway.toml");
