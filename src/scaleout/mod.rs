@@ -513,7 +513,7 @@ impl Scaleout {
                 .share
                 .as_ref()
                 .map_or(Standing::Within, |share| share.standing());
-            let reserve = standing != Standing::Over;
+            let reserve = standing != Standing::Over && !shape.unverified;
             let budget = match standing {
                 Standing::Alone => shape.budget.half_deep(),
                 Standing::Within | Standing::Over => shape.budget,
@@ -640,6 +640,9 @@ pub struct Shape {
     pub sharing: bool,
     /// The calling client's share of the Diia budget, when shares are enforced.
     pub share: Option<Arc<Share>>,
+    /// The call spends the local unverified budget, never the fleet's (see
+    /// [`crate::trust`]): its lease reserves nothing.
+    pub unverified: bool,
 }
 
 impl Shape {
