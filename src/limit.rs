@@ -812,6 +812,76 @@ mod tests {
         assert!(budget.check(Who::Branch("first")).is_ok());
     }
 
+    #[test]
+    fn ipv6_clients_are_counted_by_prefix() {
+        let budget =
+            KeyedBudget::new(LimitScope::Client, RateConfig::new(60, 2), 100).with_ipv6_prefix(64);
+        let one: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        budget.check(Who::Address(one)).expect("fresh");
+        budget
+            .check(Who::Address(same_64))
+            .expect("second of the burst");
+        assert!(
+            budget.check(Who::Address(one)).is_err(),
+            "one /64, one budget"
+        );
+        assert!(budget.check(Who::Address(other_64)).is_ok());
+        assert_eq!(
+            ipv6_masked("2001:db8::ff".parse().expect("ip"), 0),
+            Ipv6Addr::UNSPECIFIED
+        );
+        let whole: Ipv6Addr = "2001:db8::ff".parse().expect("ip");
+        assert_eq!(ipv6_masked(whole, 128), whole);
+    }
+
+    #[test]
+    fn a_rebuilt_budget_starts_where_the_old_one_stood() {
+        let old = KeyedBudget::new(LimitScope::Branch, RateConfig::new(1, 15), 100);
+        for _ in 0..15 {
+            old.check(Who::Branch("spent")).expect("within the burst");
+        }
+        for _ in 0..5 {
+            old.check(Who::Branch("half")).expect("within the burst");
+        }
+        old.run_pending_tasks();
+        let mut new = KeyedBudget::new(LimitScope::Branch, RateConfig::new(1, 30), 100);
+        new.carry_from(&old);
+        assert!(new.check(Who::Branch("spent")).is_err(), "no fresh burst");
+        // 10 of 15 left scale to 20 of 30.
+        let mut left = 0;
+        while new.check(Who::Branch("half")).is_ok() {
+            left += 1;
+        }
+        assert_eq!(left, 20);
+        let mut fresh = 0;
+        while new.check(Who::Branch("new")).is_ok() {
+            fresh += 1;
+        }
+        assert_eq!(fresh, 30, "an untracked key starts full at the new quota");
+    }
+
+    #[test]
+    fn failures_alone_spend_a_failure_budget() {
+        let budget = FailureBudget::new(LimitScope::Login, RateConfig::new(1, 3), 100);
+        let key = Who::Branch("credentials");
+        for _ in 0..10 {
+            budget.check(key).expect("successes spend nothing");
+        }
+        for _ in 0..3 {
+            budget.check(key).expect("within the failures allowed");
+            budget.fail(key);
+        }
+        let err = budget.check(key).expect_err("three failures");
+        assert_eq!(err.code(), "login_rate_limited");
+        assert!(err.retry_after().expect("retry after") <= Duration::from_secs(60));
+        assert!(budget.check(Who::Branch("other")).is_ok());
+        let mut carried = FailureBudget::new(LimitScope::Login, RateConfig::new(1, 6), 100);
+        carried.carry_from(&budget);
+        assert!(carried.check(key).is_err(), "carried over, scaled");
+    }
+
     #[tokio::test]
     async fn pause_blocks_and_longer_pause_wins() {
         let quota = BudgetQuota::new(&DiiaLimitConfig::default());

@@ -221,7 +221,17 @@ impl Upstream {
             if let Some(retry_after) = self.brake.paused_for() {
                 return Err(GatewayError::DiiaBackoff { retry_after });
             }
-            return hot.limits.unverified.spend();
+            hot.limits.unverified.spend()?;
+            // The fleet's brake too (read only after the local budget said yes, so a
+            // junk flood costs Redis nothing).
+            if let Some(shared) = &self.shared
+                && let Some(wait) = shared.braked().await
+            {
+                self.brake.pause(&hot.diia_budget, wait);
+                let retry_after = self.brake.paused_for().unwrap_or(wait);
+                return Err(GatewayError::DiiaBackoff { retry_after });
+            }
+            return Ok(());
         }
         let Some(shared) = &self.shared else {
             return self

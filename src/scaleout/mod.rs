@@ -319,6 +319,23 @@ impl Scaleout {
             .await;
     }
 
+    /// Diia's pause as the fleet holds it, if any (`None` too when Redis is down): for
+    /// calls that spend no fleet budget (unverified session tokens) but must still
+    /// honour the brake.
+    pub async fn braked(&self) -> Option<Duration> {
+        let millis = self
+            .link
+            .run("brake", |mut c| async move {
+                redis::cmd("PTTL")
+                    .arg(BRAKE_KEY)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await?;
+        let millis = u64::try_from(millis).ok().filter(|millis| *millis > 0)?;
+        Some(Duration::from_millis(millis))
+    }
+
     /// Shares Diia's `Retry-After` pause with the fleet (only ever extended).
     pub async fn pause(&self, wait: Duration) {
         let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
