@@ -7,7 +7,8 @@
 //!
 //! Invariant: a budget rebuilt for new values (a fleet-size change, a reload) starts each
 //! key where the old budget left it, scaled to the new quota: no change of quota ever
-//! hands a spent key a fresh burst.
+//! hands a spent key a fresh burst. (Client shares of the Diia budget are the exception:
+//! they only divide the Diia budget, which is never refilled.)
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv6Addr};
@@ -473,12 +474,13 @@ impl Limits {
         } else if let Some(fresh) = Arc::get_mut(&mut self.logins) {
             fresh.carry_from(&old.logins);
         }
-        if let (Some(new), Some(old)) = (&mut self.diia_shares, &old.diia_shares) {
-            if new.values == old.values {
-                *new = Arc::clone(old);
-            } else if let Some(fresh) = Arc::get_mut(new) {
-                fresh.carry_from(old);
-            }
+        // Client shares start afresh when their values change: they only divide the Diia
+        // budget (which a rebuild never refills), and carrying spent shares into a fleet
+        // of another size made the fleet's Diia calls uneven (the fleet budget test).
+        if let (Some(new), Some(old)) = (&self.diia_shares, &old.diia_shares)
+            && new.values == old.values
+        {
+            self.diia_shares = Some(Arc::clone(old));
         }
         if self.unverified.values == old.unverified.values {
             self.unverified = Arc::clone(&old.unverified);
@@ -537,13 +539,6 @@ impl KeyedShare {
             ipv6_prefix,
             values: (rate.get(), burst.get(), max_tracked, ipv6_prefix),
         })
-    }
-
-    /// Starts every client `old` tracks where it stood there (see
-    /// [`KeyedBudget::carry_from`]).
-    fn carry_from(&mut self, old: &Self) {
-        self.hasher = old.hasher.clone();
-        carry_cells(&old.cells, old.quota, &self.cells, self.quota);
     }
 
     /// A client's share, for its next Diia call.
