@@ -363,3 +363,29 @@ async fn api_key_rotation_by_reload_applies_at_once() {
     assert_eq!(old.gateway_code(), "invalid_api_key");
     assert_eq!(identify("new-key-2", second).await.status, StatusCode::OK);
 }
+
+/// A reload that changes a limit rebuilds that budget; each branch starts where it stood,
+/// scaled to the new quota, never full: a spent branch stays refused.
+#[tokio::test]
+async fn a_changed_limit_does_not_refill_a_spent_branch() {
+    let (sim, file, gateway) = start_from_file().await;
+    rewrite(&file, &config_text(&sim.base_url(), 1, 3, "60s"));
+    gateway.reload().unwrap();
+    let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
+    let path = "/api/v1/acquirers/document-identification";
+    let body = r#"{"branchId":"spent","barcode":"3389798072091"}"#;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(on_connection(&mut stream, path, body).await);
+    }
+    assert_eq!(statuses[3], 429, "{statuses:?}");
+    assert!(statuses[..3].iter().all(|s| *s != 429), "{statuses:?}");
+    // Twice the burst: the spent branch is still spent; a fresh one gets the new burst.
+    rewrite(&file, &config_text(&sim.base_url(), 1, 6, "60s"));
+    gateway.reload().unwrap();
+    assert_eq!(on_connection(&mut stream, path, body).await, 429);
+    let fresh = r#"{"branchId":"fresh","barcode":"3389798072091"}"#;
+    for _ in 0..6 {
+        assert_ne!(on_connection(&mut stream, path, fresh).await, 429);
+    }
+}
