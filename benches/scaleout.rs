@@ -372,6 +372,7 @@ async fn run() {
             longest_call: Duration::from_secs(10),
             sharing: false,
             share: None,
+            unverified: false,
         };
         let started = Instant::now();
         let fetched = Arc::clone(fleet)

@@ -88,7 +88,7 @@ impl Caller {
             Checked::Forward { .. } | Checked::TokenExchange { .. } => {
                 return Err(GatewayError::AcquirerKeyRequired);
             }
-            Checked::Status { .. } | Checked::OfferStatus => return Ok(()),
+            Checked::Status { .. } | Checked::OfferStatus { .. } => return Ok(()),
         };
         match named {
             Some(branch) if branch == own => Ok(()),

@@ -269,12 +269,17 @@ pub struct TokenConfig {
     /// A cached session token is dropped this long before it expires at Diia.
     #[serde(with = "humantime_serde")]
     pub refresh_margin: Duration,
+    /// Pass-through: how long a session token Diia refused with 401 is answered 401 by the
+    /// gateway itself, without a Diia call.
+    #[serde(with = "humantime_serde")]
+    pub refused_ttl: Duration,
 }
 
 impl Default for TokenConfig {
     fn default() -> Self {
         Self {
             refresh_margin: Duration::from_secs(5 * 60),
+            refused_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -296,6 +301,9 @@ pub struct LimitsConfig {
     pub max_tracked: u64,
     /// The gateway-wide budget toward Diia.
     pub diia: DiiaLimitConfig,
+    /// Pass-through: Diia calls carrying a session token Diia has not accepted yet spend
+    /// this budget (all clients together), never `diia`.
+    pub unverified: UnverifiedLimitConfig,
     /// IPv6 clients count as one per this prefix length (0..=128): whoever holds a /64
     /// holds every address in it.
     pub ipv6_prefix: u8,
@@ -310,7 +318,27 @@ impl Default for LimitsConfig {
             poll: PollLimitConfig::default(),
             max_tracked: 50_000,
             diia: DiiaLimitConfig::default(),
+            unverified: UnverifiedLimitConfig::default(),
             ipv6_prefix: 64,
+        }
+    }
+}
+
+/// `[limits.unverified]`
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UnverifiedLimitConfig {
+    /// Sustained Diia calls per second with not-yet-accepted session tokens.
+    pub per_second: NonZeroU32,
+    /// Such calls allowed at once above the sustained rate.
+    pub burst: NonZeroU32,
+}
+
+impl Default for UnverifiedLimitConfig {
+    fn default() -> Self {
+        Self {
+            per_second: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
         }
     }
 }

@@ -33,9 +33,9 @@ pub enum LimitScope {
     Branch,
     /// Every request, per client (`limits.client`).
     Client,
-    /// Token exchanges that reach Diia, per client (`limits.login`).
+    /// Token exchanges Diia refused, per acquirer token and credentials (`limits.login`).
     Login,
-    /// Status polls, per client (`limits.poll`).
+    /// Status polls, per client and `requestId` (`limits.poll`).
     Poll,
 }
 
@@ -83,6 +83,10 @@ pub enum GatewayError {
     /// `Authorization` is not `Bearer <session token>`.
     #[error("invalid authorization")]
     InvalidAuthorization,
+    /// Pass-through: Diia refused this session token with 401 a moment ago
+    /// (`tokens.refused_ttl`); answered by the gateway without a Diia call.
+    #[error("session token refused")]
+    SessionTokenRefused,
     /// Managed mode: no `X-Api-Key`, or not one of the configured keys.
     #[error("invalid api key")]
     InvalidApiKey,
@@ -176,6 +180,13 @@ pub enum GatewayError {
         /// Estimated time until the budget refills.
         retry_after: Duration,
     },
+    /// Pass-through: the budget for Diia calls with session tokens Diia has not accepted
+    /// yet (`limits.unverified`, shared by all clients) is empty.
+    #[error("unverified budget exhausted")]
+    UnverifiedBudgetExhausted {
+        /// Estimated time until the budget has room.
+        retry_after: Duration,
+    },
     /// Diia asked us to back off (429/503 with `Retry-After`); every upstream call waits.
     #[error("diia asked to back off")]
     DiiaBackoff {
@@ -215,6 +226,8 @@ impl GatewayError {
             "upstream_unreachable" => Self::UpstreamUnreachable,
             "sharing_outcome_unknown" => Self::SharingOutcomeUnknown,
             "diia_budget_exhausted" => Self::DiiaBudgetExhausted { retry_after },
+            "unverified_budget_exhausted" => Self::UnverifiedBudgetExhausted { retry_after },
+            "session_token_refused" => Self::SessionTokenRefused,
             "diia_backoff" => Self::DiiaBackoff { retry_after },
             "diia_circuit_open" => Self::CircuitOpen { retry_after },
             "upstream_auth_failed" => Self::UpstreamAuth,
@@ -232,7 +245,8 @@ impl GatewayError {
             | Self::InvalidAuthorization
             | Self::InvalidApiKey
             | Self::ClientCertificateRequired
-            | Self::ClientCertificateRevoked => StatusCode::UNAUTHORIZED,
+            | Self::ClientCertificateRevoked
+            | Self::SessionTokenRefused => StatusCode::UNAUTHORIZED,
             Self::BranchMismatch | Self::AcquirerKeyRequired | Self::ClientCertificateNotListed => {
                 StatusCode::FORBIDDEN
             }
@@ -253,6 +267,7 @@ impl GatewayError {
             }
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::DiiaBudgetExhausted { .. }
+            | Self::UnverifiedBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
             | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -273,6 +288,7 @@ impl GatewayError {
             Self::MissingAuthorization => "missing_authorization",
             Self::InvalidAuthorization => "invalid_authorization",
             Self::InvalidApiKey => "invalid_api_key",
+            Self::SessionTokenRefused => "session_token_refused",
             Self::BranchMismatch => "branch_mismatch",
             Self::AcquirerKeyRequired => "acquirer_key_required",
             Self::ClientCertificateRequired => "client_certificate_required",
@@ -301,6 +317,7 @@ impl GatewayError {
                 LimitScope::Poll => "poll_rate_limited",
             },
             Self::DiiaBudgetExhausted { .. } => "diia_budget_exhausted",
+            Self::UnverifiedBudgetExhausted { .. } => "unverified_budget_exhausted",
             Self::DiiaBackoff { .. } => "diia_backoff",
             Self::Overloaded => "overloaded",
             Self::CircuitOpen { .. } => "diia_circuit_open",
@@ -320,6 +337,7 @@ impl GatewayError {
             | Self::MissingAuthorization
             | Self::InvalidAuthorization
             | Self::InvalidApiKey
+            | Self::SessionTokenRefused
             | Self::BranchMismatch
             | Self::AcquirerKeyRequired
             | Self::ClientCertificateRequired
@@ -339,6 +357,7 @@ impl GatewayError {
             | Self::SharingAlreadyRequested => Fault::Client,
             Self::RateLimited { .. }
             | Self::DiiaBudgetExhausted { .. }
+            | Self::UnverifiedBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
             | Self::Overloaded
@@ -363,7 +382,8 @@ impl GatewayError {
             | Self::InvalidAuthorization
             | Self::InvalidApiKey
             | Self::ClientCertificateRequired
-            | Self::ClientCertificateRevoked => "UnauthorizedError",
+            | Self::ClientCertificateRevoked
+            | Self::SessionTokenRefused => "UnauthorizedError",
             Self::BranchMismatch | Self::AcquirerKeyRequired | Self::ClientCertificateNotListed => {
                 "AccessDeniedError"
             }
@@ -380,6 +400,7 @@ impl GatewayError {
             Self::SharingAlreadyRequested => "ConflictError",
             Self::RateLimited { .. } => "TooManyRequestsError",
             Self::DiiaBudgetExhausted { .. }
+            | Self::UnverifiedBudgetExhausted { .. }
             | Self::DiiaBackoff { .. }
             | Self::CircuitOpen { .. }
             | Self::Overloaded
@@ -401,6 +422,9 @@ impl GatewayError {
             Self::MissingAuthorization => "Empty token",
             Self::InvalidAuthorization => "Authorization must be 'Bearer <session token>'",
             Self::InvalidApiKey => "X-Api-Key is missing or unknown",
+            Self::SessionTokenRefused => {
+                "Diia refused this session token; exchange the acquirer token for a new one"
+            }
             Self::BranchMismatch => "This API key or certificate may only act for its own branch",
             Self::AcquirerKeyRequired => "This call needs an acquirer-wide API key or certificate",
             Self::ClientCertificateRequired => "A client certificate is required",
@@ -441,10 +465,13 @@ impl GatewayError {
             Self::RateLimited { scope, .. } => match scope {
                 LimitScope::Branch => "Too many requests from this branch",
                 LimitScope::Client => "Too many requests from this client",
-                LimitScope::Login => "Too many logins from this client",
-                LimitScope::Poll => "Too many status polls from this client",
+                LimitScope::Login => "Too many refused logins with these credentials",
+                LimitScope::Poll => "Too many status polls for this requestId",
             },
             Self::DiiaBudgetExhausted { .. } => "Diia request budget exhausted, retry later",
+            Self::UnverifiedBudgetExhausted { .. } => {
+                "Too many calls with session tokens Diia has not accepted yet, retry later"
+            }
             Self::DiiaBackoff { .. } => "Diia asked to back off, retry later",
             Self::Overloaded => "Gateway overloaded, retry later",
             Self::CircuitOpen { .. } => "Diia is failing; calls are paused, retry later",
@@ -461,6 +488,7 @@ impl GatewayError {
         match self {
             Self::RateLimited { retry_after, .. }
             | Self::DiiaBudgetExhausted { retry_after }
+            | Self::UnverifiedBudgetExhausted { retry_after }
             | Self::DiiaBackoff { retry_after }
             | Self::CircuitOpen { retry_after }
             | Self::SharingUnavailable { retry_after }

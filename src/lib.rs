@@ -29,6 +29,7 @@
 //! - [`limit`]: governor limits per branch and toward Diia, and Diia's brake
 //! - [`upstream`]: hyper + rustls client toward Diia
 //! - [`breaker`]: circuit breaker and retry budget toward Diia
+//! - [`trust`]: pass-through session tokens Diia accepted or refused (keyed digests)
 //! - [`session`]: managed token mode (the session token held by the gateway)
 //! - [`scaleout`]: several instances as one toward Diia through Redis (shared budget, cache,
 //!   leases, logins; degraded to local state when Redis is down)
@@ -72,6 +73,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod tls;
+pub mod trust;
 pub mod upstream;
 pub mod worker;
 

@@ -173,7 +173,7 @@ pub fn slot_for(
                 tag: Some(tag),
             })
         }
-        Checked::Status { .. } | Checked::OfferStatus | Checked::Forward { .. } => None,
+        Checked::Status { .. } | Checked::OfferStatus { .. } | Checked::Forward { .. } => None,
     }
 }
 

@@ -53,6 +53,7 @@ use crate::scaleout::{Scaleout, Shape};
 use crate::server::{Handler, HttpResponse, Reply, RequestBody};
 use crate::session::ManagedSession;
 use crate::settings::{Hot, Settings};
+use crate::trust::{Standing, TokenTrust};
 use crate::upstream::{Upstream, UpstreamRequest};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -92,6 +93,8 @@ pub struct Gateway {
     /// the token), so a token Diia refuses with 401 is dropped and the next login reaches
     /// Diia instead of getting the dead token again.
     issued_tokens: moka::future::Cache<CacheKey, CacheKey>,
+    /// Pass-through: session tokens Diia accepted or refused (keyed digests).
+    trust: Arc<TokenTrust>,
     /// The binary's fast access-log path, when installed.
     access_log: std::sync::OnceLock<AccessLog>,
     /// Scale-out: the fleet through Redis, when `[scaleout]` is on.
@@ -195,6 +198,11 @@ impl Gateway {
                 .max_capacity(100_000)
                 .time_to_live(SESSION_TOKEN_LIFETIME)
                 .build(),
+            trust: Arc::new(TokenTrust::new(
+                settings.keys.clone(),
+                settings.cold.refused_ttl,
+                100_000,
+            )),
             access_log: std::sync::OnceLock::new(),
             scaleout,
             clients,
@@ -497,16 +505,22 @@ impl Gateway {
             longest_call: hot.upstream.longest_call(),
         };
         let endpoint = ctx.endpoint()?;
-        if slot.store == Store::SessionTokens && !cache.holds(slot.key) {
-            let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
-            hot.limits.logins.check(client(caller, ctx.peer))?;
+        let login = slot.store == Store::SessionTokens;
+        if login && !cache.holds(slot.key) {
+            // Only these credentials' own refusals count: a login that works is never
+            // refused because others failed.
+            hot.limits.logins.check(Who::Digest(slot.key))?;
         }
         let (result, lookup) = cache
             .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
-                let share = share_of(ctx);
+                let token = self.token_standing(ctx);
+                let unverified = token.is_some_and(|(_, standing)| standing != Standing::Verified);
+                // An unverified call takes no share: it must not count as a client of the
+                // Diia budget (that would make the budget look contended).
+                let share = if unverified { None } else { share_of(ctx) };
                 let mut request = upstream_request(endpoint, &ctx.head, body);
                 request.share.clone_from(&share);
-                let call = self.fetch(ctx, request);
+                let call = self.fetch(ctx, request, token);
                 match &self.scaleout {
                     None => Either::Left(async move { Fetched::diia(call(None).await) }),
                     Some(fleet) => {
@@ -516,6 +530,7 @@ impl Gateway {
                             longest_call: lifetimes.longest_call,
                             sharing: slot.store == Store::Sharing,
                             share,
+                            unverified,
                         };
                         let fleet = Arc::clone(fleet);
                         Either::Right(fleet.fetch(slot.key, slot.tag, shape, call))
@@ -531,6 +546,9 @@ impl Gateway {
         // The token bookkeeping is rare (a login, a refused token): boxed, so its futures
         // do not grow every request's state (which is moved, whole, on each await).
         if let Ok(answer) = result.as_ref() {
+            if login && matches!(lookup, Lookup::Miss { .. }) && !answer.status.is_success() {
+                hot.limits.logins.fail(Who::Digest(slot.key));
+            }
             match slot.store {
                 Store::SessionTokens if answer.status == http::StatusCode::OK => {
                     Box::pin(self.remember_issued(answer, slot.key)).await;
@@ -560,6 +578,7 @@ impl Gateway {
                 .part(issued.token.as_bytes())
                 .finish();
             self.issued_tokens.insert(token, slot).await;
+            self.trust.issued(issued.token.as_bytes());
         }
     }
 
@@ -585,7 +604,8 @@ impl Gateway {
     /// Stage 7b: forwarded as is, never cached.
     async fn forward(&self, ctx: &Ctx, body: Bytes) -> Result<Handled, GatewayError> {
         let request = upstream_request(ctx.endpoint()?, &ctx.head, body);
-        let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request)(None))
+        let token = self.token_standing(ctx);
+        let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request, token)(None))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)??;
         self.forget_refused(ctx, &answer).await;
@@ -606,26 +626,50 @@ impl Gateway {
         })
     }
 
+    /// Pass-through: the caller's session token (keyed digest) and where it stands with
+    /// Diia; `None` for callers without one (token exchange, managed mode).
+    fn token_standing(&self, ctx: &Ctx) -> Option<(CacheKey, Standing)> {
+        if self.managed.is_some() || !matches!(ctx.caller, Some(Caller::Session)) {
+            return None;
+        }
+        let token = self.trust.digest(bearer_token(&ctx.head).ok()?);
+        Some((token, self.trust.standing(token)))
+    }
+
     /// The leader's call, as an owned future that can run in its own task; given the
-    /// budget wait already reserved (scale-out), if any.
+    /// budget wait already reserved (scale-out), if any. With the caller's session token
+    /// (`token`), a token Diia refused a moment ago is answered 401 here, one it has not
+    /// accepted yet spends the unverified budget, and Diia's answer is learnt from.
     fn fetch(
         &self,
         ctx: &Ctx,
         mut request: UpstreamRequest,
+        token: Option<(CacheKey, Standing)>,
     ) -> impl FnOnce(Option<Duration>) -> BoxFuture<'static, CallResult> + Send + 'static {
-        if request.share.is_none() {
+        if token.is_some_and(|(_, standing)| standing != Standing::Verified) {
+            request.share = None;
+            request.unverified = true;
+        } else if request.share.is_none() {
             request.share = share_of(ctx);
         }
         let upstream = Arc::clone(&self.upstream);
         let managed = self.managed.clone();
         let hot = Arc::clone(&ctx.hot);
+        let trust = token.map(|token| (Arc::clone(&self.trust), token));
         move |prepaid| {
             request.prepaid = prepaid;
             Box::pin(async move {
-                match managed {
-                    Some(managed) => managed.call(&hot, &upstream, request).await,
-                    None => upstream.call(&hot, request).await,
+                let result = match (managed, &trust) {
+                    (_, Some((_, (_, Standing::Refused)))) => {
+                        Err(GatewayError::SessionTokenRefused)
+                    }
+                    (Some(managed), _) => managed.call(&hot, &upstream, request).await,
+                    (None, _) => upstream.call(&hot, request).await,
+                };
+                if let Some((trust, (token, _))) = &trust {
+                    trust.settle(*token, &result);
                 }
+                result
             })
         }
     }
@@ -653,8 +697,10 @@ fn client(caller: &Caller, peer: SocketAddr) -> Who<'_> {
 
 /// Stage 6: the budgets this request spends. Every request but a login spends its
 /// client's budget, then its class's: scans and branch calls per branch, status polls per
-/// client, lists per client. A login spends only the login budget, and only when it has
-/// to reach Diia (checked in [`Gateway::cached`]): a cached login is never refused.
+/// client and `requestId`, lists per client. A login is checked only against the
+/// refusals of its own acquirer token and credentials, only when it has to reach Diia,
+/// and spends that budget only when Diia refuses it (see [`Gateway::cached`]): a cached
+/// login, or one whose credentials work, is never refused.
 fn limit(hot: &Hot, client: Who<'_>, checked: &Checked<'_>) -> Result<(), GatewayError> {
     let limits = &hot.limits;
     if matches!(checked, Checked::TokenExchange { .. }) {
@@ -662,7 +708,13 @@ fn limit(hot: &Hot, client: Who<'_>, checked: &Checked<'_>) -> Result<(), Gatewa
     }
     limits.clients.check(client)?;
     match checked {
-        Checked::Status { .. } | Checked::OfferStatus => limits.polls.check(client),
+        // Per `requestId`: one request's polling never refuses another's.
+        Checked::Status { request_id, .. } => {
+            limits.polls.check_tagged(client, request_id.as_bytes())
+        }
+        Checked::OfferStatus { request_id } => limits
+            .polls
+            .check_tagged(client, request_id.unwrap_or_default().as_bytes()),
         Checked::Identification { .. } | Checked::Sharing { .. } | Checked::Forward { .. } => {
             let who = checked.branch().map_or(client, Who::Branch);
             limits.branches.check(who)
@@ -770,6 +822,7 @@ fn upstream_request(endpoint: Endpoint, head: &RequestHead, body: Bytes) -> Upst
         body,
         share: None,
         prepaid: None,
+        unverified: false,
     }
 }
 

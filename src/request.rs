@@ -64,9 +64,14 @@ pub enum Checked<'a> {
     Status {
         /// The barcode in the query.
         barcode: Barcode,
+        /// `requestId` in the query (polls are budgeted per client and `requestId`).
+        request_id: &'a str,
     },
     /// `offer-request/status`: forwarded.
-    OfferStatus,
+    OfferStatus {
+        /// `requestId` in the query, when there is one.
+        request_id: Option<&'a str>,
+    },
     /// Branches, offers, offer requests: forwarded as is once the body (if any) is a
     /// JSON object.
     Forward {
@@ -82,7 +87,7 @@ impl Checked<'_> {
     #[must_use]
     pub fn barcode(&self) -> Option<Barcode> {
         match self {
-            Self::Identification { barcode, .. } | Self::Status { barcode } => Some(*barcode),
+            Self::Identification { barcode, .. } | Self::Status { barcode, .. } => Some(*barcode),
             Self::Sharing {
                 subject: SharingSubject::Barcode(barcode),
                 ..
@@ -90,7 +95,7 @@ impl Checked<'_> {
             Self::Sharing { .. }
             | Self::TokenExchange { .. }
             | Self::Forward { .. }
-            | Self::OfferStatus => None,
+            | Self::OfferStatus { .. } => None,
         }
     }
 
@@ -100,7 +105,7 @@ impl Checked<'_> {
         match self {
             Self::Identification { branch, .. } | Self::Sharing { branch, .. } => Some(branch),
             Self::Forward { branch, .. } => *branch,
-            Self::TokenExchange { .. } | Self::Status { .. } | Self::OfferStatus => None,
+            Self::TokenExchange { .. } | Self::Status { .. } | Self::OfferStatus { .. } => None,
         }
     }
 }
@@ -139,10 +144,16 @@ pub fn check<'a>(
                 request_id: body.request_id()?,
             })
         }
-        Endpoint::DocumentRequestStatus => Ok(Checked::Status {
-            barcode: status_query(head.uri.query())?.0,
+        Endpoint::DocumentRequestStatus => {
+            let (barcode, request_id) = status_query(head.uri.query())?;
+            Ok(Checked::Status {
+                barcode,
+                request_id,
+            })
+        }
+        Endpoint::OfferRequestStatus => Ok(Checked::OfferStatus {
+            request_id: query_request_id(head.uri.query()),
         }),
-        Endpoint::OfferRequestStatus => Ok(Checked::OfferStatus),
         Endpoint::OfferRequestDynamic => {
             let body = json()?;
             body.offer_id()?;
@@ -424,6 +435,17 @@ pub enum SharingSubject<'a> {
     Barcode(Barcode),
     /// A scanned share QR code, decoded.
     Qrcode(Cow<'a, str>),
+}
+
+/// `requestId` from a query string, if it carries a well-formed one.
+fn query_request_id(query: Option<&str>) -> Option<&str> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| match pair.split_once('=') {
+            Some(("requestId", value)) if !value.is_empty() && value.len() <= MAX_ID => Some(value),
+            _ => None,
+        })
 }
 
 /// `barcode` and `requestId` from the status query string.

@@ -121,6 +121,7 @@ impl ManagedSession {
             body: Bytes::new(),
             share: None,
             prepaid: None,
+            unverified: false,
         };
         let (answer, fleet_fresh) = match &self.login {
             None => (upstream.call(hot, request).await?, None),
@@ -131,6 +132,7 @@ impl ManagedSession {
                     longest_call: hot.upstream.longest_call(),
                     sharing: false,
                     share: None,
+                    unverified: false,
                 };
                 let fetched = Arc::clone(fleet)
                     .fetch(*key, None, shape, |prepaid| {

@@ -138,8 +138,9 @@ impl Hot {
     pub fn for_fleet(&self, fleet: u32) -> Self {
         let fleet = fleet.max(1);
         let share = fleet_share(&self.limits_config, fleet);
+        // Each key starts where it stood, scaled: a fleet-size change refills nothing.
         self.rebuilt(
-            Limits::new(&share),
+            Limits::new(&share).carry_over(&self.limits),
             Arc::new(BudgetQuota::empty(&share.diia)),
             fleet,
         )
@@ -156,6 +157,7 @@ impl Hot {
             logins: Arc::clone(&self.limits.logins),
             polls: Arc::clone(&self.limits.polls),
             diia_shares: self.limits.diia_shares.clone(),
+            unverified: Arc::clone(&self.limits.unverified),
         };
         self.rebuilt(
             limits,
@@ -267,6 +269,8 @@ macro_rules! cold_settings {
 cold_settings! {
     /// Branch-facing listener.
     listen: SocketAddr = "server.listen",
+    /// How long a session token Diia refused is answered 401 locally.
+    refused_ttl: Duration = "tokens.refused_ttl",
     /// Admin listener.
     admin_listen: SocketAddr = "server.admin_listen",
     /// Connections served at once.
@@ -437,6 +441,7 @@ fn cold(
     let (server, up) = (&file.server, &file.upstream);
     Cold {
         listen: server.listen,
+        refused_ttl: file.tokens.refused_ttl,
         admin_listen: server.admin_listen,
         max_connections: server.max_connections,
         max_in_flight: server.max_in_flight,
@@ -516,6 +521,8 @@ fn fleet_share(config: &LimitsConfig, fleet: u32) -> LimitsConfig {
     share.poll.burst = part(config.poll.burst);
     share.diia.per_second = part(config.diia.per_second);
     share.diia.burst = part(config.diia.burst);
+    share.unverified.per_second = part(config.unverified.per_second);
+    share.unverified.burst = part(config.unverified.burst);
     share
 }
 
@@ -639,6 +646,13 @@ fn cache_policies(file: &FileConfig) -> Result<(Policy, Duration, Policy, Policy
         return Err(invalid(
             "sharing.replay_ttl",
             "must be above 0 and at most 180s: a barcode lives 3 minutes",
+        ));
+    }
+    let refused = file.tokens.refused_ttl;
+    if refused.is_zero() || refused > SESSION_TOKEN_LIFETIME {
+        return Err(invalid(
+            "tokens.refused_ttl",
+            "must be above 0 and at most the 2h token life",
         ));
     }
     let margin = file.tokens.refresh_margin;

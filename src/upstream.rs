@@ -45,6 +45,9 @@ pub struct UpstreamRequest {
     pub share: Option<Arc<Share>>,
     /// Scale-out: the wait the shared budget already reserved for the first attempt.
     pub prepaid: Option<Duration>,
+    /// Pass-through: the session token has not been accepted by Diia yet, so the call
+    /// spends `limits.unverified` instead of the Diia budget (and no client share).
+    pub unverified: bool,
 }
 
 /// A pool of connections to Diia.
@@ -213,6 +216,23 @@ impl Upstream {
         request: &UpstreamRequest,
         prepaid: Option<Duration>,
     ) -> Result<(), GatewayError> {
+        if request.unverified {
+            // Never the Diia budget (local or the fleet's): the unverified one, at once.
+            if let Some(retry_after) = self.brake.paused_for() {
+                return Err(GatewayError::DiiaBackoff { retry_after });
+            }
+            hot.limits.unverified.spend()?;
+            // The fleet's brake too (read only after the local budget said yes, so a
+            // junk flood costs Redis nothing).
+            if let Some(shared) = &self.shared
+                && let Some(wait) = shared.braked().await
+            {
+                self.brake.pause(&hot.diia_budget, wait);
+                let retry_after = self.brake.paused_for().unwrap_or(wait);
+                return Err(GatewayError::DiiaBackoff { retry_after });
+            }
+            return Ok(());
+        }
         let Some(shared) = &self.shared else {
             return self
                 .brake

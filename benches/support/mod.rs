@@ -109,6 +109,7 @@ impl InProcess {
             body: Bytes::from(body),
             share: None,
             prepaid: None,
+            unverified: false,
         };
         self.direct
             .call(&self.settings.hot, request)

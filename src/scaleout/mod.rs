@@ -462,6 +462,23 @@ impl Scaleout {
         self.finish(Names::of(key), result, write).await;
     }
 
+    /// Diia's pause as the fleet holds it, if any (`None` too when Redis is down): for
+    /// calls that spend no fleet budget (unverified session tokens) but must still
+    /// honour the brake.
+    pub async fn braked(&self) -> Option<Duration> {
+        let millis = self
+            .link
+            .run("brake", |mut c| async move {
+                redis::cmd("PTTL")
+                    .arg(BRAKE_KEY)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await?;
+        let millis = u64::try_from(millis).ok().filter(|millis| *millis > 0)?;
+        Some(Duration::from_millis(millis))
+    }
+
     /// Shares Diia's `Retry-After` pause with the fleet (only ever extended).
     pub async fn pause(&self, wait: Duration) {
         let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -710,7 +727,7 @@ impl Scaleout {
                 .share
                 .as_ref()
                 .map_or(Standing::Within, |share| share.standing());
-            let reserve = standing != Standing::Over;
+            let reserve = standing != Standing::Over && !shape.unverified;
             let budget = match standing {
                 Standing::Alone => shape.budget.half_deep(),
                 Standing::Within | Standing::Over => shape.budget,
@@ -939,6 +956,9 @@ pub struct Shape {
     pub sharing: bool,
     /// The calling client's share of the Diia budget, when shares are enforced.
     pub share: Option<Arc<Share>>,
+    /// The call spends the local unverified budget, never the fleet's (see
+    /// [`crate::trust`]): its lease reserves nothing.
+    pub unverified: bool,
 }
 
 impl Shape {

@@ -148,7 +148,7 @@ async fn three_instances_share_one_diia_budget() {
     let Some(mut world) = World::start(budget).await else {
         return;
     };
-    let token = world.token().await;
+    let token = world.verified_token().await;
     let (sim, http) = (&world.sim, &world.http);
     let gateways = Arc::new(std::mem::take(&mut world.gateways));
     let run = offer(&gateways, http, &token, sim, Duration::from_secs(20)).await;
@@ -160,7 +160,7 @@ async fn redis_dying_mid_run_degrades_to_local_budgets_and_recovers() {
     let Some(mut world) = World::start(budget).await else {
         return;
     };
-    let token = world.token().await;
+    let token = world.verified_token().await;
     let (sim, http, redis) = (&world.sim, world.http.clone(), &mut world.redis);
     let gateways = Arc::new(std::mem::take(&mut world.gateways));
     let age_calls = || sim.state().requests(Endpoint::DocumentIdentificationAge);

@@ -220,3 +220,65 @@ async fn a_flooding_client_cannot_starve_a_quiet_branch_across_the_fleet() {
         "quiet branch refused: {quiet_statuses:?}"
     );
 }
+
+/// A fleet-size change rebuilds the local budgets at the new share; each branch must start
+/// where it stood, scaled, not full: a branch refused on A is still refused right after a
+/// third instance joins (it got 7 × 200 when the rebuilt budgets were full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_instance_refills_no_branch_budget() {
+    let _serial = crate::support::SERIAL.lock().await;
+    if !crate::support::redis_available() {
+        return;
+    }
+    let redis = crate::support::Redis::start(&[]).await;
+    let sim = crate::support::simulator().await;
+    let mut config = crate::support::FleetConfig::new(&sim.base_url(), &redis.url());
+    // A burst of 30 for the fleet: 15 per instance while two are alive, 10 with three.
+    config.branch = "{ per_minute = 1, burst = 30 }".to_owned();
+    config
+        .scaleout_extra
+        .push_str("heartbeat_interval = \"200ms\"\ninstance_ttl = \"1s\"\n");
+    let mut gateways = vec![
+        crate::support::Gateway::start(&config).await,
+        crate::support::Gateway::start(&config).await,
+    ];
+    let http = crate::it_support::client();
+    crate::support::wait_for_fleet(&gateways, &http, 2.0).await;
+    let token = gateways[0].session_token(&http).await;
+    async fn scan(
+        gateway: &crate::support::Gateway,
+        http: &crate::it_support::HttpClient,
+        token: &str,
+        branch: &str,
+    ) -> u16 {
+        let body = format!(
+            r#"{{"branchId":"{branch}","barcode":"{}"}}"#,
+            fresh_barcode()
+        );
+        let path = "/api/v1/acquirers/document-identification";
+        gateway.post(http, path, token, &body).await.status.as_u16()
+    }
+    let mut admitted = 0;
+    while scan(&gateways[0], &http, &token, "kyiv-001").await == 200 {
+        admitted += 1;
+        assert!(admitted <= 30, "no branch limit at all");
+    }
+    assert_eq!(admitted, 15, "two live instances: 30 / 2 each");
+    gateways.push(crate::support::Gateway::start(&config).await);
+    crate::support::wait_for_fleet(&gateways, &http, 3.0).await;
+    let mut after = Vec::new();
+    for _ in 0..5 {
+        after.push(scan(&gateways[0], &http, &token, "kyiv-001").await);
+    }
+    assert!(
+        after.iter().all(|status| *status == 429),
+        "the spent branch got a fresh burst when the fleet grew: {after:?}"
+    );
+    // The new share is in force for a branch that had spent nothing.
+    let mut admitted = 0;
+    while scan(&gateways[0], &http, &token, "lviv-002").await == 200 {
+        admitted += 1;
+        assert!(admitted <= 30, "no branch limit at all");
+    }
+    assert_eq!(admitted, 10, "three live instances: 30 / 3 each");
+}

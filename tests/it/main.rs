@@ -24,6 +24,7 @@ mod resilience;
 mod sharing;
 mod tls;
 mod tokens;
+mod unverified;
 mod upstream_down;
 mod upstream_misbehaviour;
 mod validation;

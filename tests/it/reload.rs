@@ -31,8 +31,13 @@ fn rewrite(file: &tempfile::NamedTempFile, text: &str) {
 
 /// One request on an open connection; returns the status (the body is read and dropped).
 async fn on_connection(stream: &mut TcpStream, path: &str, body: &str) -> u16 {
+    on_connection_as(stream, path, body, "t").await
+}
+
+/// [`on_connection`] with a given session token.
+async fn on_connection_as(stream: &mut TcpStream, path: &str, body: &str, token: &str) -> u16 {
     let request = format!(
-        "POST {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -269,6 +274,24 @@ async fn a_new_diia_budget_applies_to_the_next_call() {
         "{}[limits.diia]\nper_second = 1\nburst = 1\nmax_wait = \"1ms\"\n",
         config_text(&sim.base_url(), 100_000, 10_000, "60s")
     );
+    // A token the gateway handed out: its calls spend the Diia budget (a token Diia has
+    // not accepted spends `limits.unverified` instead).
+    let token = support::client();
+    let exchange = format!(
+        "http://{}/api/v1/auth/acquirer/{}",
+        gateway.addr(),
+        diia_sim::DEMO_ACQUIRER_TOKEN
+    );
+    let basic = format!("Basic {}", diia_sim::DEMO_AUTH_TOKEN);
+    let reply = support::send(
+        &token,
+        http::Method::GET,
+        &exchange,
+        &[("authorization", basic.as_str())],
+        String::new(),
+    )
+    .await;
+    let token = reply.json()["token"].as_str().unwrap().to_owned();
     rewrite(&file, &text);
     gateway.reload().unwrap();
     let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
@@ -277,10 +300,10 @@ async fn a_new_diia_budget_applies_to_the_next_call() {
     for base in [338_979_807_209, 482_000_000_000, 482_000_000_001] {
         let barcode = diia_sim::Code::issue(base).unwrap().digits();
         let body = format!(r#"{{"branchId":"b","barcode":"{barcode}"}}"#);
-        statuses.push(on_connection(&mut stream, path, &body).await);
+        statuses.push(on_connection_as(&mut stream, path, &body, &token).await);
     }
-    // One call a second with no wait: the first goes to Diia (401 for the fake token),
-    // the next distinct ones find the budget empty.
+    // One call a second with no wait: the first goes to Diia (404: never issued), the
+    // next distinct ones find the budget empty.
     assert_ne!(statuses[0], 503, "{statuses:?}");
     assert_eq!(&statuses[1..], [503, 503], "{statuses:?}");
 }
@@ -339,4 +362,30 @@ async fn api_key_rotation_by_reload_applies_at_once() {
     assert_eq!(old.status, StatusCode::UNAUTHORIZED);
     assert_eq!(old.gateway_code(), "invalid_api_key");
     assert_eq!(identify("new-key-2", second).await.status, StatusCode::OK);
+}
+
+/// A reload that changes a limit rebuilds that budget; each branch starts where it stood,
+/// scaled to the new quota, never full: a spent branch stays refused.
+#[tokio::test]
+async fn a_changed_limit_does_not_refill_a_spent_branch() {
+    let (sim, file, gateway) = start_from_file().await;
+    rewrite(&file, &config_text(&sim.base_url(), 1, 3, "60s"));
+    gateway.reload().unwrap();
+    let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
+    let path = "/api/v1/acquirers/document-identification";
+    let body = r#"{"branchId":"spent","barcode":"3389798072091"}"#;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(on_connection(&mut stream, path, body).await);
+    }
+    assert_eq!(statuses[3], 429, "{statuses:?}");
+    assert!(statuses[..3].iter().all(|s| *s != 429), "{statuses:?}");
+    // Twice the burst: the spent branch is still spent; a fresh one gets the new burst.
+    rewrite(&file, &config_text(&sim.base_url(), 1, 6, "60s"));
+    gateway.reload().unwrap();
+    assert_eq!(on_connection(&mut stream, path, body).await, 429);
+    let fresh = r#"{"branchId":"fresh","barcode":"3389798072091"}"#;
+    for _ in 0..6 {
+        assert_ne!(on_connection(&mut stream, path, fresh).await, 429);
+    }
 }

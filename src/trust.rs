@@ -1,0 +1,92 @@
+//! Pass-through session tokens as Diia judged them: refused (401) a moment ago, accepted
+//! (a 2xx) for the token's life, or not yet seen. Only keyed digests of tokens are kept.
+//!
+//! Invariant: a token Diia has not accepted never spends the Diia budget. Its calls spend
+//! `limits.unverified` (all clients together), and a token Diia refused is answered 401
+//! locally for `tokens.refused_ttl`: junk bearer tokens from any number of addresses reach
+//! Diia at the unverified rate at most, and cannot starve callers whose tokens work.
+//!
+//! With `[scaleout]` each instance keeps its own sets: a token verified through one
+//! instance starts unverified on another until its first 2xx there (one call from the
+//! unverified budget), which costs less than a Redis round trip on every call.
+
+use std::time::Duration;
+
+use crate::answer::CallResult;
+use crate::diia::SESSION_TOKEN_LIFETIME;
+use crate::keys::{CacheKey, HashKey};
+
+/// Tokens verified and refused, by keyed digest.
+pub struct TokenTrust {
+    keys: HashKey,
+    verified: moka::sync::Cache<CacheKey, ()>,
+    refused: moka::sync::Cache<CacheKey, ()>,
+}
+
+/// Where a call's session token stands with Diia.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Diia answered a 2xx to it (or the gateway handed it out): the Diia budget.
+    Verified,
+    /// Not judged yet: the unverified budget.
+    Unverified,
+    /// Diia refused it with 401 within `tokens.refused_ttl`: answered 401 locally.
+    Refused,
+}
+
+impl TokenTrust {
+    /// Empty sets; refused tokens are remembered for `refused_ttl`.
+    #[must_use]
+    pub fn new(keys: HashKey, refused_ttl: Duration, max_tracked: u64) -> Self {
+        Self {
+            keys,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(max_tracked.max(1))
+                .time_to_live(SESSION_TOKEN_LIFETIME)
+                .build(),
+            refused: moka::sync::Cache::builder()
+                .max_capacity(max_tracked.max(1))
+                .time_to_live(refused_ttl)
+                .build(),
+        }
+    }
+
+    /// The keyed digest a token is remembered by.
+    #[must_use]
+    pub fn digest(&self, token: &[u8]) -> CacheKey {
+        self.keys.key("trusted-token").part(token).finish()
+    }
+
+    /// Where `token` stands now.
+    #[must_use]
+    pub fn standing(&self, token: CacheKey) -> Standing {
+        if self.refused.contains_key(&token) {
+            Standing::Refused
+        } else if self.verified.contains_key(&token) {
+            Standing::Verified
+        } else {
+            Standing::Unverified
+        }
+    }
+
+    /// A token the gateway handed out itself (a 200 of the token exchange).
+    pub fn issued(&self, token: &[u8]) {
+        self.verified.insert(self.digest(token), ());
+    }
+
+    /// Learns from Diia's answer to a call made with `token`: a 2xx verifies it, a 401
+    /// refuses it (and forgets that it was verified).
+    pub fn settle(&self, token: CacheKey, result: &CallResult) {
+        let Ok(answer) = result else {
+            return;
+        };
+        if answer.status.is_success() {
+            if !self.verified.contains_key(&token) {
+                self.verified.insert(token, ());
+            }
+        } else if answer.status == http::StatusCode::UNAUTHORIZED {
+            self.verified.invalidate(&token);
+            self.refused.insert(token, ());
+        }
+    }
+}
