@@ -21,6 +21,7 @@ mod properties;
 mod reload;
 mod resilience;
 mod sharing;
+mod slow_clients;
 mod tls;
 mod tokens;
 mod upstream_down;
