@@ -454,6 +454,7 @@ async fn serve_protocols<H: Handler>(
     let service = service_fn(move |request: Request<Incoming>| {
         seen.first_request.store(true, Ordering::Relaxed);
         let stream = Streams::open(&watched);
+        let split = request.version() == http::Version::HTTP_2;
         let handler = Arc::clone(&handler);
         let (parts, body) = request.into_parts();
         async move {
@@ -465,7 +466,11 @@ async fn serve_protocols<H: Handler>(
                 )
                 .await;
             let answer = stream.answered();
-            Ok::<_, Infallible>(reply.into_response().map(|body| Watched::new(body, answer)))
+            Ok::<_, Infallible>(
+                reply
+                    .into_response()
+                    .map(|body| Watched::new(body, answer, split)),
+            )
         }
     });
     // hyper's side gets the idle timeout as a read timeout (re-armed on every read, which
@@ -761,17 +766,25 @@ impl Drop for StreamGuard {
 }
 
 /// An answer's body that keeps its stream open until hyper has taken all of it. hyper's
-/// HTTP/2 side holds the body until its last frame got send window, so a stream whose
-/// peer gives none keeps it, and the watchdog sees the stall.
+/// HTTP/2 side takes a data frame only once it has send window for it (and then holds
+/// what the window does not cover), so for HTTP/2 the last byte goes as a frame of its
+/// own: it gets window only once everything before it has been sent, and the body (with
+/// its stream) is dropped only then. A stream whose peer gives no window, or one byte and
+/// no more, keeps its body, and the watchdog sees the stall.
 struct Watched {
     body: Full<Bytes>,
+    /// HTTP/2: the last byte, held back from the first frame.
+    last: Option<Bytes>,
+    split: bool,
     stream: Option<StreamGuard>,
 }
 
 impl Watched {
-    fn new(body: Full<Bytes>, stream: StreamGuard) -> Self {
+    fn new(body: Full<Bytes>, stream: StreamGuard, split: bool) -> Self {
         Self {
             body,
+            last: None,
+            split,
             stream: Some(stream),
         }
     }
@@ -786,19 +799,41 @@ impl Body for Watched {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.stream = None;
+        if let Some(last) = this.last.take() {
+            return Poll::Ready(Some(Ok(Frame::data(last))));
         }
-        polled
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) if this.split && data.len() > 1 && this.body.is_end_stream() => {
+                    this.last = Some(data.split_off(data.len() - 1));
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            Poll::Ready(None) => {
+                this.stream = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(never))) => match never {},
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.last.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let held = self.last.as_ref().map_or(0, |last| last.len() as u64);
+        let rest = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + held);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
     }
 }
 

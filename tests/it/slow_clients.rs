@@ -87,14 +87,14 @@ async fn pipeliner(address: SocketAddr, through_hyper: bool) -> Option<Duration>
     closed_by_peer(&stream).await.then(|| stalled.elapsed())
 }
 
-/// An h2c peer that advertises `SETTINGS_INITIAL_WINDOW_SIZE = 0`, asks for one answer
-/// with a body and keeps the connection alive (the h2 crate answers every PING while the
-/// connection is polled). Returns how long the gateway kept it once the answer's head
-/// arrived, or `None` when it never closed.
-async fn zero_window_peer(address: SocketAddr) -> Option<Duration> {
+/// An h2c peer that advertises `SETTINGS_INITIAL_WINDOW_SIZE = window` (and never opens
+/// it further), asks for one answer with a body and keeps the connection alive (the h2
+/// crate answers every PING while the connection is polled). Returns how long the gateway
+/// kept it once the answer's head arrived, or `None` when it never closed.
+async fn small_window_peer(address: SocketAddr, window: u32) -> Option<Duration> {
     let tcp = TcpStream::connect(address).await.unwrap();
     let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
+        .initial_window_size(window)
         .handshake::<_, Bytes>(tcp)
         .await
         .unwrap();
@@ -130,7 +130,7 @@ async fn slow_readers_and_zero_window_h2_peers_lose_their_connections_after_send
         attackers.push(tokio::spawn(pipeliner(address, i % 2 == 1)));
     }
     for _ in 0..20 {
-        attackers.push(tokio::spawn(zero_window_peer(address)));
+        attackers.push(tokio::spawn(small_window_peer(address, 0)));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -200,6 +200,30 @@ async fn answered_on_a_held_connection(address: SocketAddr) -> TcpStream {
     stream
 }
 
+/// A peer that gives one byte of window and then none: the answer is past hyper (its
+/// stream task is done) but not sent, which must count as a stall, not as an idle
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_peers_that_give_one_byte_of_window_lose_their_connections_after_send_timeout() {
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.server.send_timeout = SEND_TIMEOUT;
+            c.server.idle_timeout = Duration::from_secs(10);
+            c.server.request_deadline = Duration::from_secs(2);
+        },
+    )
+    .await;
+    let address = h.gateway.addr();
+    let peers: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(small_window_peer(address, 1)))
+        .collect();
+    for peer in peers {
+        let open = peer.await.unwrap().expect("closed");
+        assert!(open <= CLOSE_BOUND, "kept its connection {open:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_connection_without_streams_is_closed_after_idle_timeout_despite_pings() {
     let idle = Duration::from_millis(1500);
@@ -223,10 +247,15 @@ async fn an_h2_connection_without_streams_is_closed_after_idle_timeout_despite_p
     let response = response.await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let mut body = response.into_body();
+    let mut received = Vec::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.unwrap();
         body.flow_control().release_capacity(chunk.len()).unwrap();
+        received.extend_from_slice(&chunk);
     }
+    // Whole, though its last byte travels in a frame of its own.
+    let error: serde_json::Value = serde_json::from_slice(&received).unwrap();
+    assert_eq!(error["gatewayCode"], "unknown_route", "{error}");
     // No stream open from here on; the h2 crate answers the gateway's keep-alive pings.
     let quiet = Instant::now();
     let ended = tokio::time::timeout(WATCH, connection).await;
