@@ -655,14 +655,14 @@ struct StreamCounts {
     waiting: u32,
     /// When `open` last changed (when it is 0: since when the connection is idle).
     changed: tokio::time::Instant,
-    /// The last send progress: an answer taken whole, or the first one to wait.
+    /// The last send progress: an answer taken whole or in part, or the first one to wait.
     progressed: tokio::time::Instant,
 }
 
 /// Why the watchdog ends a connection.
 #[derive(Debug)]
 enum Verdict {
-    /// Answers have been waiting for send window for `send_timeout`, with none taken.
+    /// Answers have been waiting for send window for `send_timeout`, with no progress.
     Stalled,
     /// No stream open for `idle_timeout`.
     Idle,
@@ -750,6 +750,11 @@ impl StreamGuard {
         self.waiting = true;
         self
     }
+
+    /// Part of the answer went out.
+    fn progressed(&self) {
+        self.streams.counts().progressed = tokio::time::Instant::now();
+    }
 }
 
 impl Drop for StreamGuard {
@@ -765,28 +770,47 @@ impl Drop for StreamGuard {
     }
 }
 
-/// An answer's body that keeps its stream open until hyper has taken all of it. hyper's
-/// HTTP/2 side takes a data frame only once it has send window for it (and then holds
-/// what the window does not cover), so for HTTP/2 the last byte goes as a frame of its
-/// own: it gets window only once everything before it has been sent, and the body (with
-/// its stream) is dropped only then. A stream whose peer gives no window, or one byte and
-/// no more, keeps its body, and the watchdog sees the stall.
+/// An answer's body that keeps its stream open until hyper has taken all of it, and tells
+/// the watchdog of its progress.
+///
+/// hyper's HTTP/2 side asks for the next data frame as soon as it has queued the previous
+/// one, and queues a frame once it has any send window for it (holding back what the
+/// window does not cover). So for HTTP/2 the data goes in frames of at most [`H2_PIECE`]
+/// bytes, the last byte alone: a frame is asked for only once the one before the previous
+/// was sent whole, which makes each ask (after the second) proof that the peer took about
+/// one more frame's worth; and the body, with its stream, is dropped only once every byte
+/// but the last was sent. A peer that gives no window, or one byte and no more, keeps the
+/// body without progress, and the watchdog sees the stall. HTTP/1.1 answers go as they are.
 struct Watched {
     body: Full<Bytes>,
-    /// HTTP/2: the last byte, held back from the first frame.
-    last: Option<Bytes>,
+    /// HTTP/2: what is left of the data, still to be cut into pieces.
+    rest: Bytes,
     split: bool,
     stream: Option<StreamGuard>,
 }
+
+/// HTTP/2's default largest frame: pieces this size add no frames but the last byte's.
+const H2_PIECE: usize = 16 * 1024;
 
 impl Watched {
     fn new(body: Full<Bytes>, stream: StreamGuard, split: bool) -> Self {
         Self {
             body,
-            last: None,
+            rest: Bytes::new(),
             split,
             stream: Some(stream),
         }
+    }
+
+    /// The next piece of `rest`: at most [`H2_PIECE`] bytes, and the last byte alone.
+    fn piece(&mut self) -> Bytes {
+        let left = self.rest.len();
+        let take = if left <= 1 {
+            left
+        } else {
+            (left - 1).min(H2_PIECE)
+        };
+        self.rest.split_to(take)
     }
 }
 
@@ -799,15 +823,17 @@ impl Body for Watched {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        if let Some(last) = this.last.take() {
-            return Poll::Ready(Some(Ok(Frame::data(last))));
+        if !this.rest.is_empty() {
+            if let Some(stream) = &this.stream {
+                stream.progressed();
+            }
+            return Poll::Ready(Some(Ok(Frame::data(this.piece()))));
         }
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match polled {
+        match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(mut data) if this.split && data.len() > 1 && this.body.is_end_stream() => {
-                    this.last = Some(data.split_off(data.len() - 1));
-                    Poll::Ready(Some(Ok(Frame::data(data))))
+                Ok(data) if this.split => {
+                    this.rest = data;
+                    Poll::Ready(Some(Ok(Frame::data(this.piece()))))
                 }
                 Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
                 Err(frame) => Poll::Ready(Some(Ok(frame))),
@@ -822,16 +848,16 @@ impl Body for Watched {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.last.is_none() && self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let held = self.last.as_ref().map_or(0, |last| last.len() as u64);
-        let rest = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let body = self.body.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + held);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + held);
+        hint.set_lower(body.lower() + rest);
+        if let Some(upper) = body.upper() {
+            hint.set_upper(upper + rest);
         }
         hint
     }

@@ -224,6 +224,59 @@ async fn h2_peers_that_give_one_byte_of_window_lose_their_connections_after_send
     }
 }
 
+/// 256 KiB of JSON, as a Diia stand-in answers it.
+fn large_answer(_path: &str) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+    static BODY: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!(r#"{{"data":"{}"}}"#, "x".repeat(256 * 1024)));
+    (200, &[("content-type", "application/json")], BODY.as_str())
+}
+
+/// An h2 reader that takes a large answer slowly but steadily (16 KiB every 300 ms, 5 s in
+/// all) makes progress, so `send_timeout = 1s` does not cut it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_h2_reader_keeps_its_connection() {
+    let upstream = support::stand_in_upstream(large_answer).await;
+    let mut config = support::gateway_config(&format!("http://{upstream}"));
+    config.server.send_timeout = Duration::from_secs(1);
+    let gateway = support::start_gateway(config).await;
+    let address = gateway.addr();
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::get(format!("http://{address}/api/v2/acquirers/branch/abc"))
+        .header("authorization", "Bearer t")
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = tokio::time::timeout(WATCH, response)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let started = Instant::now();
+    let mut body = response.into_body();
+    let mut received = 0;
+    while let Some(chunk) = tokio::time::timeout(WATCH, body.data()).await.unwrap() {
+        let chunk = chunk.expect("the answer arrives whole");
+        received += chunk.len();
+        tokio::time::sleep(Duration::from_millis(300 * chunk.len() as u64 / 16384)).await;
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    assert_eq!(received, 256 * 1024 + 11);
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!connection.is_finished(), "the connection lives on");
+    drop(client);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_connection_without_streams_is_closed_after_idle_timeout_despite_pings() {
     let idle = Duration::from_millis(1500);
