@@ -704,30 +704,30 @@ impl Streams {
     async fn watch(&self, limits: &ConnectionLimits) -> Verdict {
         loop {
             let now = tokio::time::Instant::now();
-            let next = {
+            // Counts change while this sleeps: an answer that gets ready from now on
+            // cannot stall before `now + send_timeout`, and streams that all end from now
+            // on leave the connection idle no sooner than `now + idle_timeout`; looking
+            // again by the sooner of the two finds either in time.
+            let soonest = now + limits.send_timeout.min(limits.idle_timeout);
+            let deadline = {
                 let counts = self.counts();
                 if counts.waiting > 0 {
-                    let deadline = counts.progressed + limits.send_timeout;
-                    if deadline <= now {
+                    let stalled = counts.progressed + limits.send_timeout;
+                    if stalled <= now {
                         return Verdict::Stalled;
                     }
-                    deadline
-                } else {
-                    // An answer that gets ready from now on cannot stall before
-                    // `now + send_timeout`: looking again then finds it in time.
-                    let next = now + limits.send_timeout;
-                    if counts.open > 0 {
-                        next
-                    } else {
-                        let deadline = counts.changed + limits.idle_timeout;
-                        if deadline <= now {
-                            return Verdict::Idle;
-                        }
-                        deadline.min(next)
+                    stalled
+                } else if counts.open == 0 {
+                    let idle = counts.changed + limits.idle_timeout;
+                    if idle <= now {
+                        return Verdict::Idle;
                     }
+                    idle
+                } else {
+                    soonest
                 }
             };
-            tokio::time::sleep_until(next).await;
+            tokio::time::sleep_until(deadline.min(soonest)).await;
         }
     }
 }
@@ -777,14 +777,17 @@ impl Drop for StreamGuard {
 /// one, and queues a frame once it has any send window for it (holding back what the
 /// window does not cover). So for HTTP/2 the data goes in frames of at most [`H2_PIECE`]
 /// bytes, the last byte alone: a frame is asked for only once the one before the previous
-/// was sent whole, which makes each ask (after the second) proof that the peer took about
-/// one more frame's worth; and the body, with its stream, is dropped only once every byte
-/// but the last was sent. A peer that gives no window, or one byte and no more, keeps the
-/// body without progress, and the watchdog sees the stall. HTTP/1.1 answers go as they are.
+/// was sent whole, which makes each ask from the third on proof that the peer took one
+/// more frame's worth (the second only proves one byte of window: no progress); and the
+/// body, with its stream, is dropped only once every byte but the last was sent. A peer
+/// that gives no window, or one byte per stream and no more, keeps its bodies without
+/// progress, and the watchdog sees the stall. HTTP/1.1 answers go as they are.
 struct Watched {
     body: Full<Bytes>,
     /// HTTP/2: what is left of the data, still to be cut into pieces.
     rest: Bytes,
+    /// Pieces handed to hyper so far.
+    pieces: u32,
     split: bool,
     stream: Option<StreamGuard>,
 }
@@ -797,6 +800,7 @@ impl Watched {
         Self {
             body,
             rest: Bytes::new(),
+            pieces: 0,
             split,
             stream: Some(stream),
         }
@@ -804,6 +808,7 @@ impl Watched {
 
     /// The next piece of `rest`: at most [`H2_PIECE`] bytes, and the last byte alone.
     fn piece(&mut self) -> Bytes {
+        self.pieces = self.pieces.saturating_add(1);
         let left = self.rest.len();
         let take = if left <= 1 {
             left
@@ -824,7 +829,7 @@ impl Body for Watched {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         if !this.rest.is_empty() {
-            if let Some(stream) = &this.stream {
+            if let Some(stream) = this.stream.as_ref().filter(|_| this.pieces >= 2) {
                 stream.progressed();
             }
             return Poll::Ready(Some(Ok(Frame::data(this.piece()))));

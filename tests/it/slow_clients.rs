@@ -88,27 +88,58 @@ async fn pipeliner(address: SocketAddr, through_hyper: bool) -> Option<Duration>
 }
 
 /// An h2c peer that advertises `SETTINGS_INITIAL_WINDOW_SIZE = window` (and never opens
-/// it further), asks for one answer with a body and keeps the connection alive (the h2
-/// crate answers every PING while the connection is polled). Returns how long the gateway
-/// kept it once the answer's head arrived, or `None` when it never closed.
-async fn small_window_peer(address: SocketAddr, window: u32) -> Option<Duration> {
+/// it further), asks for one answer with a body, and then for another one every `every`
+/// if given, keeping every stream; the h2 crate answers every PING while the connection
+/// is polled. Returns how long the gateway kept the connection once the first answer's
+/// head arrived, or `None` when it never closed.
+async fn small_window_peer(
+    address: SocketAddr,
+    window: u32,
+    every: Option<Duration>,
+) -> Option<Duration> {
     let tcp = TcpStream::connect(address).await.unwrap();
     let (client, connection) = h2::client::Builder::new()
         .initial_window_size(window)
         .handshake::<_, Bytes>(tcp)
         .await
         .unwrap();
-    let connection = tokio::spawn(connection);
+    let mut connection = tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
-    let request = Request::get(format!("http://{address}/nope"))
-        .body(())
-        .unwrap();
-    let (response, _) = client.send_request(request, true).unwrap();
+    let request = || {
+        Request::get(format!("http://{address}/nope"))
+            .body(())
+            .unwrap()
+    };
+    let (response, _) = client.send_request(request(), true).unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let held = Instant::now();
-    let ended = tokio::time::timeout(WATCH, connection).await.is_ok();
-    drop((client, response));
+    let mut kept = vec![response];
+    let asking = async {
+        while let Some(every) = every {
+            tokio::time::sleep(every).await;
+            let Ok(mut ready) = client.clone().ready().await else {
+                break;
+            };
+            let Ok((response, _)) = ready.send_request(request(), true) else {
+                break;
+            };
+            match response.await {
+                Ok(response) => kept.push(response),
+                Err(_) => break,
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    let ended = tokio::time::timeout(WATCH, async {
+        tokio::select! {
+            _ = &mut connection => {}
+            () = asking => {}
+        }
+    })
+    .await
+    .is_ok();
+    drop((client, kept));
     ended.then(|| held.elapsed())
 }
 
@@ -130,7 +161,7 @@ async fn slow_readers_and_zero_window_h2_peers_lose_their_connections_after_send
         attackers.push(tokio::spawn(pipeliner(address, i % 2 == 1)));
     }
     for _ in 0..20 {
-        attackers.push(tokio::spawn(small_window_peer(address, 0)));
+        attackers.push(tokio::spawn(small_window_peer(address, 0, None)));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -200,9 +231,9 @@ async fn answered_on_a_held_connection(address: SocketAddr) -> TcpStream {
     stream
 }
 
-/// A peer that gives one byte of window and then none: the answer is past hyper (its
-/// stream task is done) but not sent, which must count as a stall, not as an idle
-/// connection.
+/// A peer that gives one byte of window and then none: the answer is past hyper but not
+/// sent, which must count as a stall, not as an idle connection; and a new stream every
+/// 700 ms (one more byte each) is no progress either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_peers_that_give_one_byte_of_window_lose_their_connections_after_send_timeout() {
     let h = Harness::with(
@@ -215,8 +246,12 @@ async fn h2_peers_that_give_one_byte_of_window_lose_their_connections_after_send
     )
     .await;
     let address = h.gateway.addr();
-    let peers: Vec<_> = (0..5)
-        .map(|_| tokio::spawn(small_window_peer(address, 1)))
+    // Quiet ones, and ones that ask for a new answer every 700 ms (each gets one byte).
+    let peers: Vec<_> = [None, Some(Duration::from_millis(700))]
+        .into_iter()
+        .cycle()
+        .take(6)
+        .map(|every| tokio::spawn(small_window_peer(address, 1, every)))
         .collect();
     for peer in peers {
         let open = peer.await.unwrap().expect("closed");
@@ -277,6 +312,21 @@ async fn a_slow_but_steady_h2_reader_keeps_its_connection() {
     drop(client);
 }
 
+/// Reads an h2 answer's body whole, giving window as it comes.
+async fn h2_body(response: http::Response<h2::RecvStream>) -> Vec<u8> {
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        received.extend_from_slice(&chunk);
+    }
+    received
+}
+
+/// The default `send_timeout` (10s) is much longer than `idle_timeout` here, and the
+/// second request is in flight when the connection has been open for `idle_timeout`: the
+/// idle clock must start when it ends, not 10 s later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_connection_without_streams_is_closed_after_idle_timeout_despite_pings() {
     let idle = Duration::from_millis(1500);
@@ -293,22 +343,36 @@ async fn an_h2_connection_without_streams_is_closed_after_idle_timeout_despite_p
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
+    let opened = Instant::now();
     let request = Request::get(format!("http://{address}/nope"))
         .body(())
         .unwrap();
     let (response, _) = client.send_request(request, true).unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    let mut body = response.into_body();
-    let mut received = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.unwrap();
-        body.flow_control().release_capacity(chunk.len()).unwrap();
-        received.extend_from_slice(&chunk);
-    }
     // Whole, though its last byte travels in a frame of its own.
-    let error: serde_json::Value = serde_json::from_slice(&received).unwrap();
+    let error: serde_json::Value = serde_json::from_slice(&h2_body(response).await).unwrap();
     assert_eq!(error["gatewayCode"], "unknown_route", "{error}");
+
+    h.set_faults(serde_json::json!({"latency": "600ms"})).await;
+    tokio::time::sleep_until((opened + Duration::from_secs(1)).into()).await;
+    let login = Request::get(format!(
+        "http://{address}/api/v1/auth/acquirer/{}",
+        diia_sim::DEMO_ACQUIRER_TOKEN
+    ))
+    .header(
+        "authorization",
+        format!("Basic {}", diia_sim::DEMO_AUTH_TOKEN),
+    )
+    .body(())
+    .unwrap();
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client.send_request(login, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    h2_body(response).await;
+    assert!(opened.elapsed() > idle, "in flight past idle_timeout");
+
     // No stream open from here on; the h2 crate answers the gateway's keep-alive pings.
     let quiet = Instant::now();
     let ended = tokio::time::timeout(WATCH, connection).await;
