@@ -578,6 +578,7 @@ impl Socket {
         }
         self.armed = false;
         self.state.reset.store(true, Ordering::Relaxed);
+        tracing::debug!("no write progress for send_timeout; the connection is reset");
         Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
     }
 }
