@@ -3,18 +3,26 @@
 //!
 //! The caller's identity is part of every cache key, so a cached answer is only ever
 //! found by the acquirer whose request made it.
+//!
+//! A client certificate is bound exactly as an API key is: `auth.client_certs` maps a
+//! certificate name to a branch (or to the whole acquirer), and a branch certificate acts
+//! only as its branch. Revocation is checked twice: by rustls at the handshake (CRLs in
+//! force then), and here on every request (CRLs loaded since, so a reload also stops the
+//! revoked certificate's open connections).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::Method;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ApiKeyConfig, AuthMode};
+use crate::config::{ApiKeyConfig, AuthMode, ClientCertConfig};
 use crate::error::GatewayError;
 use crate::head::RequestHead;
 use crate::request::{Checked, bearer_credential, bearer_token};
 use crate::route::Endpoint;
+use crate::tls::Revoked;
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -28,6 +36,9 @@ pub enum Caller {
     Branch {
         /// What its key lets it do.
         scope: Arc<Scope>,
+        /// Its client certificate's name, when it proved itself with one: the key of an
+        /// acquirer-wide certificate's budgets (instead of its address).
+        certificate: Option<Arc<str>>,
     },
 }
 
@@ -36,7 +47,7 @@ pub enum Caller {
 pub enum Scope {
     /// Act as this one branch only.
     Branch(String),
-    /// Act for the whole acquirer (an acquirer-wide key, or a client certificate).
+    /// Act for the whole acquirer (an acquirer-wide key or client certificate).
     Acquirer,
 }
 
@@ -56,7 +67,7 @@ impl Caller {
     /// only as its own branch and never makes acquirer-wide calls. Pass-through callers
     /// are Diia's to judge (their session token is the acquirer's).
     pub fn may(&self, method: &Method, checked: &Checked<'_>) -> Result<(), GatewayError> {
-        let Self::Branch { scope } = self else {
+        let Self::Branch { scope, .. } = self else {
             return Ok(());
         };
         let Scope::Branch(own) = scope.as_ref() else {
@@ -92,27 +103,36 @@ pub enum Gate<'a> {
     PassThrough,
     /// Managed mode with API keys.
     ApiKeys(&'a ApiKeys),
-    /// Managed mode with client certificates (checked in the TLS handshake).
-    Mtls,
+    /// Managed mode with client certificates (verified in the TLS handshake), bound by
+    /// `auth.client_certs` (`None`: every certificate is acquirer-wide).
+    Mtls(Option<&'a ClientCerts>),
 }
 
 impl<'a> Gate<'a> {
-    /// The gate for an auth mode and the current keys.
+    /// The gate for an auth mode and the current keys and certificate bindings.
     #[must_use]
-    pub fn new(mode: AuthMode, keys: Option<&'a ApiKeys>) -> Self {
+    pub fn new(mode: AuthMode, keys: Option<&'a ApiKeys>, certs: Option<&'a ClientCerts>) -> Self {
         match (mode, keys) {
             (AuthMode::PassThrough, _) => Self::PassThrough,
             (AuthMode::Managed, Some(keys)) => Self::ApiKeys(keys),
-            (AuthMode::Managed, None) => Self::Mtls,
+            (AuthMode::Managed, None) => Self::Mtls(certs),
         }
     }
 
-    /// Authenticates the caller of `endpoint` from its headers.
+    /// Authenticates the caller of `endpoint` from its headers and client certificate.
+    /// A certificate `revoked` lists is refused whatever the mode (it may have passed its
+    /// handshake before the CRL was loaded).
     pub fn authenticate(
         &self,
         endpoint: Endpoint,
         head: &RequestHead,
+        revoked: Option<&Revoked>,
     ) -> Result<Caller, GatewayError> {
+        if let (Some(cert), Some(revoked)) = (&head.client_cert, revoked)
+            && revoked.contains(cert)
+        {
+            return Err(GatewayError::ClientCertificateRevoked);
+        }
         match self {
             Self::PassThrough if endpoint == Endpoint::TokenExchange => Ok(Caller::Exchange),
             Self::PassThrough => {
@@ -126,12 +146,102 @@ impl<'a> Gate<'a> {
                     .ok_or(GatewayError::InvalidApiKey)?;
                 Ok(Caller::Branch {
                     scope: Arc::clone(scope),
+                    certificate: None,
                 })
             }
-            Self::Mtls => Ok(Caller::Branch {
-                scope: Arc::new(Scope::Acquirer),
-            }),
+            Self::Mtls(certs) => {
+                let cert = head
+                    .client_cert
+                    .as_ref()
+                    .ok_or(GatewayError::ClientCertificateRequired)?;
+                match certs {
+                    Some(certs) if !certs.is_empty() => {
+                        let (name, scope) = certs
+                            .find(cert.names())
+                            .ok_or(GatewayError::ClientCertificateNotListed)?;
+                        Ok(Caller::Branch {
+                            scope: Arc::clone(scope),
+                            certificate: Some(Arc::clone(name)),
+                        })
+                    }
+                    // No bindings: acquirer-wide, as before `auth.client_certs` existed.
+                    Some(_) | None => Ok(Caller::Branch {
+                        scope: certs.map_or_else(
+                            || Arc::new(Scope::Acquirer),
+                            |certs| Arc::clone(&certs.acquirer),
+                        ),
+                        certificate: cert.name().cloned(),
+                    }),
+                }
+            }
         }
+    }
+}
+
+/// `auth.client_certs`: certificate names (lowercase) to what they may do.
+#[derive(Debug)]
+pub struct ClientCerts {
+    by_name: HashMap<Arc<str>, Arc<Scope>>,
+    /// The scope of every certificate when there are no bindings (one allocation, shared).
+    acquirer: Arc<Scope>,
+}
+
+impl ClientCerts {
+    /// From config entries; names are unique (case-insensitively) and exact (no wildcard).
+    pub fn new(entries: &[ClientCertConfig]) -> Result<Self, String> {
+        let mut by_name = HashMap::with_capacity(entries.len());
+        for entry in entries {
+            let name = entry.name.to_ascii_lowercase();
+            if name.is_empty() || name.contains('*') {
+                return Err(format!(
+                    "client cert for '{}': name must be the certificate's exact DNS name or CN",
+                    entry.branch
+                ));
+            }
+            if entry.branch.is_empty() {
+                return Err(format!("client cert '{name}': branch must not be empty"));
+            }
+            let scope = if entry.acquirer_wide {
+                Scope::Acquirer
+            } else {
+                Scope::Branch(entry.branch.clone())
+            };
+            if by_name
+                .insert(Arc::<str>::from(name.as_str()), Arc::new(scope))
+                .is_some()
+            {
+                return Err(format!("client cert '{name}' is listed twice"));
+            }
+        }
+        Ok(Self {
+            by_name,
+            acquirer: Arc::new(Scope::Acquirer),
+        })
+    }
+
+    /// Whether no certificate is bound (every one is then acquirer-wide).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// The one entry a certificate with these names is bound to: `None` when no name is
+    /// listed, or when its names are listed for different branches (a certificate is
+    /// never read as whichever branch suits the request).
+    #[must_use]
+    pub fn find(&self, names: &[Arc<str>]) -> Option<(&Arc<str>, &Arc<Scope>)> {
+        let mut found: Option<(&Arc<str>, &Arc<Scope>)> = None;
+        for name in names {
+            let Some(entry) = self.by_name.get_key_value(name.as_ref()) else {
+                continue;
+            };
+            match found {
+                None => found = Some(entry),
+                Some((_, scope)) if scope == entry.1 => {}
+                Some(_) => return None,
+            }
+        }
+        found
     }
 }
 
@@ -208,16 +318,62 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_is_bound_to_one_entry_or_none() {
+        let entry = |branch: &str, name: &str, acquirer_wide| ClientCertConfig {
+            branch: branch.to_owned(),
+            name: name.to_owned(),
+            acquirer_wide,
+        };
+        let certs = ClientCerts::new(&[
+            entry("kyiv-001", "Kyiv.Example", false),
+            entry("kyiv-001", "kyiv-renewed.example", false),
+            entry("lviv-002", "lviv.example", false),
+            entry("office", "office.example", true),
+        ])
+        .expect("valid");
+        let names = |list: &[&str]| list.iter().map(|n| Arc::from(*n)).collect::<Vec<_>>();
+        let scope = |list: &[&str]| certs.find(&names(list)).map(|(_, scope)| scope.as_ref());
+        let kyiv = Scope::Branch("kyiv-001".to_owned());
+        assert_eq!(scope(&["kyiv.example"]), Some(&kyiv));
+        assert_eq!(scope(&["other", "kyiv.example"]), Some(&kyiv));
+        assert_eq!(
+            scope(&["kyiv.example", "kyiv-renewed.example"]),
+            Some(&kyiv)
+        );
+        assert_eq!(scope(&["office.example"]), Some(&Scope::Acquirer));
+        assert_eq!(
+            scope(&["kyiv.example", "lviv.example"]),
+            None,
+            "two branches"
+        );
+        assert_eq!(scope(&["kyiv.example", "office.example"]), None);
+        assert_eq!(scope(&["nobody.example"]), None);
+        assert_eq!(scope(&[]), None);
+        for bad in [
+            vec![entry("a", "*.example", false)],
+            vec![entry("a", "", false)],
+            vec![entry("", "a.example", false)],
+            vec![
+                entry("a", "a.example", false),
+                entry("b", "A.example", false),
+            ],
+        ] {
+            assert!(ClientCerts::new(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn session_identity_is_the_token() {
         let head = RequestHead {
             authorization: Some(HeaderValue::from_static("Bearer abc")),
             ..RequestHead::default()
         };
         let caller = Gate::PassThrough
-            .authenticate(Endpoint::DocumentIdentification, &head)
+            .authenticate(Endpoint::DocumentIdentification, &head, None)
             .expect("bearer");
         assert_eq!(caller.identity(b"acq", &head), b"abc");
-        let missing = Gate::PassThrough.authenticate(Endpoint::Branches, &RequestHead::default());
+        let missing =
+            Gate::PassThrough.authenticate(Endpoint::Branches, &RequestHead::default(), None);
         assert_eq!(missing.err(), Some(GatewayError::MissingAuthorization));
     }
 }

@@ -105,6 +105,11 @@ pub struct ServerTlsConfig {
     pub key: PathBuf,
     /// PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
     pub client_ca: Option<PathBuf>,
+    /// PEM CRL files (one per issuing CA of the client chains); a revoked client
+    /// certificate is refused. Re-read on reload: new handshakes fail, and requests on
+    /// connections already open get 401 `client_certificate_revoked`.
+    #[serde(default)]
+    pub client_crl: Vec<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -428,6 +433,10 @@ pub struct AuthConfig {
     pub branch_auth: BranchAuth,
     /// Per-branch API keys, as SHA-256 hex digests (`printf %s KEY | sha256sum`).
     pub api_keys: Vec<ApiKeyConfig>,
+    /// `branch_auth = "mtls"`: which client certificate acts for which branch. Empty: every
+    /// certificate `server.tls.client_ca` signed is acquirer-wide. Otherwise a certificate
+    /// none of whose names is listed is refused (403 `client_certificate_not_listed`).
+    pub client_certs: Vec<ClientCertConfig>,
 }
 
 impl Default for AuthConfig {
@@ -440,6 +449,7 @@ impl Default for AuthConfig {
             auth_token_env: "DIIA_AUTH_ACQUIRER_TOKEN".to_owned(),
             branch_auth: BranchAuth::ApiKey,
             api_keys: Vec::new(),
+            client_certs: Vec::new(),
         }
     }
 }
@@ -461,6 +471,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("auth_token_env", &self.auth_token_env)
             .field("branch_auth", &self.branch_auth)
             .field("api_keys", &self.api_keys)
+            .field("client_certs", &self.client_certs)
             .finish()
     }
 }
@@ -496,6 +507,21 @@ pub struct ApiKeyConfig {
     /// An acquirer-wide key (back office): may act for any branch and make the
     /// acquirer-wide calls (branch create/update/delete, lists, offers). A per-branch key
     /// (the default) may only send its own `branch` as `branchId`.
+    #[serde(default)]
+    pub acquirer_wide: bool,
+}
+
+/// One client certificate identity (`auth.client_certs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertConfig {
+    /// The branch it acts for (its budgets' key), as a per-branch API key does.
+    pub branch: String,
+    /// The certificate's name: one of its DNS subject alternative names or, for a
+    /// certificate without any, its subject common name. Exact, case-insensitive.
+    pub name: String,
+    /// An acquirer-wide certificate (back office): any branch, and the acquirer-wide
+    /// calls; its budgets are keyed on `name`.
     #[serde(default)]
     pub acquirer_wide: bool,
 }

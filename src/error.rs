@@ -92,6 +92,16 @@ pub enum GatewayError {
     /// Managed mode: an acquirer-wide call made with a per-branch key.
     #[error("acquirer-wide key required")]
     AcquirerKeyRequired,
+    /// Managed mode with mTLS: the connection carries no client certificate.
+    #[error("client certificate required")]
+    ClientCertificateRequired,
+    /// Managed mode with mTLS: the certificate chains to `server.tls.client_ca` but its
+    /// name matches no single `auth.client_certs` entry.
+    #[error("client certificate not listed")]
+    ClientCertificateNotListed,
+    /// The connection's client certificate is revoked by a CRL loaded after its handshake.
+    #[error("client certificate revoked")]
+    ClientCertificateRevoked,
     /// Managed mode: Diia refused the gateway's own acquirer token.
     #[error("upstream refused the acquirer token")]
     UpstreamAuth,
@@ -203,10 +213,14 @@ impl GatewayError {
         match self {
             Self::UnknownRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::MissingAuthorization | Self::InvalidAuthorization | Self::InvalidApiKey => {
-                StatusCode::UNAUTHORIZED
+            Self::MissingAuthorization
+            | Self::InvalidAuthorization
+            | Self::InvalidApiKey
+            | Self::ClientCertificateRequired
+            | Self::ClientCertificateRevoked => StatusCode::UNAUTHORIZED,
+            Self::BranchMismatch | Self::AcquirerKeyRequired | Self::ClientCertificateNotListed => {
+                StatusCode::FORBIDDEN
             }
-            Self::BranchMismatch | Self::AcquirerKeyRequired => StatusCode::FORBIDDEN,
             Self::InvalidAcquirerToken
             | Self::MissingField(_)
             | Self::InvalidBarcode
@@ -243,6 +257,9 @@ impl GatewayError {
             Self::InvalidApiKey => "invalid_api_key",
             Self::BranchMismatch => "branch_mismatch",
             Self::AcquirerKeyRequired => "acquirer_key_required",
+            Self::ClientCertificateRequired => "client_certificate_required",
+            Self::ClientCertificateNotListed => "client_certificate_not_listed",
+            Self::ClientCertificateRevoked => "client_certificate_revoked",
             Self::UpstreamAuth => "upstream_auth_failed",
             Self::InvalidAcquirerToken => "invalid_acquirer_token",
             Self::BodyTooLarge => "body_too_large",
@@ -285,6 +302,9 @@ impl GatewayError {
             | Self::InvalidApiKey
             | Self::BranchMismatch
             | Self::AcquirerKeyRequired
+            | Self::ClientCertificateRequired
+            | Self::ClientCertificateNotListed
+            | Self::ClientCertificateRevoked
             | Self::InvalidAcquirerToken
             | Self::BodyTooLarge
             | Self::BodyTimeout
@@ -317,10 +337,14 @@ impl GatewayError {
         match self {
             Self::UnknownRoute => "NotFoundError",
             Self::MethodNotAllowed { .. } => "MethodNotAllowedError",
-            Self::MissingAuthorization | Self::InvalidAuthorization | Self::InvalidApiKey => {
-                "UnauthorizedError"
+            Self::MissingAuthorization
+            | Self::InvalidAuthorization
+            | Self::InvalidApiKey
+            | Self::ClientCertificateRequired
+            | Self::ClientCertificateRevoked => "UnauthorizedError",
+            Self::BranchMismatch | Self::AcquirerKeyRequired | Self::ClientCertificateNotListed => {
+                "AccessDeniedError"
             }
-            Self::BranchMismatch | Self::AcquirerKeyRequired => "AccessDeniedError",
             Self::InvalidAcquirerToken
             | Self::MissingField(_)
             | Self::InvalidBarcode
@@ -353,8 +377,13 @@ impl GatewayError {
             Self::MissingAuthorization => "Empty token",
             Self::InvalidAuthorization => "Authorization must be 'Bearer <session token>'",
             Self::InvalidApiKey => "X-Api-Key is missing or unknown",
-            Self::BranchMismatch => "This API key may only act for its own branch",
-            Self::AcquirerKeyRequired => "This call needs an acquirer-wide API key",
+            Self::BranchMismatch => "This API key or certificate may only act for its own branch",
+            Self::AcquirerKeyRequired => "This call needs an acquirer-wide API key or certificate",
+            Self::ClientCertificateRequired => "A client certificate is required",
+            Self::ClientCertificateNotListed => {
+                "This client certificate is not listed in the gateway's auth.client_certs"
+            }
+            Self::ClientCertificateRevoked => "This client certificate has been revoked",
             Self::UpstreamAuth => "Diia refused the gateway's acquirer token",
             Self::InvalidAcquirerToken => "Acquirer token in the path is empty or malformed",
             Self::BodyTooLarge => "Request body exceeds the gateway's limit",

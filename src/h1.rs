@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use crate::answer::{Answer, has_body};
 use crate::head::{Field, RequestHead};
 use crate::server::{Handler, Io, Reply, RequestBody, Shutdown};
+use crate::tls::ClientCert;
 
 /// What the loop needs to know about the listener's bounds.
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +82,7 @@ struct Head {
 pub(crate) async fn serve<H: Handler>(
     io: &mut Box<dyn Io>,
     peer: SocketAddr,
+    client_cert: Option<&Arc<ClientCert>>,
     handler: &Arc<H>,
     shutdown: &Shutdown,
     limits: Limits,
@@ -125,11 +127,12 @@ pub(crate) async fn serve<H: Handler>(
         };
         first_request.store(true, Ordering::Relaxed);
         let head_bytes = read.split_to(head.length).freeze();
-        let Some(request) = build(&head, &head_bytes) else {
+        let Some(mut request) = build(&head, &head_bytes) else {
             let _ = io.write_all(BAD_REQUEST).await;
             close(io).await;
             return Served::Closed;
         };
+        request.client_cert = client_cert.cloned();
         let Ok(content_length) = usize::try_from(head.content_length.unwrap_or(0)) else {
             return Served::Closed;
         };

@@ -5,11 +5,16 @@
 //! The HTTP/1.1 loop fills it straight from the parsed bytes (values share the read
 //! buffer: no `HeaderMap`, no allocation); requests hyper serves (HTTP/2, chunked, …) are
 //! converted from their `HeaderMap`. Repeated headers keep their first value, as
-//! `HeaderMap::get` does.
+//! `HeaderMap::get` does. The connection's client certificate, when it showed one, rides
+//! along (for [`crate::caller`]).
+
+use std::sync::Arc;
 
 use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::{HeaderValue, Method, Uri};
+
+use crate::tls::ClientCert;
 
 /// `x-api-key`: a branch's key in managed mode.
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -33,6 +38,9 @@ pub struct RequestHead {
     pub content_length: Option<u64>,
     /// `diia-trace-id`.
     pub trace_id: Option<HeaderValue>,
+    /// The connection's verified client certificate (mTLS), set by the accept loop, never
+    /// from a header.
+    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 /// Which field of [`RequestHead`] a header fills, if any.
@@ -124,6 +132,7 @@ impl RequestHead {
             api_key: headers.remove(&API_KEY),
             content_type: headers.remove(header::CONTENT_TYPE),
             trace_id: headers.remove(&DIIA_TRACE_ID),
+            client_cert: None,
         }
     }
 }

@@ -430,8 +430,14 @@ impl Gateway {
 
     /// Stage 2: who is calling.
     fn authenticate(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        let gate = Gate::new(self.auth_mode, ctx.hot.api_keys.as_deref());
-        ctx.caller = Some(gate.authenticate(ctx.endpoint()?, &ctx.head)?);
+        let hot = &ctx.hot;
+        let gate = Gate::new(
+            self.auth_mode,
+            hot.api_keys.as_deref(),
+            hot.client_certs.as_deref(),
+        );
+        let caller = gate.authenticate(ctx.endpoint()?, &ctx.head, hot.revoked_certs.as_deref())?;
+        ctx.caller = Some(caller);
         Ok(())
     }
 
@@ -624,13 +630,15 @@ fn share_of(ctx: &Ctx) -> Option<Arc<crate::limit::Share>> {
     Some(Arc::new(shares.share(client(caller, ctx.peer))))
 }
 
-/// Who a client is for its budgets: its managed-mode per-branch key, else its address
-/// (whoever sits behind one NAT shares the client budget, never a branch's).
+/// Who a client is for its budgets: its managed-mode per-branch key or certificate's
+/// branch, else its acquirer-wide certificate's name, else its address (whoever sits
+/// behind one NAT shares the client budget, never a branch's).
 fn client(caller: &Caller, peer: SocketAddr) -> Who<'_> {
     match caller {
-        Caller::Branch { scope } => match scope.as_ref() {
-            Scope::Branch(name) => Who::Key(name),
-            Scope::Acquirer => Who::Address(peer.ip()),
+        Caller::Branch { scope, certificate } => match (scope.as_ref(), certificate) {
+            (Scope::Branch(name), _) => Who::Key(name),
+            (Scope::Acquirer, Some(name)) => Who::Key(name),
+            (Scope::Acquirer, None) => Who::Address(peer.ip()),
         },
         Caller::Session | Caller::Exchange => Who::Address(peer.ip()),
     }

@@ -39,6 +39,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::answer::Answer;
 use crate::h1::{self, Served};
 use crate::head::RequestHead;
+use crate::tls::ClientCert;
 
 /// A connection's byte stream, plain or TLS.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -391,9 +392,20 @@ async fn serve_connection<H: Handler>(
     let _ = stream.set_nodelay(true);
     let state = Arc::new(ConnectionState::default());
     let stream = Socket::new(stream, limits.send_timeout, Arc::clone(&state));
-    let io: Box<dyn Io> = match handler.tls() {
+    let (io, client_cert): (Box<dyn Io>, _) = match handler.tls() {
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => Box::new(tls_stream),
+            Ok(Ok(tls_stream)) => {
+                // Verified by the acceptor's verifier; read once for the whole connection.
+                let cert = tls_stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| {
+                        let end_entity = chain.first()?;
+                        Some(Arc::new(ClientCert::from_der(end_entity)))
+                    });
+                (Box::new(tls_stream), cert)
+            }
             Ok(Err(error)) => {
                 tracing::debug!(%error, "TLS handshake failed");
                 return;
@@ -403,9 +415,18 @@ async fn serve_connection<H: Handler>(
                 return;
             }
         },
-        None => Box::new(stream),
+        None => (Box::new(stream), None),
     };
-    let served = serve_protocols(io, peer, handler, builder, limits, shutdown, &state);
+    let served = serve_protocols(
+        io,
+        peer,
+        client_cert,
+        handler,
+        builder,
+        limits,
+        shutdown,
+        &state,
+    );
     let no_first_request = async {
         tokio::time::sleep_until(deadline).await;
         if state.first_request.load(Ordering::Relaxed) {
@@ -421,10 +442,12 @@ async fn serve_connection<H: Handler>(
 }
 
 /// The gateway's HTTP/1.1 loop first; hyper for the rest of the connection when the loop
-/// hands it over.
+/// hands it over. Every request head carries the connection's client certificate.
+#[allow(clippy::too_many_arguments)]
 async fn serve_protocols<H: Handler>(
     mut io: Box<dyn Io>,
     peer: SocketAddr,
+    client_cert: Option<Arc<ClientCert>>,
     handler: Arc<H>,
     builder: auto::Builder<TokioExecutor>,
     limits: ConnectionLimits,
@@ -438,6 +461,7 @@ async fn serve_protocols<H: Handler>(
     let buffered = match h1::serve(
         &mut io,
         peer,
+        client_cert.as_ref(),
         &handler,
         &shutdown,
         loop_limits,
@@ -457,14 +481,10 @@ async fn serve_protocols<H: Handler>(
         let split = request.version() == http::Version::HTTP_2;
         let handler = Arc::clone(&handler);
         let (parts, body) = request.into_parts();
+        let mut head = RequestHead::from_parts(parts);
+        head.client_cert.clone_from(&client_cert);
         async move {
-            let reply = handler
-                .handle(
-                    RequestHead::from_parts(parts),
-                    RequestBody::from(body),
-                    peer,
-                )
-                .await;
+            let reply = handler.handle(head, RequestBody::from(body), peer).await;
             let answer = stream.answered();
             Ok::<_, Infallible>(
                 reply

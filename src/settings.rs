@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio_rustls::TlsAcceptor;
 
-use crate::caller::ApiKeys;
+use crate::caller::{ApiKeys, ClientCerts};
 use crate::config::{
     AuthConfig, AuthMode, BranchAuth, CacheConfig, FileConfig, LimitsConfig, LogFormat,
     ServerConfig, UpstreamConfig,
@@ -93,6 +93,10 @@ pub struct Hot {
     pub tls: Option<TlsAcceptor>,
     /// Managed mode with API keys: the keys branches present.
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// Managed mode with mTLS: which certificate acts for which branch.
+    pub client_certs: Option<Arc<ClientCerts>>,
+    /// What `server.tls.client_crl` revokes, checked per request (`None`: no CRL).
+    pub revoked_certs: Option<Arc<crate::tls::Revoked>>,
     /// `[limits]` as written (fleet-wide values); `limits` and `diia_budget` hold this
     /// instance's share of them.
     pub limits_config: LimitsConfig,
@@ -175,6 +179,8 @@ impl Hot {
             diia_budget,
             tls: self.tls.clone(),
             api_keys: self.api_keys.clone(),
+            client_certs: self.client_certs.clone(),
+            revoked_certs: self.revoked_certs.clone(),
             limits_config: self.limits_config.clone(),
             fleet,
         }
@@ -366,8 +372,8 @@ impl Settings {
         check_server(&file.server)?;
         let upstream = upstream_tunables(&file.upstream, &file.limits)?;
         let (limits, diia_budget) = limiters(&file.limits)?;
-        let tls = tls_acceptor(&file.server)?;
-        let (api_keys, credentials) = auth(&file.auth, &file.server)?;
+        let (tls, revoked_certs) = tls_acceptor(&file.server)?;
+        let (api_keys, client_certs, credentials) = auth(&file.auth, &file.server)?;
         let target = upstream_target(file)?;
         let hot = Hot {
             body_limit: file.server.body_limit,
@@ -383,6 +389,8 @@ impl Settings {
             diia_budget,
             tls,
             api_keys,
+            client_certs,
+            revoked_certs,
             limits_config: file.limits.clone(),
             fleet: 1,
         };
@@ -717,24 +725,56 @@ fn limiters(limits: &LimitsConfig) -> Result<(Limits, Arc<BudgetQuota>), ConfigE
     ))
 }
 
-/// `[server.tls]`: the acceptor, built once (and again by each reload, to pick up renewed
-/// certificates).
-fn tls_acceptor(server: &ServerConfig) -> Result<Option<TlsAcceptor>, ConfigError> {
+/// `[server.tls]`: the acceptor and what its CRLs revoke, built once (and again by each
+/// reload, to pick up renewed certificates and new CRLs).
+type ServerTls = (Option<TlsAcceptor>, Option<Arc<crate::tls::Revoked>>);
+
+fn tls_acceptor(server: &ServerConfig) -> Result<ServerTls, ConfigError> {
     let Some(tls) = &server.tls else {
-        return Ok(None);
+        return Ok((None, None));
     };
-    let config = crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
+    if !tls.client_crl.is_empty() && tls.client_ca.is_none() {
+        return Err(invalid(
+            "server.tls.client_crl",
+            "needs server.tls.client_ca (CRLs revoke client certificates)",
+        ));
+    }
+    let crls = crate::tls::crls(&tls.client_crl)
+        .map_err(|problem| invalid("server.tls.client_crl", problem))?;
+    let revoked = match (&tls.client_ca, crls.is_empty()) {
+        (Some(ca), false) => {
+            let revoked = crate::tls::Revoked::new(&crls, ca)
+                .map_err(|problem| invalid("server.tls.client_crl", problem))?;
+            // Nothing revoked: no per-request lookup.
+            (!revoked.is_empty()).then(|| Arc::new(revoked))
+        }
+        (None, _) | (_, true) => None,
+    };
+    let config = crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref(), &crls)
         .map_err(|problem| invalid("server.tls", problem))?;
-    Ok(Some(TlsAcceptor::from(config)))
+    Ok((Some(TlsAcceptor::from(config)), revoked))
 }
 
-/// `[auth]`: API keys and the acquirer's credentials in managed mode.
-fn auth(
-    auth: &AuthConfig,
-    server: &ServerConfig,
-) -> Result<(Option<Arc<ApiKeys>>, Option<AcquirerCredentials>), ConfigError> {
+/// `[auth]`: API keys or client certificate bindings, and the acquirer's credentials in
+/// managed mode.
+type Auth = (
+    Option<Arc<ApiKeys>>,
+    Option<Arc<ClientCerts>>,
+    Option<AcquirerCredentials>,
+);
+
+fn auth(auth: &AuthConfig, server: &ServerConfig) -> Result<Auth, ConfigError> {
+    if !auth.client_certs.is_empty()
+        && (auth.mode != AuthMode::Managed || auth.branch_auth != BranchAuth::Mtls)
+    {
+        return Err(invalid(
+            "auth.client_certs",
+            "binds client certificates to branches: set auth.mode = \"managed\" and \
+             auth.branch_auth = \"mtls\", or remove it",
+        ));
+    }
     if auth.mode == AuthMode::PassThrough {
-        return Ok((None, None));
+        return Ok((None, None, None));
     }
     let credentials = credentials(auth)?;
     match auth.branch_auth {
@@ -746,7 +786,7 @@ fn auth(
                 ));
             }
             let keys = ApiKeys::new(&auth.api_keys).map_err(|p| invalid("auth.api_keys", p))?;
-            Ok((Some(Arc::new(keys)), Some(credentials)))
+            Ok((Some(Arc::new(keys)), None, Some(credentials)))
         }
         BranchAuth::Mtls => {
             if server
@@ -760,7 +800,9 @@ fn auth(
                     "mtls needs server.tls.client_ca",
                 ));
             }
-            Ok((None, Some(credentials)))
+            let certs = ClientCerts::new(&auth.client_certs)
+                .map_err(|p| invalid("auth.client_certs", p))?;
+            Ok((None, Some(Arc::new(certs)), Some(credentials)))
         }
     }
 }
@@ -890,6 +932,24 @@ mod tests {
         assert!(
             problem("[auth]\nmode = \"managed\"\nacquirer_token = \"t\"")
                 .starts_with("auth.api_keys:")
+        );
+    }
+
+    #[test]
+    fn client_certificate_keys_need_mtls() {
+        let tls = "[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert!(
+            problem(&format!("{tls}client_crl = [\"crl.pem\"]\n"))
+                .starts_with("server.tls.client_crl:")
+        );
+        let bindings = "client_certs = [{ branch = \"a\", name = \"a.example\" }]\n";
+        assert!(problem(&format!("[auth]\n{bindings}")).starts_with("auth.client_certs:"));
+        assert!(
+            problem(&format!(
+                "[auth]\nmode = \"managed\"\nacquirer_token = \"t\"\n{bindings}"
+            ))
+            .starts_with("auth.client_certs:"),
+            "api-key branch auth"
         );
     }
 
