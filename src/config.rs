@@ -80,6 +80,10 @@ pub struct ServerConfig {
     /// A connection with nothing to read for this long is closed (must exceed request_deadline).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A response that makes no write progress for this long closes its connection (a
+    /// reader that stops reading; an HTTP/2 peer that gives no send window).
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// On SIGTERM, `/readyz` fails this long before the listener closes, so load balancers
     /// stop sending new traffic first.
     #[serde(with = "humantime_serde")]
@@ -147,6 +151,7 @@ impl Default for ServerConfig {
             max_streams_per_connection: 100,
             workers: 0,
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(10),
             drain_delay: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(15),
             tls: None,

@@ -12,7 +12,9 @@
 //!
 //! Keep-alive, pipelining (requests are answered in order, one at a time) and
 //! `Connection: close` work as in hyper; on shutdown an idle connection is closed at once
-//! and a busy one after its answer, with `connection: close`.
+//! and a busy one after its answer, with `connection: close`. Writes need no timer here:
+//! the socket under `io` fails a write that makes no progress for `send_timeout` (a
+//! client that stops reading), which ends the loop.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;

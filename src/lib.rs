@@ -221,6 +221,7 @@ pub async fn start_with(
         max_connections: settings.cold.max_connections,
         header_read_timeout: settings.cold.header_read_timeout,
         idle_timeout: settings.cold.idle_timeout,
+        send_timeout: settings.cold.send_timeout,
         drain_timeout: settings.cold.drain_timeout,
         max_header_bytes: settings.cold.max_header_bytes,
         max_streams: settings.cold.max_streams_per_connection,

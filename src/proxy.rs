@@ -15,6 +15,10 @@
 //!    to finish on its own if that request goes away mid-call ([`crate::detach`]);
 //! 8. **respond** with Diia's status and body, `Cache-Status`, metrics, redacted access log.
 //!
+//! A refusal in stages 1–2 reads and throws away the request body first (bounded as a
+//! 413's is), so that a client that writes its whole body before reading gets the answer
+//! rather than a reset.
+//!
 //! Each stage is an `async fn` over `&mut Ctx` returning `Result<_, GatewayError>`;
 //! [`Gateway::serve`] is the one place that turns an error into a response, counts and
 //! logs it. Validation comes before the branch limit so that malformed traffic is refused
@@ -398,8 +402,12 @@ impl Gateway {
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
-        self.route(ctx)?;
-        self.authenticate(ctx)?;
+        if let Err(refused) = self.route(ctx).and_then(|()| self.authenticate(ctx)) {
+            // Refused before the body was read: read and throw it away first (bounded),
+            // or a client that writes its whole body before reading gets a reset instead.
+            drain(std::pin::pin!(body)).await;
+            return Err(refused);
+        }
         let body = self.read_body(ctx, body).await?;
         let _permit = self.admit()?;
         let endpoint = ctx.endpoint()?;

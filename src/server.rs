@@ -8,6 +8,12 @@
 //! connection. Before any of it, the handler's [`Clients`] read a trusted proxy's PROXY
 //! header and count the connection against its client. On shutdown the loop stops accepting, then lets open connections finish
 //! their in-flight requests within a bounded drain time.
+//!
+//! Writing is bounded as reading is: the socket itself (`Socket`) fails a write that
+//! makes no progress for `send_timeout` (whichever protocol writes), and hyper's
+//! connections have a watchdog (`Streams`) for what the socket cannot see: HTTP/2
+//! answers waiting for send window the peer never gives, and an HTTP/2 connection kept
+//! open by pings alone.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -271,8 +277,12 @@ pub struct ConnectionLimits {
     /// Time from accept to a complete first request head (TLS handshake, protocol
     /// sniffing, h1 headers or h2 preface + HEADERS included), and for each later h1 head.
     pub header_read_timeout: Duration,
-    /// A connection with nothing to read for this long is closed.
+    /// A connection with nothing to read for this long is closed; so is an HTTP/2
+    /// connection without open streams, however faithfully it answers pings.
     pub idle_timeout: Duration,
+    /// A write that makes no progress for this long fails and resets the connection; an
+    /// HTTP/2 connection whose answers got no send window for this long is closed.
+    pub send_timeout: Duration,
     /// After shutdown, time open connections get to finish in-flight requests.
     pub drain_timeout: Duration,
     /// Largest request head (h1 read buffer, h2 header list), in bytes; 431 above.
@@ -287,6 +297,7 @@ impl Default for ConnectionLimits {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
+            send_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
             max_header_bytes: 32 * 1024,
             max_streams: 100,
@@ -389,7 +400,8 @@ async fn serve_connection<H: Handler>(
 ) {
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
-    let mut stream = stream;
+    let state = Arc::new(ConnectionState::default());
+    let mut stream = Socket::new(stream, limits.send_timeout, Arc::clone(&state));
     // The client first (a trusted proxy's PROXY header comes before TLS), then its place
     // in the per-client connection count, held until the connection ends.
     let accepted = match handler.clients() {
@@ -428,7 +440,6 @@ async fn serve_connection<H: Handler>(
     let Some((io, client_cert)) = io else {
         return;
     };
-    let first_request = Arc::new(AtomicBool::new(false));
     let served = serve_protocols(
         io,
         peer,
@@ -437,11 +448,11 @@ async fn serve_connection<H: Handler>(
         builder,
         limits,
         shutdown,
-        &first_request,
+        &state,
     );
     let no_first_request = async {
         tokio::time::sleep_until(deadline).await;
-        if first_request.load(Ordering::Relaxed) {
+        if state.first_request.load(Ordering::Relaxed) {
             std::future::pending::<()>().await;
         }
     };
@@ -494,7 +505,7 @@ async fn serve_protocols<H: Handler>(
     builder: auto::Builder<TokioExecutor>,
     limits: ConnectionLimits,
     shutdown: Shutdown,
-    first_request: &Arc<AtomicBool>,
+    state: &Arc<ConnectionState>,
 ) {
     let loop_limits = h1::Limits {
         max_head_bytes: limits.max_header_bytes.max(MIN_HEADER_BYTES),
@@ -507,16 +518,20 @@ async fn serve_protocols<H: Handler>(
         &handler,
         &shutdown,
         loop_limits,
-        first_request,
+        &state.first_request,
     )
     .await
     {
         Served::Closed => return,
         Served::HandOver(buffered) => buffered,
     };
-    let seen = Arc::clone(first_request);
+    let streams = Arc::new(Streams::new());
+    let seen = Arc::clone(state);
+    let watched = Arc::clone(&streams);
     let service = service_fn(move |request: Request<Incoming>| {
-        seen.store(true, Ordering::Relaxed);
+        seen.first_request.store(true, Ordering::Relaxed);
+        let stream = Streams::open(&watched);
+        let split = request.version() == http::Version::HTTP_2;
         let handler = Arc::clone(&handler);
         let (parts, body) = request.into_parts();
         let peer = match handler.clients().filter(|c| c.reads_forwarding(peer.ip())) {
@@ -530,7 +545,12 @@ async fn serve_protocols<H: Handler>(
         head.client_cert.clone_from(&client_cert);
         async move {
             let reply = handler.handle(head, RequestBody::from(body), peer).await;
-            Ok::<_, Infallible>(reply.into_response())
+            let answer = stream.answered();
+            Ok::<_, Infallible>(
+                reply
+                    .into_response()
+                    .map(|body| Watched::new(body, answer, split)),
+            )
         }
     });
     // hyper's side gets the idle timeout as a read timeout (re-armed on every read, which
@@ -541,15 +561,391 @@ async fn serve_protocols<H: Handler>(
         .serve_connection(TokioIo::new(Box::pin(io)), service)
         .into_owned();
     let mut connection = std::pin::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.wait() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = shutdown.wait(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            verdict = streams.watch(&limits) => {
+                tracing::debug!(?verdict, "closing the connection");
+                if !closing {
+                    connection.as_mut().graceful_shutdown();
+                }
+                match tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await {
+                    Ok(result) => break result,
+                    Err(_) => {
+                        // Streams still stuck after the GOAWAY: drop them, resetting.
+                        state.reset.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
         }
     };
     if let Err(error) = result {
         tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// How long a connection the watchdog closes gets to finish after its GOAWAY (or, for
+/// HTTP/1.1, its last answer) before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What one connection's parts share.
+#[derive(Default)]
+struct ConnectionState {
+    /// A first request head arrived (the `header_read_timeout` from accept is over).
+    first_request: AtomicBool,
+    /// Drop the connection with a reset, not a close ([`Socket`]).
+    reset: AtomicBool,
+}
+
+/// The connection's TCP socket, carrying the send deadline every protocol shares: a write,
+/// flush or shutdown that makes no progress for `send_timeout` fails with `TimedOut` (a
+/// reader that stopped reading while the kernel's buffers are full). A connection that
+/// ends that way, or that the stream watchdog cuts off, is reset when dropped instead of
+/// closed (`SO_LINGER` 0, as NGINX's `reset_timedout_connection`): its unsent bytes are
+/// thrown away at once, not retried by the kernel for minutes to a peer that never reads.
+///
+/// The timer is armed only when a write cannot go out at once (none on the usual path).
+struct Socket {
+    stream: TcpStream,
+    send_timeout: Duration,
+    /// Runs while a write is pending; kept for the next stall once allocated.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+    state: Arc<ConnectionState>,
+}
+
+impl Socket {
+    fn new(stream: TcpStream, send_timeout: Duration, state: Arc<ConnectionState>) -> Self {
+        Self {
+            stream,
+            send_timeout,
+            stall: None,
+            armed: false,
+            state,
+        }
+    }
+
+    /// Passes a write-side poll through, timing how long it stays pending.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        if !self.armed {
+            self.armed = true;
+            let deadline = tokio::time::Instant::now() + self.send_timeout;
+            match &mut self.stall {
+                Some(stall) => stall.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let expired = self
+            .stall
+            .as_mut()
+            .is_some_and(|stall| stall.as_mut().poll(cx).is_ready());
+        if !expired {
+            return Poll::Pending;
+        }
+        self.armed = false;
+        self.state.reset.store(true, Ordering::Relaxed);
+        tracing::debug!("no write progress for send_timeout; the connection is reset");
+        Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if self.state.reset.load(Ordering::Relaxed) {
+            let _ = self.stream.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.watch(cx, polled)
+    }
+}
+
+/// What the streams of one of hyper's connections are doing, for its watchdog: HTTP/2's
+/// flow control happens inside hyper, where a stream whose peer gives no send window just
+/// waits (the socket stays writable, and the peer keeps answering pings), so the
+/// connection itself has to notice.
+///
+/// A stream is open from its request head to the moment hyper has taken its answer whole
+/// (for HTTP/2: its last frame got send window), and waiting from its answer being ready
+/// to that moment.
+struct Streams {
+    state: std::sync::Mutex<StreamCounts>,
+}
+
+struct StreamCounts {
+    open: u32,
+    waiting: u32,
+    /// When `open` last changed (when it is 0: since when the connection is idle).
+    changed: tokio::time::Instant,
+    /// The last send progress: an answer taken whole or in part, or the first one to wait.
+    progressed: tokio::time::Instant,
+}
+
+/// Why the watchdog ends a connection.
+#[derive(Debug)]
+enum Verdict {
+    /// Answers have been waiting for send window for `send_timeout`, with no progress.
+    Stalled,
+    /// No stream open for `idle_timeout`.
+    Idle,
+}
+
+impl Streams {
+    fn new() -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            state: std::sync::Mutex::new(StreamCounts {
+                open: 0,
+                waiting: 0,
+                changed: now,
+                progressed: now,
+            }),
+        }
+    }
+
+    /// The counts; nothing panics while they are held, so a poisoned lock is still sound.
+    fn counts(&self) -> std::sync::MutexGuard<'_, StreamCounts> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A request head arrived.
+    fn open(this: &Arc<Self>) -> StreamGuard {
+        let mut counts = this.counts();
+        counts.open += 1;
+        counts.changed = tokio::time::Instant::now();
+        drop(counts);
+        StreamGuard {
+            streams: Arc::clone(this),
+            waiting: false,
+        }
+    }
+
+    /// Resolves when the connection should end: its answers stalled, or it sat idle.
+    async fn watch(&self, limits: &ConnectionLimits) -> Verdict {
+        loop {
+            let now = tokio::time::Instant::now();
+            // Counts change while this sleeps: an answer that gets ready from now on
+            // cannot stall before `now + send_timeout`, and streams that all end from now
+            // on leave the connection idle no sooner than `now + idle_timeout`; looking
+            // again by the sooner of the two finds either in time.
+            let soonest = now + limits.send_timeout.min(limits.idle_timeout);
+            let deadline = {
+                let counts = self.counts();
+                if counts.waiting > 0 {
+                    let stalled = counts.progressed + limits.send_timeout;
+                    if stalled <= now {
+                        return Verdict::Stalled;
+                    }
+                    stalled
+                } else if counts.open == 0 {
+                    let idle = counts.changed + limits.idle_timeout;
+                    if idle <= now {
+                        return Verdict::Idle;
+                    }
+                    idle
+                } else {
+                    soonest
+                }
+            };
+            tokio::time::sleep_until(deadline.min(soonest)).await;
+        }
+    }
+}
+
+/// One open stream; dropped when hyper has taken its answer whole (or the stream ended).
+struct StreamGuard {
+    streams: Arc<Streams>,
+    waiting: bool,
+}
+
+impl StreamGuard {
+    /// The answer is ready: from now on it waits to be sent.
+    fn answered(mut self) -> Self {
+        let mut counts = self.streams.counts();
+        counts.waiting += 1;
+        if counts.waiting == 1 {
+            counts.progressed = tokio::time::Instant::now();
+        }
+        drop(counts);
+        self.waiting = true;
+        self
+    }
+
+    /// Part of the answer went out.
+    fn progressed(&self) {
+        self.streams.counts().progressed = tokio::time::Instant::now();
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut counts = self.streams.counts();
+        let now = tokio::time::Instant::now();
+        counts.open = counts.open.saturating_sub(1);
+        counts.changed = now;
+        if self.waiting {
+            counts.waiting = counts.waiting.saturating_sub(1);
+            counts.progressed = now;
+        }
+    }
+}
+
+/// An answer's body that keeps its stream open until hyper has taken all of it, and tells
+/// the watchdog of its progress.
+///
+/// hyper's HTTP/2 side asks for the next data frame as soon as it has queued the previous
+/// one, and queues a frame once it has any send window for it (holding back what the
+/// window does not cover). So for HTTP/2 the data goes in frames of at most [`H2_PIECE`]
+/// bytes, the last byte alone: a frame is asked for only once the one before the previous
+/// was sent whole, which makes each ask from the third on proof that the peer took one
+/// more frame's worth (the second only proves one byte of window: no progress); and the
+/// body, with its stream, is dropped only once every byte but the last was sent. A peer
+/// that gives no window, or one byte per stream and no more, keeps its bodies without
+/// progress, and the watchdog sees the stall. HTTP/1.1 answers go as they are.
+struct Watched {
+    body: Full<Bytes>,
+    /// HTTP/2: what is left of the data, still to be cut into pieces.
+    rest: Bytes,
+    /// Pieces handed to hyper so far.
+    pieces: u32,
+    split: bool,
+    stream: Option<StreamGuard>,
+}
+
+/// HTTP/2's default largest frame: pieces this size add no frames but the last byte's.
+const H2_PIECE: usize = 16 * 1024;
+
+impl Watched {
+    fn new(body: Full<Bytes>, stream: StreamGuard, split: bool) -> Self {
+        Self {
+            body,
+            rest: Bytes::new(),
+            pieces: 0,
+            split,
+            stream: Some(stream),
+        }
+    }
+
+    /// The next piece of `rest`: at most [`H2_PIECE`] bytes, and the last byte alone.
+    fn piece(&mut self) -> Bytes {
+        self.pieces = self.pieces.saturating_add(1);
+        let left = self.rest.len();
+        let take = if left <= 1 {
+            left
+        } else {
+            (left - 1).min(H2_PIECE)
+        };
+        self.rest.split_to(take)
+    }
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if !this.rest.is_empty() {
+            if let Some(stream) = this.stream.as_ref().filter(|_| this.pieces >= 2) {
+                stream.progressed();
+            }
+            return Poll::Ready(Some(Ok(Frame::data(this.piece()))));
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if this.split => {
+                    this.rest = data;
+                    Poll::Ready(Some(Ok(Frame::data(this.piece()))))
+                }
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            Poll::Ready(None) => {
+                this.stream = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(never))) => match never {},
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.len() as u64;
+        let body = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(body.lower() + rest);
+        if let Some(upper) = body.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 

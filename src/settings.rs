@@ -281,6 +281,8 @@ cold_settings! {
     header_read_timeout: Duration = "server.header_read_timeout",
     /// Idle connection timeout.
     idle_timeout: Duration = "server.idle_timeout",
+    /// Longest a response may make no write progress.
+    send_timeout: Duration = "server.send_timeout",
     /// Largest request head.
     max_header_bytes: usize = "server.max_header_bytes",
     /// Concurrent h2 streams per connection.
@@ -447,6 +449,7 @@ fn cold(
         max_in_flight: server.max_in_flight,
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
+        send_timeout: server.send_timeout,
         max_header_bytes: server.max_header_bytes,
         max_streams_per_connection: server.max_streams_per_connection,
         workers: server.workers,
@@ -683,6 +686,7 @@ fn check_server(server: &ServerConfig) -> Result<(), ConfigError> {
         ("server.request_deadline", server.request_deadline),
         ("server.header_read_timeout", server.header_read_timeout),
         ("server.drain_timeout", server.drain_timeout),
+        ("server.send_timeout", server.send_timeout),
     ] {
         if value.is_zero() {
             return Err(invalid(key, "must be above 0"));

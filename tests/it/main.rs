@@ -22,6 +22,7 @@ mod properties;
 mod reload;
 mod resilience;
 mod sharing;
+mod slow_clients;
 mod tls;
 mod tokens;
 mod unverified;
