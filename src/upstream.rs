@@ -225,7 +225,7 @@ impl Upstream {
             // The fleet's brake too (read only after the local budget said yes, so a
             // junk flood costs Redis nothing).
             if let Some(shared) = &self.shared
-                && let Some(wait) = shared.braked().await
+                && let Some(wait) = shared.braked(hot.limits_config.diia.max_backoff).await
             {
                 self.brake.pause(&hot.diia_budget, wait);
                 let retry_after = self.brake.paused_for().unwrap_or(wait);

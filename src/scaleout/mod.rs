@@ -464,14 +464,18 @@ impl Scaleout {
 
     /// Diia's pause as the fleet holds it, if any (`None` too when Redis is down): for
     /// calls that spend no fleet budget (unverified session tokens) but must still
-    /// honour the brake.
-    pub async fn braked(&self) -> Option<Duration> {
+    /// honour the brake. Never longer than `max_backoff`, whatever Redis holds.
+    pub async fn braked(&self, max_backoff: Duration) -> Option<Duration> {
+        let cap = u64::try_from(max_backoff.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let millis = self
             .link
             .run("brake", |mut c| async move {
-                redis::cmd("PTTL")
-                    .arg(BRAKE_KEY)
-                    .query_async::<i64>(&mut c)
+                scripts::BRAKE
+                    .key(BRAKE_KEY)
+                    .arg(cap)
+                    .invoke_async::<i64>(&mut c)
                     .await
             })
             .await?;

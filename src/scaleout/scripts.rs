@@ -108,6 +108,22 @@ pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// Diia's brake as the fleet holds it, for calls that spend no fleet budget. Keys: brake.
+/// Args: `limits.diia.max_backoff` (ms). Returns the pause left (ms; 0 or less: none),
+/// cut to `max_backoff` as in [`BUDGET_LUA`], so a brake a Redis writer set for a day
+/// stops these calls no longer than it stops the others.
+pub static BRAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "local max_backoff = tonumber(ARGV[1])\n",
+        "local brake = redis.call('PTTL', KEYS[1])\n",
+        "if brake > max_backoff then\n",
+        "  redis.call('PEXPIRE', KEYS[1], max_backoff)\n",
+        "  brake = max_backoff\n",
+        "end\n",
+        "return brake\n",
+    ))
+});
+
 /// Diia's brake, shared: only ever extended. Keys: brake. Args: pause ms.
 pub static PAUSE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
