@@ -20,11 +20,17 @@ pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A free loopback port (bound, then released for the process that takes it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free loopback ports: all bound at once before any is released, so two
+/// picks can never be the same port (one bind-and-release after another could, and once
+/// gave a gateway the same `listen` and `admin_listen`).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|n| held[n].local_addr().unwrap().port())
 }
 
 /// Whether `redis-server` can run here; fails under CI when it cannot.
@@ -256,7 +262,7 @@ impl Gateway {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, &config.secret).unwrap();
-        let (port, admin) = (free_port(), free_port());
+        let [port, admin] = free_ports::<2>();
         let text = format!(
             r#"
 [server]
