@@ -400,6 +400,7 @@ async fn serve_connection<H: Handler>(
 ) {
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
+    bound_unsent_data(&stream, limits.send_timeout);
     let state = Arc::new(ConnectionState::default());
     let mut stream = Socket::new(stream, limits.send_timeout, Arc::clone(&state));
     // The client first (a trusted proxy's PROXY header comes before TLS), then its place
@@ -462,6 +463,21 @@ async fn serve_connection<H: Handler>(
             tracing::debug!("no complete request head within header_read_timeout of accept; closed");
         }
     }
+}
+
+/// Lets the kernel itself give up on data the peer does not take for `send_timeout`
+/// (`TCP_USER_TIMEOUT`: unacknowledged, or held back by a zero window): the gateway's own
+/// write deadline ([`Socket`]) ends a connection whose writes stall, but answers already in
+/// the kernel's send buffer (which grows to hundreds of kilobytes) outlive the close, and
+/// a reader that stops reading would otherwise keep them, and the orphaned socket, for as
+/// long as it answers window probes.
+fn bound_unsent_data(stream: &TcpStream, send_timeout: Duration) {
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(send_timeout)) {
+        tracing::debug!(%error, "TCP_USER_TIMEOUT not set");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "fuchsia")))]
+    let _ = (stream, send_timeout);
 }
 
 /// The TLS handshake within `deadline` when `tls` is on, and the client certificate it

@@ -478,3 +478,56 @@ async fn early_refusals_reach_clients_that_write_the_whole_body_first() {
 async fn early_refusals_reach_chunked_clients_that_write_the_whole_body_first() {
     early_refusals_are_delivered(true).await;
 }
+
+/// A reader that stops reading once the gateway's answers fill the kernel's buffers: on
+/// loopback the gateway's send buffer grows to hundreds of kilobytes, so hundreds of
+/// pipelined answers are queued in the kernel without any write of the gateway's ever
+/// stalling, and the connection is later closed (idle) with them still queued. Those
+/// answers must not outlive the connection by more than `send_timeout` (the kernel's
+/// `TCP_USER_TIMEOUT`): before, the orphaned socket kept them, and delivered every byte to
+/// a reader that came back whenever it liked (a few bytes every few seconds was enough to
+/// keep ~490 KB per socket pinned, beyond `max_connections_per_client`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_reader_never_took_do_not_outlive_the_connection() {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let h = Harness::with(
+        |_| {},
+        |c| {
+            c.server.send_timeout = SEND_TIMEOUT;
+            c.server.idle_timeout = Duration::from_secs(3);
+            c.server.request_deadline = Duration::from_secs(2);
+        },
+    )
+    .await;
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    let mut stream = socket.connect(h.gateway.addr()).await.unwrap();
+    // 2,000 requests for 404s (~300 KB of answers), written without reading any.
+    let batch = b"GET /api/v1/nothing-here HTTP/1.1\r\nhost: x\r\n\r\n".repeat(100);
+    for _ in 0..20 {
+        match tokio::time::timeout(Duration::from_millis(500), stream.write_all(&batch)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    // The gateway answers, goes idle, closes; then send_timeout for the kernel, and slack.
+    tokio::time::sleep(Duration::from_secs(3) + SEND_TIMEOUT + Duration::from_secs(4)).await;
+    let mut taken = 0usize;
+    let mut buffer = vec![0u8; 64 * 1024];
+    let reading = Instant::now();
+    while reading.elapsed() < Duration::from_secs(3) {
+        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => taken += n,
+            Err(_) => {}
+        }
+    }
+    assert!(
+        taken < 64 * 1024,
+        "{taken} bytes of answers were still delivered {:?} after the gateway let the \
+         connection go",
+        SEND_TIMEOUT + Duration::from_secs(7)
+    );
+}
