@@ -8,7 +8,9 @@
 //! 4. **admit**: an in-flight permit, or 503 `overloaded` (taken after the body, so slow
 //!    uploads cannot hold the processing budget);
 //! 5. **check** ([`crate::request`]): what the endpoint needs (400/415/422);
-//! 6. **branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`);
+//! 6. **branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`); in
+//!    pass-through, a session token Diia refused a moment ago is answered 401 before any
+//!    budget, and one Diia has not accepted yet spends no branch's budget ([`crate::trust`]);
 //! 7. **cache / coalesce / replay** ([`crate::policy`] keys, [`crate::cache`]) or
 //!    **forward**: the Diia budget (wait, then 503), Diia's back-off (503), the upstream
 //!    call with its deadline (502/504), run by the request that leads the key and spawned
