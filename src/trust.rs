@@ -151,3 +151,36 @@ pub fn refuses_login(status: http::StatusCode) -> bool {
         http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+
+    use super::*;
+    use crate::answer::{Answer, AnswerParts};
+    use crate::error::GatewayError;
+
+    fn answered(status: StatusCode) -> CallResult {
+        Ok(Answer::new(status, AnswerParts::default()))
+    }
+
+    #[test]
+    fn only_401_and_403_refuse_a_login_pair() {
+        let keys = HashKey::fixed([3; 16]);
+        let trust = TokenTrust::new(keys.clone(), Duration::from_secs(60), 100);
+        let pair = |n: u8| keys.key("pair").part(&[n]).finish();
+        trust.settle_login(pair(1), &answered(StatusCode::INTERNAL_SERVER_ERROR));
+        trust.settle_login(pair(1), &Err(GatewayError::UpstreamTimeout));
+        assert_eq!(trust.login_standing(pair(1)), Standing::Unverified);
+        trust.settle_login(pair(1), &answered(StatusCode::OK));
+        assert_eq!(trust.login_standing(pair(1)), Standing::Verified);
+        trust.settle_login(pair(2), &answered(StatusCode::FORBIDDEN));
+        assert_eq!(trust.login_standing(pair(2)), Standing::Refused);
+        // A verified pair Diia refuses later is refused; the others are untouched.
+        trust.settle_login(pair(1), &answered(StatusCode::UNAUTHORIZED));
+        assert_eq!(trust.login_standing(pair(1)), Standing::Refused);
+        assert_eq!(trust.login_standing(pair(3)), Standing::Unverified);
+        // Login pairs and session tokens are separate sets.
+        assert_eq!(trust.standing(pair(1)), Standing::Unverified);
+    }
+}
