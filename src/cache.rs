@@ -245,6 +245,13 @@ impl AnswerCache {
         self.answers.contains_key(&key) || self.calls().contains_key(&key)
     }
 
+    /// Whether the key holds a stored answer (a call under way does not count: it may be
+    /// one made with a token Diia has not judged yet).
+    #[must_use]
+    pub fn stores(&self, key: CacheKey) -> bool {
+        self.answers.contains_key(&key)
+    }
+
     /// Drops a stored answer (a session token Diia has since refused); a call under way
     /// for the key is left alone.
     pub fn forget_answer(&self, key: CacheKey) {

@@ -87,6 +87,10 @@ pub enum GatewayError {
     /// (`tokens.refused_ttl`); answered by the gateway without a Diia call.
     #[error("session token refused")]
     SessionTokenRefused,
+    /// Pass-through: Diia refused these credentials (acquirer token + `Authorization`) with
+    /// 401 or 403 a moment ago (`tokens.refused_ttl`); answered without a Diia call.
+    #[error("credentials refused")]
+    CredentialsRefused,
     /// Managed mode: no `X-Api-Key`, or not one of the configured keys.
     #[error("invalid api key")]
     InvalidApiKey,
@@ -228,6 +232,7 @@ impl GatewayError {
             "diia_budget_exhausted" => Self::DiiaBudgetExhausted { retry_after },
             "unverified_budget_exhausted" => Self::UnverifiedBudgetExhausted { retry_after },
             "session_token_refused" => Self::SessionTokenRefused,
+            "credentials_refused" => Self::CredentialsRefused,
             "diia_backoff" => Self::DiiaBackoff { retry_after },
             "diia_circuit_open" => Self::CircuitOpen { retry_after },
             "upstream_auth_failed" => Self::UpstreamAuth,
@@ -246,7 +251,8 @@ impl GatewayError {
             | Self::InvalidApiKey
             | Self::ClientCertificateRequired
             | Self::ClientCertificateRevoked
-            | Self::SessionTokenRefused => StatusCode::UNAUTHORIZED,
+            | Self::SessionTokenRefused
+            | Self::CredentialsRefused => StatusCode::UNAUTHORIZED,
             Self::BranchMismatch | Self::AcquirerKeyRequired | Self::ClientCertificateNotListed => {
                 StatusCode::FORBIDDEN
             }
@@ -289,6 +295,7 @@ impl GatewayError {
             Self::InvalidAuthorization => "invalid_authorization",
             Self::InvalidApiKey => "invalid_api_key",
             Self::SessionTokenRefused => "session_token_refused",
+            Self::CredentialsRefused => "credentials_refused",
             Self::BranchMismatch => "branch_mismatch",
             Self::AcquirerKeyRequired => "acquirer_key_required",
             Self::ClientCertificateRequired => "client_certificate_required",
@@ -338,6 +345,7 @@ impl GatewayError {
             | Self::InvalidAuthorization
             | Self::InvalidApiKey
             | Self::SessionTokenRefused
+            | Self::CredentialsRefused
             | Self::BranchMismatch
             | Self::AcquirerKeyRequired
             | Self::ClientCertificateRequired
@@ -383,7 +391,8 @@ impl GatewayError {
             | Self::InvalidApiKey
             | Self::ClientCertificateRequired
             | Self::ClientCertificateRevoked
-            | Self::SessionTokenRefused => "UnauthorizedError",
+            | Self::SessionTokenRefused
+            | Self::CredentialsRefused => "UnauthorizedError",
             Self::BranchMismatch | Self::AcquirerKeyRequired | Self::ClientCertificateNotListed => {
                 "AccessDeniedError"
             }
@@ -422,6 +431,10 @@ impl GatewayError {
             Self::MissingAuthorization => "Empty token",
             Self::InvalidAuthorization => "Authorization must be 'Bearer <session token>'",
             Self::InvalidApiKey => "X-Api-Key is missing or unknown",
+            Self::CredentialsRefused => {
+                "Diia refused these credentials a moment ago; check the acquirer token and \
+                 Authorization"
+            }
             Self::SessionTokenRefused => {
                 "Diia refused this session token; exchange the acquirer token for a new one"
             }
@@ -470,7 +483,7 @@ impl GatewayError {
             },
             Self::DiiaBudgetExhausted { .. } => "Diia request budget exhausted, retry later",
             Self::UnverifiedBudgetExhausted { .. } => {
-                "Too many calls with session tokens Diia has not accepted yet, retry later"
+                "Too many calls with session tokens or credentials Diia has not accepted yet, retry later"
             }
             Self::DiiaBackoff { .. } => "Diia asked to back off, retry later",
             Self::Overloaded => "Gateway overloaded, retry later",

@@ -8,7 +8,9 @@
 //! 4. **admit**: an in-flight permit, or 503 `overloaded` (taken after the body, so slow
 //!    uploads cannot hold the processing budget);
 //! 5. **check** ([`crate::request`]): what the endpoint needs (400/415/422);
-//! 6. **branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`);
+//! 6. **branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`); in
+//!    pass-through, a session token Diia refused a moment ago is answered 401 before any
+//!    budget, and one Diia has not accepted yet spends no branch's budget ([`crate::trust`]);
 //! 7. **cache / coalesce / replay** ([`crate::policy`] keys, [`crate::cache`]) or
 //!    **forward**: the Diia budget (wait, then 503), Diia's back-off (503), the upstream
 //!    call with its deadline (502/504), run by the request that leads the key and spawned
@@ -421,7 +423,6 @@ impl Gateway {
         ctx.record.barcode = checked.barcode();
         let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
         caller.may(&ctx.head.method, &checked)?;
-        limit(&ctx.hot, client(caller, ctx.peer), &checked)?;
         let acquirer = self.managed.as_ref().map_or(&b""[..], |m| m.identity());
         let credentials = ctx
             .head
@@ -435,12 +436,48 @@ impl Gateway {
             &checked,
             credentials,
         );
+        // Where the caller's session token stands, looked up before any budget is spent:
+        // a refused token spends none, an unverified one no branch's.
+        let token = self.standing_before_limits(ctx, slot.as_ref());
+        let verified = match token {
+            Some((_, Standing::Refused)) => return Err(GatewayError::SessionTokenRefused),
+            Some((_, Standing::Unverified)) => false,
+            Some((_, Standing::Verified)) | None => true,
+        };
+        limit(&ctx.hot, client(caller, ctx.peer), &checked, verified)?;
         drop(checked);
         match slot {
-            Some(slot) => self.cached(ctx, slot, body).await,
+            Some(slot) => self.cached(ctx, slot, body, token).await,
             // Forwarded calls are never hits: boxed, so the hit's state stays small.
-            None => Box::pin(self.forward(ctx, body)).await,
+            None => Box::pin(self.forward(ctx, body, token)).await,
         }
+    }
+
+    /// Pass-through: the caller's session token and its standing, for the budgets. A
+    /// call whose answer is stored already skips the digest: the caller's token is part
+    /// of the key, and only answers Diia gives a token it accepts are stored (a 401 never
+    /// is), so the cache-hit path stays as cheap as before; `None` then, and for callers
+    /// without a session token. A call under way does not count: its leader may hold a
+    /// token nobody has judged yet.
+    fn standing_before_limits(
+        &self,
+        ctx: &Ctx,
+        slot: Option<&Slot>,
+    ) -> Option<(CacheKey, Standing)> {
+        if self.managed.is_some() || !matches!(ctx.caller, Some(Caller::Session)) {
+            return None;
+        }
+        if let Some(slot) = slot {
+            let cache = match slot.store {
+                Store::Answers => &self.answers,
+                Store::Sharing => &self.sharing,
+                Store::SessionTokens => &self.session_tokens,
+            };
+            if cache.stores(slot.key) {
+                return None;
+            }
+        }
+        self.token_standing(ctx)
     }
 
     /// Stage 1: which endpoint (404/405 otherwise).
@@ -500,7 +537,13 @@ impl Gateway {
     }
 
     /// Stage 7a: answered from a cache, a call under way, or one new call.
-    async fn cached(&self, ctx: &Ctx, slot: Slot, body: Bytes) -> Result<Handled, GatewayError> {
+    async fn cached(
+        &self,
+        ctx: &Ctx,
+        slot: Slot,
+        body: Bytes,
+        token: Option<(CacheKey, Standing)>,
+    ) -> Result<Handled, GatewayError> {
         let hot = &ctx.hot;
         let (cache, policy, stale_if_error) = match slot.store {
             Store::Answers => (&self.answers, hot.answers, hot.stale_if_error),
@@ -516,19 +559,38 @@ impl Gateway {
         let login = slot.store == Store::SessionTokens;
         if login && !cache.holds(slot.key) {
             // Only these credentials' own refusals count: a login that works is never
-            // refused because others failed.
+            // refused because others failed, and a cached login never.
+            if self.trust.login_standing(slot.key) == Standing::Refused {
+                return Err(GatewayError::CredentialsRefused);
+            }
             hot.limits.logins.check(Who::Digest(slot.key))?;
         }
         let (result, lookup) = cache
             .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
-                let token = self.token_standing(ctx);
-                let unverified = token.is_some_and(|(_, standing)| standing != Standing::Verified);
+                let judged = if login {
+                    // The login pair (acquirer token, credentials) is the slot's key.
+                    let standing = self.trust.login_standing(slot.key);
+                    Some(Judged {
+                        key: slot.key,
+                        standing,
+                        login: true,
+                    })
+                } else {
+                    token
+                        .or_else(|| self.token_standing(ctx))
+                        .map(|(key, standing)| Judged {
+                            key,
+                            standing,
+                            login: false,
+                        })
+                };
+                let unverified = judged.is_some_and(|judged| judged.standing != Standing::Verified);
                 // An unverified call takes no share: it must not count as a client of the
                 // Diia budget (that would make the budget look contended).
                 let share = if unverified { None } else { share_of(ctx) };
                 let mut request = upstream_request(endpoint, &ctx.head, body);
                 request.share.clone_from(&share);
-                let call = self.fetch(ctx, request, token);
+                let call = self.fetch(ctx, request, judged);
                 match &self.scaleout {
                     None => Either::Left(async move { Fetched::diia(call(None).await) }),
                     Some(fleet) => {
@@ -554,7 +616,10 @@ impl Gateway {
         // The token bookkeeping is rare (a login, a refused token): boxed, so its futures
         // do not grow every request's state (which is moved, whole, on each await).
         if let Ok(answer) = result.as_ref() {
-            if login && matches!(lookup, Lookup::Miss { .. }) && !answer.status.is_success() {
+            if login
+                && matches!(lookup, Lookup::Miss { .. })
+                && crate::trust::refuses_login(answer.status)
+            {
                 hot.limits.logins.fail(Who::Digest(slot.key));
             }
             match slot.store {
@@ -610,10 +675,21 @@ impl Gateway {
     }
 
     /// Stage 7b: forwarded as is, never cached.
-    async fn forward(&self, ctx: &Ctx, body: Bytes) -> Result<Handled, GatewayError> {
+    async fn forward(
+        &self,
+        ctx: &Ctx,
+        body: Bytes,
+        token: Option<(CacheKey, Standing)>,
+    ) -> Result<Handled, GatewayError> {
         let request = upstream_request(ctx.endpoint()?, &ctx.head, body);
-        let token = self.token_standing(ctx);
-        let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request, token)(None))
+        let judged = token
+            .or_else(|| self.token_standing(ctx))
+            .map(|(key, standing)| Judged {
+                key,
+                standing,
+                login: false,
+            });
+        let answer = tokio::time::timeout_at(ctx.deadline, self.fetch(ctx, request, judged)(None))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)??;
         self.forget_refused(ctx, &answer).await;
@@ -646,15 +722,15 @@ impl Gateway {
 
     /// The leader's call, as an owned future that can run in its own task; given the
     /// budget wait already reserved (scale-out), if any. With the caller's session token
-    /// (`token`), a token Diia refused a moment ago is answered 401 here, one it has not
-    /// accepted yet spends the unverified budget, and Diia's answer is learnt from.
+    /// or login pair (`judged`), one Diia refused a moment ago is answered 401 here, one it
+    /// has not accepted yet spends the unverified budget, and Diia's answer is learnt from.
     fn fetch(
         &self,
         ctx: &Ctx,
         mut request: UpstreamRequest,
-        token: Option<(CacheKey, Standing)>,
+        judged: Option<Judged>,
     ) -> impl FnOnce(Option<Duration>) -> BoxFuture<'static, CallResult> + Send + 'static {
-        if token.is_some_and(|(_, standing)| standing != Standing::Verified) {
+        if judged.is_some_and(|judged| judged.standing != Standing::Verified) {
             request.share = None;
             request.unverified = true;
         } else if request.share.is_none() {
@@ -663,24 +739,41 @@ impl Gateway {
         let upstream = Arc::clone(&self.upstream);
         let managed = self.managed.clone();
         let hot = Arc::clone(&ctx.hot);
-        let trust = token.map(|token| (Arc::clone(&self.trust), token));
+        let trust = judged.map(|judged| (Arc::clone(&self.trust), judged));
         move |prepaid| {
             request.prepaid = prepaid;
             Box::pin(async move {
                 let result = match (managed, &trust) {
-                    (_, Some((_, (_, Standing::Refused)))) => {
-                        Err(GatewayError::SessionTokenRefused)
+                    (_, Some((_, judged))) if judged.standing == Standing::Refused => {
+                        Err(if judged.login {
+                            GatewayError::CredentialsRefused
+                        } else {
+                            GatewayError::SessionTokenRefused
+                        })
                     }
                     (Some(managed), _) => managed.call(&hot, &upstream, request).await,
                     (None, _) => upstream.call(&hot, request).await,
                 };
-                if let Some((trust, (token, _))) = &trust {
-                    trust.settle(*token, &result);
+                match &trust {
+                    Some((trust, judged)) if judged.login => {
+                        trust.settle_login(judged.key, &result);
+                    }
+                    Some((trust, judged)) => trust.settle(judged.key, &result),
+                    None => {}
                 }
                 result
             })
         }
     }
+}
+
+/// A session token or a login pair (keyed digest) and where it stands with Diia.
+#[derive(Clone, Copy)]
+struct Judged {
+    key: CacheKey,
+    standing: Standing,
+    /// A login pair (acquirer token, credentials) rather than a session token.
+    login: bool,
 }
 
 /// The calling client's share of the Diia budget, when shares are enforced.
@@ -708,8 +801,15 @@ fn client(caller: &Caller, peer: SocketAddr) -> Who<'_> {
 /// client and `requestId`, lists per client. A login is checked only against the
 /// refusals of its own acquirer token and credentials, only when it has to reach Diia,
 /// and spends that budget only when Diia refuses it (see [`Gateway::cached`]): a cached
-/// login, or one whose credentials work, is never refused.
-fn limit(hot: &Hot, client: Who<'_>, checked: &Checked<'_>) -> Result<(), GatewayError> {
+/// login, or one whose credentials work, is never refused. A call with a session token
+/// Diia has not accepted yet (`verified` false) spends its client's budget and, at the
+/// call, `limits.unverified`, but never a branch's: anyone can name any branch.
+fn limit(
+    hot: &Hot,
+    client: Who<'_>,
+    checked: &Checked<'_>,
+    verified: bool,
+) -> Result<(), GatewayError> {
     let limits = &hot.limits;
     if matches!(checked, Checked::TokenExchange { .. }) {
         return Ok(());
@@ -723,6 +823,11 @@ fn limit(hot: &Hot, client: Who<'_>, checked: &Checked<'_>) -> Result<(), Gatewa
         Checked::OfferStatus { request_id } => limits
             .polls
             .check_tagged(client, request_id.unwrap_or_default().as_bytes()),
+        Checked::Identification { .. } | Checked::Sharing { .. } | Checked::Forward { .. }
+            if !verified =>
+        {
+            Ok(())
+        }
         Checked::Identification { .. } | Checked::Sharing { .. } | Checked::Forward { .. } => {
             let who = checked.branch().map_or(client, Who::Branch);
             limits.branches.check(who)

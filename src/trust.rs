@@ -6,6 +6,12 @@
 //! locally for `tokens.refused_ttl`: junk bearer tokens from any number of addresses reach
 //! Diia at the unverified rate at most, and cannot starve callers whose tokens work.
 //!
+//! Logins (the token exchange, which needs no authentication) are judged the same way,
+//! by their (acquirer token, credentials) pair: a pair that never had a 2xx spends
+//! `limits.unverified`, never the Diia budget nor a client's share of it; a pair Diia
+//! refused (401/403) is answered 401 `credentials_refused` locally for
+//! `tokens.refused_ttl`; a pair that had a 2xx is verified while it keeps logging in.
+//!
 //! With `[scaleout]` each instance keeps its own sets: a token verified through one
 //! instance starts unverified on another until its first 2xx there (one call from the
 //! unverified budget), which costs less than a Redis round trip on every call.
@@ -21,7 +27,15 @@ pub struct TokenTrust {
     keys: HashKey,
     verified: moka::sync::Cache<CacheKey, ()>,
     refused: moka::sync::Cache<CacheKey, ()>,
+    /// Login pairs (the token cache's keys) Diia answered a 2xx, kept while they log in.
+    verified_logins: moka::sync::Cache<CacheKey, ()>,
+    /// Login pairs Diia refused with 401 or 403 within `refused_ttl`.
+    refused_logins: moka::sync::Cache<CacheKey, ()>,
 }
+
+/// How long a login pair stays verified without logging in again: a working acquirer
+/// logs in every session-token life (2 h); a day leaves room for quiet nights.
+const VERIFIED_LOGIN_IDLE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Where a call's session token stands with Diia.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +59,14 @@ impl TokenTrust {
                 .time_to_live(SESSION_TOKEN_LIFETIME)
                 .build(),
             refused: moka::sync::Cache::builder()
+                .max_capacity(max_tracked.max(1))
+                .time_to_live(refused_ttl)
+                .build(),
+            verified_logins: moka::sync::Cache::builder()
+                .max_capacity(max_tracked.max(1))
+                .time_to_idle(VERIFIED_LOGIN_IDLE)
+                .build(),
+            refused_logins: moka::sync::Cache::builder()
                 .max_capacity(max_tracked.max(1))
                 .time_to_live(refused_ttl)
                 .build(),
@@ -88,5 +110,77 @@ impl TokenTrust {
             self.verified.invalidate(&token);
             self.refused.insert(token, ());
         }
+    }
+
+    /// Where a login pair (the token cache's key for an acquirer token and credentials)
+    /// stands now.
+    #[must_use]
+    pub fn login_standing(&self, pair: CacheKey) -> Standing {
+        if self.refused_logins.contains_key(&pair) {
+            Standing::Refused
+        } else if self.verified_logins.contains_key(&pair) {
+            Standing::Verified
+        } else {
+            Standing::Unverified
+        }
+    }
+
+    /// Learns from Diia's answer to a login: a 2xx verifies the pair; a 401 or 403 (these
+    /// credentials are wrong) refuses it. Anything else (a 5xx, a timeout) says nothing
+    /// about the credentials.
+    pub fn settle_login(&self, pair: CacheKey, result: &CallResult) {
+        let Ok(answer) = result else {
+            return;
+        };
+        if answer.status.is_success() {
+            // Touched on each login, so a pair in use stays verified.
+            self.verified_logins.insert(pair, ());
+        } else if refuses_login(answer.status) {
+            self.verified_logins.invalidate(&pair);
+            self.refused_logins.insert(pair, ());
+        }
+    }
+}
+
+/// Whether Diia's answer to a login says the credentials are wrong (as opposed to Diia
+/// failing): 401 or 403 only.
+#[must_use]
+pub fn refuses_login(status: http::StatusCode) -> bool {
+    matches!(
+        status,
+        http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+
+    use super::*;
+    use crate::answer::{Answer, AnswerParts};
+    use crate::error::GatewayError;
+
+    fn answered(status: StatusCode) -> CallResult {
+        Ok(Answer::new(status, AnswerParts::default()))
+    }
+
+    #[test]
+    fn only_401_and_403_refuse_a_login_pair() {
+        let keys = HashKey::fixed([3; 16]);
+        let trust = TokenTrust::new(keys.clone(), Duration::from_secs(60), 100);
+        let pair = |n: u8| keys.key("pair").part(&[n]).finish();
+        trust.settle_login(pair(1), &answered(StatusCode::INTERNAL_SERVER_ERROR));
+        trust.settle_login(pair(1), &Err(GatewayError::UpstreamTimeout));
+        assert_eq!(trust.login_standing(pair(1)), Standing::Unverified);
+        trust.settle_login(pair(1), &answered(StatusCode::OK));
+        assert_eq!(trust.login_standing(pair(1)), Standing::Verified);
+        trust.settle_login(pair(2), &answered(StatusCode::FORBIDDEN));
+        assert_eq!(trust.login_standing(pair(2)), Standing::Refused);
+        // A verified pair Diia refuses later is refused; the others are untouched.
+        trust.settle_login(pair(1), &answered(StatusCode::UNAUTHORIZED));
+        assert_eq!(trust.login_standing(pair(1)), Standing::Refused);
+        assert_eq!(trust.login_standing(pair(3)), Standing::Unverified);
+        // Login pairs and session tokens are separate sets.
+        assert_eq!(trust.standing(pair(1)), Standing::Unverified);
     }
 }

@@ -78,14 +78,36 @@ async fn start_from_file() -> (SimHandle, tempfile::NamedTempFile, RunningGatewa
     (sim, file, gateway)
 }
 
+/// A session token from the gateway's own token exchange: one Diia accepted, so its calls
+/// spend branch budgets (a made-up token's never do).
+async fn real_token(gateway: &RunningGateway) -> String {
+    let url = format!(
+        "http://{}/api/v1/auth/acquirer/{}",
+        gateway.addr(),
+        diia_sim::DEMO_ACQUIRER_TOKEN
+    );
+    let basic = format!("Basic {}", diia_sim::DEMO_AUTH_TOKEN);
+    let reply = support::send(
+        &support::client(),
+        Method::GET,
+        &url,
+        &[("authorization", basic.as_str())],
+        String::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    reply.json()["token"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn new_limits_apply_on_an_open_connection() {
     let (sim, file, gateway) = start_from_file().await;
+    let token = real_token(&gateway).await;
     let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
     let path = "/api/v1/acquirers/document-identification";
     let body = r#"{"branchId":"busy","barcode":"3389798072091"}"#;
     for _ in 0..3 {
-        assert_ne!(on_connection(&mut stream, path, body).await, 429);
+        assert_ne!(on_connection_as(&mut stream, path, body, &token).await, 429);
     }
 
     rewrite(&file, &config_text(&sim.base_url(), 1, 1, "60s"));
@@ -95,8 +117,8 @@ async fn new_limits_apply_on_an_open_connection() {
     assert_eq!(reloaded.status, StatusCode::OK);
 
     // Same connection, new limits: one request, then the branch is over its budget.
-    assert_ne!(on_connection(&mut stream, path, body).await, 429);
-    assert_eq!(on_connection(&mut stream, path, body).await, 429);
+    assert_ne!(on_connection_as(&mut stream, path, body, &token).await, 429);
+    assert_eq!(on_connection_as(&mut stream, path, body, &token).await, 429);
 }
 
 #[tokio::test]
@@ -369,6 +391,7 @@ async fn api_key_rotation_by_reload_applies_at_once() {
 #[tokio::test]
 async fn a_changed_limit_does_not_refill_a_spent_branch() {
     let (sim, file, gateway) = start_from_file().await;
+    let token = real_token(&gateway).await;
     rewrite(&file, &config_text(&sim.base_url(), 1, 3, "60s"));
     gateway.reload().unwrap();
     let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
@@ -376,16 +399,19 @@ async fn a_changed_limit_does_not_refill_a_spent_branch() {
     let body = r#"{"branchId":"spent","barcode":"3389798072091"}"#;
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        statuses.push(on_connection(&mut stream, path, body).await);
+        statuses.push(on_connection_as(&mut stream, path, body, &token).await);
     }
     assert_eq!(statuses[3], 429, "{statuses:?}");
     assert!(statuses[..3].iter().all(|s| *s != 429), "{statuses:?}");
     // Twice the burst: the spent branch is still spent; a fresh one gets the new burst.
     rewrite(&file, &config_text(&sim.base_url(), 1, 6, "60s"));
     gateway.reload().unwrap();
-    assert_eq!(on_connection(&mut stream, path, body).await, 429);
+    assert_eq!(on_connection_as(&mut stream, path, body, &token).await, 429);
     let fresh = r#"{"branchId":"fresh","barcode":"3389798072091"}"#;
     for _ in 0..6 {
-        assert_ne!(on_connection(&mut stream, path, fresh).await, 429);
+        assert_ne!(
+            on_connection_as(&mut stream, path, fresh, &token).await,
+            429
+        );
     }
 }

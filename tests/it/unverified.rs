@@ -204,7 +204,8 @@ async fn polling_one_request_id_does_not_refuse_another() {
 
 /// Behind a load balancer every branch is one client: 20 logins with made-up credentials
 /// must not get the real credentials' uncached login refused. Made-up credentials tried
-/// again and again are refused (without a Diia call) once they have failed `burst` times.
+/// again and again are refused without a Diia call once Diia refused them
+/// (`credentials_refused`, for `tokens.refused_ttl`).
 #[tokio::test]
 async fn failed_logins_do_not_refuse_working_credentials() {
     let h = Harness::with(
@@ -212,6 +213,10 @@ async fn failed_logins_do_not_refuse_working_credentials() {
         |config| {
             config.limits.login.per_minute = 1.try_into().unwrap();
             config.limits.login.burst = 20.try_into().unwrap();
+            // Room for every made-up login to reach Diia (they spend the unverified
+            // budget; the flood case is `junk_logins_from_forty_addresses_…`).
+            config.limits.unverified.per_second = 100.try_into().unwrap();
+            config.limits.unverified.burst = 100.try_into().unwrap();
         },
     )
     .await;
@@ -236,17 +241,211 @@ async fn failed_logins_do_not_refuse_working_credentials() {
     // The real credentials' first login: not cached, so it must reach Diia.
     let real = h.session_token().await;
     assert!(!real.is_empty());
-    // One made-up credential tried 25 times: refused after 20 failures, without Diia.
+    // One made-up credential tried 25 times: Diia refuses it once, the gateway the rest.
     let calls = h.sim_calls("token_exchange").await;
-    let mut limited = 0;
+    let mut local = 0;
     for _ in 0..25 {
         let reply = login("Basic the-same-wrong-credential".to_owned()).await;
-        if reply.status == StatusCode::TOO_MANY_REQUESTS {
-            assert_eq!(reply.gateway_code(), "login_rate_limited");
-            limited += 1;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{reply:?}");
+        if reply.gateway_code() == "credentials_refused" {
+            local += 1;
         }
     }
     let reached = h.sim_calls("token_exchange").await - calls;
-    assert_eq!(limited, 5, "refused after its own 20 failures");
-    assert_eq!(reached, 20, "refused logins reached Diia");
+    assert_eq!(local, 24, "refused locally after Diia's refusal");
+    assert_eq!(reached, 1, "refused logins reached Diia");
+    // The real credentials still log in (cached now, and never refused).
+    assert!(!h.session_token().await.is_empty());
+}
+
+/// The token exchange needs no authentication: 40 addresses (127.0.1.1 to 127.0.1.40)
+/// send it with made-up acquirer tokens and Basic credentials while a legitimate backend
+/// scans at 30/s with a real session token. Logins whose credentials never worked spend
+/// `limits.unverified` (5/s), never the Diia budget: the scans keep ≥ 95 % 200, and Diia
+/// sees the junk logins at the unverified rate at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_logins_from_forty_addresses_cannot_starve_a_real_token() {
+    let h = Harness::with(
+        |sim| sim.auto_issue = true,
+        |config| {
+            config.limits.diia.per_second = 40.try_into().unwrap();
+            config.limits.diia.burst = 10.try_into().unwrap();
+        },
+    )
+    .await;
+    let token = h.session_token().await;
+    let url = h.url("/api/v1/acquirers/document-identification");
+    let exchanges_before = h.sim_calls("token_exchange").await;
+    let seconds = 4;
+    let started = Instant::now();
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let flooders: Vec<_> = (1..=40u8)
+        .map(|n| {
+            let base = h.url("/api/v1/auth/acquirer");
+            tokio::spawn(async move {
+                let http = client_from([127, 0, 1, n]);
+                let mut i = 0u64;
+                while Instant::now() < stop {
+                    i += 1;
+                    let url = format!("{base}/junk{n}_{i}_{}", fastrand::u32(..));
+                    let basic = format!("Basic {:x}", fastrand::u64(..));
+                    send(
+                        &http,
+                        Method::GET,
+                        &url,
+                        &[("authorization", basic.as_str())],
+                        String::new(),
+                    )
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        })
+        .collect();
+    let legit = client_from([127, 0, 0, 1]);
+    let bearer = format!("Bearer {token}");
+    let mut scans = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(33));
+    let mut n = 0u64;
+    while Instant::now() < stop {
+        tick.tick().await;
+        n += 1;
+        let (http, url, bearer) = (legit.clone(), url.clone(), bearer.clone());
+        scans.push(tokio::spawn(async move {
+            let body = format!(
+                r#"{{"branchId":"kyiv-001","barcode":"{}"}}"#,
+                barcode(800_000_000 + n)
+            );
+            let headers = [
+                ("authorization", bearer.as_str()),
+                ("content-type", "application/json"),
+            ];
+            send(&http, Method::POST, &url, &headers, body).await.status
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
+    for scan in scans {
+        *statuses.entry(scan.await.unwrap().as_u16()).or_default() += 1;
+    }
+    for flooder in flooders {
+        flooder.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs() + 1;
+    let ok = statuses.get(&200).copied().unwrap_or(0);
+    let total = statuses.values().sum::<u64>();
+    let junk = h.sim_calls("token_exchange").await - exchanges_before;
+    println!("junk logins: legit {ok}/{total} 200 ({statuses:?}); junk logins at Diia {junk}");
+    #[allow(clippy::cast_precision_loss)]
+    let ratio = ok as f64 / total as f64;
+    assert!(ratio >= 0.95, "legit 200s {ok}/{total}: {statuses:?}");
+    assert!(
+        junk <= 5 * elapsed + 10,
+        "{junk} junk logins reached Diia in {elapsed} s"
+    );
+}
+
+/// Credentials Diia refused are answered 401 `credentials_refused` by the gateway for
+/// `tokens.refused_ttl`, without a Diia call; the working credentials still log in.
+#[tokio::test]
+async fn refused_credentials_are_answered_locally() {
+    let h = Harness::start().await;
+    let url = h.url(&format!("/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}"));
+    let login = |basic: &str| {
+        let (url, basic) = (url.clone(), basic.to_owned());
+        async move {
+            send(
+                &client(),
+                Method::GET,
+                &url,
+                &[("authorization", basic.as_str())],
+                String::new(),
+            )
+            .await
+        }
+    };
+    let first = login("Basic wrong-credential").await;
+    assert_eq!(first.status, StatusCode::UNAUTHORIZED, "{first:?}");
+    let calls = h.sim_calls("token_exchange").await;
+    let second = login("Basic wrong-credential").await;
+    assert_eq!(second.status, StatusCode::UNAUTHORIZED, "{second:?}");
+    assert_eq!(second.gateway_code(), "credentials_refused");
+    assert_eq!(h.sim_calls("token_exchange").await, calls, "reached Diia");
+    assert!(!h.session_token().await.is_empty());
+}
+
+/// Junk or refused session tokens naming a branch must not spend that branch's budget:
+/// 60 identifications with junk tokens (half of them one token Diia refused) for a victim
+/// branch, then the real token's scan for that branch is still answered 200.
+#[tokio::test]
+async fn junk_tokens_cannot_lock_a_branch_out() {
+    let h = Harness::with(
+        |sim| sim.auto_issue = true,
+        |config| {
+            // The reference config's branch budget.
+            config.limits.branch.per_minute = 120.try_into().unwrap();
+            config.limits.branch.burst = 20.try_into().unwrap();
+        },
+    )
+    .await;
+    let token = h.session_token().await;
+    let url = h.url("/api/v1/acquirers/document-identification");
+    let attacker = client_from([127, 0, 2, 1]);
+    let mut codes = std::collections::BTreeMap::<String, u64>::new();
+    for i in 0..60u64 {
+        let bearer = if i % 2 == 0 {
+            format!("Bearer junk-{i}")
+        } else {
+            "Bearer junk-refused".to_owned()
+        };
+        let body = format!(
+            r#"{{"branchId":"victim-1","barcode":"{}"}}"#,
+            barcode(700_000_000 + i)
+        );
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let reply = send(&attacker, Method::POST, &url, &headers, body).await;
+        *codes
+            .entry(format!("{} {}", reply.status, reply.gateway_code()))
+            .or_default() += 1;
+    }
+    println!("attacker: {codes:?}");
+    assert!(
+        !codes.keys().any(|code| code.starts_with("429")),
+        "junk tokens spent a budget: {codes:?}"
+    );
+    for k in 0..3 {
+        let scan = h.identify(&token, "victim-1", &barcode(800_000 + k)).await;
+        assert_eq!(scan.status, StatusCode::OK, "{scan:?}");
+    }
+}
+
+/// Only refusals (401/403) count against a login: Diia failing (500) is not the
+/// credentials' fault, so once it recovers the real credentials log in.
+#[tokio::test]
+async fn a_failing_diia_does_not_count_as_a_refused_login() {
+    let h = Harness::with(
+        |_| {},
+        |config| {
+            config.limits.login.per_minute = 1.try_into().unwrap();
+            config.limits.login.burst = 2.try_into().unwrap();
+            config.upstream.breaker_failures = 1000;
+        },
+    )
+    .await;
+    h.set_faults(serde_json::json!({"error_rate": 1.0})).await;
+    let url = format!("/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}");
+    let basic = format!("Basic {}", diia_sim::DEMO_AUTH_TOKEN);
+    for _ in 0..4 {
+        let reply = h
+            .send(Method::GET, &url, &[("authorization", basic.as_str())], "")
+            .await;
+        assert_ne!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    h.set_faults(serde_json::json!({})).await;
+    let reply = h
+        .send(Method::GET, &url, &[("authorization", basic.as_str())], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
 }
