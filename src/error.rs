@@ -229,6 +229,7 @@ impl GatewayError {
             "unverified_budget_exhausted" => Self::UnverifiedBudgetExhausted { retry_after },
             "session_token_refused" => Self::SessionTokenRefused,
             "diia_backoff" => Self::DiiaBackoff { retry_after },
+            "sharing_unavailable" => Self::SharingUnavailable { retry_after },
             "diia_circuit_open" => Self::CircuitOpen { retry_after },
             "upstream_auth_failed" => Self::UpstreamAuth,
             _ => Self::UpstreamProtocol,

@@ -59,6 +59,9 @@ const HEAD: usize = 17;
 const MESSAGE_SKEW: u64 = 1_000;
 /// Pause between two lookups of a sharing request while Redis does not answer.
 const SHARING_RETRY: Duration = Duration::from_millis(20);
+/// After a given-up claim's release first reached Redis, how long until it is tried once
+/// more: the lost lookup may have waited on a connection since replaced.
+const ABANDON_AGAIN: Duration = Duration::from_millis(250);
 
 /// The Diia budget's values as the shared GCRA takes them.
 #[derive(Debug, Clone, Copy)]
@@ -238,6 +241,7 @@ impl Name {
 }
 
 /// Names of one key's Redis entries.
+#[derive(Clone, Copy)]
 struct Names {
     result: Name,
     lease: Name,
@@ -719,6 +723,9 @@ impl Scaleout {
         let ours = tag_text(tag);
         let mut call = Some(call);
         let mut waited = Duration::ZERO;
+        // The claim of a lookup that was sent but whose reply never came: Redis may still
+        // run it when it resumes and give that claim the lease.
+        let mut lost: Option<String> = None;
         loop {
             let Some(waiting) = self.link.waiters.register(names.channel.0) else {
                 break;
@@ -740,16 +747,28 @@ impl Scaleout {
                 self.lookup_patiently(&names, &claim, lease, budget, reserve)
                     .await
             } else {
-                self.lookup(&names, &claim, lease, budget, reserve, false)
-                    .await
+                // While Redis counts as down the lookup is not even sent.
+                let sent = self.link.is_up();
+                let found = self
+                    .lookup(&names, &claim, lease, budget, reserve, false)
+                    .await;
+                if found.is_none() && sent {
+                    lost = Some(claim.clone());
+                }
+                found
             };
             let (holder_text, left, clock) = match found {
                 None if shape.sharing => {
                     // Never a second push: unknown fleet state is not "nothing sent".
                     self.metrics.shared_lookup("unavailable");
-                    return Fetched::diia(Err(GatewayError::SharingUnavailable {
+                    let refusal = Err(GatewayError::SharingUnavailable {
                         retry_after: self.probe_interval,
-                    }));
+                    });
+                    // A lost lookup may take the lease when Redis resumes: free it, or
+                    // every retry of this requestId would wait on a leader that never
+                    // calls.
+                    self.abandon(names, claim, &refusal, None, tag, lease);
+                    return Fetched::diia(refusal);
                 }
                 None => break,
                 Some(Found::Hit(value, ttl, clock)) => {
@@ -869,10 +888,89 @@ impl Scaleout {
             }));
         }
         self.metrics.shared_lookup("degraded");
-        match call.take() {
-            Some(call) => Fetched::diia(call(None).await),
-            None => Fetched::diia(Err(GatewayError::Internal)),
+        let Some(call) = call.take() else {
+            return Fetched::diia(Err(GatewayError::Internal));
+        };
+        let result = call(None).await;
+        if let Some(claim) = lost {
+            // The lost lookup may have made this claim the leader when Redis resumed: hand
+            // its waiters this answer (and store it), as a leader would.
+            let ttl = shape.policy.ttl(&result);
+            self.abandon(names, claim, &result, ttl, tag, lease);
         }
+        Fetched::diia(result)
+    }
+
+    /// A claim given up without leading, whose lookup was sent but never answered: when
+    /// Redis resumes it may still run and give the claim the lease, which nobody would then
+    /// free (every later request for the key would wait on a leader that never calls).
+    /// In the background, while the lease is still this claim's: store `result` (when
+    /// `ttl`), free the lease, publish `result` to the waiters. Tried until Redis answers
+    /// (a lookup queued before it on the same connection has then run) and once more
+    /// shortly after (it may have been queued on a connection since replaced), for at most
+    /// the lease's life. A claim that led is never passed here.
+    fn abandon(
+        self: &Arc<Self>,
+        names: Names,
+        claim: String,
+        result: &CallResult,
+        ttl: Option<Duration>,
+        tag: Option<CacheKey>,
+        life: Duration,
+    ) {
+        let Some(message) = self.seal(&names, result, self.redis_now_ms(), ttl, tag) else {
+            return;
+        };
+        let positive = if message.first() == Some(&POSITIVE) {
+            "1"
+        } else {
+            "0"
+        };
+        let (value, ttl_ms) = match ttl {
+            Some(ttl) => (
+                message.clone(),
+                u64::try_from(ttl.as_millis()).unwrap_or(1).max(1),
+            ),
+            None => (Vec::new(), 1),
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let until = Instant::now() + life;
+            let mut pause = SHARING_RETRY;
+            let mut answered = false;
+            loop {
+                let (claim, value, message) = (&claim, value.clone(), message.clone());
+                let done = me
+                    .link
+                    .run_anyway("finish", |mut c| async move {
+                        scripts::ABANDON
+                            .key(names.result.as_bytes())
+                            .key(names.lease.as_bytes())
+                            .arg(claim)
+                            .arg(value)
+                            .arg(ttl_ms)
+                            .arg(positive)
+                            .arg(names.channel.as_bytes())
+                            .arg(message)
+                            .invoke_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await;
+                match done {
+                    Some(1) => return,
+                    Some(_) if answered => return,
+                    Some(_) => {
+                        answered = true;
+                        tokio::time::sleep(ABANDON_AGAIN).await;
+                    }
+                    None if Instant::now() >= until => return,
+                    None => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(me.probe_interval);
+                    }
+                }
+            }
+        });
     }
 
     async fn wait(&self, mut waiting: link::Waiting, cap: Duration) -> Waited {

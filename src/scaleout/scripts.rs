@@ -80,6 +80,10 @@ if v then
 end
 local holder = redis.pcall('GET', KEYS[4])
 if type(holder) == 'table' then holder = '' end
+-- This request's own claim, taken by an earlier lookup of it whose reply was lost (a
+-- stall outlived the command timeout): nothing was sent (a claim sends only after it
+-- leads), so it leads now; the lost lookup already reserved the budget.
+if holder == ARGV[7] then return {{4, 0, now_ms}} end
 if holder then return {{3, holder, redis.call('PTTL', KEYS[4]), now_ms}} end
 local wait = 0
 if tonumber(ARGV[4]) > 0 then
@@ -104,6 +108,26 @@ pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
         "end\n",
         "if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end\n",
         "redis.call('PUBLISH', ARGV[5], ARGV[6])\n",
+        "return 1\n",
+    ))
+});
+
+/// A claim given up without leading (its lookup's reply was lost, yet the lookup may have
+/// run when Redis resumed and taken the lease): only while the lease is still that claim's,
+/// store the answer the request got instead (if any), free the lease and tell the waiters.
+/// Keys: result, lease. Args: holder, value ('' = do not store), ttl ms, positive
+/// ('1'/'0'), channel, message ('' = none). Returns 1 when the claim held the lease.
+pub static ABANDON: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n",
+        "if ARGV[2] ~= '' then\n",
+        "  local cur = redis.pcall('GET', KEYS[1])\n",
+        "  if not (type(cur) == 'string' and string.sub(cur, 1, 1) == 'P' and ARGV[4] == '0') then\n",
+        "    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
+        "  end\n",
+        "end\n",
+        "redis.call('DEL', KEYS[2])\n",
+        "if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end\n",
         "return 1\n",
     ))
 });
