@@ -59,6 +59,9 @@ const HEAD: usize = 17;
 const MESSAGE_SKEW: u64 = 1_000;
 /// Pause between two lookups of a sharing request while Redis does not answer.
 const SHARING_RETRY: Duration = Duration::from_millis(20);
+/// How many values past their sealed expiry one request drops before it counts the next
+/// as unreadable.
+const MAX_DROPS: u32 = 3;
 /// After a given-up claim's release first reached Redis, how long until it is tried once
 /// more: the lost lookup may have waited on a connection since replaced.
 const ABANDON_AGAIN: Duration = Duration::from_millis(250);
@@ -726,6 +729,9 @@ impl Scaleout {
         // The claim of a lookup that was sent but whose reply never came: Redis may still
         // run it when it resumes and give that claim the lease.
         let mut lost: Option<String> = None;
+        // Values past their sealed expiry dropped so far (a writer restoring them again
+        // and again gets no loop: past a few, they count as unreadable).
+        let mut dropped = 0u32;
         loop {
             let Some(waiting) = self.link.waiters.register(names.channel.0) else {
                 break;
@@ -774,6 +780,14 @@ impl Scaleout {
                 Some(Found::Hit(value, ttl, clock)) => {
                     let now = clock.ms;
                     match self.unseal(&names, &value) {
+                        // Opened, and past the expiry sealed with it (replayed with a new
+                        // TTL, or at the end of its life): absent. Dropped if still there,
+                        // then looked up again.
+                        Some(sealed) if sealed.expires_ms <= now && dropped < MAX_DROPS => {
+                            dropped += 1;
+                            self.drop_expired(&names, value).await;
+                            continue;
+                        }
                         // Its sealed expiry, not the TTL Redis reports, bounds its life.
                         Some(sealed) if sealed.expires_ms > now => {
                             if !tags_match(&sealed.tag, &ours) {
@@ -789,8 +803,7 @@ impl Scaleout {
                                 },
                             };
                         }
-                        // Does not open (or, at the very millisecond, just expired: the
-                        // script drops expired values itself): held, never absent.
+                        // Does not open (or expired again and again): held, never absent.
                         Some(_) | None => {
                             self.metrics.shared_lookup("unreadable");
                             match unreadable(&shape, ttl) {
@@ -899,6 +912,20 @@ impl Scaleout {
             self.abandon(names, claim, &result, ttl, tag, lease);
         }
         Fetched::diia(result)
+    }
+
+    /// Drops a value that opened past its sealed expiry, if it is still the stored one.
+    async fn drop_expired(&self, names: &Names, value: Vec<u8>) {
+        let _ = self
+            .link
+            .run("lookup", |mut c| async move {
+                scripts::DROP
+                    .key(names.result.as_bytes())
+                    .arg(value)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
     }
 
     /// A claim given up without leading, whose lookup was sent but never answered: when

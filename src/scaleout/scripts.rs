@@ -62,8 +62,10 @@ pub static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 /// caller leads, budget reserved), or a budget refusal; `now_ms` is Redis's clock.
 ///
 /// A stored value starts with its kind and its absolute expiry (16 digits, ms on Redis's
-/// clock), both sealed with it: a value past that expiry (`DUMP`ed and `RESTORE`d with a
-/// new TTL) is gone, whatever its TTL says. The sealing itself is checked by the instance.
+/// clock), both sealed with it; the script never judges that clear head (a writer could
+/// change its digits and make a value look expired, hence absent): the instance opens the
+/// value, then compares the sealed expiry with `now_ms`, and drops a value past it
+/// ([`DROP`]).
 pub static LOOKUP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"
@@ -71,13 +73,7 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local v = redis.pcall('GET', KEYS[3])
 if type(v) == 'table' then return {{1, '', redis.call('PTTL', KEYS[3]), now_ms}} end
-if v then
-  local expires = tonumber(string.sub(v, 2, 17))
-  if expires == nil or expires > now_ms then
-    return {{1, v, redis.call('PTTL', KEYS[3]), now_ms}}
-  end
-  redis.call('DEL', KEYS[3])
-end
+if v then return {{1, v, redis.call('PTTL', KEYS[3]), now_ms}} end
 local holder = redis.pcall('GET', KEYS[4])
 if type(holder) == 'table' then holder = '' end
 -- This request's own claim, taken by an earlier lookup of it whose reply was lost (a
@@ -108,6 +104,15 @@ pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
         "end\n",
         "if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end\n",
         "redis.call('PUBLISH', ARGV[5], ARGV[6])\n",
+        "return 1\n",
+    ))
+});
+
+/// Drops a stored value that opened and is past its sealed expiry (`DUMP`ed and
+/// `RESTORE`d with a new TTL), only if it is still that value. Keys: result. Args: value.
+pub static DROP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "if redis.pcall('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end\n",
         "return 1\n",
     ))
 });

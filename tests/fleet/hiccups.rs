@@ -29,11 +29,16 @@ fn new_results(before: &[String], after: &[String]) -> Vec<String> {
 
 /// Flips the last byte of a stored value, keeping its TTL (a corrupted or tampered value).
 async fn flip_last_byte(redis: &Redis, key: &str) {
+    rewrite(redis, key, |value| *value.last_mut().unwrap() ^= 0x01).await;
+}
+
+/// Changes a stored value in place, keeping its TTL.
+async fn rewrite(redis: &Redis, key: &str, change: impl FnOnce(&mut Vec<u8>)) {
     let mut c = redis.connection().await;
     let mut value: Vec<u8> = c.get(key).await.unwrap();
     let ttl: i64 = c.pttl(key).await.unwrap();
     assert!(ttl > 1000, "{key} has {ttl} ms left");
-    *value.last_mut().unwrap() ^= 0x01;
+    change(&mut value);
     let _: () = redis::cmd("SET")
         .arg(key)
         .arg(value)
@@ -373,6 +378,48 @@ async fn a_degraded_identification_hands_its_answer_to_the_fleet() {
     assert_eq!(
         sim.state().requests(Endpoint::DocumentIdentification),
         calls + 1,
+        "a second identification call"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_whose_clear_expiry_was_rewritten_is_held_never_absent() {
+    let Some(world) = World::start(|_| {}).await else {
+        return;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways) = (&world.sim, &world.http, &world.gateways);
+    // A writer makes the clear head say "expired in 1970", keeping the TTL.
+    let expired = |value: &mut Vec<u8>| value[1..17].copy_from_slice(b"0000000000000001");
+    let before = world.redis.settled().await;
+    let body = share_body(&fresh_barcode(), "req-head-1");
+    let first = gateways[0].post(http, SHARE, &token, &body).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let after = world.redis.settled().await;
+    let stored = new_results(&before, &after);
+    assert_eq!(stored.len(), 1, "{before:?} {after:?}");
+    rewrite(&world.redis, &stored[0], expired).await;
+    let retry = gateways[1].post(http, SHARE, &token, &body).await;
+    assert_unavailable(&retry);
+    assert_eq!(
+        sim.state().requests(Endpoint::DocumentRequest),
+        1,
+        "a second consent push"
+    );
+    let barcode = fresh_barcode();
+    let before = world.redis.settled().await;
+    let first = gateways[0].identify(http, &token, &barcode).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let after = world.redis.settled().await;
+    let stored = new_results(&before, &after);
+    assert_eq!(stored.len(), 1, "{before:?} {after:?}");
+    rewrite(&world.redis, &stored[0], expired).await;
+    let retry = gateways[2].identify(http, &token, &barcode).await;
+    assert_eq!(retry.status, StatusCode::SERVICE_UNAVAILABLE, "{retry:?}");
+    assert_eq!(retry.gateway_code(), "fleet_answer_unreadable", "{retry:?}");
+    assert_eq!(
+        sim.state().requests(Endpoint::DocumentIdentification),
+        1,
         "a second identification call"
     );
 }
