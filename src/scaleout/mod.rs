@@ -848,7 +848,9 @@ impl Scaleout {
                 }
                 Some(Found::Held(holder_text, left, clock)) => (holder_text, left, clock),
             };
-            if tag_of_holder(&holder_text) != ours.as_slice() {
+            // Only a request with a tag (sharing) compares it: any other waits for the
+            // leader, whatever a Redis writer put in the holder text.
+            if tag.is_some() && tag_of_holder(&holder_text) != ours.as_slice() {
                 return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
             }
             self.metrics.shared_lookup("remote_wait");
@@ -857,7 +859,8 @@ impl Scaleout {
             let cap = if shape.sharing {
                 shape.longest_call.saturating_sub(waited)
             } else {
-                left + Duration::from_millis(5)
+                // Never a hot loop on a lease at its last millisecond.
+                left.max(SHARING_RETRY) + Duration::from_millis(5)
             };
             let started = tokio::time::Instant::now();
             match self.wait(waiting, cap).await {

@@ -57,6 +57,7 @@ pub static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 /// [`BUDGET_LUA`]), result, lease. Args: the six budget args, lease holder, lease ms. A
 /// weight of 0 takes the lease without the budget (the caller reserves it later, after its
 /// client's share of the budget allows).
+/// A lease without a TTL, of another type, or living longer than `ARGV[8]` is replaced.
 /// Returns `{1, value, pttl_ms, now_ms}` (stored answer; an empty value when the key holds
 /// no string), `{3, holder, pttl_ms, now_ms}` (another leader), `{4, wait_us, now_ms}` (this
 /// caller leads, budget reserved), or a budget refusal; `now_ms` is Redis's clock.
@@ -74,8 +75,20 @@ local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local v = redis.pcall('GET', KEYS[3])
 if type(v) == 'table' then return {{1, '', redis.call('PTTL', KEYS[3]), now_ms}} end
 if v then return {{1, v, redis.call('PTTL', KEYS[3]), now_ms}} end
+-- A lease no instance could have written (another type, no TTL, or a TTL longer than this
+-- key's lease) is a Redis writer's: replaced, so it holds the key for no longer than a
+-- lease instances write would.
 local holder = redis.pcall('GET', KEYS[4])
-if type(holder) == 'table' then holder = '' end
+if type(holder) == 'table' then
+  redis.call('DEL', KEYS[4])
+  holder = false
+elseif holder then
+  local life = redis.call('PTTL', KEYS[4])
+  if life < 0 or life > tonumber(ARGV[8]) then
+    redis.call('DEL', KEYS[4])
+    holder = false
+  end
+end
 -- This request's own claim, taken by an earlier lookup of it whose reply was lost (a
 -- stall outlived the command timeout): nothing was sent (a claim sends only after it
 -- leads), so it leads now; the lost lookup already reserved the budget.
