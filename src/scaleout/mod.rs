@@ -14,7 +14,7 @@
 //! to `scaleout.sharing_wait`, then answers `503 sharing_unavailable` unless its near
 //! cache holds the outcome. A lookup whose reply a stall outlived may still run and take the
 //! lease: the same claim's next lookup leads, and a claim given up without leading frees
-//! the lease behind it ([`Scaleout::abandon`]), so no lease is left that nobody owns.
+//! the lease behind it (`Scaleout::abandon`), so no lease is left that nobody owns.
 //!
 //! Keys are MACs under the fleet secret and values are sealed with it ([`secret`]): Redis
 //! never holds a barcode, requestId or token in clear. What Redis hands back is bounded,
