@@ -234,6 +234,7 @@ impl GatewayError {
             "session_token_refused" => Self::SessionTokenRefused,
             "credentials_refused" => Self::CredentialsRefused,
             "diia_backoff" => Self::DiiaBackoff { retry_after },
+            "sharing_unavailable" => Self::SharingUnavailable { retry_after },
             "diia_circuit_open" => Self::CircuitOpen { retry_after },
             "upstream_auth_failed" => Self::UpstreamAuth,
             _ => Self::UpstreamProtocol,

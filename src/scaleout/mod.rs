@@ -12,7 +12,9 @@
 //! outranks "degraded, never failed": on fleet state it cannot read (Redis stalled or down,
 //! a value that does not open) an instance never sends one; it retries the lookup for up
 //! to `scaleout.sharing_wait`, then answers `503 sharing_unavailable` unless its near
-//! cache holds the outcome.
+//! cache holds the outcome. A lookup whose reply a stall outlived may still run and take the
+//! lease: the same claim's next lookup leads, and a claim given up without leading frees
+//! the lease behind it (`Scaleout::abandon`), so no lease is left that nobody owns.
 //!
 //! Keys are MACs under the fleet secret and values are sealed with it ([`secret`]): Redis
 //! never holds a barcode, requestId or token in clear. What Redis hands back is bounded,
@@ -59,6 +61,12 @@ const HEAD: usize = 17;
 const MESSAGE_SKEW: u64 = 1_000;
 /// Pause between two lookups of a sharing request while Redis does not answer.
 const SHARING_RETRY: Duration = Duration::from_millis(20);
+/// How many values past their sealed expiry one request drops before it counts the next
+/// as unreadable.
+const MAX_DROPS: u32 = 3;
+/// After a given-up claim's release first reached Redis, how long until it is tried once
+/// more: the lost lookup may have waited on a connection since replaced.
+const ABANDON_AGAIN: Duration = Duration::from_millis(250);
 
 /// The Diia budget's values as the shared GCRA takes them.
 #[derive(Debug, Clone, Copy)]
@@ -238,6 +246,7 @@ impl Name {
 }
 
 /// Names of one key's Redis entries.
+#[derive(Clone, Copy)]
 struct Names {
     result: Name,
     lease: Name,
@@ -719,6 +728,12 @@ impl Scaleout {
         let ours = tag_text(tag);
         let mut call = Some(call);
         let mut waited = Duration::ZERO;
+        // The claim of a lookup that was sent but whose reply never came: Redis may still
+        // run it when it resumes and give that claim the lease.
+        let mut lost: Option<String> = None;
+        // Values past their sealed expiry dropped so far (a writer restoring them again
+        // and again gets no loop: past a few, they count as unreadable).
+        let mut dropped = 0u32;
         loop {
             let Some(waiting) = self.link.waiters.register(names.channel.0) else {
                 break;
@@ -740,21 +755,41 @@ impl Scaleout {
                 self.lookup_patiently(&names, &claim, lease, budget, reserve)
                     .await
             } else {
-                self.lookup(&names, &claim, lease, budget, reserve, false)
-                    .await
+                // While Redis counts as down the lookup is not even sent.
+                let sent = self.link.is_up();
+                let found = self
+                    .lookup(&names, &claim, lease, budget, reserve, false)
+                    .await;
+                if found.is_none() && sent {
+                    lost = Some(claim.clone());
+                }
+                found
             };
             let (holder_text, left, clock) = match found {
                 None if shape.sharing => {
                     // Never a second push: unknown fleet state is not "nothing sent".
                     self.metrics.shared_lookup("unavailable");
-                    return Fetched::diia(Err(GatewayError::SharingUnavailable {
+                    let refusal = Err(GatewayError::SharingUnavailable {
                         retry_after: self.probe_interval,
-                    }));
+                    });
+                    // A lost lookup may take the lease when Redis resumes: free it, or
+                    // every retry of this requestId would wait on a leader that never
+                    // calls.
+                    self.abandon(names, claim, &refusal, None, tag, lease);
+                    return Fetched::diia(refusal);
                 }
                 None => break,
                 Some(Found::Hit(value, ttl, clock)) => {
                     let now = clock.ms;
                     match self.unseal(&names, &value) {
+                        // Opened, and past the expiry sealed with it (replayed with a new
+                        // TTL, or at the end of its life): absent. Dropped if still there,
+                        // then looked up again.
+                        Some(sealed) if sealed.expires_ms <= now && dropped < MAX_DROPS => {
+                            dropped += 1;
+                            self.drop_expired(&names, value).await;
+                            continue;
+                        }
                         // Its sealed expiry, not the TTL Redis reports, bounds its life.
                         Some(sealed) if sealed.expires_ms > now => {
                             if !tags_match(&sealed.tag, &ours) {
@@ -770,8 +805,7 @@ impl Scaleout {
                                 },
                             };
                         }
-                        // Does not open (or, at the very millisecond, just expired: the
-                        // script drops expired values itself): held, never absent.
+                        // Does not open (or expired again and again): held, never absent.
                         Some(_) | None => {
                             self.metrics.shared_lookup("unreadable");
                             match unreadable(&shape, ttl) {
@@ -816,7 +850,9 @@ impl Scaleout {
                 }
                 Some(Found::Held(holder_text, left, clock)) => (holder_text, left, clock),
             };
-            if tag_of_holder(&holder_text) != ours.as_slice() {
+            // Only a request with a tag (sharing) compares it: any other waits for the
+            // leader, whatever a Redis writer put in the holder text.
+            if tag.is_some() && tag_of_holder(&holder_text) != ours.as_slice() {
                 return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
             }
             self.metrics.shared_lookup("remote_wait");
@@ -825,7 +861,8 @@ impl Scaleout {
             let cap = if shape.sharing {
                 shape.longest_call.saturating_sub(waited)
             } else {
-                left + Duration::from_millis(5)
+                // Never a hot loop on a lease at its last millisecond.
+                left.max(SHARING_RETRY) + Duration::from_millis(5)
             };
             let started = tokio::time::Instant::now();
             match self.wait(waiting, cap).await {
@@ -869,10 +906,103 @@ impl Scaleout {
             }));
         }
         self.metrics.shared_lookup("degraded");
-        match call.take() {
-            Some(call) => Fetched::diia(call(None).await),
-            None => Fetched::diia(Err(GatewayError::Internal)),
+        let Some(call) = call.take() else {
+            return Fetched::diia(Err(GatewayError::Internal));
+        };
+        let result = call(None).await;
+        if let Some(claim) = lost {
+            // The lost lookup may have made this claim the leader when Redis resumed: hand
+            // its waiters this answer (and store it), as a leader would.
+            let ttl = shape.policy.ttl(&result);
+            self.abandon(names, claim, &result, ttl, tag, lease);
         }
+        Fetched::diia(result)
+    }
+
+    /// Drops a value that opened past its sealed expiry, if it is still the stored one.
+    async fn drop_expired(&self, names: &Names, value: Vec<u8>) {
+        let _ = self
+            .link
+            .run("lookup", |mut c| async move {
+                scripts::DROP
+                    .key(names.result.as_bytes())
+                    .arg(value)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// A claim given up without leading, whose lookup was sent but never answered: when
+    /// Redis resumes it may still run and give the claim the lease, which nobody would then
+    /// free (every later request for the key would wait on a leader that never calls).
+    /// In the background, while the lease is still this claim's: store `result` (when
+    /// `ttl`), free the lease, publish `result` to the waiters. Tried until Redis answers
+    /// (a lookup queued before it on the same connection has then run) and once more
+    /// shortly after (it may have been queued on a connection since replaced), for at most
+    /// the lease's life. A claim that led is never passed here.
+    fn abandon(
+        self: &Arc<Self>,
+        names: Names,
+        claim: String,
+        result: &CallResult,
+        ttl: Option<Duration>,
+        tag: Option<CacheKey>,
+        life: Duration,
+    ) {
+        let Some(message) = self.seal(&names, result, self.redis_now_ms(), ttl, tag) else {
+            return;
+        };
+        let positive = if message.first() == Some(&POSITIVE) {
+            "1"
+        } else {
+            "0"
+        };
+        let (value, ttl_ms) = match ttl {
+            Some(ttl) => (
+                message.clone(),
+                u64::try_from(ttl.as_millis()).unwrap_or(1).max(1),
+            ),
+            None => (Vec::new(), 1),
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let until = Instant::now() + life;
+            let mut pause = SHARING_RETRY;
+            let mut answered = false;
+            loop {
+                let (claim, value, message) = (&claim, value.clone(), message.clone());
+                let done = me
+                    .link
+                    .run_anyway("finish", |mut c| async move {
+                        scripts::ABANDON
+                            .key(names.result.as_bytes())
+                            .key(names.lease.as_bytes())
+                            .arg(claim)
+                            .arg(value)
+                            .arg(ttl_ms)
+                            .arg(positive)
+                            .arg(names.channel.as_bytes())
+                            .arg(message)
+                            .invoke_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await;
+                match done {
+                    Some(1) => return,
+                    Some(_) if answered => return,
+                    Some(_) => {
+                        answered = true;
+                        tokio::time::sleep(ABANDON_AGAIN).await;
+                    }
+                    None if Instant::now() >= until => return,
+                    None => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(me.probe_interval);
+                    }
+                }
+            }
+        });
     }
 
     async fn wait(&self, mut waiting: link::Waiting, cap: Duration) -> Waited {

@@ -57,13 +57,16 @@ pub static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 /// [`BUDGET_LUA`]), result, lease. Args: the six budget args, lease holder, lease ms. A
 /// weight of 0 takes the lease without the budget (the caller reserves it later, after its
 /// client's share of the budget allows).
+/// A lease without a TTL, of another type, or living longer than `ARGV[8]` is replaced.
 /// Returns `{1, value, pttl_ms, now_ms}` (stored answer; an empty value when the key holds
 /// no string), `{3, holder, pttl_ms, now_ms}` (another leader), `{4, wait_us, now_ms}` (this
 /// caller leads, budget reserved), or a budget refusal; `now_ms` is Redis's clock.
 ///
 /// A stored value starts with its kind and its absolute expiry (16 digits, ms on Redis's
-/// clock), both sealed with it: a value past that expiry (`DUMP`ed and `RESTORE`d with a
-/// new TTL) is gone, whatever its TTL says. The sealing itself is checked by the instance.
+/// clock), both sealed with it; the script never judges that clear head (a writer could
+/// change its digits and make a value look expired, hence absent): the instance opens the
+/// value, then compares the sealed expiry with `now_ms`, and drops a value past it
+/// ([`DROP`]).
 pub static LOOKUP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"
@@ -71,15 +74,25 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local v = redis.pcall('GET', KEYS[3])
 if type(v) == 'table' then return {{1, '', redis.call('PTTL', KEYS[3]), now_ms}} end
-if v then
-  local expires = tonumber(string.sub(v, 2, 17))
-  if expires == nil or expires > now_ms then
-    return {{1, v, redis.call('PTTL', KEYS[3]), now_ms}}
-  end
-  redis.call('DEL', KEYS[3])
-end
+if v then return {{1, v, redis.call('PTTL', KEYS[3]), now_ms}} end
+-- A lease no instance could have written (another type, no TTL, or a TTL longer than this
+-- key's lease) is a Redis writer's: replaced, so it holds the key for no longer than a
+-- lease instances write would.
 local holder = redis.pcall('GET', KEYS[4])
-if type(holder) == 'table' then holder = '' end
+if type(holder) == 'table' then
+  redis.call('DEL', KEYS[4])
+  holder = false
+elseif holder then
+  local life = redis.call('PTTL', KEYS[4])
+  if life < 0 or life > tonumber(ARGV[8]) then
+    redis.call('DEL', KEYS[4])
+    holder = false
+  end
+end
+-- This request's own claim, taken by an earlier lookup of it whose reply was lost (a
+-- stall outlived the command timeout): nothing was sent (a claim sends only after it
+-- leads), so it leads now; the lost lookup already reserved the budget.
+if holder == ARGV[7] then return {{4, 0, now_ms}} end
 if holder then return {{3, holder, redis.call('PTTL', KEYS[4]), now_ms}} end
 local wait = 0
 if tonumber(ARGV[4]) > 0 then
@@ -104,6 +117,35 @@ pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
         "end\n",
         "if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end\n",
         "redis.call('PUBLISH', ARGV[5], ARGV[6])\n",
+        "return 1\n",
+    ))
+});
+
+/// Drops a stored value that opened and is past its sealed expiry (`DUMP`ed and
+/// `RESTORE`d with a new TTL), only if it is still that value. Keys: result. Args: value.
+pub static DROP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "if redis.pcall('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end\n",
+        "return 1\n",
+    ))
+});
+
+/// A claim given up without leading (its lookup's reply was lost, yet the lookup may have
+/// run when Redis resumed and taken the lease): only while the lease is still that claim's,
+/// store the answer the request got instead (if any), free the lease and tell the waiters.
+/// Keys: result, lease. Args: holder, value ('' = do not store), ttl ms, positive
+/// ('1'/'0'), channel, message ('' = none). Returns 1 when the claim held the lease.
+pub static ABANDON: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n",
+        "if ARGV[2] ~= '' then\n",
+        "  local cur = redis.pcall('GET', KEYS[1])\n",
+        "  if not (type(cur) == 'string' and string.sub(cur, 1, 1) == 'P' and ARGV[4] == '0') then\n",
+        "    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
+        "  end\n",
+        "end\n",
+        "redis.call('DEL', KEYS[2])\n",
+        "if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end\n",
         "return 1\n",
     ))
 });

@@ -29,11 +29,16 @@ fn new_results(before: &[String], after: &[String]) -> Vec<String> {
 
 /// Flips the last byte of a stored value, keeping its TTL (a corrupted or tampered value).
 async fn flip_last_byte(redis: &Redis, key: &str) {
+    rewrite(redis, key, |value| *value.last_mut().unwrap() ^= 0x01).await;
+}
+
+/// Changes a stored value in place, keeping its TTL.
+async fn rewrite(redis: &Redis, key: &str, change: impl FnOnce(&mut Vec<u8>)) {
     let mut c = redis.connection().await;
     let mut value: Vec<u8> = c.get(key).await.unwrap();
     let ttl: i64 = c.pttl(key).await.unwrap();
     assert!(ttl > 1000, "{key} has {ttl} ms left");
-    *value.last_mut().unwrap() ^= 0x01;
+    change(&mut value);
     let _: () = redis::cmd("SET")
         .arg(key)
         .arg(value)
@@ -230,4 +235,191 @@ async fn a_remote_hit_is_replayed_only_to_its_own_request_id() {
         .await;
     assert_eq!(other.status, StatusCode::CONFLICT, "{other:?}");
     assert_eq!(sim.state().requests(Endpoint::DocumentRequest), 1);
+}
+
+/// One POST in the background (the request is in flight while Redis is stopped).
+fn spawn_post(
+    world: &World,
+    gateway: usize,
+    path: &'static str,
+    token: &str,
+    body: String,
+) -> tokio::task::JoinHandle<Reply> {
+    let (http, url) = (world.http.clone(), world.gateways[gateway].url(path));
+    let bearer = format!("Bearer {token}");
+    tokio::spawn(async move {
+        crate::it_support::send(
+            &http,
+            http::Method::POST,
+            &url,
+            &[
+                ("authorization", bearer.as_str()),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+    })
+}
+
+/// Longer than the fleet tests' `command_timeout` (250 ms), shorter than `sharing_wait`.
+const STALL: Duration = Duration::from_millis(400);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_during_a_fresh_share_leaves_no_lease_nobody_owns() {
+    // The lookup's own retry finds the lease its lost first try took: it leads.
+    fresh_share_through_a_stall(STALL).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_refused_in_a_stall_frees_the_lease_its_lost_lookup_took() {
+    // Longer than `sharing_wait` (500 ms): refused, and the lease freed behind it.
+    fresh_share_through_a_stall(Duration::from_millis(900)).await;
+}
+
+/// A fresh share via A while Redis stalls for `stall`: either A's 200 with one push, or
+/// A's 503 and then the retry's 200 with one push; never a 504, never two pushes.
+async fn fresh_share_through_a_stall(stall: Duration) {
+    let Some(world) = World::start(|_| {}).await else {
+        return;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways) = (&world.sim, &world.http, &world.gateways);
+    for gateway in gateways {
+        let warm = gateway.identify(http, &token, &fresh_barcode()).await;
+        assert_eq!(warm.status, StatusCode::OK, "{warm:?}");
+    }
+    world.redis.settled().await;
+    let body = share_body(&fresh_barcode(), "req-fresh-1");
+    // The lookup is sent while Redis is stopped, times out here, and still runs (taking
+    // the lease) when Redis resumes.
+    world.redis.stop();
+    let first = spawn_post(&world, 0, SHARE, &token, body.clone());
+    tokio::time::sleep(stall).await;
+    world.redis.resume();
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_ne!(first.status, StatusCode::GATEWAY_TIMEOUT, "{first:?}");
+    let pushed = if first.status == StatusCode::OK {
+        first.body.clone()
+    } else {
+        // Refused on fleet state it could not read: the same requestId, through either
+        // instance, is then sent (once).
+        assert_unavailable(&first);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut turn = 0;
+        loop {
+            let retry = gateways[turn % 2].post(http, SHARE, &token, &body).await;
+            turn += 1;
+            if retry.status == StatusCode::OK {
+                break retry.body;
+            }
+            assert_unavailable(&retry);
+            assert!(Instant::now() < deadline, "never sent: {retry:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(sim.state().requests(Endpoint::DocumentRequest), 1);
+    for gateway in &gateways[..2] {
+        let replay = gateway.post(http, SHARE, &token, &body).await;
+        assert_eq!(replay.status, StatusCode::OK, "{replay:?}");
+        assert_eq!(replay.body, pushed);
+    }
+    assert_eq!(
+        sim.state().requests(Endpoint::DocumentRequest),
+        1,
+        "a second consent push"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_identification_hands_its_answer_to_the_fleet() {
+    let Some(world) = World::start(|_| {}).await else {
+        return;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways) = (&world.sim, &world.http, &world.gateways);
+    for gateway in gateways {
+        let warm = gateway.identify(http, &token, &fresh_barcode()).await;
+        assert_eq!(warm.status, StatusCode::OK, "{warm:?}");
+    }
+    world.redis.settled().await;
+    let calls = sim.state().requests(Endpoint::DocumentIdentification);
+    let barcode = fresh_barcode();
+    let body = format!(r#"{{"branchId":"kyiv-001","barcode":"{barcode}"}}"#);
+    world.redis.stop();
+    let first = spawn_post(
+        &world,
+        0,
+        "/api/v1/acquirers/document-identification",
+        &token,
+        body,
+    );
+    tokio::time::sleep(STALL).await;
+    world.redis.resume();
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("answered")
+        .unwrap();
+    // Degraded, never failed.
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The healthy instances serve A's answer: none waits on a lease nobody frees, none
+    // calls Diia again with the single-use barcode.
+    for gateway in &gateways[1..] {
+        let started = Instant::now();
+        let again = gateway.identify(http, &token, &barcode).await;
+        assert_eq!(again.status, StatusCode::OK, "{again:?}");
+        assert_eq!(again.body, first.body);
+        assert!(started.elapsed() < Duration::from_secs(2), "{again:?}");
+    }
+    assert_eq!(
+        sim.state().requests(Endpoint::DocumentIdentification),
+        calls + 1,
+        "a second identification call"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_whose_clear_expiry_was_rewritten_is_held_never_absent() {
+    let Some(world) = World::start(|_| {}).await else {
+        return;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways) = (&world.sim, &world.http, &world.gateways);
+    // A writer makes the clear head say "expired in 1970", keeping the TTL.
+    let expired = |value: &mut Vec<u8>| value[1..17].copy_from_slice(b"0000000000000001");
+    let before = world.redis.settled().await;
+    let body = share_body(&fresh_barcode(), "req-head-1");
+    let first = gateways[0].post(http, SHARE, &token, &body).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let after = world.redis.settled().await;
+    let stored = new_results(&before, &after);
+    assert_eq!(stored.len(), 1, "{before:?} {after:?}");
+    rewrite(&world.redis, &stored[0], expired).await;
+    let retry = gateways[1].post(http, SHARE, &token, &body).await;
+    assert_unavailable(&retry);
+    assert_eq!(
+        sim.state().requests(Endpoint::DocumentRequest),
+        1,
+        "a second consent push"
+    );
+    let barcode = fresh_barcode();
+    let before = world.redis.settled().await;
+    let first = gateways[0].identify(http, &token, &barcode).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let after = world.redis.settled().await;
+    let stored = new_results(&before, &after);
+    assert_eq!(stored.len(), 1, "{before:?} {after:?}");
+    rewrite(&world.redis, &stored[0], expired).await;
+    let retry = gateways[2].identify(http, &token, &barcode).await;
+    assert_eq!(retry.status, StatusCode::SERVICE_UNAVAILABLE, "{retry:?}");
+    assert_eq!(retry.gateway_code(), "fleet_answer_unreadable", "{retry:?}");
+    assert_eq!(
+        sim.state().requests(Endpoint::DocumentIdentification),
+        1,
+        "a second identification call"
+    );
 }

@@ -190,3 +190,68 @@ async fn fake_fleet_members_do_not_divide_local_limits() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_no_instance_could_have_written_denies_nothing() {
+    let Some(world) = World::start(|_| {}).await else {
+        return;
+    };
+    let token = world.token().await;
+    let (sim, http, gateways, redis) = (&world.sim, &world.http, &world.gateways, &world.redis);
+    let mut c = redis.connection().await;
+    // junk without a TTL; the holder text of an untagged request without a TTL; another
+    // type; junk for longer than any lease; junk for a second (a lease's life at most).
+    let writes: [(&str, &[&str]); 5] = [
+        ("SET", &["junk"]),
+        ("SET", &["-:0"]),
+        ("LPUSH", &["junk"]),
+        ("SET", &["junk", "PX", "86400000"]),
+        ("SET", &["junk", "PX", "1000"]),
+    ];
+    for (command, args) in writes {
+        // The barcode's answer is stored; its lease key has the same name but for the kind.
+        let barcode = fresh_barcode();
+        let before = redis.settled().await;
+        let first = gateways[0].identify(http, &token, &barcode).await;
+        assert_eq!(first.status, StatusCode::OK, "{first:?}");
+        let after = redis.settled().await;
+        let stored: Vec<&String> = after
+            .iter()
+            .filter(|k| k.starts_with("{dg}:r:") && !before.contains(k))
+            .collect();
+        assert_eq!(stored.len(), 1, "{before:?} {after:?}");
+        let lease = stored[0].replacen("{dg}:r:", "{dg}:l:", 1);
+        let _: () = c.del(stored[0]).await.unwrap();
+        let _: () = redis::cmd(command)
+            .arg(&lease)
+            .arg(args)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let calls = sim.state().requests(Endpoint::DocumentIdentification);
+        let started = Instant::now();
+        let again = gateways[1].identify(http, &token, &barcode).await;
+        let took = started.elapsed();
+        // Led (Diia asked again: the writer deleted the answer), neither refused as
+        // another request's share nor timed out.
+        assert_ne!(
+            again.status,
+            StatusCode::CONFLICT,
+            "{command} {args:?}: {again:?}"
+        );
+        assert_ne!(
+            again.status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "{command} {args:?}: {again:?}"
+        );
+        assert_eq!(
+            sim.state().requests(Endpoint::DocumentIdentification),
+            calls + 1,
+            "{command} {args:?}: {again:?}"
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "{command} {args:?}: {took:?}"
+        );
+    }
+}
