@@ -104,20 +104,27 @@ return {{4, wait, now_ms}}
     ))
 });
 
+/// Stores `ARGV[2]` (unless empty) under `KEYS[1]` for `ARGV[3]` ms, except over a stored
+/// positive answer when this one is negative (`ARGV[4]` '0'): shared by [`FINISH`] and
+/// [`ABANDON`] (same argument positions in both).
+const STORE_LUA: &str = r"
+if ARGV[2] ~= '' then
+  local cur = redis.pcall('GET', KEYS[1])
+  if not (type(cur) == 'string' and string.sub(cur, 1, 1) == 'P' and ARGV[4] == '0') then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  end
+end
+";
+
 /// The leader's write-back. Keys: result, lease. Args: holder, value ('' = do not store),
 /// ttl ms, positive ('1'/'0'), channel, message. A stored positive answer is never
 /// replaced by a negative one; the lease is released only if still ours.
 pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        "if ARGV[2] ~= '' then\n",
-        "  local cur = redis.pcall('GET', KEYS[1])\n",
-        "  if not (type(cur) == 'string' and string.sub(cur, 1, 1) == 'P' and ARGV[4] == '0') then\n",
-        "    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
-        "  end\n",
-        "end\n",
-        "if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end\n",
-        "redis.call('PUBLISH', ARGV[5], ARGV[6])\n",
-        "return 1\n",
+    Script::new(&format!(
+        "{STORE_LUA}\n\
+         if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end\n\
+         redis.call('PUBLISH', ARGV[5], ARGV[6])\n\
+         return 1\n"
     ))
 });
 
@@ -136,17 +143,12 @@ pub static DROP: LazyLock<Script> = LazyLock::new(|| {
 /// Keys: result, lease. Args: holder, value ('' = do not store), ttl ms, positive
 /// ('1'/'0'), channel, message ('' = none). Returns 1 when the claim held the lease.
 pub static ABANDON: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        "if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n",
-        "if ARGV[2] ~= '' then\n",
-        "  local cur = redis.pcall('GET', KEYS[1])\n",
-        "  if not (type(cur) == 'string' and string.sub(cur, 1, 1) == 'P' and ARGV[4] == '0') then\n",
-        "    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n",
-        "  end\n",
-        "end\n",
-        "redis.call('DEL', KEYS[2])\n",
-        "if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end\n",
-        "return 1\n",
+    Script::new(&format!(
+        "if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n\
+         {STORE_LUA}\n\
+         redis.call('DEL', KEYS[2])\n\
+         if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end\n\
+         return 1\n"
     ))
 });
 
