@@ -70,38 +70,8 @@ async fn junk_tokens_from_forty_addresses_cannot_starve_a_real_token() {
             })
         })
         .collect();
-    // The legitimate backend: one scan every 33 ms, each on its own task so that a slow
-    // answer does not slow the rate.
-    let legit = client_from([127, 0, 0, 1]);
-    let bearer = format!("Bearer {token}");
-    let mut scans = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(33));
-    let mut n = 0u64;
-    while Instant::now() < stop {
-        tick.tick().await;
-        n += 1;
-        let (http, url, bearer) = (legit.clone(), url.clone(), bearer.clone());
-        scans.push(tokio::spawn(async move {
-            let body = format!(
-                r#"{{"branchId":"kyiv-001","barcode":"{}"}}"#,
-                barcode(900_000_000 + n)
-            );
-            let headers = [
-                ("authorization", bearer.as_str()),
-                ("content-type", "application/json"),
-            ];
-            send(&http, Method::POST, &url, &headers, body).await.status
-        }));
-    }
-    let mut ok = 0u64;
-    let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
-    for scan in scans {
-        let status = scan.await.unwrap();
-        *statuses.entry(status.as_u16()).or_default() += 1;
-        if status == StatusCode::OK {
-            ok += 1;
-        }
-    }
+    let statuses = legitimate_scans(&h, &token, stop, 900_000_000).await;
+    let ok = statuses.get(&200).copied().unwrap_or(0);
     for flooder in flooders {
         flooder.await.unwrap();
     }
@@ -274,7 +244,6 @@ async fn junk_logins_from_forty_addresses_cannot_starve_a_real_token() {
     )
     .await;
     let token = h.session_token().await;
-    let url = h.url("/api/v1/acquirers/document-identification");
     let exchanges_before = h.sim_calls("token_exchange").await;
     let seconds = 4;
     let started = Instant::now();
@@ -302,31 +271,7 @@ async fn junk_logins_from_forty_addresses_cannot_starve_a_real_token() {
             })
         })
         .collect();
-    let legit = client_from([127, 0, 0, 1]);
-    let bearer = format!("Bearer {token}");
-    let mut scans = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(33));
-    let mut n = 0u64;
-    while Instant::now() < stop {
-        tick.tick().await;
-        n += 1;
-        let (http, url, bearer) = (legit.clone(), url.clone(), bearer.clone());
-        scans.push(tokio::spawn(async move {
-            let body = format!(
-                r#"{{"branchId":"kyiv-001","barcode":"{}"}}"#,
-                barcode(800_000_000 + n)
-            );
-            let headers = [
-                ("authorization", bearer.as_str()),
-                ("content-type", "application/json"),
-            ];
-            send(&http, Method::POST, &url, &headers, body).await.status
-        }));
-    }
-    let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
-    for scan in scans {
-        *statuses.entry(scan.await.unwrap().as_u16()).or_default() += 1;
-    }
+    let statuses = legitimate_scans(&h, &token, stop, 800_000_000).await;
     for flooder in flooders {
         flooder.await.unwrap();
     }
@@ -448,4 +393,44 @@ async fn a_failing_diia_does_not_count_as_a_refused_login() {
         .send(Method::GET, &url, &[("authorization", basic.as_str())], "")
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+}
+
+/// The legitimate backend of the flood tests: one scan of a fresh barcode (numbered from
+/// `first`) every 33 ms from 127.0.0.1 until `stop`, each on its own task so that a slow
+/// answer does not slow the rate. Returns the count of each status.
+async fn legitimate_scans(
+    h: &Harness,
+    token: &str,
+    stop: Instant,
+    first: u64,
+) -> std::collections::BTreeMap<u16, u64> {
+    let (legit, url) = (
+        client_from([127, 0, 0, 1]),
+        h.url("/api/v1/acquirers/document-identification"),
+    );
+    let bearer = format!("Bearer {token}");
+    let mut scans = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(33));
+    let mut n = 0u64;
+    while Instant::now() < stop {
+        tick.tick().await;
+        n += 1;
+        let (http, url, bearer) = (legit.clone(), url.clone(), bearer.clone());
+        scans.push(tokio::spawn(async move {
+            let body = format!(
+                r#"{{"branchId":"kyiv-001","barcode":"{}"}}"#,
+                barcode(first + n)
+            );
+            let headers = [
+                ("authorization", bearer.as_str()),
+                ("content-type", "application/json"),
+            ];
+            send(&http, Method::POST, &url, &headers, body).await.status
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for scan in scans {
+        *statuses.entry(scan.await.unwrap().as_u16()).or_default() += 1;
+    }
+    statuses
 }
