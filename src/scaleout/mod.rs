@@ -245,6 +245,17 @@ impl Name {
     }
 }
 
+/// A sealed answer as the write-back scripts take it.
+struct Stored {
+    /// What to store (empty: not kept).
+    value: Vec<u8>,
+    ttl_ms: u64,
+    /// `"1"` for a positive answer (a negative one never replaces it).
+    positive: &'static str,
+    /// What the waiters are told.
+    message: Vec<u8>,
+}
+
 /// Names of one key's Redis entries.
 #[derive(Clone, Copy)]
 struct Names {
@@ -661,39 +672,13 @@ impl Scaleout {
     /// ours to free), within the write's patience.
     async fn finish(&self, names: Names, result: CallResult, write: WriteBack) {
         let stamp = write.clock.now_ms();
-        let Some(message) = self.seal(&names, &result, stamp, write.ttl, write.tag) else {
+        let Some(stored) = self.stored(&names, &result, stamp, write.ttl, write.tag) else {
             return;
-        };
-        let positive = if message.first() == Some(&POSITIVE) {
-            "1"
-        } else {
-            "0"
-        };
-        let (value, ttl_ms) = match write.ttl {
-            Some(ttl) => (
-                message.clone(),
-                u64::try_from(ttl.as_millis()).unwrap_or(1).max(1),
-            ),
-            None => (Vec::new(), 1),
         };
         let until = Instant::now() + write.patience;
         loop {
-            let (holder, value, message) = (&write.holder, value.clone(), message.clone());
             let done = self
-                .link
-                .run_anyway("finish", |mut c| async move {
-                    scripts::FINISH
-                        .key(names.result.as_bytes())
-                        .key(names.lease.as_bytes())
-                        .arg(holder)
-                        .arg(value)
-                        .arg(ttl_ms)
-                        .arg(positive)
-                        .arg(names.channel.as_bytes())
-                        .arg(message)
-                        .invoke_async::<i64>(&mut c)
-                        .await
-                })
+                .write(&scripts::FINISH, names, &write.holder, &stored)
                 .await;
             let left = until.saturating_duration_since(Instant::now());
             if done.is_some() || left.is_zero() {
@@ -950,20 +935,8 @@ impl Scaleout {
         tag: Option<CacheKey>,
         life: Duration,
     ) {
-        let Some(message) = self.seal(&names, result, self.redis_now_ms(), ttl, tag) else {
+        let Some(stored) = self.stored(&names, result, self.redis_now_ms(), ttl, tag) else {
             return;
-        };
-        let positive = if message.first() == Some(&POSITIVE) {
-            "1"
-        } else {
-            "0"
-        };
-        let (value, ttl_ms) = match ttl {
-            Some(ttl) => (
-                message.clone(),
-                u64::try_from(ttl.as_millis()).unwrap_or(1).max(1),
-            ),
-            None => (Vec::new(), 1),
         };
         let me = Arc::clone(self);
         tokio::spawn(async move {
@@ -971,23 +944,7 @@ impl Scaleout {
             let mut pause = SHARING_RETRY;
             let mut answered = false;
             loop {
-                let (claim, value, message) = (&claim, value.clone(), message.clone());
-                let done = me
-                    .link
-                    .run_anyway("finish", |mut c| async move {
-                        scripts::ABANDON
-                            .key(names.result.as_bytes())
-                            .key(names.lease.as_bytes())
-                            .arg(claim)
-                            .arg(value)
-                            .arg(ttl_ms)
-                            .arg(positive)
-                            .arg(names.channel.as_bytes())
-                            .arg(message)
-                            .invoke_async::<i64>(&mut c)
-                            .await
-                    })
-                    .await;
+                let done = me.write(&scripts::ABANDON, names, &claim, &stored).await;
                 match done {
                     Some(1) => return,
                     Some(_) if answered => return,
@@ -1003,6 +960,63 @@ impl Scaleout {
                 }
             }
         });
+    }
+
+    /// `result` sealed as a write-back sends it: the value to store (empty when it is not
+    /// kept), its life, whether it is positive, and the waiters' message.
+    fn stored(
+        &self,
+        names: &Names,
+        result: &CallResult,
+        stamp: u64,
+        ttl: Option<Duration>,
+        tag: Option<CacheKey>,
+    ) -> Option<Stored> {
+        let message = self.seal(names, result, stamp, ttl, tag)?;
+        let positive = if message.first() == Some(&POSITIVE) {
+            "1"
+        } else {
+            "0"
+        };
+        let (value, ttl_ms) = match ttl {
+            Some(ttl) => (
+                message.clone(),
+                u64::try_from(ttl.as_millis()).unwrap_or(1).max(1),
+            ),
+            None => (Vec::new(), 1),
+        };
+        Some(Stored {
+            value,
+            ttl_ms,
+            positive,
+            message,
+        })
+    }
+
+    /// One try of a write-back script ([`scripts::FINISH`] or [`scripts::ABANDON`]: the
+    /// same keys and arguments) for `holder`, even while Redis counts as down.
+    async fn write(
+        &self,
+        script: &redis::Script,
+        names: Names,
+        holder: &str,
+        stored: &Stored,
+    ) -> Option<i64> {
+        self.link
+            .run_anyway("finish", |mut c| async move {
+                script
+                    .key(names.result.as_bytes())
+                    .key(names.lease.as_bytes())
+                    .arg(holder)
+                    .arg(&stored.value)
+                    .arg(stored.ttl_ms)
+                    .arg(stored.positive)
+                    .arg(names.channel.as_bytes())
+                    .arg(&stored.message)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await
     }
 
     async fn wait(&self, mut waiting: link::Waiting, cap: Duration) -> Waited {
