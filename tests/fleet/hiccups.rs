@@ -118,28 +118,7 @@ async fn a_stall_shorter_than_sharing_wait_is_waited_out() {
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
     world.redis.settled().await;
     world.redis.stop();
-    let retry = {
-        let (http, token, body, url) = (
-            http.clone(),
-            token.clone(),
-            body.clone(),
-            gateways[1].url(SHARE),
-        );
-        tokio::spawn(async move {
-            let bearer = format!("Bearer {token}");
-            crate::it_support::send(
-                &http,
-                http::Method::POST,
-                &url,
-                &[
-                    ("authorization", bearer.as_str()),
-                    ("content-type", "application/json"),
-                ],
-                body,
-            )
-            .await
-        })
-    };
+    let retry = spawn_post(&world, 1, SHARE, &token, body.clone());
     tokio::time::sleep(Duration::from_millis(800)).await;
     world.redis.resume();
     let retry = tokio::time::timeout(Duration::from_secs(10), retry)
