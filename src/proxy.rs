@@ -467,17 +467,19 @@ impl Gateway {
         if self.managed.is_some() || !matches!(ctx.caller, Some(Caller::Session)) {
             return None;
         }
-        if let Some(slot) = slot {
-            let cache = match slot.store {
-                Store::Answers => &self.answers,
-                Store::Sharing => &self.sharing,
-                Store::SessionTokens => &self.session_tokens,
-            };
-            if cache.stores(slot.key) {
-                return None;
-            }
+        if slot.is_some_and(|slot| self.cache(slot.store).stores(slot.key)) {
+            return None;
         }
         self.token_standing(ctx)
+    }
+
+    /// The cache a slot's answers live in.
+    fn cache(&self, store: Store) -> &AnswerCache {
+        match store {
+            Store::Answers => &self.answers,
+            Store::Sharing => &self.sharing,
+            Store::SessionTokens => &self.session_tokens,
+        }
     }
 
     /// Stage 1: which endpoint (404/405 otherwise).
@@ -545,10 +547,11 @@ impl Gateway {
         token: Option<(CacheKey, Standing)>,
     ) -> Result<Handled, GatewayError> {
         let hot = &ctx.hot;
-        let (cache, policy, stale_if_error) = match slot.store {
-            Store::Answers => (&self.answers, hot.answers, hot.stale_if_error),
-            Store::Sharing => (&self.sharing, hot.sharing, Duration::ZERO),
-            Store::SessionTokens => (&self.session_tokens, hot.session_tokens, Duration::ZERO),
+        let cache = self.cache(slot.store);
+        let (policy, stale_if_error) = match slot.store {
+            Store::Answers => (hot.answers, hot.stale_if_error),
+            Store::Sharing => (hot.sharing, Duration::ZERO),
+            Store::SessionTokens => (hot.session_tokens, Duration::ZERO),
         };
         let lifetimes = Lifetimes {
             policy,
