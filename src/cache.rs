@@ -24,10 +24,10 @@ use futures_util::future::{BoxFuture, Shared};
 use moka::Expiry;
 
 use crate::answer::{Answer, AnswerClass, CallResult};
+use crate::cache_policy::Policy;
 use crate::detach::Detachable;
 use crate::error::GatewayError;
 use crate::keys::CacheKey;
-use crate::policy::Policy;
 
 /// How the entries of one call live: the answer's TTL policy, the stale-if-error window
 /// and the lock age of the pending call, all from the settings the request started with.

@@ -39,7 +39,7 @@ use crate::tls::ClientCert;
 
 /// What the loop needs to know about the listener's bounds.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub(crate) struct LoopLimits {
     /// A longer head goes to hyper, which answers 431.
     pub max_head_bytes: usize,
     /// A connection idle this long between requests is closed.
@@ -85,7 +85,7 @@ pub(crate) async fn serve<H: Handler>(
     client_cert: Option<&Arc<ClientCert>>,
     handler: &Arc<H>,
     shutdown: &Shutdown,
-    limits: Limits,
+    limits: LoopLimits,
     first_request: &AtomicBool,
 ) -> Served {
     let mut read = BytesMut::with_capacity(READ_CHUNK);
@@ -271,7 +271,7 @@ enum Forwarded {
 /// Parses the head at the start of `buffer`, if it is one the loop serves (`None`: not
 /// yet a whole head, or not one the loop serves: hyper's). Forwarding headers are recorded
 /// only when `forwarding` (the peer is a trusted proxy that names clients in them).
-fn parse(buffer: &[u8], limits: Limits, forwarding: bool) -> Option<Head> {
+fn parse(buffer: &[u8], limits: LoopLimits, forwarding: bool) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let length = match request.parse(buffer) {
@@ -465,7 +465,7 @@ async fn close(io: &mut Box<dyn Io>) {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
+    const LIMITS: LoopLimits = LoopLimits {
         max_head_bytes: 8192,
         idle_timeout: Duration::from_secs(1),
     };

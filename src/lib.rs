@@ -49,6 +49,7 @@ pub mod answer;
 pub mod barcode;
 pub mod breaker;
 pub mod cache;
+pub mod cache_policy;
 pub mod caller;
 pub mod client;
 pub mod config;
@@ -62,15 +63,14 @@ pub mod head;
 pub mod keys;
 pub mod limit;
 pub mod logsink;
+pub mod managed;
 pub mod metrics;
-pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod request;
 pub mod route;
 pub mod scaleout;
 pub mod server;
-pub mod session;
 pub mod settings;
 pub mod tls;
 pub mod trust;
@@ -193,11 +193,11 @@ impl Drop for RunningGateway {
 
 /// Binds the listeners and starts serving; returns once both accept connections.
 pub async fn start(settings: Settings) -> std::io::Result<RunningGateway> {
-    start_with(settings, None).await
+    start_from_file(settings, None).await
 }
 
 /// [`start`], remembering the config file so SIGHUP and `POST /reload` can re-read it.
-pub async fn start_with(
+pub async fn start_from_file(
     settings: Settings,
     path: Option<PathBuf>,
 ) -> std::io::Result<RunningGateway> {

@@ -76,7 +76,7 @@ async fn run(
     log_sink: LogSink,
     log_format: LogFormat,
 ) -> ExitCode {
-    let gateway = match diia_gateway::start_with(settings, Some(path)).await {
+    let gateway = match diia_gateway::start_from_file(settings, Some(path)).await {
         Ok(gateway) => gateway,
         Err(error) => {
             tracing::error!(%error, "cannot start");

@@ -436,7 +436,7 @@ async fn serve_connection<H: Handler>(
         secure(stream, handler.tls(), deadline).await
     } else {
         let io: Box<dyn Io> = Box::new(stream);
-        secure(Prefixed::new(read, io), handler.tls(), deadline).await
+        secure(Rewind::new(read, io), handler.tls(), deadline).await
     };
     let Some((io, client_cert)) = io else {
         return;
@@ -523,7 +523,7 @@ async fn serve_protocols<H: Handler>(
     shutdown: Shutdown,
     state: &Arc<ConnectionState>,
 ) {
-    let loop_limits = h1::Limits {
+    let loop_limits = h1::LoopLimits {
         max_head_bytes: limits.max_header_bytes.max(MIN_HEADER_BYTES),
         idle_timeout: limits.idle_timeout,
     };
@@ -571,7 +571,7 @@ async fn serve_protocols<H: Handler>(
     });
     // hyper's side gets the idle timeout as a read timeout (re-armed on every read, which
     // the HTTP/1.1 loop avoids: each re-arm wakes the runtime's driver).
-    let mut io = TimeoutStream::new(Prefixed::new(buffered, io));
+    let mut io = TimeoutStream::new(Rewind::new(buffered, io));
     io.set_read_timeout(Some(limits.idle_timeout));
     let connection = builder
         .serve_connection(TokioIo::new(Box::pin(io)), service)
@@ -966,18 +966,18 @@ impl Body for Watched {
 }
 
 /// A connection whose first bytes were already read: they are read again first.
-struct Prefixed {
+struct Rewind {
     read: BytesMut,
     io: Box<dyn Io>,
 }
 
-impl Prefixed {
+impl Rewind {
     fn new(read: BytesMut, io: Box<dyn Io>) -> Self {
         Self { read, io }
     }
 }
 
-impl AsyncRead for Prefixed {
+impl AsyncRead for Rewind {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -994,7 +994,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl AsyncWrite for Rewind {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

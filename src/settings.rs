@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::cache_policy::Policy;
 use crate::caller::{ApiKeys, ClientCerts};
 use crate::config::{
     AuthConfig, AuthMode, BranchAuth, CacheConfig, FileConfig, LimitsConfig, LogFormat,
@@ -22,7 +23,6 @@ use crate::config::{
 use crate::diia::{BARCODE_LIFETIME, SESSION_TOKEN_LIFETIME};
 use crate::keys::{HashKey, Secret};
 use crate::limit::{BudgetQuota, Limits};
-use crate::policy::Policy;
 
 /// A config that cannot be used, naming the key and what is wrong.
 #[derive(Debug, thiserror::Error)]

@@ -36,11 +36,11 @@ use redis::Value;
 
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::cache::{Fetched, Origin};
+use crate::cache_policy::Policy;
 use crate::error::GatewayError;
 use crate::keys::CacheKey;
 use crate::limit::{Share, Standing};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
 use crate::settings::ScaleoutSettings;
 pub use link::{LinkError, RedisLink};
 pub use secret::{FleetSecret, Members, Sealer};

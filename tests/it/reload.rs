@@ -72,7 +72,7 @@ async fn start_from_file() -> (SimHandle, tempfile::NamedTempFile, RunningGatewa
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     rewrite(&file, &config_text(&sim.base_url(), 100_000, 10_000, "60s"));
     let config = Settings::load(file.path()).unwrap();
-    let gateway = diia_gateway::start_with(config, Some(file.path().to_owned()))
+    let gateway = diia_gateway::start_from_file(config, Some(file.path().to_owned()))
         .await
         .unwrap();
     (sim, file, gateway)
@@ -352,7 +352,7 @@ async fn api_key_rotation_by_reload_applies_at_once() {
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     rewrite(&file, &managed_text(&sim.base_url(), "old-key-1"));
     let settings = Settings::load(file.path()).unwrap();
-    let gateway = diia_gateway::start_with(settings, Some(file.path().to_owned()))
+    let gateway = diia_gateway::start_from_file(settings, Some(file.path().to_owned()))
         .await
         .unwrap();
     let client = support::client();

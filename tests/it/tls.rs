@@ -232,7 +232,7 @@ async fn certificates_reload_for_new_connections_while_open_ones_keep_going() {
         std::fs::write(file.path(), text).unwrap();
     };
     write(&old);
-    let gateway = diia_gateway::start_with(
+    let gateway = diia_gateway::start_from_file(
         diia_gateway::Settings::load(file.path()).unwrap(),
         Some(file.path().to_owned()),
     )
@@ -481,7 +481,7 @@ async fn start_from(text: &str) -> (RunningGateway, tempfile::NamedTempFile) {
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::fs::write(file.path(), text).unwrap();
     let settings = diia_gateway::Settings::load(file.path()).unwrap();
-    let gateway = diia_gateway::start_with(settings, Some(file.path().to_owned()))
+    let gateway = diia_gateway::start_from_file(settings, Some(file.path().to_owned()))
         .await
         .unwrap();
     (gateway, file)
