@@ -22,7 +22,7 @@
 //!   `X-Forwarded-For`/`Forwarded`), and its connection count
 //! - [`caller`]: who is calling (bearer, API key, mTLS), the one place callers are authenticated
 //! - [`request`]: what each endpoint needs, checked into a [`request::Checked`]
-//! - [`policy`]: cache keys per endpoint and how long each answer lives
+//! - [`cache_policy`]: cache keys per endpoint and how long each answer lives
 //! - [`keys`]: keyed hashes for cache keys and log fingerprints, redacting secrets
 //! - [`cache`]: moka caches with coalescing and replay
 //! - [`detach`]: a leader's call runs in its request's task, finishing detached if dropped
@@ -30,7 +30,7 @@
 //! - [`upstream`]: hyper + rustls client toward Diia
 //! - [`breaker`]: circuit breaker and retry budget toward Diia
 //! - [`trust`]: pass-through session tokens Diia accepted or refused (keyed digests)
-//! - [`session`]: managed token mode (the session token held by the gateway)
+//! - [`managed`]: managed token mode (the session token held by the gateway)
 //! - [`scaleout`]: several instances as one toward Diia through Redis (shared budget, cache,
 //!   leases, logins; degraded to local state when Redis is down)
 //! - [`proxy`]: the request lifecycle (stages over one context) over all of the above
