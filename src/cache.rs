@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use http::HeaderValue;
 use moka::Expiry;
 
 use crate::answer::{Answer, AnswerClass, CallResult};
@@ -160,6 +161,23 @@ pub enum Lookup {
     /// Scale-out: joined another instance's call under way.
     RemoteCoalesced,
 }
+
+pub(crate) static HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit");
+pub(crate) static REPLAY: HeaderValue =
+    HeaderValue::from_static("diia-gateway; hit; detail=replay");
+pub(crate) static MISS_STORED: HeaderValue =
+    HeaderValue::from_static("diia-gateway; fwd=miss; stored");
+pub(crate) static MISS: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss");
+pub(crate) static COLLAPSED: HeaderValue =
+    HeaderValue::from_static("diia-gateway; fwd=miss; collapsed");
+pub(crate) static REMOTE_HIT: HeaderValue =
+    HeaderValue::from_static("diia-gateway; hit; detail=remote");
+pub(crate) static REMOTE_REPLAY: HeaderValue =
+    HeaderValue::from_static("diia-gateway; hit; detail=\"replay remote\"");
+pub(crate) static REMOTE_COLLAPSED: HeaderValue =
+    HeaderValue::from_static("diia-gateway; fwd=miss; collapsed; detail=remote");
+pub(crate) static STALE: HeaderValue =
+    HeaderValue::from_static("diia-gateway; fwd=stale; detail=stale-if-error");
 
 /// A coalescing, TTL-bounded answer cache.
 #[derive(Clone)]
