@@ -33,12 +33,21 @@
 //! - [`managed`]: managed token mode (the session token held by the gateway)
 //! - [`scaleout`]: several instances as one toward Diia through Redis (shared budget, cache,
 //!   leases, logins; degraded to local state when Redis is down)
+//! - [`gateway`]: [`gateway::Gateway`], the shared state: built once from settings, its hot
+//!   half swapped by a reload or a fleet change, rendered for `/metrics`
 //! - [`proxy`]: the request lifecycle (stages over one context) over all of the above
+//! - [`body`]: request bodies read whole within a bound, or thrown away (lingering close)
 //! - [`access`]: the access log line, formatted by hand on the fast path
 //! - [`metrics`], [`admin`]: what SREs see; [`logsink`]: log lines written in batches, never waited for
+//! - [`service`]: the contract between the connection loops and the gateway
+//!   ([`service::Handler`], [`service::Reply`], [`service::RequestBody`], [`service::Shutdown`]),
+//!   a leaf both sides import
 //! - [`server`]: accept loop and graceful shutdown; hands connections hyper must serve to hyper
+//!   (its socket with a send deadline and the HTTP/2 stream watchdog in private modules)
 //! - [`h1`]: the HTTP/1.1 loop for plain requests; cached answers from pre-rendered bytes
 //! - [`tls`]: rustls configs, in (termination, mTLS) and out (trust toward Diia)
+//! - [`runtime`]: [`start`] binds the listeners, starts the worker threads and the drain's
+//!   two phases, and returns a [`RunningGateway`]
 //!
 //! The Diia simulator is its own crate (`diia-sim`), embedded only with the default
 //! `embedded-sim` feature.

@@ -11,7 +11,7 @@
 //! 6. **branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`); in
 //!    pass-through, a session token Diia refused a moment ago is answered 401 before any
 //!    budget, and one Diia has not accepted yet spends no branch's budget ([`crate::trust`]);
-//! 7. **cache / coalesce / replay** ([`crate::policy`] keys, [`crate::cache`]) or
+//! 7. **cache / coalesce / replay** ([`crate::cache_policy`] keys, [`crate::cache`]) or
 //!    **forward**: the Diia budget (wait, then 503), Diia's back-off (503), the upstream
 //!    call with its deadline (502/504), run by the request that leads the key and spawned
 //!    to finish on its own if that request goes away mid-call ([`crate::detach`]);
@@ -296,9 +296,10 @@ impl Gateway {
     }
 
     /// Stage 3: the whole body, bounded by size and time. A body over the limit is still
-    /// read and thrown away (up to [`DRAIN_MAX_BYTES`] and [`DRAIN_MAX_TIME`], as NGINX's
-    /// lingering close does): a client that writes its whole body before reading, as most
-    /// do, would otherwise see a connection reset instead of its 413.
+    /// read and thrown away (up to [`crate::body::DRAIN_MAX_BYTES`] and
+    /// [`crate::body::DRAIN_MAX_TIME`], as NGINX's lingering close does): a client that
+    /// writes its whole body before reading, as most do, would otherwise see a connection
+    /// reset instead of its 413.
     async fn read_body<B>(&self, ctx: &Ctx, body: B) -> Result<Bytes, GatewayError>
     where
         B: Body<Data = Bytes> + Send,
@@ -340,45 +341,16 @@ impl Gateway {
     ) -> Result<Handled, GatewayError> {
         let hot = &ctx.hot;
         let cache = self.cache(slot.store);
-        let (policy, stale_if_error) = match slot.store {
-            Store::Answers => (hot.answers, hot.stale_if_error),
-            Store::Sharing => (hot.sharing, Duration::ZERO),
-            Store::SessionTokens => (hot.session_tokens, Duration::ZERO),
-        };
-        let lifetimes = Lifetimes {
-            policy,
-            stale_if_error,
-            longest_call: hot.upstream.longest_call(),
-        };
+        let lifetimes = lifetimes(hot, slot.store);
+        let policy = lifetimes.policy;
         let endpoint = ctx.endpoint()?;
         let login = slot.store == Store::SessionTokens;
         if login && !cache.holds(slot.key) {
-            // Only these credentials' own refusals count: a login that works is never
-            // refused because others failed, and a cached login never.
-            if self.trust.login_standing(slot.key) == Standing::Refused {
-                return Err(GatewayError::CredentialsRefused);
-            }
-            hot.limits.logins.check(Who::Digest(slot.key))?;
+            self.admit_login(hot, slot.key)?;
         }
         let (result, lookup) = cache
             .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
-                let judged = if login {
-                    // The login pair (acquirer token, credentials) is the slot's key.
-                    let standing = self.trust.login_standing(slot.key);
-                    Some(Judged {
-                        key: slot.key,
-                        standing,
-                        login: true,
-                    })
-                } else {
-                    token
-                        .or_else(|| self.token_standing(ctx))
-                        .map(|(key, standing)| Judged {
-                            key,
-                            standing,
-                            login: false,
-                        })
-                };
+                let judged = self.judged(ctx, slot.key, login, token);
                 let unverified = judged.is_some_and(|judged| judged.standing != Standing::Verified);
                 // An unverified call takes no share: it must not count as a client of the
                 // Diia budget (that would make the budget look contended).
@@ -430,6 +402,44 @@ impl Gateway {
             }
         }
         handled(&result, lookup, slot.store == Store::Sharing)
+    }
+
+    /// A login that has to reach Diia: only these credentials' own refusals count, so a
+    /// login that works is never refused because others failed (and a cached one never
+    /// gets here).
+    fn admit_login(&self, hot: &Hot, key: CacheKey) -> Result<(), GatewayError> {
+        if self.trust.login_standing(key) == Standing::Refused {
+            return Err(GatewayError::CredentialsRefused);
+        }
+        hot.limits.logins.check(Who::Digest(key))?;
+        Ok(())
+    }
+
+    /// Whose standing with Diia the leader's call settles: for a login, the login pair
+    /// (acquirer token, credentials), which is the slot's `key`; otherwise the caller's
+    /// session token, if any.
+    fn judged(
+        &self,
+        ctx: &Ctx,
+        key: CacheKey,
+        login: bool,
+        token: Option<(CacheKey, Standing)>,
+    ) -> Option<Judged> {
+        if login {
+            let standing = self.trust.login_standing(key);
+            return Some(Judged {
+                key,
+                standing,
+                login: true,
+            });
+        }
+        token
+            .or_else(|| self.token_standing(ctx))
+            .map(|(key, standing)| Judged {
+                key,
+                standing,
+                login: false,
+            })
     }
 
     /// Pass-through: notes which token-cache entry handed out this session token (a 200
@@ -559,6 +569,20 @@ impl Gateway {
                 result
             })
         }
+    }
+}
+
+/// How long a store's answers live under these settings (stale-if-error: answers only).
+fn lifetimes(hot: &Hot, store: Store) -> Lifetimes {
+    let (policy, stale_if_error) = match store {
+        Store::Answers => (hot.answers, hot.stale_if_error),
+        Store::Sharing => (hot.sharing, Duration::ZERO),
+        Store::SessionTokens => (hot.session_tokens, Duration::ZERO),
+    };
+    Lifetimes {
+        policy,
+        stale_if_error,
+        longest_call: hot.upstream.longest_call(),
     }
 }
 

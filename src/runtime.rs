@@ -15,7 +15,7 @@ use crate::reload::Reloader;
 use crate::server::{ConnectionLimits, accept_loop};
 use crate::service::Shutdown;
 use crate::settings::{Settings, UpstreamTarget};
-use crate::{embedded, join_fleet, worker};
+use crate::{join_fleet, worker};
 
 /// How often idle branch budgets are forgotten.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(30);
@@ -184,7 +184,7 @@ async fn start_upstream(settings: Settings) -> std::io::Result<(Settings, Option
         UpstreamTarget::Url(_) => Ok((settings, None)),
         #[cfg(feature = "embedded-sim")]
         UpstreamTarget::Embedded(config) => {
-            let simulator = embedded::start(config.clone()).await?;
+            let simulator = crate::embedded::start(config.clone()).await?;
             let url = simulator.base_url();
             Ok((settings.with_upstream_url(url), Some(simulator)))
         }

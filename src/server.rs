@@ -356,7 +356,7 @@ async fn serve_protocols<H: Handler>(
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
-            verdict = streams.watch(&limits) => {
+            verdict = streams.watch(limits.send_timeout, limits.idle_timeout) => {
                 tracing::debug!(?verdict, "closing the connection");
                 if !closing {
                     connection.as_mut().graceful_shutdown();

@@ -5,12 +5,11 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, SizeHint};
-
-use crate::server::ConnectionLimits;
 
 /// What the streams of one of hyper's connections are doing, for its watchdog: HTTP/2's
 /// flow control happens inside hyper, where a stream whose peer gives no send window just
@@ -74,25 +73,26 @@ impl Streams {
         }
     }
 
-    /// Resolves when the connection should end: its answers stalled, or it sat idle.
-    pub(crate) async fn watch(&self, limits: &ConnectionLimits) -> Verdict {
+    /// Resolves when the connection should end: its answers stalled for `send_timeout`, or
+    /// it sat without a stream for `idle_timeout`.
+    pub(crate) async fn watch(&self, send_timeout: Duration, idle_timeout: Duration) -> Verdict {
         loop {
             let now = tokio::time::Instant::now();
             // Counts change while this sleeps: an answer that gets ready from now on
             // cannot stall before `now + send_timeout`, and streams that all end from now
             // on leave the connection idle no sooner than `now + idle_timeout`; looking
             // again by the sooner of the two finds either in time.
-            let soonest = now + limits.send_timeout.min(limits.idle_timeout);
+            let soonest = now + send_timeout.min(idle_timeout);
             let deadline = {
                 let counts = self.counts();
                 if counts.waiting > 0 {
-                    let stalled = counts.progressed + limits.send_timeout;
+                    let stalled = counts.progressed + send_timeout;
                     if stalled <= now {
                         return Verdict::Stalled;
                     }
                     stalled
                 } else if counts.open == 0 {
-                    let idle = counts.changed + limits.idle_timeout;
+                    let idle = counts.changed + idle_timeout;
                     if idle <= now {
                         return Verdict::Idle;
                     }
