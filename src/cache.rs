@@ -162,22 +162,40 @@ pub enum Lookup {
     RemoteCoalesced,
 }
 
-pub(crate) static HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit");
-pub(crate) static REPLAY: HeaderValue =
-    HeaderValue::from_static("diia-gateway; hit; detail=replay");
-pub(crate) static MISS_STORED: HeaderValue =
-    HeaderValue::from_static("diia-gateway; fwd=miss; stored");
-pub(crate) static MISS: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss");
-pub(crate) static COLLAPSED: HeaderValue =
-    HeaderValue::from_static("diia-gateway; fwd=miss; collapsed");
-pub(crate) static REMOTE_HIT: HeaderValue =
-    HeaderValue::from_static("diia-gateway; hit; detail=remote");
-pub(crate) static REMOTE_REPLAY: HeaderValue =
+// The `Cache-Status` values (RFC 9211), one per way a request is answered.
+static HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit");
+static REPLAY: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=replay");
+static MISS_STORED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; stored");
+static MISS: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss");
+static COLLAPSED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; collapsed");
+static REMOTE_HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=remote");
+static REMOTE_REPLAY: HeaderValue =
     HeaderValue::from_static("diia-gateway; hit; detail=\"replay remote\"");
-pub(crate) static REMOTE_COLLAPSED: HeaderValue =
+static REMOTE_COLLAPSED: HeaderValue =
     HeaderValue::from_static("diia-gateway; fwd=miss; collapsed; detail=remote");
-pub(crate) static STALE: HeaderValue =
+static STALE: HeaderValue =
     HeaderValue::from_static("diia-gateway; fwd=stale; detail=stale-if-error");
+
+impl Lookup {
+    /// The `Cache-Status` a request answered this way is served with; `sharing`: the
+    /// answer is a sharing request's, served again (a replay). `None` for
+    /// [`Lookup::TagMismatch`], which is refused instead.
+    #[must_use]
+    pub fn cache_status(self, sharing: bool) -> Option<&'static HeaderValue> {
+        Some(match self {
+            Self::Hit if sharing => &REPLAY,
+            Self::Hit => &HIT,
+            Self::Miss { stored: true } => &MISS_STORED,
+            Self::Miss { stored: false } => &MISS,
+            Self::Coalesced => &COLLAPSED,
+            Self::Stale => &STALE,
+            Self::RemoteHit if sharing => &REMOTE_REPLAY,
+            Self::RemoteHit => &REMOTE_HIT,
+            Self::RemoteCoalesced => &REMOTE_COLLAPSED,
+            Self::TagMismatch => return None,
+        })
+    }
+}
 
 /// A coalescing, TTL-bounded answer cache.
 #[derive(Clone)]

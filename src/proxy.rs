@@ -40,10 +40,7 @@ use crate::access::AccessLine;
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::barcode::Barcode;
 use crate::body::{ReadError, drain, read_all};
-use crate::cache::{
-    COLLAPSED, Fetched, HIT, Lifetimes, Lookup, MISS, MISS_STORED, REMOTE_COLLAPSED, REMOTE_HIT,
-    REMOTE_REPLAY, REPLAY, STALE,
-};
+use crate::cache::{Fetched, Lifetimes, Lookup};
 use crate::cache_policy::{Slot, Store, slot_for};
 use crate::caller::{Caller, Gate, Scope};
 use crate::error::{Fault, GatewayError};
@@ -679,16 +676,15 @@ fn handled(result: &CallResult, lookup: Lookup, sharing: bool) -> Result<Handled
         Ok(answer) => answer,
         Err(error) => return Err(error.clone()),
     };
-    let (status, outcome) = match lookup {
-        Lookup::Hit if sharing => (&REPLAY, RequestOutcome::Replayed),
-        Lookup::Hit => (&HIT, RequestOutcome::Hit),
-        Lookup::Miss { stored: true } => (&MISS_STORED, RequestOutcome::Miss),
-        Lookup::Miss { stored: false } => (&MISS, RequestOutcome::Miss),
-        Lookup::Coalesced => (&COLLAPSED, RequestOutcome::Coalesced),
-        Lookup::Stale => (&STALE, RequestOutcome::Stale),
-        Lookup::RemoteHit if sharing => (&REMOTE_REPLAY, RequestOutcome::Replayed),
-        Lookup::RemoteHit => (&REMOTE_HIT, RequestOutcome::Hit),
-        Lookup::RemoteCoalesced => (&REMOTE_COLLAPSED, RequestOutcome::Coalesced),
+    let Some(status) = lookup.cache_status(sharing) else {
+        return Err(GatewayError::SharingAlreadyRequested);
+    };
+    let outcome = match lookup {
+        Lookup::Hit | Lookup::RemoteHit if sharing => RequestOutcome::Replayed,
+        Lookup::Hit | Lookup::RemoteHit => RequestOutcome::Hit,
+        Lookup::Miss { .. } => RequestOutcome::Miss,
+        Lookup::Coalesced | Lookup::RemoteCoalesced => RequestOutcome::Coalesced,
+        Lookup::Stale => RequestOutcome::Stale,
         Lookup::TagMismatch => return Err(GatewayError::SharingAlreadyRequested),
     };
     let outcome = match (AnswerClass::of_status(answer.status), outcome) {

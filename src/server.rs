@@ -5,15 +5,17 @@
 //! answers from their pre-rendered bytes. Anything else (HTTP/2, h2c prior knowledge,
 //! chunked or `Expect` bodies, upgrades, trickled or oversized heads, malformed HTTP) is
 //! handed, with the bytes already read, to hyper-util's auto builder for the rest of the
-//! connection. Before any of it, the handler's [`Clients`] read a trusted proxy's PROXY
-//! header and count the connection against its client. On shutdown the loop stops accepting, then lets open connections finish
-//! their in-flight requests within a bounded drain time.
+//! connection. Before any of it, the handler's [`crate::client::Clients`] read a trusted
+//! proxy's PROXY header and count the connection against its client. On shutdown the loop
+//! stops accepting, then lets open connections finish their in-flight requests within a
+//! bounded drain time.
 //!
-//! Writing is bounded as reading is: the socket itself (`Socket`) fails a write that
-//! makes no progress for `send_timeout` (whichever protocol writes), and hyper's
-//! connections have a watchdog (`Streams`) for what the socket cannot see: HTTP/2
-//! answers waiting for send window the peer never gives, and an HTTP/2 connection kept
-//! open by pings alone.
+//! Writing is bounded as reading is: the socket itself (`Socket`, in `socket.rs`) fails
+//! a write that makes no progress for `send_timeout` (whichever protocol writes), and
+//! hyper's connections have a watchdog (`Streams`, in `watchdog.rs`) for what the socket
+//! cannot see: HTTP/2 answers waiting for send window the peer never gives, and an HTTP/2
+//! connection kept open by pings alone. What a handler is and answers lives in
+//! [`crate::service`], which this loop and the gateway both import.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
