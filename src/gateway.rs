@@ -24,6 +24,7 @@ use crate::trust::TokenTrust;
 use crate::upstream::Upstream;
 
 /// The gateway: shared state behind every request. Cheap to share as `Arc<Gateway>`.
+/// Its fields are the crate's so the stages in [`crate::proxy`] read them directly.
 pub struct Gateway {
     /// What requests read; a reload swaps it whole. Each request loads it once.
     pub(crate) hot: ArcSwap<Hot>,

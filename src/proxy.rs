@@ -96,6 +96,8 @@ struct AccessRecord {
     barcode: Option<Barcode>,
 }
 
+// The outer layer (`serve`, `reply`, `reply_to`: render, count, log), then the stages in
+// the order `process` runs them.
 impl Gateway {
     /// Answers one request as a response (for in-process callers: benchmarks, tests).
     pub async fn serve<B>(&self, request: Request<B>, peer: SocketAddr) -> HttpResponse
@@ -251,26 +253,6 @@ impl Gateway {
         }
     }
 
-    /// Pass-through: the caller's session token and its standing, for the budgets. A
-    /// call whose answer is stored already skips the digest: the caller's token is part
-    /// of the key, and only answers Diia gives a token it accepts are stored (a 401 never
-    /// is), so the cache-hit path stays as cheap as before; `None` then, and for callers
-    /// without a session token. A call under way does not count: its leader may hold a
-    /// token nobody has judged yet.
-    fn standing_before_limits(
-        &self,
-        ctx: &Ctx,
-        slot: Option<&Slot>,
-    ) -> Option<(CacheKey, Standing)> {
-        if self.managed.is_some() || !matches!(ctx.caller, Some(Caller::Session)) {
-            return None;
-        }
-        if slot.is_some_and(|slot| self.cache(slot.store).stores(slot.key)) {
-            return None;
-        }
-        self.token_standing(ctx)
-    }
-
     /// Stage 1: which endpoint (404/405 otherwise).
     fn route(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
         let routed = route_for(self.auth_mode, &ctx.head.method, ctx.head.uri.path())?;
@@ -326,6 +308,26 @@ impl Gateway {
         self.in_flight
             .try_acquire()
             .map_err(|_| GatewayError::Overloaded)
+    }
+
+    /// Pass-through: the caller's session token and its standing, for the budgets. A
+    /// call whose answer is stored already skips the digest: the caller's token is part
+    /// of the key, and only answers Diia gives a token it accepts are stored (a 401 never
+    /// is), so the cache-hit path stays as cheap as before; `None` then, and for callers
+    /// without a session token. A call under way does not count: its leader may hold a
+    /// token nobody has judged yet.
+    fn standing_before_limits(
+        &self,
+        ctx: &Ctx,
+        slot: Option<&Slot>,
+    ) -> Option<(CacheKey, Standing)> {
+        if self.managed.is_some() || !matches!(ctx.caller, Some(Caller::Session)) {
+            return None;
+        }
+        if slot.is_some_and(|slot| self.cache(slot.store).stores(slot.key)) {
+            return None;
+        }
+        self.token_standing(ctx)
     }
 
     /// Stage 7a: answered from a cache, a call under way, or one new call.
