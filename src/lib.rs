@@ -230,8 +230,21 @@ pub async fn start_from_file(
         spawn_drain_phases(&draining, &closing, settings.cold.drain_delay),
         spawn_housekeeping(&gateway, &closing),
     ];
-    if let Some(fleet) = &settings.cold.scaleout {
-        tasks.push(join_fleet(&gateway, &closing, fleet).await);
+    if let (Some(fleet_settings), Some(fleet)) =
+        (&settings.cold.scaleout, gateway.scaleout().cloned())
+    {
+        let (rescale, down, closing) =
+            (Arc::clone(&gateway), Arc::clone(&gateway), closing.clone());
+        tasks.push(
+            scaleout::join_fleet(
+                fleet,
+                fleet_settings,
+                async move { closing.wait().await },
+                move |live| rescale.rescale(live),
+                move || down.empty_local_budget(),
+            )
+            .await,
+        );
     }
     tasks.extend(spawn_listeners(
         (listeners, admin_listener),
@@ -290,58 +303,6 @@ fn spawn_housekeeping(gateway: &Arc<Gateway>, closing: &Shutdown) -> JoinHandle<
             tokio::select! {
                 _ = ticks.tick() => gateway.housekeeping(),
                 () = shutdown.wait() => break,
-            }
-        }
-    })
-}
-
-/// Scale-out: a first probe and heartbeat (bounded by the Redis timeouts; the gateway
-/// starts degraded when Redis is down), then the probe and heartbeat loop.
-async fn join_fleet(
-    gateway: &Arc<Gateway>,
-    closing: &Shutdown,
-    settings: &settings::ScaleoutSettings,
-) -> JoinHandle<()> {
-    let gateway = Arc::clone(gateway);
-    let shutdown = closing.clone();
-    let (probe_every, beat_every) = (settings.probe_interval, settings.heartbeat_interval);
-    let Some(fleet) = gateway.scaleout().cloned() else {
-        return tokio::spawn(async {});
-    };
-    if !fleet.link().probe().await {
-        tracing::warn!(
-            "Redis unreachable at start; running degraded on local state until it answers"
-        );
-    } else if let Some(live) = fleet.heartbeat().await {
-        gateway.rescale(live);
-    }
-    tokio::spawn(async move {
-        let mut probes = tokio::time::interval(probe_every);
-        let mut beats = tokio::time::interval(beat_every);
-        let mut up = fleet.link().watch();
-        loop {
-            tokio::select! {
-                changed = up.changed() => {
-                    if changed.is_ok() && !*up.borrow_and_update() {
-                        gateway.empty_local_budget();
-                    }
-                }
-                _ = probes.tick() => {
-                    if !fleet.link().is_up() && fleet.link().probe().await
-                        && let Some(live) = fleet.heartbeat().await
-                    {
-                        gateway.rescale(live);
-                    }
-                }
-                _ = beats.tick() => {
-                    if let Some(live) = fleet.heartbeat().await {
-                        gateway.rescale(live);
-                    }
-                }
-                () = shutdown.wait() => {
-                    fleet.leave().await;
-                    break;
-                }
             }
         }
     })

@@ -23,6 +23,7 @@ use crate::config::{
 use crate::diia::{BARCODE_LIFETIME, SESSION_TOKEN_LIFETIME};
 use crate::keys::{HashKey, Secret};
 use crate::limit::{BudgetQuota, Limits};
+use crate::scaleout::ScaleoutSettings;
 
 /// A config that cannot be used, naming the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -337,33 +338,6 @@ cold_settings! {
     forwarded_header: crate::config::ForwardedHeader = "server.forwarded_header",
     /// Connections one client may hold at once.
     max_connections_per_client: usize = "server.max_connections_per_client",
-}
-
-/// `[scaleout]`, checked, with its files read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScaleoutSettings {
-    /// `redis://` or `rediss://` URL (without the password).
-    pub redis_url: String,
-    /// From `scaleout.redis_password_file`.
-    pub redis_password: Option<Secret>,
-    /// PEM trust roots for `rediss://`.
-    pub redis_ca: Option<Vec<u8>>,
-    /// The fleet secret.
-    pub secret: crate::scaleout::FleetSecret,
-    /// Per-command deadline.
-    pub command_timeout: Duration,
-    /// Connect deadline.
-    pub connect_timeout: Duration,
-    /// Probe period while Redis is down.
-    pub probe_interval: Duration,
-    /// Heartbeat period.
-    pub heartbeat_interval: Duration,
-    /// An instance silent this long is gone.
-    pub instance_ttl: Duration,
-    /// A leader's claim on a key (not sharing: those last as long as the barcode).
-    pub lease: Duration,
-    /// How long a sharing request retries a Redis that does not answer.
-    pub sharing_wait: Duration,
 }
 
 impl Settings {

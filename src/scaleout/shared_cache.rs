@@ -1,0 +1,912 @@
+//! The shared cache protocol: stored answers sealed under the fleet secret, the lease that
+//! makes one instance the leader for a key, and the waiters its message answers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis::Value;
+
+use super::budget::{BRAKE_KEY, BUDGET_KEY, Budget, BudgetValues, budget_reply};
+use super::{Scaleout, link, scripts};
+use crate::answer::{Answer, AnswerClass, CallResult};
+use crate::cache::{Fetched, Origin};
+use crate::cache_policy::Policy;
+use crate::error::GatewayError;
+use crate::keys::CacheKey;
+use crate::limit::{Share, Standing};
+
+/// Stored value and message prefixes: positive answer, other stored answer, failure.
+const POSITIVE: u8 = b'P';
+const NEGATIVE: u8 = b'N';
+const FAILURE: u8 = b'F';
+/// A value's clear head: its kind and its absolute expiry (16 digits, ms on Redis's clock),
+/// read by the lookup script and bound to the value by the seal.
+const HEAD: usize = 17;
+/// How much earlier than a waiter's lookup a leader's message may have been sealed (the
+/// leader seals, then its write-back runs; instances' estimates of Redis's clock differ
+/// by a round trip): an older message is a replay and is ignored.
+const MESSAGE_SKEW: u64 = 1_000;
+/// Pause between two lookups of a sharing request while Redis does not answer.
+const SHARING_RETRY: Duration = Duration::from_millis(20);
+/// How many values past their sealed expiry one request drops before it counts the next
+/// as unreadable.
+const MAX_DROPS: u32 = 3;
+/// After a given-up claim's release first reached Redis, how long until it is tried once
+/// more: the lost lookup may have waited on a connection since replaced.
+const ABANDON_AGAIN: Duration = Duration::from_millis(250);
+
+/// Redis's clock as a script read it, and when the reply arrived here.
+#[derive(Debug, Clone, Copy)]
+struct RedisClock {
+    ms: u64,
+    at: Instant,
+}
+
+impl RedisClock {
+    fn read(value: Option<&Value>) -> Self {
+        let ms = match value {
+            Some(Value::Int(ms)) => u64::try_from(*ms).unwrap_or(0),
+            _ => 0,
+        };
+        Self {
+            ms,
+            at: Instant::now(),
+        }
+    }
+
+    /// Redis's clock now, estimated from the reading and the local clock since.
+    fn now_ms(&self) -> u64 {
+        let since = u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.ms.saturating_add(since)
+    }
+}
+
+/// What a shared lookup found.
+enum Found {
+    /// A stored value (still sealed), its TTL and Redis's clock.
+    Hit(Vec<u8>, Duration, RedisClock),
+    /// Another instance leads; its lease holder text, remaining life, and Redis's clock.
+    Held(Vec<u8>, Duration, RedisClock),
+    /// This instance leads after `wait` (budget reserved).
+    Lead(Duration, RedisClock),
+    /// The budget or Diia's brake refused.
+    Refused(GatewayError),
+}
+
+/// A value or message opened: what it holds, sealed with it.
+struct Sealed {
+    result: CallResult,
+    /// Absolute expiry on Redis's clock (ms); the stamp itself when it was not stored.
+    expires_ms: u64,
+    /// When it was sealed, on Redis's clock as the sealer estimated it (ms).
+    stamp_ms: u64,
+    tag: Vec<u8>,
+}
+
+/// A value's clear head: kind and absolute expiry in 16 digits.
+fn head(kind: u8, expires_ms: u64) -> [u8; HEAD] {
+    let mut head = [b'0'; HEAD];
+    head[0] = kind;
+    let mut n = expires_ms.min(9_999_999_999_999_999);
+    for digit in head[1..].iter_mut().rev() {
+        *digit = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        n /= 10;
+    }
+    head
+}
+
+/// One Redis key or channel name, `{dg}:<kind>:<the key in hex>`, built on the stack (one
+/// per entry kind on every fleet lookup).
+#[derive(Clone, Copy)]
+struct Name(link::Channel);
+
+impl Name {
+    fn new(kind: u8, key: CacheKey) -> Self {
+        let mut name = *b"{dg}:?:00000000000000000000000000000000";
+        name[5] = kind;
+        // 16 bytes always fill the 32 digits: the lengths are fixed by the types.
+        let _ = hex::encode_to_slice(key.as_bytes(), &mut name[7..]);
+        Self(name)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A sealed answer as the write-back scripts take it.
+struct Stored {
+    /// What to store (empty: not kept).
+    value: Vec<u8>,
+    ttl_ms: u64,
+    /// `"1"` for a positive answer (a negative one never replaces it).
+    positive: &'static str,
+    /// What the waiters are told.
+    message: Vec<u8>,
+}
+
+/// Names of one key's Redis entries.
+#[derive(Clone, Copy)]
+struct Names {
+    result: Name,
+    lease: Name,
+    channel: Name,
+}
+
+impl Names {
+    fn of(key: CacheKey) -> Self {
+        Self {
+            result: Name::new(b'r', key),
+            lease: Name::new(b'l', key),
+            channel: Name::new(b'c', key),
+        }
+    }
+}
+
+/// The lease holder text: the tag (a MAC, or `-`) and a random id of this claim.
+fn holder(tag: Option<CacheKey>) -> String {
+    let tag = tag.map_or_else(|| "-".to_owned(), |t| hex::encode(t.as_bytes()));
+    format!("{tag}:{:016x}", fastrand::u64(..))
+}
+
+fn tag_of_holder(holder: &[u8]) -> &[u8] {
+    holder.split(|b| *b == b':').next().unwrap_or_default()
+}
+
+fn tag_text(tag: Option<CacheKey>) -> Vec<u8> {
+    tag.map_or_else(|| b"-".to_vec(), |t| hex::encode(t.as_bytes()).into_bytes())
+}
+
+impl Scaleout {
+    /// Counts a near-cache hit (answered without Redis).
+    pub fn note_near_hit(&self) {
+        self.metrics.shared_lookup("near_hit");
+    }
+
+    /// Drops a stored answer fleet-wide (a session token Diia has since refused).
+    pub async fn forget(&self, key: CacheKey) {
+        let names = Names::of(key);
+        let _ = self
+            .link
+            .run("finish", |mut c| async move {
+                redis::cmd("DEL")
+                    .arg(names.result.as_bytes())
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// One lookup round trip for `key` (stored answer, lease, budget), as a leader would
+    /// make it; `true` when it found a stored answer. For `benches/scaleout.rs`, which
+    /// reports each Redis operation's latency on its own.
+    pub async fn lookup_once(&self, key: CacheKey, budget: BudgetValues) -> bool {
+        let names = Names::of(key);
+        let found = self
+            .lookup(&names, &holder(None), self.lease, budget, true, false)
+            .await;
+        matches!(found, Some(Found::Hit(..)))
+    }
+
+    /// One write-back round trip (store, release, publish), as a leader makes it after
+    /// its call; for `benches/scaleout.rs`.
+    pub async fn write_back_once(&self, key: CacheKey, result: CallResult, ttl: Duration) {
+        let clock = RedisClock {
+            ms: self.redis_now_ms(),
+            at: Instant::now(),
+        };
+        let write = WriteBack {
+            holder: holder(None),
+            ttl: Some(ttl),
+            tag: None,
+            clock,
+            patience: Duration::ZERO,
+        };
+        self.finish(Names::of(key), result, write).await;
+    }
+
+    /// One lookup round trip (stored value, lease, budget); `None` when Redis did not
+    /// answer. `anyway`: try even while Redis counts as down.
+    async fn lookup(
+        &self,
+        names: &Names,
+        holder: &str,
+        lease: Duration,
+        budget: BudgetValues,
+        reserve: bool,
+        anyway: bool,
+    ) -> Option<Found> {
+        let args = budget.args(u32::from(reserve));
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
+        let call = |mut c: redis::aio::ConnectionManager| async move {
+            scripts::LOOKUP
+                .key(BUDGET_KEY)
+                .key(BRAKE_KEY)
+                .key(names.result.as_bytes())
+                .key(names.lease.as_bytes())
+                .arg(&args[..])
+                .arg(holder)
+                .arg(lease_ms)
+                .invoke_async(&mut c)
+                .await
+        };
+        let mut reply: Vec<Value> = if anyway {
+            self.link.run_anyway("lookup", call).await?
+        } else {
+            self.link.run("lookup", call).await?
+        };
+        let int = |v: Option<&Value>| match v {
+            Some(Value::Int(n)) => *n,
+            _ => -1,
+        };
+        let millis = |v: Option<&Value>| Duration::from_millis(u64::try_from(int(v)).unwrap_or(0));
+        let code = int(reply.first());
+        let (left, clock) = (millis(reply.get(2)), RedisClock::read(reply.get(3)));
+        // The value or holder moves out of the reply (no copy of a stored answer).
+        match (code, reply.get_mut(1)) {
+            (1, Some(Value::BulkString(value))) => {
+                Some(Found::Hit(std::mem::take(value), left, clock))
+            }
+            (3, Some(Value::BulkString(holder))) => {
+                Some(Found::Held(std::mem::take(holder), left, clock))
+            }
+            (code, _) => match budget_reply(code, int(reply.get(1)))? {
+                Budget::Go(wait) => Some(Found::Lead(wait, RedisClock::read(reply.get(2)))),
+                Budget::Refused(refusal) => Some(Found::Refused(refusal)),
+            },
+        }
+    }
+
+    /// A sharing request's lookup: Redis not answering is waited out for up to
+    /// `scaleout.sharing_wait` (a stall, a fork pause), retrying even while Redis counts as
+    /// down; `None` only when it never answered.
+    async fn lookup_patiently(
+        &self,
+        names: &Names,
+        holder: &str,
+        lease: Duration,
+        budget: BudgetValues,
+        reserve: bool,
+    ) -> Option<Found> {
+        let until = Instant::now() + self.sharing_wait;
+        loop {
+            let found = self
+                .lookup(names, holder, lease, budget, reserve, true)
+                .await;
+            if found.is_some() {
+                return found;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            tokio::time::sleep(SHARING_RETRY.min(left)).await;
+        }
+    }
+
+    /// Seals a result: the clear head (kind, absolute expiry), then sealed
+    /// `stamp_ms ‖ tag ‖ payload`, with the key and the head as associated data. Not stored
+    /// (`ttl` none): it expires as it is sealed, and lives only as a message.
+    fn seal(
+        &self,
+        names: &Names,
+        result: &CallResult,
+        stamp_ms: u64,
+        ttl: Option<Duration>,
+        tag: Option<CacheKey>,
+    ) -> Option<Vec<u8>> {
+        let mut plain = Vec::with_capacity(64);
+        plain.extend_from_slice(&stamp_ms.to_be_bytes());
+        let tag = tag_text(tag);
+        plain.push(u8::try_from(tag.len()).ok()?);
+        plain.extend_from_slice(&tag);
+        let kind = match result {
+            Ok(answer) => {
+                plain.extend_from_slice(&answer.to_wire());
+                if AnswerClass::of_status(answer.status) == AnswerClass::Ok {
+                    POSITIVE
+                } else {
+                    NEGATIVE
+                }
+            }
+            Err(error) => {
+                let wait = error.retry_after().unwrap_or_default();
+                plain
+                    .extend_from_slice(&u64::try_from(wait.as_millis()).unwrap_or(0).to_be_bytes());
+                plain.extend_from_slice(error.code().as_bytes());
+                FAILURE
+            }
+        };
+        let life = ttl.map_or(0, |ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let head = head(kind, stamp_ms.saturating_add(life));
+        let mut out = head.to_vec();
+        out.extend(self.sealer.seal(&associated(names, &head), &plain)?);
+        Some(out)
+    }
+
+    /// Opens a value or message sealed for this key; `None` when it does not open.
+    fn unseal(&self, names: &Names, value: &[u8]) -> Option<Sealed> {
+        let (head, sealed) = value.split_at_checked(HEAD)?;
+        let head: [u8; HEAD] = head.try_into().ok()?;
+        let plain = self.sealer.open(&associated(names, &head), sealed)?;
+        let expires_ms = std::str::from_utf8(&head[1..]).ok()?.parse().ok()?;
+        let (stamp, rest) = plain.split_at_checked(8)?;
+        let stamp_ms = u64::from_be_bytes(stamp.try_into().ok()?);
+        let (&tag_len, rest) = rest.split_first()?;
+        let (tag, payload) = rest.split_at_checked(usize::from(tag_len))?;
+        let result = match head[0] {
+            FAILURE => {
+                let (wait, code) = payload.split_at_checked(8)?;
+                let wait = Duration::from_millis(u64::from_be_bytes(wait.try_into().ok()?));
+                Err(GatewayError::from_remote(
+                    std::str::from_utf8(code).ok()?,
+                    wait,
+                ))
+            }
+            POSITIVE | NEGATIVE => Ok(Answer::from_wire(payload)?),
+            _ => return None,
+        };
+        Some(Sealed {
+            result,
+            expires_ms,
+            stamp_ms,
+            tag: tag.to_vec(),
+        })
+    }
+
+    /// The leader's write-back, after its client has its answer: store (when kept), free
+    /// the lease, tell the waiters. Tried even while Redis counts as down (the lease is
+    /// ours to free), within the write's patience.
+    async fn finish(&self, names: Names, result: CallResult, write: WriteBack) {
+        let stamp = write.clock.now_ms();
+        let Some(stored) = self.stored(&names, &result, stamp, write.ttl, write.tag) else {
+            return;
+        };
+        let until = Instant::now() + write.patience;
+        loop {
+            let done = self
+                .write(&scripts::FINISH, names, &write.holder, &stored)
+                .await;
+            let left = until.saturating_duration_since(Instant::now());
+            if done.is_some() || left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(SHARING_RETRY.min(left)).await;
+        }
+    }
+
+    /// One cacheable request's call, fleet-wide: a stored answer in Redis, or the answer
+    /// of the instance that leads the key, or this instance leads and `call` goes to Diia
+    /// (given the wait the shared budget reserved). Degrades to `call(None)` (local
+    /// budget) whenever Redis is down, except for a sharing request, which is refused
+    /// rather than sent on fleet state nobody could read.
+    pub async fn fetch<F, Fut>(
+        self: Arc<Self>,
+        key: CacheKey,
+        tag: Option<CacheKey>,
+        shape: Shape,
+        call: F,
+    ) -> Fetched
+    where
+        F: FnOnce(Option<Duration>) -> Fut,
+        Fut: Future<Output = CallResult>,
+    {
+        let names = Names::of(key);
+        let lease = if shape.sharing {
+            shape.policy_ttl_ceiling()
+        } else {
+            self.lease
+        };
+        let ours = tag_text(tag);
+        let mut call = Some(call);
+        let mut waited = Duration::ZERO;
+        // The claim of a lookup that was sent but whose reply never came: Redis may still
+        // run it when it resumes and give that claim the lease.
+        let mut lost: Option<String> = None;
+        // Values past their sealed expiry dropped so far (a writer restoring them again
+        // and again gets no loop: past a few, they count as unreadable).
+        let mut dropped = 0u32;
+        loop {
+            let Some(waiting) = self.link.waiters.register(names.channel.0) else {
+                break;
+            };
+            let claim = holder(tag);
+            // A client past its share of the Diia budget takes the lease without reserving
+            // the fleet's budget: it waits for its share first (see `Upstream::admit`), so a
+            // flood cannot spend the budget a quiet branch needs.
+            let standing = shape
+                .share
+                .as_ref()
+                .map_or(Standing::Within, |share| share.standing());
+            let reserve = standing != Standing::Over && !shape.unverified;
+            let budget = match standing {
+                Standing::Alone => shape.budget.half_deep(),
+                Standing::Within | Standing::Over => shape.budget,
+            };
+            let found = if shape.sharing {
+                self.lookup_patiently(&names, &claim, lease, budget, reserve)
+                    .await
+            } else {
+                // While Redis counts as down the lookup is not even sent.
+                let sent = self.link.is_up();
+                let found = self
+                    .lookup(&names, &claim, lease, budget, reserve, false)
+                    .await;
+                if found.is_none() && sent {
+                    lost = Some(claim.clone());
+                }
+                found
+            };
+            let (holder_text, left, clock) = match found {
+                None if shape.sharing => {
+                    // Never a second push: unknown fleet state is not "nothing sent".
+                    self.metrics.shared_lookup("unavailable");
+                    let refusal = Err(GatewayError::SharingUnavailable {
+                        retry_after: self.probe_interval,
+                    });
+                    // A lost lookup may take the lease when Redis resumes: free it, or
+                    // every retry of this requestId would wait on a leader that never
+                    // calls.
+                    self.abandon(names, claim, &refusal, None, tag, lease);
+                    return Fetched::diia(refusal);
+                }
+                None => break,
+                Some(Found::Hit(value, ttl, clock)) => {
+                    let now = clock.ms;
+                    match self.unseal(&names, &value) {
+                        // Opened, and past the expiry sealed with it (replayed with a new
+                        // TTL, or at the end of its life): absent. Dropped if still there,
+                        // then looked up again.
+                        Some(sealed) if sealed.expires_ms <= now && dropped < MAX_DROPS => {
+                            dropped += 1;
+                            self.drop_expired(&names, value).await;
+                            continue;
+                        }
+                        // Its sealed expiry, not the TTL Redis reports, bounds its life.
+                        Some(sealed) if sealed.expires_ms > now => {
+                            if !tags_match(&sealed.tag, &ours) {
+                                self.metrics.shared_lookup("remote_hit");
+                                return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
+                            }
+                            self.metrics.shared_lookup("remote_hit");
+                            let left = Duration::from_millis(sealed.expires_ms - now);
+                            return Fetched {
+                                result: sealed.result,
+                                origin: Origin::RemoteHit {
+                                    fresh_for: left.min(ttl),
+                                },
+                            };
+                        }
+                        // Does not open (or expired again and again): held, never absent.
+                        Some(_) | None => {
+                            self.metrics.shared_lookup("unreadable");
+                            match unreadable(&shape, ttl) {
+                                Some(refusal) => return Fetched::diia(Err(refusal)),
+                                None => break,
+                            }
+                        }
+                    }
+                }
+                Some(Found::Refused(refusal)) => {
+                    self.metrics.shared_lookup("leader");
+                    return Fetched::diia(Err(refusal));
+                }
+                Some(Found::Lead(wait, clock)) => {
+                    self.metrics.shared_lookup("leader");
+                    drop(waiting);
+                    let Some(call) = call.take() else {
+                        return Fetched::diia(Err(GatewayError::Internal));
+                    };
+                    let prepaid = reserve.then_some(wait);
+                    let result = shape.policy.settle(call(prepaid).await);
+                    let write = WriteBack {
+                        holder: claim,
+                        ttl: shape.policy.ttl(&result),
+                        tag,
+                        clock,
+                        patience: if shape.sharing {
+                            self.sharing_wait
+                        } else {
+                            Duration::ZERO
+                        },
+                    };
+                    let me = Arc::clone(&self);
+                    let kept = result.clone();
+                    tokio::spawn(async move {
+                        // The clients first: their answers leave before the write-back
+                        // takes the worker.
+                        tokio::task::yield_now().await;
+                        me.finish(names, kept, write).await;
+                    });
+                    return Fetched::diia(result);
+                }
+                Some(Found::Held(holder_text, left, clock)) => (holder_text, left, clock),
+            };
+            // Only a request with a tag (sharing) compares it: any other waits for the
+            // leader, whatever a Redis writer put in the holder text.
+            if tag.is_some() && tag_of_holder(&holder_text) != ours.as_slice() {
+                return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
+            }
+            self.metrics.shared_lookup("remote_wait");
+            // Wait for the leader's message; the lease is the fallback when a message is
+            // lost, and Redis going down ends the wait at once.
+            let cap = if shape.sharing {
+                shape.longest_call.saturating_sub(waited)
+            } else {
+                // Never a hot loop on a lease at its last millisecond.
+                left.max(SHARING_RETRY) + Duration::from_millis(5)
+            };
+            let started = tokio::time::Instant::now();
+            match self.wait(waiting, cap).await {
+                Waited::Message(value) => {
+                    // Only a message sealed after this lookup (less the skew) is the
+                    // leader's answer; an older one is a replay and is ignored.
+                    let floor = clock.ms.saturating_sub(MESSAGE_SKEW);
+                    if let Some(sealed) = self.unseal(&names, &value)
+                        && sealed.stamp_ms >= floor
+                    {
+                        if !tags_match(&sealed.tag, &ours) {
+                            return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
+                        }
+                        let fresh_for = (sealed.expires_ms > sealed.stamp_ms).then(|| {
+                            Duration::from_millis(sealed.expires_ms.saturating_sub(clock.now_ms()))
+                        });
+                        return Fetched {
+                            result: sealed.result,
+                            origin: Origin::RemoteWait { fresh_for },
+                        };
+                    }
+                }
+                Waited::Down if shape.sharing => {
+                    return Fetched::diia(Err(GatewayError::SharingOutcomeUnknown));
+                }
+                Waited::Down => break,
+                Waited::Expired if shape.sharing => {
+                    return Fetched::diia(Err(GatewayError::SharingOutcomeUnknown));
+                }
+                Waited::Expired => {}
+            }
+            waited += started.elapsed();
+            if waited >= shape.longest_call {
+                return Fetched::diia(Err(GatewayError::UpstreamTimeout));
+            }
+        }
+        if shape.sharing {
+            self.metrics.shared_lookup("unavailable");
+            return Fetched::diia(Err(GatewayError::SharingUnavailable {
+                retry_after: self.probe_interval,
+            }));
+        }
+        self.metrics.shared_lookup("degraded");
+        let Some(call) = call.take() else {
+            return Fetched::diia(Err(GatewayError::Internal));
+        };
+        let result = call(None).await;
+        if let Some(claim) = lost {
+            // The lost lookup may have made this claim the leader when Redis resumed: hand
+            // its waiters this answer (and store it), as a leader would.
+            let ttl = shape.policy.ttl(&result);
+            self.abandon(names, claim, &result, ttl, tag, lease);
+        }
+        Fetched::diia(result)
+    }
+
+    /// Drops a value that opened past its sealed expiry, if it is still the stored one.
+    async fn drop_expired(&self, names: &Names, value: Vec<u8>) {
+        let _ = self
+            .link
+            .run("lookup", |mut c| async move {
+                scripts::DROP
+                    .key(names.result.as_bytes())
+                    .arg(value)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// A claim given up without leading, whose lookup was sent but never answered: when
+    /// Redis resumes it may still run and give the claim the lease, which nobody would then
+    /// free (every later request for the key would wait on a leader that never calls).
+    /// In the background, while the lease is still this claim's: store `result` (when
+    /// `ttl`), free the lease, publish `result` to the waiters. Tried until Redis answers
+    /// (a lookup queued before it on the same connection has then run) and once more
+    /// shortly after (it may have been queued on a connection since replaced), for at most
+    /// the lease's life. A claim that led is never passed here.
+    fn abandon(
+        self: &Arc<Self>,
+        names: Names,
+        claim: String,
+        result: &CallResult,
+        ttl: Option<Duration>,
+        tag: Option<CacheKey>,
+        life: Duration,
+    ) {
+        let Some(stored) = self.stored(&names, result, self.redis_now_ms(), ttl, tag) else {
+            return;
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let until = Instant::now() + life;
+            let mut pause = SHARING_RETRY;
+            let mut answered = false;
+            loop {
+                let done = me.write(&scripts::ABANDON, names, &claim, &stored).await;
+                match done {
+                    Some(1) => return,
+                    Some(_) if answered => return,
+                    Some(_) => {
+                        answered = true;
+                        tokio::time::sleep(ABANDON_AGAIN).await;
+                    }
+                    None if Instant::now() >= until => return,
+                    None => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(me.probe_interval);
+                    }
+                }
+            }
+        });
+    }
+
+    /// `result` sealed as a write-back sends it: the value to store (empty when it is not
+    /// kept), its life, whether it is positive, and the waiters' message.
+    fn stored(
+        &self,
+        names: &Names,
+        result: &CallResult,
+        stamp: u64,
+        ttl: Option<Duration>,
+        tag: Option<CacheKey>,
+    ) -> Option<Stored> {
+        let message = self.seal(names, result, stamp, ttl, tag)?;
+        let positive = if message.first() == Some(&POSITIVE) {
+            "1"
+        } else {
+            "0"
+        };
+        let (value, ttl_ms) = match ttl {
+            Some(ttl) => (
+                message.clone(),
+                u64::try_from(ttl.as_millis()).unwrap_or(1).max(1),
+            ),
+            None => (Vec::new(), 1),
+        };
+        Some(Stored {
+            value,
+            ttl_ms,
+            positive,
+            message,
+        })
+    }
+
+    /// One try of a write-back script ([`scripts::FINISH`] or [`scripts::ABANDON`]: the
+    /// same keys and arguments) for `holder`, even while Redis counts as down.
+    async fn write(
+        &self,
+        script: &redis::Script,
+        names: Names,
+        holder: &str,
+        stored: &Stored,
+    ) -> Option<i64> {
+        self.link
+            .run_anyway("finish", |mut c| async move {
+                script
+                    .key(names.result.as_bytes())
+                    .key(names.lease.as_bytes())
+                    .arg(holder)
+                    .arg(&stored.value)
+                    .arg(stored.ttl_ms)
+                    .arg(stored.positive)
+                    .arg(names.channel.as_bytes())
+                    .arg(&stored.message)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    async fn wait(&self, mut waiting: link::Waiting, cap: Duration) -> Waited {
+        let mut up = self.link.watch();
+        let until = tokio::time::Instant::now() + cap;
+        loop {
+            tokio::select! {
+                changed = waiting.message.changed() => {
+                    if changed.is_err() {
+                        return Waited::Expired;
+                    }
+                    if let Some(value) = waiting.message.borrow_and_update().clone() {
+                        return Waited::Message(value);
+                    }
+                }
+                changed = up.changed() => {
+                    if changed.is_err() || !*up.borrow_and_update() {
+                        return Waited::Down;
+                    }
+                }
+                () = tokio::time::sleep_until(until) => return Waited::Expired,
+            }
+        }
+    }
+}
+
+/// What a leader's write-back needs besides the result.
+struct WriteBack {
+    /// The lease holder text this leader claimed.
+    holder: String,
+    /// How long the result is stored (`None`: only published).
+    ttl: Option<Duration>,
+    tag: Option<CacheKey>,
+    /// Redis's clock at the leader's lookup: the stamp and expiry are sealed on it.
+    clock: RedisClock,
+    /// How long to keep trying while Redis does not answer.
+    patience: Duration,
+}
+
+/// The seal's associated data: the Redis key and the value's clear head.
+fn associated(names: &Names, head: &[u8; HEAD]) -> [u8; 39 + HEAD] {
+    let mut aad = [0u8; 39 + HEAD];
+    aad[..39].copy_from_slice(names.result.as_bytes());
+    aad[39..].copy_from_slice(head);
+    aad
+}
+
+/// Whether a stored tag is the request's (both MACs in hex, or `-`).
+fn tags_match(stored: &[u8], ours: &[u8]) -> bool {
+    bool::from(subtle::ConstantTimeEq::ct_eq(stored, ours))
+}
+
+/// What a request gets for a stored value that does not open: it counts as held, never as
+/// absent. A sharing request or an identification (a single-use barcode) is refused, not
+/// sent again; a login (`None`) may be repeated, so it runs degraded.
+fn unreadable(shape: &Shape, ttl: Duration) -> Option<GatewayError> {
+    let retry_after = ttl.clamp(Duration::from_secs(1), crate::diia::BARCODE_LIFETIME);
+    if shape.sharing {
+        return Some(GatewayError::SharingUnavailable { retry_after });
+    }
+    match shape.policy {
+        Policy::Sharing { .. } => Some(GatewayError::SharingUnavailable { retry_after }),
+        Policy::Verification { .. } => Some(GatewayError::FleetAnswerUnreadable { retry_after }),
+        Policy::SessionToken { .. } => None,
+    }
+}
+
+/// How a remote wait ended.
+enum Waited {
+    Message(Bytes),
+    Down,
+    Expired,
+}
+
+/// What a shared fetch needs to know about the cache it fills.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// The cache's TTL policy (settles the leader's result, decides what is stored).
+    pub policy: Policy,
+    /// The Diia budget (fleet-wide values).
+    pub budget: BudgetValues,
+    /// The longest a leader's call can take.
+    pub longest_call: Duration,
+    /// Sharing: the lease lives as long as the barcode and a dead leader is never replaced.
+    pub sharing: bool,
+    /// The calling client's share of the Diia budget, when shares are enforced.
+    pub share: Option<Arc<Share>>,
+    /// The call spends the local unverified budget, never the fleet's (see
+    /// [`crate::trust`]): its lease reserves nothing.
+    pub unverified: bool,
+}
+
+impl Shape {
+    fn policy_ttl_ceiling(&self) -> Duration {
+        match self.policy {
+            Policy::Sharing { ttl } => ttl.max(crate::diia::BARCODE_LIFETIME),
+            Policy::Verification { ttl, .. } => ttl,
+            Policy::SessionToken { .. } => self.longest_call,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::scaleout::{FleetSecret, ScaleoutSettings};
+
+    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    /// An instance that never connects (the link is lazy).
+    fn instance() -> Scaleout {
+        let settings = ScaleoutSettings {
+            redis_url: "redis://127.0.0.1:1".to_owned(),
+            redis_password: None,
+            redis_ca: None,
+            secret: FleetSecret::parse(HEX, "1").unwrap(),
+            command_timeout: Duration::from_millis(25),
+            connect_timeout: Duration::from_millis(25),
+            probe_interval: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_secs(1),
+            instance_ttl: Duration::from_secs(5),
+            lease: Duration::from_secs(1),
+            sharing_wait: Duration::from_millis(500),
+        };
+        Scaleout::new(&settings, Arc::new(Metrics::with_fleet(true))).unwrap()
+    }
+
+    #[test]
+    fn the_head_is_the_kind_and_sixteen_digits() {
+        assert_eq!(&head(POSITIVE, 1_764_000_000_123), b"P0001764000000123");
+        assert_eq!(&head(FAILURE, u64::MAX)[1..], b"9999999999999999");
+    }
+
+    #[tokio::test]
+    async fn a_value_opens_only_with_its_key_kind_and_expiry() {
+        let fleet = instance();
+        let key = crate::keys::HashKey::fixed([1; 16]).key("t").finish();
+        let names = Names::of(key);
+        let answer = Answer::new(
+            http::StatusCode::OK,
+            crate::answer::AnswerParts {
+                body: b"{\"success\":true}",
+                content_type: None,
+                trace_id: None,
+                retry_after: None,
+                location: None,
+            },
+        );
+        let tag = Some(crate::keys::HashKey::fixed([2; 16]).key("tag").finish());
+        let value = fleet
+            .seal(
+                &names,
+                &Ok(answer),
+                1_000,
+                Some(Duration::from_secs(2)),
+                tag,
+            )
+            .unwrap();
+        assert_eq!(&value[..HEAD], b"P0000000000003000");
+        let sealed = fleet.unseal(&names, &value).unwrap();
+        assert_eq!((sealed.stamp_ms, sealed.expires_ms), (1_000, 3_000));
+        assert_eq!(sealed.tag, tag_text(tag));
+        assert!(sealed.result.is_ok());
+        // Relabelled as another kind, given a longer life, moved, or altered: no.
+        let mut relabelled = value.clone();
+        relabelled[0] = NEGATIVE;
+        assert!(fleet.unseal(&names, &relabelled).is_none());
+        let mut longer = value.clone();
+        longer[5] = b'9';
+        assert!(fleet.unseal(&names, &longer).is_none());
+        let other = Names::of(crate::keys::HashKey::fixed([1; 16]).key("u").finish());
+        assert!(fleet.unseal(&other, &value).is_none());
+        let mut flipped = value;
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(fleet.unseal(&names, &flipped).is_none());
+        // Not stored: it expires as it is sealed.
+        let message = fleet
+            .seal(
+                &names,
+                &Err(GatewayError::UpstreamTimeout),
+                5_000,
+                None,
+                None,
+            )
+            .unwrap();
+        let sealed = fleet.unseal(&names, &message).unwrap();
+        assert_eq!((sealed.stamp_ms, sealed.expires_ms), (5_000, 5_000));
+        assert!(matches!(sealed.result, Err(GatewayError::UpstreamTimeout)));
+    }
+
+    #[test]
+    fn names_are_the_kind_and_the_key_in_hex_under_the_hash_tag() {
+        let key = crate::keys::HashKey::fixed([1; 16]).key("t").finish();
+        let hex = hex::encode(key.as_bytes());
+        let names = Names::of(key);
+        for (name, kind) in [
+            (names.result, "r"),
+            (names.lease, "l"),
+            (names.channel, "c"),
+        ] {
+            assert_eq!(name.as_bytes(), format!("{{dg}}:{kind}:{hex}").as_bytes());
+        }
+    }
+}
