@@ -386,7 +386,7 @@ impl Settings {
         };
         let scaleout = scaleout(file)?;
         let keys = match &scaleout {
-            Some(scaleout) => HashKey::from_fleet(&scaleout.secret),
+            Some(scaleout) => scaleout.secret.hash_key(),
             None => HashKey::random().map_err(|e| invalid("keys", e.to_string()))?,
         };
         let cold = Cold {
