@@ -381,6 +381,9 @@ impl Scaleout {
     /// (given the wait the shared budget reserved). Degrades to `call(None)` (local
     /// budget) whenever Redis is down, except for a sharing request, which is refused
     /// rather than sent on fleet state nobody could read.
+    ///
+    /// Rounds of lookup → lead | hit | wait, each step a method below, until one answers;
+    /// then, if Redis could not help, the degraded call.
     pub async fn fetch<F, Fut>(
         self: Arc<Self>,
         key: CacheKey,
@@ -392,186 +395,234 @@ impl Scaleout {
         F: FnOnce(Option<Duration>) -> Fut,
         Fut: Future<Output = CallResult>,
     {
-        let names = Names::of(key);
-        let lease = if shape.sharing {
-            shape.policy_ttl_ceiling()
-        } else {
-            self.lease
-        };
-        let ours = tag_text(tag);
-        let mut call = Some(call);
-        let mut waited = Duration::ZERO;
-        // The claim of a lookup that was sent but whose reply never came: Redis may still
-        // run it when it resumes and give that claim the lease.
-        let mut lost: Option<String> = None;
-        // Values past their sealed expiry dropped so far (a writer restoring them again
-        // and again gets no loop: past a few, they count as unreadable).
-        let mut dropped = 0u32;
+        let mut state = Claims::new(key, tag, &shape, self.lease);
         loop {
-            let Some(waiting) = self.link.waiters.register(names.channel.0) else {
+            let Some(waiting) = self.link.waiters.register(state.names.channel.0) else {
                 break;
             };
             let claim = holder(tag);
-            // A client past its share of the Diia budget takes the lease without reserving
-            // the fleet's budget: it waits for its share first (see `Upstream::admit`), so a
-            // flood cannot spend the budget a quiet branch needs.
-            let standing = shape
-                .share
-                .as_ref()
-                .map_or(Standing::Within, |share| share.standing());
-            let reserve = standing != Standing::Over && !shape.unverified;
-            let budget = match standing {
-                Standing::Alone => shape.budget.half_deep(),
-                Standing::Within | Standing::Over => shape.budget,
-            };
-            let found = if shape.sharing {
-                self.lookup_patiently(&names, &claim, lease, budget, reserve)
-                    .await
-            } else {
-                // While Redis counts as down the lookup is not even sent.
-                let sent = self.link.is_up();
-                let found = self
-                    .lookup(&names, &claim, lease, budget, reserve, false)
-                    .await;
-                if found.is_none() && sent {
-                    lost = Some(claim.clone());
-                }
-                found
-            };
-            let (holder_text, left, clock) = match found {
-                None if shape.sharing => {
-                    // Never a second push: unknown fleet state is not "nothing sent".
-                    self.metrics.shared_lookup("unavailable");
-                    let refusal = Err(GatewayError::SharingUnavailable {
-                        retry_after: self.probe_interval,
-                    });
-                    // A lost lookup may take the lease when Redis resumes: free it, or
-                    // every retry of this requestId would wait on a leader that never
-                    // calls.
-                    self.abandon(names, claim, &refusal, None, tag, lease);
-                    return Fetched::diia(refusal);
-                }
-                None => break,
+            let (reserve, budget) = shape.reservation();
+            let found = self
+                .look_up(&mut state, &shape, &claim, budget, reserve)
+                .await;
+            let next = match found {
+                None if shape.sharing => Next::Done(self.refuse_unknown(&state, claim)),
+                None => Next::Degrade,
                 Some(Found::Hit(value, ttl, clock)) => {
-                    let now = clock.ms;
-                    match self.unseal(&names, &value) {
-                        // Opened, and past the expiry sealed with it (replayed with a new
-                        // TTL, or at the end of its life): absent. Dropped if still there,
-                        // then looked up again.
-                        Some(sealed) if sealed.expires_ms <= now && dropped < MAX_DROPS => {
-                            dropped += 1;
-                            self.drop_expired(&names, value).await;
-                            continue;
-                        }
-                        // Its sealed expiry, not the TTL Redis reports, bounds its life.
-                        Some(sealed) if sealed.expires_ms > now => {
-                            if !tags_match(&sealed.tag, &ours) {
-                                self.metrics.shared_lookup("remote_hit");
-                                return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
-                            }
-                            self.metrics.shared_lookup("remote_hit");
-                            let left = Duration::from_millis(sealed.expires_ms - now);
-                            return Fetched {
-                                result: sealed.result,
-                                origin: Origin::RemoteHit {
-                                    fresh_for: left.min(ttl),
-                                },
-                            };
-                        }
-                        // Does not open (or expired again and again): held, never absent.
-                        Some(_) | None => {
-                            self.metrics.shared_lookup("unreadable");
-                            match unreadable(&shape, ttl) {
-                                Some(refusal) => return Fetched::diia(Err(refusal)),
-                                None => break,
-                            }
-                        }
-                    }
+                    self.hit(&mut state, &shape, value, ttl, clock).await
                 }
                 Some(Found::Refused(refusal)) => {
                     self.metrics.shared_lookup("leader");
-                    return Fetched::diia(Err(refusal));
+                    Next::Done(Fetched::diia(Err(refusal)))
                 }
                 Some(Found::Lead(wait, clock)) => {
-                    self.metrics.shared_lookup("leader");
                     drop(waiting);
-                    let Some(call) = call.take() else {
-                        return Fetched::diia(Err(GatewayError::Internal));
-                    };
                     let prepaid = reserve.then_some(wait);
-                    let result = shape.policy.settle(call(prepaid).await);
-                    let write = WriteBack {
-                        holder: claim,
-                        ttl: shape.policy.ttl(&result),
-                        tag,
-                        clock,
-                        patience: if shape.sharing {
-                            self.sharing_wait
-                        } else {
-                            Duration::ZERO
-                        },
-                    };
-                    let me = Arc::clone(&self);
-                    let kept = result.clone();
-                    tokio::spawn(async move {
-                        // The clients first: their answers leave before the write-back
-                        // takes the worker.
-                        tokio::task::yield_now().await;
-                        me.finish(names, kept, write).await;
-                    });
-                    return Fetched::diia(result);
+                    return self.lead(&state, shape, claim, prepaid, clock, call).await;
                 }
-                Some(Found::Held(holder_text, left, clock)) => (holder_text, left, clock),
+                Some(Found::Held(holder_text, left, clock)) => {
+                    let held = (holder_text.as_slice(), left, clock);
+                    self.follow(&mut state, &shape, waiting, held).await
+                }
             };
-            // Only a request with a tag (sharing) compares it: any other waits for the
-            // leader, whatever a Redis writer put in the holder text.
-            if tag.is_some() && tag_of_holder(&holder_text) != ours.as_slice() {
-                return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
-            }
-            self.metrics.shared_lookup("remote_wait");
-            // Wait for the leader's message; the lease is the fallback when a message is
-            // lost, and Redis going down ends the wait at once.
-            let cap = if shape.sharing {
-                shape.longest_call.saturating_sub(waited)
-            } else {
-                // Never a hot loop on a lease at its last millisecond.
-                left.max(SHARING_RETRY) + Duration::from_millis(5)
-            };
-            let started = tokio::time::Instant::now();
-            match self.wait(waiting, cap).await {
-                Waited::Message(value) => {
-                    // Only a message sealed after this lookup (less the skew) is the
-                    // leader's answer; an older one is a replay and is ignored.
-                    let floor = clock.ms.saturating_sub(MESSAGE_SKEW);
-                    if let Some(sealed) = self.unseal(&names, &value)
-                        && sealed.stamp_ms >= floor
-                    {
-                        if !tags_match(&sealed.tag, &ours) {
-                            return Fetched::diia(Err(GatewayError::SharingAlreadyRequested));
-                        }
-                        let fresh_for = (sealed.expires_ms > sealed.stamp_ms).then(|| {
-                            Duration::from_millis(sealed.expires_ms.saturating_sub(clock.now_ms()))
-                        });
-                        return Fetched {
-                            result: sealed.result,
-                            origin: Origin::RemoteWait { fresh_for },
-                        };
-                    }
-                }
-                Waited::Down if shape.sharing => {
-                    return Fetched::diia(Err(GatewayError::SharingOutcomeUnknown));
-                }
-                Waited::Down => break,
-                Waited::Expired if shape.sharing => {
-                    return Fetched::diia(Err(GatewayError::SharingOutcomeUnknown));
-                }
-                Waited::Expired => {}
-            }
-            waited += started.elapsed();
-            if waited >= shape.longest_call {
-                return Fetched::diia(Err(GatewayError::UpstreamTimeout));
+            match next {
+                Next::Done(fetched) => return fetched,
+                Next::Again => {}
+                Next::Degrade => break,
             }
         }
+        self.degrade(state, &shape, call).await
+    }
+
+    /// The lookup step: one round trip, or (sharing) as many as `scaleout.sharing_wait`
+    /// allows. A lookup sent but never answered leaves its claim in `state.lost`.
+    async fn look_up(
+        &self,
+        state: &mut Claims,
+        shape: &Shape,
+        claim: &str,
+        budget: BudgetValues,
+        reserve: bool,
+    ) -> Option<Found> {
+        if shape.sharing {
+            return self
+                .lookup_patiently(&state.names, claim, state.lease, budget, reserve)
+                .await;
+        }
+        // While Redis counts as down the lookup is not even sent.
+        let sent = self.link.is_up();
+        let found = self
+            .lookup(&state.names, claim, state.lease, budget, reserve, false)
+            .await;
+        if found.is_none() && sent {
+            state.lost = Some(claim.to_owned());
+        }
+        found
+    }
+
+    /// A sharing request whose lookup Redis never answered: refused, never sent.
+    fn refuse_unknown(self: &Arc<Self>, state: &Claims, claim: String) -> Fetched {
+        // Never a second push: unknown fleet state is not "nothing sent".
+        self.metrics.shared_lookup("unavailable");
+        let refusal = Err(GatewayError::SharingUnavailable {
+            retry_after: self.probe_interval,
+        });
+        // A lost lookup may take the lease when Redis resumes: free it, or every retry of
+        // this requestId would wait on a leader that never calls.
+        self.abandon(state.names, claim, &refusal, None, state.tag, state.lease);
+        Fetched::diia(refusal)
+    }
+
+    /// The hit step: a stored value, served only if it opens and its sealed expiry is
+    /// ahead.
+    async fn hit(
+        &self,
+        state: &mut Claims,
+        shape: &Shape,
+        value: Vec<u8>,
+        ttl: Duration,
+        clock: RedisClock,
+    ) -> Next {
+        let now = clock.ms;
+        match self.unseal(&state.names, &value) {
+            // Opened, and past the expiry sealed with it (replayed with a new TTL, or at
+            // the end of its life): absent. Dropped if still there, then looked up again.
+            Some(sealed) if sealed.expires_ms <= now && state.dropped < MAX_DROPS => {
+                state.dropped += 1;
+                self.drop_expired(&state.names, value).await;
+                Next::Again
+            }
+            // Its sealed expiry, not the TTL Redis reports, bounds its life.
+            Some(sealed) if sealed.expires_ms > now => {
+                self.metrics.shared_lookup("remote_hit");
+                if !tags_match(&sealed.tag, &state.ours) {
+                    return Next::Done(Fetched::diia(Err(GatewayError::SharingAlreadyRequested)));
+                }
+                let left = Duration::from_millis(sealed.expires_ms - now);
+                Next::Done(Fetched {
+                    result: sealed.result,
+                    origin: Origin::RemoteHit {
+                        fresh_for: left.min(ttl),
+                    },
+                })
+            }
+            // Does not open (or expired again and again): held, never absent.
+            Some(_) | None => {
+                self.metrics.shared_lookup("unreadable");
+                match unreadable(shape, ttl) {
+                    Some(refusal) => Next::Done(Fetched::diia(Err(refusal))),
+                    None => Next::Degrade,
+                }
+            }
+        }
+    }
+
+    /// The lead step: this instance holds the lease, calls Diia, answers its client, then
+    /// writes the result back in the background.
+    async fn lead<F, Fut>(
+        self: Arc<Self>,
+        state: &Claims,
+        shape: Shape,
+        claim: String,
+        prepaid: Option<Duration>,
+        clock: RedisClock,
+        call: F,
+    ) -> Fetched
+    where
+        F: FnOnce(Option<Duration>) -> Fut,
+        Fut: Future<Output = CallResult>,
+    {
+        self.metrics.shared_lookup("leader");
+        let result = shape.policy.settle(call(prepaid).await);
+        let write = WriteBack {
+            holder: claim,
+            ttl: shape.policy.ttl(&result),
+            tag: state.tag,
+            clock,
+            patience: if shape.sharing {
+                self.sharing_wait
+            } else {
+                Duration::ZERO
+            },
+        };
+        let names = state.names;
+        let kept = result.clone();
+        tokio::spawn(async move {
+            // The clients first: their answers leave before the write-back takes the
+            // worker.
+            tokio::task::yield_now().await;
+            self.finish(names, kept, write).await;
+        });
+        Fetched::diia(result)
+    }
+
+    /// The wait step: another instance leads; wait for its message (the lease is the
+    /// fallback when a message is lost, and Redis going down ends the wait at once).
+    async fn follow(
+        &self,
+        state: &mut Claims,
+        shape: &Shape,
+        waiting: link::Waiting,
+        (holder_text, left, clock): (&[u8], Duration, RedisClock),
+    ) -> Next {
+        // Only a request with a tag (sharing) compares it: any other waits for the
+        // leader, whatever a Redis writer put in the holder text.
+        if state.tag.is_some() && tag_of_holder(holder_text) != state.ours.as_slice() {
+            return Next::Done(Fetched::diia(Err(GatewayError::SharingAlreadyRequested)));
+        }
+        self.metrics.shared_lookup("remote_wait");
+        let cap = if shape.sharing {
+            shape.longest_call.saturating_sub(state.waited)
+        } else {
+            // Never a hot loop on a lease at its last millisecond.
+            left.max(SHARING_RETRY) + Duration::from_millis(5)
+        };
+        let started = tokio::time::Instant::now();
+        match self.wait(waiting, cap).await {
+            Waited::Message(value) => {
+                // Only a message sealed after this lookup (less the skew) is the leader's
+                // answer; an older one is a replay and is ignored.
+                let floor = clock.ms.saturating_sub(MESSAGE_SKEW);
+                if let Some(sealed) = self.unseal(&state.names, &value)
+                    && sealed.stamp_ms >= floor
+                {
+                    if !tags_match(&sealed.tag, &state.ours) {
+                        return Next::Done(Fetched::diia(Err(
+                            GatewayError::SharingAlreadyRequested,
+                        )));
+                    }
+                    let fresh_for = (sealed.expires_ms > sealed.stamp_ms).then(|| {
+                        Duration::from_millis(sealed.expires_ms.saturating_sub(clock.now_ms()))
+                    });
+                    return Next::Done(Fetched {
+                        result: sealed.result,
+                        origin: Origin::RemoteWait { fresh_for },
+                    });
+                }
+            }
+            Waited::Down if shape.sharing => {
+                return Next::Done(Fetched::diia(Err(GatewayError::SharingOutcomeUnknown)));
+            }
+            Waited::Down => return Next::Degrade,
+            Waited::Expired if shape.sharing => {
+                return Next::Done(Fetched::diia(Err(GatewayError::SharingOutcomeUnknown)));
+            }
+            Waited::Expired => {}
+        }
+        state.waited += started.elapsed();
+        if state.waited >= shape.longest_call {
+            return Next::Done(Fetched::diia(Err(GatewayError::UpstreamTimeout)));
+        }
+        Next::Again
+    }
+
+    /// Redis could not help: a sharing request is refused; any other calls Diia on the
+    /// local budget, and a claim whose lookup was lost hands that answer on.
+    async fn degrade<F, Fut>(self: &Arc<Self>, state: Claims, shape: &Shape, call: F) -> Fetched
+    where
+        F: FnOnce(Option<Duration>) -> Fut,
+        Fut: Future<Output = CallResult>,
+    {
         if shape.sharing {
             self.metrics.shared_lookup("unavailable");
             return Fetched::diia(Err(GatewayError::SharingUnavailable {
@@ -579,15 +630,12 @@ impl Scaleout {
             }));
         }
         self.metrics.shared_lookup("degraded");
-        let Some(call) = call.take() else {
-            return Fetched::diia(Err(GatewayError::Internal));
-        };
         let result = call(None).await;
-        if let Some(claim) = lost {
+        if let Some(claim) = state.lost {
             // The lost lookup may have made this claim the leader when Redis resumed: hand
             // its waiters this answer (and store it), as a leader would.
             let ttl = shape.policy.ttl(&result);
-            self.abandon(names, claim, &result, ttl, tag, lease);
+            self.abandon(state.names, claim, &result, ttl, state.tag, state.lease);
         }
         Fetched::diia(result)
     }
@@ -772,6 +820,52 @@ fn unreadable(shape: &Shape, ttl: Duration) -> Option<GatewayError> {
     }
 }
 
+/// One fetch's state across its rounds.
+struct Claims {
+    names: Names,
+    tag: Option<CacheKey>,
+    /// The tag as stored and compared (hex, or `-`).
+    ours: Vec<u8>,
+    /// How long a claim holds the key.
+    lease: Duration,
+    /// Time spent waiting on leaders so far.
+    waited: Duration,
+    /// The claim of a lookup that was sent but whose reply never came: Redis may still run
+    /// it when it resumes and give that claim the lease.
+    lost: Option<String>,
+    /// Values past their sealed expiry dropped so far (a writer restoring them again and
+    /// again gets no loop: past a few, they count as unreadable).
+    dropped: u32,
+}
+
+impl Claims {
+    fn new(key: CacheKey, tag: Option<CacheKey>, shape: &Shape, lease: Duration) -> Self {
+        Self {
+            names: Names::of(key),
+            tag,
+            ours: tag_text(tag),
+            lease: if shape.sharing {
+                shape.policy_ttl_ceiling()
+            } else {
+                lease
+            },
+            waited: Duration::ZERO,
+            lost: None,
+            dropped: 0,
+        }
+    }
+}
+
+/// Where one step of a fetch leaves it.
+enum Next {
+    /// Answered (or refused): the fetch ends with this.
+    Done(Fetched),
+    /// Look up again (an expired value dropped, a wait that ended without an answer).
+    Again,
+    /// Redis cannot help: the degraded call.
+    Degrade,
+}
+
 /// How a remote wait ended.
 enum Waited {
     Message(Bytes),
@@ -798,6 +892,23 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// Whether a lookup reserves the fleet's budget, and the budget it reserves from.
+    /// A client past its share of the Diia budget takes the lease without reserving the
+    /// fleet's budget: it waits for its share first (see `Upstream::admit`), so a flood
+    /// cannot spend the budget a quiet branch needs.
+    fn reservation(&self) -> (bool, BudgetValues) {
+        let standing = self
+            .share
+            .as_ref()
+            .map_or(Standing::Within, |share| share.standing());
+        let reserve = standing != Standing::Over && !self.unverified;
+        let budget = match standing {
+            Standing::Alone => self.budget.half_deep(),
+            Standing::Within | Standing::Over => self.budget,
+        };
+        (reserve, budget)
+    }
+
     fn policy_ttl_ceiling(&self) -> Duration {
         match self.policy {
             Policy::Sharing { ttl } => ttl.max(crate::diia::BARCODE_LIFETIME),
