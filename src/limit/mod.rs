@@ -397,6 +397,29 @@ impl UnverifiedBudget {
     }
 }
 
+/// 1/`fleet` of every local rate (rounded up, at least 1): with scale-out, each instance
+/// enforces its share locally, so abuse protection costs no round trip.
+#[must_use]
+pub fn fleet_share(config: &LimitsConfig, fleet: u32) -> LimitsConfig {
+    let part = |n: std::num::NonZeroU32| {
+        std::num::NonZeroU32::new(n.get().div_ceil(fleet)).unwrap_or(std::num::NonZeroU32::MIN)
+    };
+    let mut share = config.clone();
+    share.branch.per_minute = part(config.branch.per_minute);
+    share.branch.burst = part(config.branch.burst);
+    share.client.per_minute = part(config.client.per_minute);
+    share.client.burst = part(config.client.burst);
+    share.login.per_minute = part(config.login.per_minute);
+    share.login.burst = part(config.login.burst);
+    share.poll.per_minute = part(config.poll.per_minute);
+    share.poll.burst = part(config.poll.burst);
+    share.diia.per_second = part(config.diia.per_second);
+    share.diia.burst = part(config.diia.burst);
+    share.unverified.per_second = part(config.unverified.per_second);
+    share.unverified.burst = part(config.unverified.burst);
+    share
+}
+
 /// Every keyed budget of one config snapshot.
 pub struct Limits {
     /// Per branch.
