@@ -1,6 +1,12 @@
 //! `[scaleout]` checked: the Redis URL, the fleet secret and password files read.
 
-use super::*;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{ConfigError, invalid};
+use crate::config::FileConfig;
+use crate::keys::Secret;
+use crate::scaleout::ScaleoutSettings;
 
 /// `[scaleout]`: the URL, the secret and password files read, timings checked.
 pub(super) fn scaleout(file: &FileConfig) -> Result<Option<ScaleoutSettings>, ConfigError> {

@@ -7,6 +7,10 @@
 //! breaker, cache capacity, auth mode); a reload whose cold half differs is refused with
 //! the differing keys named, so a reload never reports success while ignoring a change.
 
+mod fleet;
+mod server;
+mod upstream;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,18 +20,11 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cache_policy::Policy;
 use crate::caller::{ApiKeys, ClientCerts};
-use crate::config::{
-    AuthConfig, AuthMode, BranchAuth, CacheConfig, FileConfig, LimitsConfig, LogFormat,
-    ServerConfig, UpstreamConfig,
-};
+use crate::config::{AuthMode, BranchAuth, CacheConfig, FileConfig, LimitsConfig, LogFormat};
 use crate::diia::{BARCODE_LIFETIME, SESSION_TOKEN_LIFETIME};
 use crate::keys::{HashKey, Secret};
 use crate::limit::{BudgetQuota, Limits, fleet_share};
 use crate::scaleout::ScaleoutSettings;
-
-mod fleet;
-mod server;
-mod upstream;
 
 use fleet::scaleout;
 use server::{auth, check_server, tls_acceptor, trusted_proxies};

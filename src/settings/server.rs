@@ -1,7 +1,14 @@
 //! `[server]` and `[auth]` checked: bounds, trusted proxies, TLS, API keys and client
 //! certificates, the acquirer's credentials.
 
-use super::*;
+use std::sync::Arc;
+
+use tokio_rustls::TlsAcceptor;
+
+use super::{AcquirerCredentials, ConfigError, invalid};
+use crate::caller::{ApiKeys, ClientCerts};
+use crate::config::{AuthConfig, AuthMode, BranchAuth, ServerConfig};
+use crate::keys::Secret;
 
 /// `[server]` bounds.
 pub(super) fn check_server(server: &ServerConfig) -> Result<(), ConfigError> {

@@ -1,6 +1,9 @@
 //! `[upstream]` checked: per-call values, the Diia target or the embedded simulator.
 
-use super::*;
+use std::net::SocketAddr;
+
+use super::{ConfigError, UpstreamTarget, UpstreamTunables, invalid};
+use crate::config::{FileConfig, LimitsConfig, UpstreamConfig};
 
 /// `[upstream]` per-call values.
 pub(super) fn upstream_tunables(
