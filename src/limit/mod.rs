@@ -9,6 +9,10 @@
 //! key where the old budget left it, scaled to the new quota: no change of quota ever
 //! hands a spent key a fresh burst. (Client shares of the Diia budget are the exception:
 //! they only divide the Diia budget, which is never refilled.)
+//!
+//! Here: the keyed budgets (per branch, client, login, poll; failures; unverified calls),
+//! [`Limits`] and [`fleet_share`], a fleet instance's part of them. The Diia budget, each
+//! client's share of it and Diia's brake live in `diia`.
 
 mod diia;
 

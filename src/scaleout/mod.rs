@@ -22,6 +22,11 @@
 //! Redis's clock (a replayed or relabelled value is not served), Diia's brake is read for
 //! at most `limits.diia.max_backoff`, a budget clock far ahead is reset, and only fleet
 //! members signed under the secret count as instances.
+//!
+//! Layout: `budget` (the shared GCRA and Diia's brake), `membership` (the signed fleet set,
+//! the heartbeat, and [`join_fleet`], the probe and heartbeat loop), `shared_cache` (sealed
+//! answers, leases and waiters: [`Scaleout::fetch`]), [`link`] (the Redis connections),
+//! [`secret`] (subkeys, seals, signed members), `scripts` (the Lua scripts).
 
 mod budget;
 pub mod link;
@@ -98,7 +103,7 @@ impl std::fmt::Debug for Scaleout {
 
 impl Scaleout {
     /// The fleet side, not yet connected: the first probe and heartbeat come from the
-    /// start-up loop (`lib.rs`), so a gateway starts with Redis down.
+    /// start-up loop ([`join_fleet`]), so a gateway starts with Redis down.
     pub fn new(settings: &ScaleoutSettings, metrics: Arc<Metrics>) -> Result<Self, LinkError> {
         let link = Arc::new(RedisLink::new(settings, Arc::clone(&metrics))?);
         metrics.set_instances(1);

@@ -6,6 +6,9 @@
 //! whole. [`Cold`] is what only a restart can change (listeners, caps, the pool, the
 //! breaker, cache capacity, auth mode); a reload whose cold half differs is refused with
 //! the differing keys named, so a reload never reports success while ignoring a change.
+//!
+//! Checks by table: `server` (`[server]`, `[server.tls]`, `[auth]`), `upstream`
+//! (`[upstream]`, `[simulator]`), `fleet` (`[scaleout]`); the rest here.
 
 mod fleet;
 mod server;
