@@ -24,14 +24,16 @@
 //! members signed under the secret count as instances.
 //!
 //! Layout: `budget` (the shared GCRA and Diia's brake), `membership` (the signed fleet set,
-//! the heartbeat, and [`join_fleet`], the probe and heartbeat loop), `shared_cache` (sealed
-//! answers, leases and waiters: [`Scaleout::fetch`]), [`link`] (the Redis connections),
-//! [`secret`] (subkeys, seals, signed members), `scripts` (the Lua scripts).
+//! the heartbeat, and [`join_fleet`], the probe and heartbeat loop), `shared_cache` (the
+//! lookup, the lease and the waiters: [`Scaleout::fetch`]), `sealed` (key names and sealed
+//! values), [`link`] (the Redis connections), [`secret`] (subkeys, seals, signed members),
+//! `scripts` (the Lua scripts).
 
 mod budget;
 pub mod link;
 mod membership;
 mod scripts;
+mod sealed;
 pub mod secret;
 mod shared_cache;
 
