@@ -92,64 +92,6 @@ pub mod upstream;
 mod watchdog;
 pub mod worker;
 
-use std::sync::Arc;
-
-use tokio::task::JoinHandle;
-
 pub use crate::error::GatewayError;
-use crate::gateway::Gateway;
 pub use crate::runtime::{RunningGateway, SimHandle, start, start_from_file};
-use crate::service::Shutdown;
 pub use crate::settings::Settings;
-
-/// Scale-out: a first probe and heartbeat (bounded by the Redis timeouts; the gateway
-/// starts degraded when Redis is down), then the probe and heartbeat loop.
-async fn join_fleet(
-    gateway: &Arc<Gateway>,
-    closing: &Shutdown,
-    settings: &settings::ScaleoutSettings,
-) -> JoinHandle<()> {
-    let gateway = Arc::clone(gateway);
-    let shutdown = closing.clone();
-    let (probe_every, beat_every) = (settings.probe_interval, settings.heartbeat_interval);
-    let Some(fleet) = gateway.scaleout().cloned() else {
-        return tokio::spawn(async {});
-    };
-    if !fleet.link().probe().await {
-        tracing::warn!(
-            "Redis unreachable at start; running degraded on local state until it answers"
-        );
-    } else if let Some(live) = fleet.heartbeat().await {
-        gateway.rescale(live);
-    }
-    tokio::spawn(async move {
-        let mut probes = tokio::time::interval(probe_every);
-        let mut beats = tokio::time::interval(beat_every);
-        let mut up = fleet.link().watch();
-        loop {
-            tokio::select! {
-                changed = up.changed() => {
-                    if changed.is_ok() && !*up.borrow_and_update() {
-                        gateway.empty_local_budget();
-                    }
-                }
-                _ = probes.tick() => {
-                    if !fleet.link().is_up() && fleet.link().probe().await
-                        && let Some(live) = fleet.heartbeat().await
-                    {
-                        gateway.rescale(live);
-                    }
-                }
-                _ = beats.tick() => {
-                    if let Some(live) = fleet.heartbeat().await {
-                        gateway.rescale(live);
-                    }
-                }
-                () = shutdown.wait() => {
-                    fleet.leave().await;
-                    break;
-                }
-            }
-        }
-    })
-}

@@ -15,7 +15,7 @@ use crate::reload::Reloader;
 use crate::server::{ConnectionLimits, accept_loop};
 use crate::service::Shutdown;
 use crate::settings::{Settings, UpstreamTarget};
-use crate::{join_fleet, worker};
+use crate::{scaleout, worker};
 
 /// How often idle branch budgets are forgotten.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(30);
@@ -154,8 +154,21 @@ pub async fn start_from_file(
         spawn_drain_phases(&draining, &closing, settings.cold.drain_delay),
         spawn_housekeeping(&gateway, &closing),
     ];
-    if let Some(fleet) = &settings.cold.scaleout {
-        tasks.push(join_fleet(&gateway, &closing, fleet).await);
+    if let (Some(fleet_settings), Some(fleet)) =
+        (&settings.cold.scaleout, gateway.scaleout().cloned())
+    {
+        let (rescale, down, closing) =
+            (Arc::clone(&gateway), Arc::clone(&gateway), closing.clone());
+        tasks.push(
+            scaleout::join_fleet(
+                fleet,
+                fleet_settings,
+                async move { closing.wait().await },
+                move |live| rescale.rescale(live),
+                move || down.empty_local_budget(),
+            )
+            .await,
+        );
     }
     tasks.extend(spawn_listeners(
         (listeners, admin_listener),

@@ -19,8 +19,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, RedisResult, Value};
 use tokio::sync::watch;
 
+use super::ScaleoutSettings;
 use crate::metrics::Metrics;
-use crate::settings::ScaleoutSettings;
 
 /// Pattern every instance subscribes to: one channel per key, named after the key.
 pub const CHANNEL_PATTERN: &str = "{dg}:c:*";
