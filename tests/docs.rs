@@ -140,7 +140,10 @@ fn broken(file: &Path, target: &str) -> Option<String> {
     if anchors(&read(&resolved)).contains(anchor) {
         None
     } else {
-        Some(format!("no heading in {} has the anchor #{anchor}", resolved.display()))
+        Some(format!(
+            "no heading in {} has the anchor #{anchor}",
+            resolved.display()
+        ))
     }
 }
 
@@ -159,8 +162,15 @@ fn every_relative_link_resolves_to_a_file_and_heading() {
             }
         }
     }
-    assert!(checked > 50, "only {checked} links found: is the parser blind?");
-    assert!(problems.is_empty(), "broken links:\n{}", problems.join("\n"));
+    assert!(
+        checked > 50,
+        "only {checked} links found: is the parser blind?"
+    );
+    assert!(
+        problems.is_empty(),
+        "broken links:\n{}",
+        problems.join("\n")
+    );
 }
 
 #[test]
@@ -226,7 +236,9 @@ fn reference_keys() -> BTreeSet<String> {
         if let Some((name, value)) = content.split_once('=') {
             let name = name.trim();
             // A commented assignment, not prose with an `=` in it: the value parses as TOML.
-            let value_parses = format!("x = {}", value.trim()).parse::<toml::Table>().is_ok();
+            let value_parses = format!("x = {}", value.trim())
+                .parse::<toml::Table>()
+                .is_ok();
             if value_parses
                 && !name.is_empty()
                 && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
@@ -280,7 +292,9 @@ fn named_key(span: &str, sections: &BTreeSet<String>) -> Option<String> {
         return None;
     }
     let last = key.rsplit('.').next()?;
-    let file_extension = ["rs", "toml", "md", "json", "yml", "yaml", "svg", "sh", "pem"];
+    let file_extension = [
+        "rs", "toml", "md", "json", "yml", "yaml", "svg", "sh", "pem",
+    ];
     if !bracketed && !wildcard && (!key.contains('.') || file_extension.contains(&last)) {
         return None;
     }
@@ -302,7 +316,10 @@ fn every_config_key_the_docs_name_exists_in_the_reference_config() {
     let keys = reference_keys();
     let sections = top_level_sections();
     for section in ["server", "upstream", "cache", "limits", "auth", "scaleout"] {
-        assert!(sections.contains(section), "{section} not found in the reference config");
+        assert!(
+            sections.contains(section),
+            "{section} not found in the reference config"
+        );
     }
     let mut problems = Vec::new();
     let mut checked = 0;
@@ -322,8 +339,15 @@ fn every_config_key_the_docs_name_exists_in_the_reference_config() {
             }
         }
     }
-    assert!(checked > 100, "only {checked} keys found: is the parser blind?");
-    assert!(problems.is_empty(), "unknown keys:\n{}", problems.join("\n"));
+    assert!(
+        checked > 100,
+        "only {checked} keys found: is the parser blind?"
+    );
+    assert!(
+        problems.is_empty(),
+        "unknown keys:\n{}",
+        problems.join("\n")
+    );
 }
 
 /// The keys named in the bullet list of one `### ` section of `docs/configuration.md`.
@@ -360,7 +384,12 @@ fn cold_keys() -> BTreeSet<String> {
     Cold::cold_keys()
         .iter()
         .flat_map(|group| group.split(" / "))
-        .map(|key| key.trim().trim_start_matches('[').trim_end_matches(']').to_owned())
+        .map(|key| {
+            key.trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        })
         .collect()
 }
 
