@@ -271,6 +271,10 @@ macro_rules! cold_settings {
                 $( if self.$field != other.$field { keys.push($key); } )*
                 keys
             }
+
+            /// Every key (or key group) only a restart can change, in declaration order.
+            #[must_use]
+            pub fn cold_keys() -> &'static [&'static str] { &[$( $key, )*] }
         }
     };
 }
