@@ -328,9 +328,10 @@ impl SqliteStore {
 
     /// Copies the WAL into the database and truncates the WAL to zero bytes, so sealed
     /// values of deleted records no longer sit in old WAL frames. Returns whether the
-    /// checkpoint completed (readers may hold it back).
+    /// checkpoint completed (readers may hold it back). Runs on the read connection: a
+    /// checkpoint cannot run inside the writer's transaction, and waits for it instead.
     pub fn checkpoint(&self) -> BoxFuture<'static, StoreResult<bool>> {
-        self.write(|conn, _| {
+        self.read(|conn, _| {
             let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
             Ok(busy == 0)
         })
@@ -929,8 +930,9 @@ impl CallbackStore for SqliteStore {
         now_ms: u64,
         retention: Retention,
     ) -> BoxFuture<'static, StoreResult<Purged>> {
+        // May be negative: nothing is older than a retention longer than the epoch.
         let before = |d: Duration| {
-            ms(now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+            ms(now_ms).saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         };
         let tombstones = before(retention.tombstone_ttl);
         let dead = before(retention.dead_retention);
