@@ -121,6 +121,17 @@ async fn a_record_survives_reopening() {
             .await
             .unwrap(),
     );
+    #[cfg(unix)]
+    {
+        // Only this process's user may read what is stored (the directory is created 0700).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("relay.db")), 0o600);
+        assert_eq!(mode(&dir.path().join("relay.db-wal")), 0o600);
+        let fresh = dir.path().join("data");
+        drop(open(&fresh));
+        assert_eq!(mode(&fresh), 0o700);
+    }
     drop(store);
     let store = open(dir.path());
     let opened = store.fetch(id).await.unwrap().unwrap();

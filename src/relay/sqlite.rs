@@ -976,3 +976,32 @@ impl CallbackStore for SqliteStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn pragmas_follow_the_fsync_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        for (fsync, synchronous) in [(Fsync::Always, 2), (Fsync::Batch, 1)] {
+            let conn = Connection::open(dir.path().join("p.db")).unwrap();
+            configure(&conn, fsync).unwrap();
+            let get = |pragma: &str| -> String {
+                conn.query_row(&format!("PRAGMA {pragma}"), [], |r| {
+                    r.get::<_, rusqlite::types::Value>(0)
+                })
+                .map(|v| match v {
+                    rusqlite::types::Value::Integer(i) => i.to_string(),
+                    rusqlite::types::Value::Text(t) => t,
+                    other => format!("{other:?}"),
+                })
+                .unwrap()
+            };
+            assert_eq!(get("journal_mode"), "wal");
+            assert_eq!(get("synchronous"), synchronous.to_string());
+            assert_eq!(get("secure_delete"), "1");
+        }
+    }
+}
