@@ -491,3 +491,35 @@ async fn retention_purges_tombstones_dead_and_orphans_on_their_own_clocks() {
     assert!(!store.purge(pending).await.unwrap());
     assert_eq!(store.stats(0).await.unwrap().counts, [0; 5]);
 }
+
+#[tokio::test]
+async fn a_full_store_refuses_one_write_and_keeps_the_rest_of_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_with(
+        dir.path(),
+        Keyring::parse(K1).unwrap(),
+        diia_gateway::relay::Options {
+            fsync: Fsync::Always,
+            max_db_bytes: Some(512 * 1024),
+        },
+    )
+    .unwrap();
+    // Queued together: a small write, one too large for the limit, another small one.
+    let before = store.put(ingest("small-1", b"p", true), 1);
+    let too_big = store.put(ingest("big", &vec![1u8; 1024 * 1024], true), 1);
+    let after = store.put(ingest("small-2", b"p", true), 1);
+    let bounded = |f| tokio::time::timeout(Duration::from_secs(30), f);
+    let before = stored(bounded(before).await.unwrap().unwrap());
+    let refused = bounded(too_big).await.unwrap();
+    assert!(
+        matches!(refused, Err(diia_gateway::relay::StoreError::Sqlite(_))),
+        "expected SQLITE_FULL, got {refused:?}"
+    );
+    let after = stored(bounded(after).await.unwrap().unwrap());
+    assert!(store.fetch(before).await.unwrap().is_some());
+    assert!(store.fetch(after).await.unwrap().is_some());
+    assert_eq!(store.stats(1).await.unwrap().count(State::Pending), 2);
+    // Space freed, writes go through again.
+    assert!(store.purge(before).await.unwrap());
+    stored(store.put(ingest("small-3", b"p", true), 2).await.unwrap());
+}

@@ -69,7 +69,7 @@ pub mod sqlite;
 
 pub use record::{Envelope, Route};
 pub use seal::{KeyFileError, Keyring};
-pub use sqlite::{Fsync, SqliteStore};
+pub use sqlite::{Fsync, Options, SqliteStore};
 
 /// A record's identity: 16 random bytes, shown as 32 hex digits. Stable across
 /// deliveries, so it names the `webhook-id` and the log lines about the record.

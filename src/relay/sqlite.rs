@@ -72,6 +72,17 @@ pub enum Fsync {
     Batch,
 }
 
+/// How a store is opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// When commits are synced.
+    pub fsync: Fsync,
+    /// The most the database file may grow to; a write beyond it fails (`SQLITE_FULL`,
+    /// so ingress answers 503) without touching the other writes of its group. `None`:
+    /// only the disk limits it.
+    pub max_db_bytes: Option<u64>,
+}
+
 /// MAC purposes (distinct domains under one key).
 const MAC_DEDUP: &str = "dedup";
 const MAC_REQUEST: &str = "request";
@@ -90,7 +101,7 @@ trait Work: Send {
 }
 
 struct Task<T, F> {
-    run: Option<F>,
+    run: F,
     out: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
 }
@@ -98,12 +109,10 @@ struct Task<T, F> {
 impl<T, F> Work for Task<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection, &Keyring) -> StoreResult<T> + Send,
+    F: Fn(&Connection, &Keyring) -> StoreResult<T> + Send,
 {
     fn apply(&mut self, conn: &Connection, keys: &Keyring) {
-        if let Some(run) = self.run.take() {
-            self.out = Some(run(conn, keys));
-        }
+        self.out = Some((self.run)(conn, keys));
     }
 
     fn failed(&self) -> bool {
@@ -228,10 +237,35 @@ impl SqliteStore {
     /// Opens (creating) `{dir}/relay.db`, applies the schema and starts the writer thread.
     /// Blocking: call it at startup or in `spawn_blocking`.
     pub fn open(dir: &Path, keys: Keyring, fsync: Fsync) -> StoreResult<Self> {
+        Self::open_with(
+            dir,
+            keys,
+            Options {
+                fsync,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// [`SqliteStore::open`] with every option.
+    pub fn open_with(dir: &Path, keys: Keyring, options: Options) -> StoreResult<Self> {
+        let Options {
+            fsync,
+            max_db_bytes,
+        } = options;
         let path = dir.join(DB_FILE);
         prepare_dir(dir, &path)?;
         let writer_conn = Connection::open(&path)?;
         configure(&writer_conn, fsync)?;
+        if let Some(max) = max_db_bytes {
+            let page: i64 = writer_conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = i64::try_from(max).unwrap_or(i64::MAX) / page.max(1);
+            let _: i64 = writer_conn.query_row(
+                &format!("PRAGMA max_page_count={}", pages.max(1)),
+                [],
+                |r| r.get(0),
+            )?;
+        }
         let version: i64 = writer_conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Sqlite(rusqlite::Error::InvalidQuery));
@@ -281,15 +315,17 @@ impl SqliteStore {
         &self.inner.stats
     }
 
-    /// Queues a write; resolves after the commit that holds it.
+    /// Queues a write; resolves after the commit that holds it. `run` may run more than
+    /// once: when another write in its group made SQLite roll the whole transaction back,
+    /// the group is run again without that write.
     fn write<T, F>(&self, run: F) -> BoxFuture<'static, StoreResult<T>>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, &Keyring) -> StoreResult<T> + Send + 'static,
+        F: Fn(&Connection, &Keyring) -> StoreResult<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let task: Box<dyn Work> = Box::new(Task {
-            run: Some(run),
+            run,
             out: None,
             reply,
         });
@@ -365,40 +401,58 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let committed = commit_group(conn, keys, &mut group, stats);
+        let mut dropped = vec![false; group.len()];
+        let committed = commit_group(conn, keys, &mut group, &mut dropped, stats);
         stats
             .writes
             .fetch_add(group.len() as u64, Ordering::Relaxed);
-        for work in group {
-            work.finish(committed.clone());
+        for (work, dropped) in group.into_iter().zip(dropped) {
+            // A dropped write answers its own error, whatever became of the group.
+            work.finish(if dropped { Ok(()) } else { committed.clone() });
         }
     }
 }
 
+/// Runs the group in one transaction, each write in a savepoint, and commits. Some errors
+/// (`SQLITE_FULL`, I/O) make SQLite roll back the whole transaction, not just the
+/// statement: then the write that failed is dropped from the group (marked in `dropped`,
+/// its error kept) and the others are run again, so one write cannot cost the others.
 fn commit_group(
     conn: &Connection,
     keys: &Keyring,
     group: &mut [Box<dyn Work>],
+    dropped: &mut [bool],
     stats: &WriterStats,
 ) -> Result<(), String> {
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| e.to_string())?;
-    for work in group.iter_mut() {
-        let saved = conn.execute_batch("SAVEPOINT w");
-        if let Err(e) = saved {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(e.to_string());
+    'group: loop {
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| e.to_string())?;
+        for (work, dropped) in group.iter_mut().zip(dropped.iter_mut()) {
+            if *dropped {
+                continue;
+            }
+            let saved = conn.execute_batch("SAVEPOINT w");
+            if let Err(e) = saved {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.to_string());
+            }
+            work.apply(conn, keys);
+            if work.failed() && conn.is_autocommit() {
+                // The transaction is gone: run the group again without this write.
+                *dropped = true;
+                continue 'group;
+            }
+            let closed = if work.failed() {
+                conn.execute_batch("ROLLBACK TO w; RELEASE w")
+            } else {
+                conn.execute_batch("RELEASE w")
+            };
+            if let Err(e) = closed {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.to_string());
+            }
         }
-        work.apply(conn, keys);
-        let closed = if work.failed() {
-            conn.execute_batch("ROLLBACK TO w; RELEASE w")
-        } else {
-            conn.execute_batch("RELEASE w")
-        };
-        if let Err(e) = closed {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(e.to_string());
-        }
+        break;
     }
     let started = Instant::now();
     let done = conn.execute_batch("COMMIT");
@@ -904,8 +958,8 @@ impl CallbackStore for SqliteStore {
         request_id: String,
     ) -> BoxFuture<'static, StoreResult<u64>> {
         self.write(move |conn, keys| {
-            let acquirers: Vec<String> = match acquirer {
-                Some(a) => vec![a],
+            let acquirers: Vec<String> = match &acquirer {
+                Some(a) => vec![a.clone()],
                 None => {
                     let mut stmt = conn.prepare("SELECT DISTINCT acquirer FROM records")?;
                     stmt.query_map([], |r| r.get(0))?
