@@ -174,6 +174,8 @@ impl Drop for Inner {
 }
 
 /// The SQLite [`CallbackStore`]; cheap to clone (one writer thread per opened store).
+/// Dropping the last clone waits for the writes already queued to commit (it joins the
+/// writer thread): drop it at shutdown, or from `spawn_blocking`, not on a busy runtime.
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
