@@ -77,6 +77,7 @@ pub mod logsink;
 pub mod managed;
 pub mod metrics;
 pub mod proxy;
+pub mod relay;
 pub mod reload;
 pub mod request;
 pub mod route;
