@@ -1,10 +1,10 @@
-//! (a) The Diia budget is fleet-wide: three instances offered 3 × 150 calls/s against a
-//! 200/s, burst 50 budget send 200/s to Diia (±5 %), never more than rate + burst in any
-//! second. (c) The same run with Redis SIGKILLed at +10 s and restarted at +20 s: the
-//! outage seconds stay at 200/s (local budgets at rate / 3), transitions stay under rate +
-//! burst, only documented statuses, ≤ 3 calls per key while Redis is down, and every
-//! instance is back on Redis within a second of the restart. Plus: a remote waiter falls
-//! back when Redis dies instead of sitting out the lease.
+//! The Diia budget is fleet-wide: three instances offered 3 × 150 calls/s against a 200/s,
+//! burst 50 budget send 200/s to Diia (±5 %), never more than rate + burst in any second.
+//! The same run with Redis SIGKILLed at +10 s and restarted at +20 s: the outage seconds
+//! stay at 200/s (local budgets at rate / 3), transitions stay under rate + burst, only
+//! documented statuses, ≤ 3 calls per key while Redis is down, and every instance is back
+//! on Redis within a second of the restart. And a remote waiter falls back when Redis dies
+//! instead of sitting out the lease.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

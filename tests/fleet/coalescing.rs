@@ -1,4 +1,4 @@
-//! (b) Three instances, 50 identical concurrent requests each, per fresh barcode: one Diia
+//! Three instances, 50 identical concurrent requests each, per fresh barcode: one Diia
 //! call per barcode for the whole fleet; re-scans on every instance cost nothing.
 
 use std::sync::Arc;

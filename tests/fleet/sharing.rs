@@ -1,4 +1,4 @@
-//! (e) A leader killed while its `document-request` is at Diia: the other instances never
+//! A leader killed while its `document-request` is at Diia: the other instances never
 //! send a second consent push, they answer "outcome unknown" (or time out) instead.
 
 use std::time::{Duration, Instant};

@@ -26,6 +26,5 @@ mod slow_clients;
 mod tls;
 mod tokens;
 mod unverified;
-mod upstream_down;
 mod upstream_misbehaviour;
 mod validation;

@@ -1,4 +1,4 @@
-//! (d) What Redis holds: no barcode, requestId, token or credential in clear, even in a
+//! What Redis holds: no barcode, requestId, token or credential in clear, even in a
 //! dump; the same secret gives the same keys (and log fingerprints) on every instance, and
 //! another secret other keys; a restricted ACL user is enough.
 
