@@ -1,7 +1,7 @@
 //! Scale-out over real processes: one `redis-server`, three `diia-gateway` processes and
 //! one simulator, all on loopback (and a Prometheus for the dashboard test). Tests run one
-//! at a time (they measure rates and kill processes); each starts its own Redis on a free
-//! port and stops everything it started.
+//! at a time (they measure rates and kill processes); each starts its own Redis and stops
+//! everything it started. Gateways bind `:0` and report their addresses (`--ready-file`).
 //!
 //! `redis-server` must be installed (`.ci/run` installs it); under `CI=true` a missing
 //! binary fails the tests, elsewhere they are skipped with a note.

@@ -137,7 +137,8 @@ async fn oversized_upstream_body_is_502() {
 
 #[tokio::test]
 async fn unreachable_diia_is_502() {
-    let config = gateway_config(&format!("http://{}", dead_port()));
+    let dead = dead_port();
+    let config = gateway_config(&format!("http://{dead}"));
     let gateway = support::start_gateway(config).await;
     let client = support::client();
     let url = format!(

@@ -363,8 +363,34 @@ pub async fn stand_in_upstream(answer: StandIn) -> SocketAddr {
     addr
 }
 
-/// A loopback port with nothing listening on it.
-pub fn dead_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
+/// A loopback port with nothing listening on it, held for as long as the value lives:
+/// the socket is bound but never listens, so a connection is refused, and no other bind
+/// (the kernel's `:0` picks included) can take the port meanwhile.
+pub struct DeadPort(socket2::Socket);
+
+impl DeadPort {
+    /// The refused address.
+    pub fn addr(&self) -> SocketAddr {
+        self.0
+            .local_addr()
+            .expect("bound")
+            .as_socket()
+            .expect("an IP address")
+    }
+}
+
+impl std::fmt::Display for DeadPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
+/// A [`DeadPort`]; keep it in a variable for as long as the port must stay dead.
+pub fn dead_port() -> DeadPort {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    DeadPort(socket)
 }
