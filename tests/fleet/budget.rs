@@ -15,10 +15,10 @@ use diia_sim::route::Endpoint;
 use futures_util::future::join_all;
 use http::StatusCode;
 
-use crate::it_support::{HttpClient, client};
-use crate::support::{
+use crate::processes::{
     FleetConfig, Gateway, Redis, SERIAL, World, fresh_barcode, redis_available, simulator,
 };
+use diia_gateway_testkit::{HttpClient, client};
 
 const RATE: u64 = 200;
 const BURST: u64 = 50;
@@ -287,7 +287,7 @@ async fn an_instance_starts_ready_without_redis_and_joins_when_it_appears() {
     if !redis_available() {
         return;
     }
-    let port = crate::support::port_outside_ephemeral_range();
+    let port = crate::processes::port_outside_ephemeral_range();
     let sim = simulator().await;
     // Gateway::start waits for /readyz: it must turn ready with nothing on the port.
     let gateway = Gateway::start(&FleetConfig::new(

@@ -8,7 +8,7 @@ use diia_sim::route::Endpoint;
 use futures_util::future::join_all;
 use http::StatusCode;
 
-use crate::support::{World, fresh_barcode};
+use crate::processes::{World, fresh_barcode};
 
 const BARCODES: usize = 200;
 const PER_INSTANCE: usize = 50;

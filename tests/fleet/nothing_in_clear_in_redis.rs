@@ -5,10 +5,10 @@
 use http::StatusCode;
 use serde_json::json;
 
-use crate::it_support::client;
-use crate::support::{
+use crate::processes::{
     FleetConfig, Gateway, Redis, SERIAL, fresh_barcode, redis_available, simulator, wait_for_fleet,
 };
+use diia_gateway_testkit::client;
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 
 /// The ACL line the README documents (password here: `gateway-test-password`).

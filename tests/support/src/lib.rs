@@ -1,8 +1,8 @@
-//! Shared test harness: a real simulator and a real gateway on loopback, and an HTTP
-//! client that talks to them over sockets; or a bare gateway in front of any upstream
-//! (raw-socket fault servers). Every wait is bounded.
+//! Shared test harness of `tests/it` and `tests/fleet`: a real simulator and a real
+//! gateway on loopback, and an HTTP client that talks to them over sockets; or a bare
+//! gateway in front of any upstream (raw-socket fault servers). Every wait is bounded.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod prometheus;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode};
 use serde_json::Value;
 
-use super::{HttpClient, send};
+use crate::{HttpClient, send};
 
 /// The shipped Grafana dashboard.
 pub const DASHBOARD: &str = "deploy/grafana/diia-gateway.json";
@@ -25,9 +25,11 @@ pub const SCALEOUT_METRICS: [&str; 5] = [
     "diia_gateway_instances_live",
 ];
 
-/// A path in this repository.
+/// A path in this repository (this crate lives in `tests/support`).
 pub fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
 }
 
 /// The binary on `PATH`, or `None` (after failing the test under `CI=true`).

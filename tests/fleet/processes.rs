@@ -13,7 +13,7 @@ use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, SimHandle, Simul
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::it_support::{HttpClient, Reply, client, metric_value, send};
+use diia_gateway_testkit::{HttpClient, Reply, client, metric_value, send};
 
 /// Fleet tests one at a time: they measure rates and kill processes.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -522,7 +522,7 @@ pub async fn simulator() -> SimHandle {
     let config = SimConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         auto_issue: true,
-        ..crate::it_support::sim_config()
+        ..diia_gateway_testkit::sim_config()
     };
     Simulator::start(config).await.unwrap()
 }
