@@ -88,6 +88,27 @@ fn wait_for_port(addr: SocketAddr) -> Result<(), String> {
     Err(format!("{addr} did not start listening"))
 }
 
+/// Waits for a gateway's `--ready-file` and reads its branch and admin addresses.
+fn wait_for_ready_file(path: &std::path::Path) -> Result<(SocketAddr, SocketAddr), String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|addr| addr.parse::<SocketAddr>().ok())
+                    .ok_or_else(|| format!("{}: no {key}= address", path.display()))
+            };
+            return Ok((field("listen")?, field("admin")?));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "the gateway never listened ({} not written)",
+        path.display()
+    ))
+}
+
 impl Target {
     /// Uses running instances.
     pub fn external(gateways: Vec<String>, sim: String) -> Self {
@@ -166,19 +187,16 @@ impl Target {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("diia-sim: {e}"))?;
-        let mut gateways = Vec::new();
-        let mut admins = Vec::new();
         let mut gateway_processes = Vec::new();
-        let mut listening = Vec::new();
+        let mut ready_files = Vec::new();
         for index in 0..instances.max(1) {
-            let gateway_addr = free_port()?;
-            let admin_addr = free_port()?;
             // Branch limits sized to the scenario (a branch never hits them in a normal
             // run); every branch comes from this one process, so the per-client limit and
             // the Diia share are lifted; the Diia budget is left wide so the report
-            // measures what Diia would need.
+            // measures what Diia would need. The kernel picks both ports; the gateway
+            // reports them in its ready file.
             let gateway_config = format!(
-                "[server]\nlisten = \"{gateway_addr}\"\nadmin_listen = \"{admin_addr}\"\n\
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
                  [upstream]\nbase_url = \"http://{sim_addr}\"\n\
                  [limits.branch]\nper_minute = 100000\nburst = 1000\n\
                  [limits.client]\nper_minute = 100000000\nburst = 1000000\ndiia_share = 1.0\n\
@@ -187,33 +205,44 @@ impl Target {
             );
             let gateway_file = write_temp(&format!("gateway-{index}.toml"), &gateway_config)?;
             files.push(gateway_file.clone());
+            let ready_file = std::env::temp_dir().join(format!(
+                "diia-loadtest-{}-gateway-{index}.ready",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&ready_file);
+            files.push(ready_file.clone());
             gateway_processes.push(
                 Command::new(sibling_binary("diia-gateway")?)
                     .arg("--config")
                     .arg(&gateway_file)
+                    .arg("--ready-file")
+                    .arg(&ready_file)
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
                     .spawn()
                     .map_err(|e| format!("diia-gateway: {e}"))?,
             );
-            gateways.push(format!("http://{gateway_addr}"));
-            admins.push(format!("http://{admin_addr}"));
-            listening.push(gateway_addr);
+            ready_files.push(ready_file);
         }
-        let target = Self {
-            gateway: gateways.first().cloned().unwrap_or_default(),
-            gateways,
+        let mut target = Self {
+            gateway: String::new(),
+            gateways: Vec::new(),
             sim: format!("http://{sim_addr}"),
-            admin: admins.first().cloned(),
+            admin: None,
             gateway_processes,
             sim_process: Some(sim_process),
             redis,
             _files: files,
         };
         wait_for_port(sim_addr)?;
-        for addr in listening {
-            wait_for_port(addr)?;
+        for ready_file in &ready_files {
+            let (listen, admin) = wait_for_ready_file(ready_file)?;
+            target.gateways.push(format!("http://{listen}"));
+            if target.admin.is_none() {
+                target.admin = Some(format!("http://{admin}"));
+            }
         }
+        target.gateway = target.gateways.first().cloned().unwrap_or_default();
         Ok(target)
     }
 
