@@ -287,7 +287,7 @@ async fn an_instance_starts_ready_without_redis_and_joins_when_it_appears() {
     if !redis_available() {
         return;
     }
-    let port = crate::processes::port_outside_ephemeral_range();
+    let port = diia_gateway_testkit::port_outside_ephemeral_range();
     let sim = simulator().await;
     // Gateway::start waits for /readyz: it must turn ready with nothing on the port.
     let gateway = Gateway::start(&FleetConfig::new(

@@ -394,3 +394,25 @@ pub fn dead_port() -> DeadPort {
         .expect("bind");
     DeadPort(socket)
 }
+
+/// A loopback port for a server that cannot be handed a bound socket (`redis-server`):
+/// drawn at random from below the kernel's ephemeral range, so no `:0` bind and no
+/// outgoing connection of this machine is ever given it (those come from that range).
+/// Two draws can still meet, and a foreign process may hold one: the caller sees its
+/// server exit on "address in use" and draws again.
+pub fn port_outside_ephemeral_range() -> u16 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let (low, high) = range;
+    if low >= 11_024 {
+        fastrand::u16(low - 10_000..low)
+    } else {
+        assert!(high < 64_535, "no port range outside {low}-{high}");
+        fastrand::u16(high + 1..=65_535)
+    }
+}
