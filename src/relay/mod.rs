@@ -65,6 +65,7 @@ use futures_util::future::BoxFuture;
 
 pub mod record;
 pub mod seal;
+pub mod settings;
 pub mod sqlite;
 
 pub use record::{Envelope, Route};
