@@ -65,6 +65,7 @@ pub mod limit;
 pub mod logsink;
 pub mod managed;
 pub mod metrics;
+pub mod per_thread;
 pub mod proxy;
 pub mod reload;
 pub mod request;
