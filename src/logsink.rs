@@ -14,6 +14,12 @@
 //! everything at once. So lines come out in the order they were logged, across threads
 //! (the one exception: two lines logged by different threads within the instant the
 //! writer swaps their buffers may land in consecutive batches).
+#![cfg_attr(feature = "log-appender", allow(dead_code, unused_imports))]
+
+#[cfg(feature = "log-appender")]
+mod appender;
+#[cfg(feature = "log-appender")]
+pub use appender::{FlushOnDrop, LogSink};
 
 use std::io::Write;
 use std::sync::Arc;
@@ -26,6 +32,7 @@ use crate::per_thread::PerThread;
 /// How often the writer thread writes what is buffered.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
+#[cfg(not(feature = "log-appender"))]
 /// A cloneable handle that buffers lines for the writer thread.
 #[derive(Clone)]
 pub struct LogSink {
@@ -49,12 +56,14 @@ const FRAME: usize = 12;
 /// What a thread's buffer starts with.
 const BUFFER_CAPACITY: usize = 16 * 1024;
 
+#[cfg(not(feature = "log-appender"))]
 /// Stops the writer thread when dropped, after it wrote everything buffered.
 pub struct FlushOnDrop {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+#[cfg(not(feature = "log-appender"))]
 impl Drop for FlushOnDrop {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
@@ -64,6 +73,7 @@ impl Drop for FlushOnDrop {
     }
 }
 
+#[cfg(not(feature = "log-appender"))]
 impl LogSink {
     /// A sink writing to `out`, each thread holding at most `per_thread` bytes between
     /// two flushes.
@@ -187,6 +197,7 @@ fn frame(buffer: &[u8], at: usize) -> Option<(u64, &[u8])> {
     Some((sequence, line))
 }
 
+#[cfg(not(feature = "log-appender"))]
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.push(buf);
@@ -198,6 +209,7 @@ impl Write for LogSink {
     }
 }
 
+#[cfg(not(feature = "log-appender"))]
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
     type Writer = LogSink;
 
@@ -206,6 +218,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
     }
 }
 
+#[cfg(not(feature = "log-appender"))]
 #[cfg(test)]
 mod tests {
     use super::*;
