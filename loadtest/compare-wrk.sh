@@ -80,12 +80,16 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --release --workspace --quiet
-APPENDER_BINARY=target/log-appender/release/diia-gateway
+# The log-appender build first, kept aside (same target dir: only the gateway crate is
+# built twice), then the default one.
+APPENDER_BINARY=target/log-appender/diia-gateway
 case " $CASES " in
   *" appender-log "*)
-    cargo build --release --quiet --bin diia-gateway --features log-appender --target-dir target/log-appender;;
+    cargo build --release --quiet --bin diia-gateway --features log-appender
+    mkdir -p target/log-appender
+    cp target/release/diia-gateway "$APPENDER_BINARY";;
 esac
+cargo build --release --workspace --quiet
 
 work=$(mktemp -d)
 chmod a+rwx "$work"
