@@ -301,7 +301,7 @@ for line in open(sys.argv[1]):
 med = {c: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
            statistics.median(r[2] for r in v), sum(r[3] for r in v)) for c, v in rows.items()}
 bare = med.get("bare", (None,))[0]
-sink = {c: [r[0] for r in rows[c]] for c in ("gateway-log", "appender-log") if c in rows}
+sink = {c: rows[c] for c in ("gateway-log", "appender-log") if c in rows}
 nginx = med.get("nginx-log", (None,))[0]
 print(f"\n{'case':<12} {'req/s':>10} {'p99 ms':>8} {'CPU µs/req':>11} {'vs bare':>8} {'vs nginx-log':>12} {'non-2xx':>8}")
 for case, (rps, p99, cpu, bad) in med.items():
@@ -309,10 +309,21 @@ for case, (rps, p99, cpu, bad) in med.items():
     vn = f"{rps / nginx:.2f}x" if nginx else "-"
     print(f"{case:<12} {rps:>10.0f} {p99:>8.2f} {cpu:>11.2f} {vb:>8} {vn:>12} {bad:>8}")
 if len(sink) == 2:
-    ours, theirs = sink["gateway-log"], sink["appender-log"]
-    verdict = ("the batched sink wins beyond the noise" if min(ours) > max(theirs) else
-               "tracing-appender wins beyond the noise" if min(theirs) > max(ours) else
-               "within the noise (the rounds overlap)")
-    print(f"\nlog sink: batched {min(ours):.0f}..{max(ours):.0f} req/s, tracing-appender "
-          f"{min(theirs):.0f}..{max(theirs):.0f} req/s over {len(ours)} rounds each: {verdict}")
+    def spread(name, index):
+        values = [r[index] for r in sink[name]]
+        return min(values), max(values)
+    def verdict(index, higher_wins):
+        (lo_ours, hi_ours), (lo_theirs, hi_theirs) = spread("gateway-log", index), spread("appender-log", index)
+        if min(len(sink["gateway-log"]), len(sink["appender-log"])) < 3:
+            return "fewer than 3 rounds each: no verdict"
+        ours_better = lo_ours > hi_theirs if higher_wins else hi_ours < lo_theirs
+        theirs_better = lo_theirs > hi_ours if higher_wins else hi_theirs < lo_ours
+        return ("the batched sink wins beyond the noise" if ours_better else
+                "tracing-appender wins beyond the noise" if theirs_better else
+                "within the noise (the rounds overlap)")
+    print()
+    for label, index, higher_wins in (("req/s", 0, True), ("CPU µs/req", 2, False)):
+        (a, b), (c, d) = spread("gateway-log", index), spread("appender-log", index)
+        print(f"log sink {label}: batched {a:.2f}..{b:.2f}, tracing-appender {c:.2f}..{d:.2f} "
+              f"({len(sink['gateway-log'])} rounds each): {verdict(index, higher_wins)}")
 PY
