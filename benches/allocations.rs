@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use diia_gateway::h1::encode_answer;
-use diia_gateway::server::{ConnectionLimits, Reply, Shutdown, accept_loop};
+use diia_gateway::server::{ConnectionLimits, accept_loop};
+use diia_gateway::service::{Reply, Shutdown};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use support::{Barcodes, InProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,11 +81,11 @@ fn main() {
             },
         );
         let status = http::HeaderValue::from_static("diia-gateway; hit");
-        let mut template = diia_gateway::proxy::answer_response(&answer).into_parts().0.headers;
+        let mut template = diia_gateway::service::answer_response(&answer).into_parts().0.headers;
         template.insert("cache-status", status.clone());
         let region = Region::new(GLOBAL);
         for _ in 0..REQUESTS {
-            let mut response = diia_gateway::proxy::answer_response(&answer);
+            let mut response = diia_gateway::service::answer_response(&answer);
             response.headers_mut().insert("cache-status", status.clone());
             std::hint::black_box(response);
         }
@@ -154,7 +155,7 @@ fn main() {
 async fn hit_over_socket(bench: &InProcess, body: &Bytes) -> stats_alloc::Stats {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let gateway = Arc::new(diia_gateway::proxy::Gateway::build(&bench.settings).unwrap());
+    let gateway = Arc::new(diia_gateway::gateway::Gateway::build(&bench.settings).unwrap());
     let shutdown = Shutdown::new();
     let server = tokio::spawn(accept_loop(
         listener,

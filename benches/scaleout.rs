@@ -1,5 +1,5 @@
 //! Scale-out costs, measured with a real `redis-server` on loopback (started here, on a
-//! free port, without persistence):
+//! port of its own, without persistence):
 //! - each Redis operation through the gateway's link: PING, the lookup script, the
 //!   write-back script, the GCRA reservation;
 //! - the latency a request sees through `Gateway::serve` (no client socket) for a near
@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::num::NonZeroU32;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,8 +23,8 @@ use diia_gateway::barcode::Barcode;
 use diia_gateway::cache::Origin;
 use diia_gateway::cache_policy::Policy;
 use diia_gateway::config::FileConfig;
+use diia_gateway::gateway::Gateway;
 use diia_gateway::keys::CacheKey;
-use diia_gateway::proxy::Gateway;
 use diia_gateway::scaleout::{BudgetValues, Scaleout, Shape};
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 use hdrhistogram::Histogram;
@@ -43,14 +42,6 @@ fn samples() -> u64 {
     } else {
         50
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Row {
@@ -237,12 +228,35 @@ async fn paced_round(
     lookup_row.record(started);
 }
 
-async fn wait_for_redis(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// A `redis-server` on a port from outside the kernel's ephemeral range (it cannot take a
+/// bound socket or report a `:0` port), drawn again when it exits on a taken one.
+async fn start_redis() -> (std::process::Child, u16) {
+    for _ in 0..10 {
+        let port = diia_gateway_testkit::port_outside_ephemeral_range();
+        let mut redis = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if redis.try_wait().unwrap().is_some() {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Ours unless it exits on "address in use" right after.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if redis.try_wait().unwrap().is_none() {
+                    return (redis, port);
+                }
+                break;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
+    panic!("redis-server found no free port in ten draws");
 }
 
 fn main() {
@@ -276,22 +290,7 @@ fn main() {
 
 async fn run() {
     let samples = samples();
-    let port = free_port();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_redis(port).await;
+    let (mut redis, port) = start_redis().await;
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "6b".repeat(16) + &"d2".repeat(16)).unwrap();

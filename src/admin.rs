@@ -10,10 +10,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 
+use crate::gateway::Gateway;
 use crate::head::RequestHead;
-use crate::proxy::Gateway;
 use crate::reload::Reloader;
-use crate::server::{Handler, HttpResponse, Reply, RequestBody, Shutdown};
+use crate::service::{Handler, HttpResponse, Reply, RequestBody, Shutdown};
 
 /// Admin endpoints over the gateway's state.
 pub struct Admin {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use http::HeaderValue;
 use moka::Expiry;
 
 use crate::answer::{Answer, AnswerClass, CallResult};
@@ -159,6 +160,41 @@ pub enum Lookup {
     RemoteHit,
     /// Scale-out: joined another instance's call under way.
     RemoteCoalesced,
+}
+
+// The `Cache-Status` values (RFC 9211), one per way a request is answered.
+static HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit");
+static REPLAY: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=replay");
+static MISS_STORED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; stored");
+static MISS: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss");
+static COLLAPSED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; collapsed");
+static REMOTE_HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=remote");
+static REMOTE_REPLAY: HeaderValue =
+    HeaderValue::from_static("diia-gateway; hit; detail=\"replay remote\"");
+static REMOTE_COLLAPSED: HeaderValue =
+    HeaderValue::from_static("diia-gateway; fwd=miss; collapsed; detail=remote");
+static STALE: HeaderValue =
+    HeaderValue::from_static("diia-gateway; fwd=stale; detail=stale-if-error");
+
+impl Lookup {
+    /// The `Cache-Status` a request answered this way is served with; `sharing`: the
+    /// answer is a sharing request's, served again (a replay). `None` for
+    /// [`Lookup::TagMismatch`], which is refused instead.
+    #[must_use]
+    pub fn cache_status(self, sharing: bool) -> Option<&'static HeaderValue> {
+        Some(match self {
+            Self::Hit if sharing => &REPLAY,
+            Self::Hit => &HIT,
+            Self::Miss { stored: true } => &MISS_STORED,
+            Self::Miss { stored: false } => &MISS,
+            Self::Coalesced => &COLLAPSED,
+            Self::Stale => &STALE,
+            Self::RemoteHit if sharing => &REMOTE_REPLAY,
+            Self::RemoteHit => &REMOTE_HIT,
+            Self::RemoteCoalesced => &REMOTE_COLLAPSED,
+            Self::TagMismatch => return None,
+        })
+    }
 }
 
 /// A coalescing, TTL-bounded answer cache.

@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use crate::config::{ApiKeyConfig, AuthMode, ClientCertConfig};
 use crate::error::GatewayError;
 use crate::head::RequestHead;
-use crate::request::{Checked, bearer_credential, bearer_token};
+use crate::request::Checked;
 use crate::route::Endpoint;
 use crate::tls::Revoked;
 
@@ -287,10 +287,55 @@ impl ApiKeys {
     }
 }
 
+/// Longest accepted bearer token.
+const MAX_TOKEN: usize = 8192;
+
+/// What follows `Bearer ` in `Authorization`, unchecked: for a caller [`bearer_token`]
+/// already accepted (the check scans the whole token; once per request is enough).
+#[must_use]
+pub fn bearer_credential(head: &RequestHead) -> &[u8] {
+    head.authorization
+        .as_ref()
+        .and_then(|value| value.as_bytes().get(7..))
+        .unwrap_or_default()
+}
+
+/// The session token from `Authorization: Bearer <token>` (scheme case-insensitive, as Diia).
+pub fn bearer_token(head: &RequestHead) -> Result<&[u8], GatewayError> {
+    let value = head
+        .authorization
+        .as_ref()
+        .ok_or(GatewayError::MissingAuthorization)?
+        .as_bytes();
+    let (scheme, token) = value
+        .split_at_checked(7)
+        .ok_or(GatewayError::InvalidAuthorization)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return Err(GatewayError::InvalidAuthorization);
+    }
+    if token.is_empty() || token.len() > MAX_TOKEN || !token.iter().all(u8::is_ascii_graphic) {
+        return Err(GatewayError::InvalidAuthorization);
+    }
+    Ok(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn bearer_parsing_follows_diia() {
+        let mut head = RequestHead::default();
+        assert_eq!(bearer_token(&head), Err(GatewayError::MissingAuthorization));
+        let mut with = |value: &'static str| {
+            head.authorization = Some(HeaderValue::from_static(value));
+            bearer_token(&head).map(<[u8]>::to_vec)
+        };
+        assert_eq!(with("bearer abc.def"), Ok(b"abc.def".to_vec()));
+        assert_eq!(with("Basic abc"), Err(GatewayError::InvalidAuthorization));
+        assert_eq!(with("Bearer "), Err(GatewayError::InvalidAuthorization));
+    }
 
     #[test]
     fn api_keys_match_by_digest() {

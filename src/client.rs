@@ -37,6 +37,7 @@ use ppp::{HeaderResult, PartialResult};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::ForwardedHeader;
+pub use crate::error::Refused;
 use crate::head::{Field, X_FORWARDED_FOR};
 use crate::metrics::Metrics;
 
@@ -78,31 +79,6 @@ pub struct Accepted {
     pub slot: Option<ConnectionSlot>,
     /// Bytes read after the PROXY header: the start of the TLS or HTTP stream.
     pub read: BytesMut,
-}
-
-/// Why a connection is closed at accept.
-#[derive(Debug, thiserror::Error)]
-pub enum Refused {
-    /// A trusted proxy's connection without a valid PROXY header.
-    #[error("no valid PROXY protocol header from a trusted proxy: {0}")]
-    ProxyHeader(&'static str),
-    /// The client already holds `server.max_connections_per_client` connections.
-    #[error("client holds server.max_connections_per_client connections already")]
-    TooManyConnections,
-}
-
-impl Refused {
-    /// Every [`Refused::label`], in order (the metric's label set).
-    pub const LABELS: [&'static str; 2] = ["proxy_header", "per_client"];
-
-    /// The metric label.
-    #[must_use]
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::ProxyHeader(_) => Self::LABELS[0],
-            Self::TooManyConnections => Self::LABELS[1],
-        }
-    }
 }
 
 impl Clients {

@@ -556,6 +556,31 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     secs.max(1)
 }
 
+/// Why a connection is closed at accept.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// A trusted proxy's connection without a valid PROXY header.
+    #[error("no valid PROXY protocol header from a trusted proxy: {0}")]
+    ProxyHeader(&'static str),
+    /// The client already holds `server.max_connections_per_client` connections.
+    #[error("client holds server.max_connections_per_client connections already")]
+    TooManyConnections,
+}
+
+impl Refused {
+    /// Every [`Refused::label`], in order (the metric's label set).
+    pub const LABELS: [&'static str; 2] = ["proxy_header", "per_client"];
+
+    /// The metric label.
+    #[must_use]
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::ProxyHeader(_) => Self::LABELS[0],
+            Self::TooManyConnections => Self::LABELS[1],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::answer::{Answer, has_body};
 use crate::head::{Field, RequestHead};
-use crate::server::{Handler, Io, Reply, RequestBody, Shutdown};
+use crate::service::{Handler, Io, Reply, RequestBody, Shutdown};
 use crate::tls::ClientCert;
 
 /// What the loop needs to know about the listener's bounds.

@@ -100,13 +100,11 @@ impl HashKey {
         Self { key, log: key }
     }
 
-    /// Keys shared by every instance holding `secret` (HKDF subkeys, one per purpose).
+    /// Keys derived elsewhere: one for cache keys, one for log fingerprints (scale-out:
+    /// the fleet secret's subkeys, see `FleetSecret::hash_key`).
     #[must_use]
-    pub fn from_fleet(secret: &crate::scaleout::FleetSecret) -> Self {
-        Self {
-            key: secret.subkey("cache-keys"),
-            log: secret.subkey("log-fingerprints"),
-        }
+    pub fn from_subkeys(key: [u8; 16], log: [u8; 16]) -> Self {
+        Self { key, log }
     }
 
     /// Starts a cache key in a domain (`domain` separates caches that share the key space).

@@ -25,6 +25,11 @@ struct Cli {
     /// Validate the config, print the result and exit (0 valid, 2 invalid).
     #[arg(long)]
     check_config: bool,
+    /// Once listening, write the bound addresses to this file (`listen=ADDR` and
+    /// `admin=ADDR` lines; written whole, then renamed into place), so a supervisor or a
+    /// test can configure `:0` ports and learn which ones the kernel gave.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -62,7 +67,8 @@ fn main() -> ExitCode {
         }
     };
     let log_format = settings.cold.log_format;
-    runtime.block_on(run(settings, cli.config, log_sink, log_format))
+    let ready_file = cli.ready_file;
+    runtime.block_on(run(settings, cli.config, ready_file, log_sink, log_format))
 }
 
 /// Bytes of log lines one thread holds for stderr at most (~16k access lines, flushed
@@ -73,6 +79,7 @@ const LOG_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 async fn run(
     settings: Settings,
     path: PathBuf,
+    ready_file: Option<PathBuf>,
     log_sink: LogSink,
     log_format: LogFormat,
 ) -> ExitCode {
@@ -109,6 +116,14 @@ async fn run(
             });
         }
     }
+    if let Some(ready_file) = ready_file
+        && let Err(error) = write_ready_file(&ready_file, gateway.addr(), gateway.admin_addr())
+    {
+        tracing::error!(%error, path = %ready_file.display(), "cannot write the ready file");
+        gateway.shutdown_handle().trigger();
+        gateway.wait().await;
+        return ExitCode::FAILURE;
+    }
     let shutdown = gateway.shutdown_handle();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -118,6 +133,18 @@ async fn run(
     gateway.wait().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// `--ready-file`: the bound addresses, written whole and renamed into place, so a reader
+/// never sees half a file.
+fn write_ready_file(
+    path: &std::path::Path,
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> std::io::Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, format!("listen={listen}\nadmin={admin}\n"))?;
+    std::fs::rename(&partial, path)
 }
 
 async fn wait_for_signal() {

@@ -198,8 +198,8 @@ pub struct Metrics {
     upstream_calls: Family<EndpointResult, Counter>,
     saved: Counter,
     retries: Counter,
-    /// Connections closed at accept, by [`crate::client::Refused::label`].
-    connections_refused: [Counter; crate::client::Refused::LABELS.len()],
+    /// Connections closed at accept, by [`crate::error::Refused::label`].
+    connections_refused: [Counter; crate::error::Refused::LABELS.len()],
     breaker_open: [Gauge; CallClass::ALL.len()],
     gauges: Gauges,
     /// Scale-out (Redis) metrics; registered only when `[scaleout]` is on.
@@ -428,7 +428,7 @@ impl Metrics {
             "Connections closed at accept: no valid PROXY header from a trusted proxy (proxy_header), or the client's max_connections_per_client reached (per_client)",
             Family::<RefusedReason, Counter>::default(),
         );
-        let connections_refused = crate::client::Refused::LABELS.map(|reason| {
+        let connections_refused = crate::error::Refused::LABELS.map(|reason| {
             refused_family
                 .get_or_create(&RefusedReason { reason })
                 .clone()
@@ -550,8 +550,8 @@ impl Metrics {
     }
 
     /// Counts one connection closed at accept.
-    pub fn connection_refused(&self, refused: &crate::client::Refused) {
-        let index = crate::client::Refused::LABELS
+    pub fn connection_refused(&self, refused: &crate::error::Refused) {
+        let index = crate::error::Refused::LABELS
             .iter()
             .position(|label| *label == refused.label())
             .unwrap_or(0);

@@ -11,7 +11,7 @@
 //! 6. **branch limit** (429 + `Retry-After`, `RateLimit-Policy`, `RateLimit`); in
 //!    pass-through, a session token Diia refused a moment ago is answered 401 before any
 //!    budget, and one Diia has not accepted yet spends no branch's budget ([`crate::trust`]);
-//! 7. **cache / coalesce / replay** ([`crate::policy`] keys, [`crate::cache`]) or
+//! 7. **cache / coalesce / replay** ([`crate::cache_policy`] keys, [`crate::cache`]) or
 //!    **forward**: the Diia budget (wait, then 503), Diia's back-off (503), the upstream
 //!    call with its deadline (502/504), run by the request that leads the key and spawned
 //!    to finish on its own if that request goes away mid-call ([`crate::detach`]);
@@ -28,86 +28,36 @@
 //! one branch cannot hog the gateway even with cache hits.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, Either};
-use http::{HeaderValue, Request, Response, header};
-use http_body_util::{BodyExt, Full};
+use http::{HeaderValue, Request};
 use hyper::body::Body;
 
-use crate::access::{AccessLine, AccessLog};
+use crate::access::AccessLine;
 use crate::answer::{Answer, AnswerClass, CallResult};
 use crate::barcode::Barcode;
-use crate::cache::{AnswerCache, Fetched, Lifetimes, Lookup};
+use crate::body::{ReadError, drain, read_all};
+use crate::cache::{Fetched, Lifetimes, Lookup};
 use crate::cache_policy::{Slot, Store, slot_for};
-use crate::caller::{Caller, Gate, Scope};
-use crate::client::Clients;
-use crate::config::AuthMode;
-use crate::diia::SESSION_TOKEN_LIFETIME;
-use crate::error::{Fault, GatewayError, JSON_CONTENT_TYPE};
-use crate::head::{DIIA_TRACE_ID, RequestHead};
-use crate::keys::{CacheKey, HashKey};
+use crate::caller::{Caller, Gate, Scope, bearer_token};
+use crate::error::{Fault, GatewayError};
+use crate::gateway::Gateway;
+use crate::head::RequestHead;
+use crate::keys::CacheKey;
 use crate::limit::Who;
-use crate::managed::ManagedSession;
-use crate::metrics::{Metrics, RequestOutcome, Snapshot};
-use crate::request::{Checked, bearer_token, check};
+use crate::metrics::RequestOutcome;
+use crate::request::{Checked, check};
 use crate::route::{Endpoint, Route, route_for};
-use crate::scaleout::{Scaleout, Shape};
-use crate::server::{Handler, HttpResponse, Reply, RequestBody};
-use crate::settings::{Hot, Settings};
-use crate::trust::{Standing, TokenTrust};
-use crate::upstream::{Upstream, UpstreamRequest};
+use crate::scaleout::Shape;
+use crate::service::{HttpResponse, Reply};
+use crate::settings::Hot;
+use crate::trust::Standing;
+use crate::upstream::UpstreamRequest;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-pub(crate) static CACHE_STATUS: header::HeaderName =
-    header::HeaderName::from_static("cache-status");
-static HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit");
-static REPLAY: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=replay");
-static MISS_STORED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; stored");
-static MISS: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss");
-static COLLAPSED: HeaderValue = HeaderValue::from_static("diia-gateway; fwd=miss; collapsed");
-static REMOTE_HIT: HeaderValue = HeaderValue::from_static("diia-gateway; hit; detail=remote");
-static REMOTE_REPLAY: HeaderValue =
-    HeaderValue::from_static("diia-gateway; hit; detail=\"replay remote\"");
-static REMOTE_COLLAPSED: HeaderValue =
-    HeaderValue::from_static("diia-gateway; fwd=miss; collapsed; detail=remote");
-static STALE: HeaderValue =
-    HeaderValue::from_static("diia-gateway; fwd=stale; detail=stale-if-error");
-
-/// The gateway: shared state behind every request. Cheap to share as `Arc<Gateway>`.
-pub struct Gateway {
-    /// What requests read; a reload swaps it whole. Each request loads it once.
-    hot: ArcSwap<Hot>,
-    auth_mode: AuthMode,
-    keys: HashKey,
-    answers: AnswerCache,
-    session_tokens: AnswerCache,
-    sharing: AnswerCache,
-    upstream: Arc<Upstream>,
-    metrics: Arc<Metrics>,
-    /// Requests being processed; full means shed (503 `overloaded`) rather than queue.
-    in_flight: tokio::sync::Semaphore,
-    max_in_flight: usize,
-    /// Managed token mode, when configured.
-    managed: Option<Arc<ManagedSession>>,
-    /// Pass-through: which token-cache entry handed out a session token (keyed digest of
-    /// the token), so a token Diia refuses with 401 is dropped and the next login reaches
-    /// Diia instead of getting the dead token again.
-    issued_tokens: moka::future::Cache<CacheKey, CacheKey>,
-    /// Pass-through: session tokens Diia accepted or refused (keyed digests).
-    trust: Arc<TokenTrust>,
-    /// The binary's fast access-log path, when installed.
-    access_log: std::sync::OnceLock<AccessLog>,
-    /// Scale-out: the fleet through Redis, when `[scaleout]` is on.
-    scaleout: Option<Arc<Scaleout>>,
-    /// Who the client is behind a trusted proxy; connections per client.
-    clients: Clients,
-}
 
 /// One request on its way through the stages.
 pub struct Ctx {
@@ -146,153 +96,9 @@ struct AccessRecord {
     barcode: Option<Barcode>,
 }
 
+// The outer layer (`serve`, `reply`, `reply_to`: render, count, log), then the stages in
+// the order `process` runs them.
 impl Gateway {
-    /// Builds the gateway from settings: the one wiring used by the binary, the tests and
-    /// the benchmarks. The upstream must be a URL (start an embedded simulator first).
-    pub fn build(settings: &Settings) -> std::io::Result<Self> {
-        let Some(base_url) = settings.cold.upstream.url() else {
-            return Err(std::io::Error::other(
-                "the embedded simulator must be started before the gateway is built",
-            ));
-        };
-        let metrics = Arc::new(Metrics::with_fleet(settings.cold.scaleout.is_some()));
-        let scaleout = match &settings.cold.scaleout {
-            Some(fleet) => Some(Arc::new(
-                Scaleout::new(fleet, Arc::clone(&metrics)).map_err(std::io::Error::other)?,
-            )),
-            None => None,
-        };
-        let upstream = Arc::new(Upstream::new(
-            &settings.cold,
-            base_url,
-            Arc::clone(&metrics),
-            scaleout.clone(),
-        )?);
-        let managed = settings.cold.credentials.as_ref().map(|credentials| {
-            let login = scaleout.as_ref().map(|fleet| {
-                let key = settings
-                    .keys
-                    .key("managed-login")
-                    .part(credentials.acquirer_token.expose().as_bytes())
-                    .finish();
-                (Arc::clone(fleet), key)
-            });
-            Arc::new(ManagedSession::new(credentials, login))
-        });
-        let max_bytes = settings.cold.cache_max_bytes;
-        let clients = Clients::new(
-            settings.cold.trusted_proxies.clone(),
-            settings.cold.proxy_protocol,
-            settings.cold.forwarded_header,
-            settings.cold.max_connections_per_client,
-            settings.hot.limits_config.ipv6_prefix,
-            Arc::clone(&metrics),
-        );
-        Ok(Self {
-            hot: ArcSwap::new(Arc::clone(&settings.hot)),
-            auth_mode: settings.cold.auth_mode,
-            keys: settings.keys.clone(),
-            answers: AnswerCache::new(max_bytes),
-            session_tokens: AnswerCache::new(16 * 1024 * 1024),
-            sharing: AnswerCache::new(max_bytes / 4),
-            upstream,
-            metrics,
-            in_flight: tokio::sync::Semaphore::new(settings.cold.max_in_flight),
-            max_in_flight: settings.cold.max_in_flight,
-            managed,
-            issued_tokens: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(SESSION_TOKEN_LIFETIME)
-                .build(),
-            trust: Arc::new(TokenTrust::new(
-                settings.keys.clone(),
-                settings.cold.refused_ttl,
-                100_000,
-            )),
-            access_log: std::sync::OnceLock::new(),
-            scaleout,
-            clients,
-        })
-    }
-
-    /// The fleet side, in scale-out mode.
-    #[must_use]
-    pub fn scaleout(&self) -> Option<&Arc<Scaleout>> {
-        self.scaleout.as_ref()
-    }
-
-    /// Scale-out: Redis just went down; the local Diia budget takes over without a burst.
-    pub fn empty_local_budget(&self) {
-        let hot = self.hot.load().with_empty_budget();
-        self.hot.store(Arc::new(hot));
-    }
-
-    /// Divides the local budgets by the live instance count (scale-out heartbeat).
-    pub fn rescale(&self, live: u32) {
-        let hot = self.hot.load().for_fleet(live);
-        self.hot.store(Arc::new(hot));
-        tracing::info!(
-            live,
-            "fleet size changed; local budgets are 1/live of the configured ones"
-        );
-    }
-
-    /// Swaps in the hot half of a reloaded config; the next request reads it.
-    pub fn swap_hot(&self, hot: Hot) {
-        let hot = match &self.scaleout {
-            Some(fleet) => hot.for_fleet(fleet.live()),
-            None => hot,
-        };
-        let hot = hot.carry_over(&self.hot.load());
-        self.clients.set_ipv6_prefix(hot.limits_config.ipv6_prefix);
-        self.hot.store(Arc::new(hot));
-    }
-
-    /// The settings requests read now.
-    #[must_use]
-    pub fn hot(&self) -> Arc<Hot> {
-        self.hot.load_full()
-    }
-
-    /// The metric handles.
-    #[must_use]
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// Prometheus text for `/metrics`; settles cache bookkeeping first so counts are exact.
-    /// `ready` is what `/readyz` answers.
-    pub fn render_metrics(&self, ready: bool) -> String {
-        self.sync_caches();
-        let hot = self.hot.load();
-        hot.limits.run_pending_tasks();
-        let cache = |name, cache: &AnswerCache| (name, cache.entry_count(), cache.weighted_bytes());
-        let available = self.in_flight.available_permits();
-        self.metrics.render(&Snapshot {
-            caches: vec![
-                cache("answers", &self.answers),
-                cache("tokens", &self.session_tokens),
-                cache("sharing", &self.sharing),
-            ],
-            branches_tracked: hot.limits.tracked(),
-            in_flight: u64::try_from(self.max_in_flight.saturating_sub(available)).unwrap_or(0),
-            ready,
-            diia_backoff: self.upstream.brake().paused_for().unwrap_or_default(),
-        })
-    }
-
-    /// Periodic upkeep: forget idle branch budgets, settle cache bookkeeping.
-    pub fn housekeeping(&self) {
-        self.hot.load().limits.run_pending_tasks();
-        self.sync_caches();
-    }
-
-    fn sync_caches(&self) {
-        self.answers.sync();
-        self.session_tokens.sync();
-        self.sharing.sync();
-    }
-
     /// Answers one request as a response (for in-process callers: benchmarks, tests).
     pub async fn serve<B>(&self, request: Request<B>, peer: SocketAddr) -> HttpResponse
     where
@@ -368,12 +174,6 @@ impl Gateway {
             self.log_access(&line);
         }
         response
-    }
-
-    /// Sends access lines straight to the binary's log sink (formatted by hand) instead of
-    /// through `tracing`'s formatter.
-    pub fn log_access_to(&self, log: AccessLog) {
-        let _ = self.access_log.set(log);
     }
 
     fn log_access(&self, line: &AccessLine) {
@@ -453,35 +253,6 @@ impl Gateway {
         }
     }
 
-    /// Pass-through: the caller's session token and its standing, for the budgets. A
-    /// call whose answer is stored already skips the digest: the caller's token is part
-    /// of the key, and only answers Diia gives a token it accepts are stored (a 401 never
-    /// is), so the cache-hit path stays as cheap as before; `None` then, and for callers
-    /// without a session token. A call under way does not count: its leader may hold a
-    /// token nobody has judged yet.
-    fn standing_before_limits(
-        &self,
-        ctx: &Ctx,
-        slot: Option<&Slot>,
-    ) -> Option<(CacheKey, Standing)> {
-        if self.managed.is_some() || !matches!(ctx.caller, Some(Caller::Session)) {
-            return None;
-        }
-        if slot.is_some_and(|slot| self.cache(slot.store).stores(slot.key)) {
-            return None;
-        }
-        self.token_standing(ctx)
-    }
-
-    /// The cache a slot's answers live in.
-    fn cache(&self, store: Store) -> &AnswerCache {
-        match store {
-            Store::Answers => &self.answers,
-            Store::Sharing => &self.sharing,
-            Store::SessionTokens => &self.session_tokens,
-        }
-    }
-
     /// Stage 1: which endpoint (404/405 otherwise).
     fn route(&self, ctx: &mut Ctx) -> Result<(), GatewayError> {
         let routed = route_for(self.auth_mode, &ctx.head.method, ctx.head.uri.path())?;
@@ -504,9 +275,10 @@ impl Gateway {
     }
 
     /// Stage 3: the whole body, bounded by size and time. A body over the limit is still
-    /// read and thrown away (up to [`DRAIN_MAX_BYTES`] and [`DRAIN_MAX_TIME`], as NGINX's
-    /// lingering close does): a client that writes its whole body before reading, as most
-    /// do, would otherwise see a connection reset instead of its 413.
+    /// read and thrown away (up to [`crate::body::DRAIN_MAX_BYTES`] and
+    /// [`crate::body::DRAIN_MAX_TIME`], as NGINX's lingering close does): a client that
+    /// writes its whole body before reading, as most do, would otherwise see a connection
+    /// reset instead of its 413.
     async fn read_body<B>(&self, ctx: &Ctx, body: B) -> Result<Bytes, GatewayError>
     where
         B: Body<Data = Bytes> + Send,
@@ -538,6 +310,26 @@ impl Gateway {
             .map_err(|_| GatewayError::Overloaded)
     }
 
+    /// Pass-through: the caller's session token and its standing, for the budgets. A
+    /// call whose answer is stored already skips the digest: the caller's token is part
+    /// of the key, and only answers Diia gives a token it accepts are stored (a 401 never
+    /// is), so the cache-hit path stays as cheap as before; `None` then, and for callers
+    /// without a session token. A call under way does not count: its leader may hold a
+    /// token nobody has judged yet.
+    fn standing_before_limits(
+        &self,
+        ctx: &Ctx,
+        slot: Option<&Slot>,
+    ) -> Option<(CacheKey, Standing)> {
+        if self.managed.is_some() || !matches!(ctx.caller, Some(Caller::Session)) {
+            return None;
+        }
+        if slot.is_some_and(|slot| self.cache(slot.store).stores(slot.key)) {
+            return None;
+        }
+        self.token_standing(ctx)
+    }
+
     /// Stage 7a: answered from a cache, a call under way, or one new call.
     async fn cached(
         &self,
@@ -548,45 +340,16 @@ impl Gateway {
     ) -> Result<Handled, GatewayError> {
         let hot = &ctx.hot;
         let cache = self.cache(slot.store);
-        let (policy, stale_if_error) = match slot.store {
-            Store::Answers => (hot.answers, hot.stale_if_error),
-            Store::Sharing => (hot.sharing, Duration::ZERO),
-            Store::SessionTokens => (hot.session_tokens, Duration::ZERO),
-        };
-        let lifetimes = Lifetimes {
-            policy,
-            stale_if_error,
-            longest_call: hot.upstream.longest_call(),
-        };
+        let lifetimes = lifetimes(hot, slot.store);
+        let policy = lifetimes.policy;
         let endpoint = ctx.endpoint()?;
         let login = slot.store == Store::SessionTokens;
         if login && !cache.holds(slot.key) {
-            // Only these credentials' own refusals count: a login that works is never
-            // refused because others failed, and a cached login never.
-            if self.trust.login_standing(slot.key) == Standing::Refused {
-                return Err(GatewayError::CredentialsRefused);
-            }
-            hot.limits.logins.check(Who::Digest(slot.key))?;
+            self.admit_login(hot, slot.key)?;
         }
         let (result, lookup) = cache
             .get_or_fetch(slot.key, slot.tag, lifetimes, ctx.deadline, || {
-                let judged = if login {
-                    // The login pair (acquirer token, credentials) is the slot's key.
-                    let standing = self.trust.login_standing(slot.key);
-                    Some(Judged {
-                        key: slot.key,
-                        standing,
-                        login: true,
-                    })
-                } else {
-                    token
-                        .or_else(|| self.token_standing(ctx))
-                        .map(|(key, standing)| Judged {
-                            key,
-                            standing,
-                            login: false,
-                        })
-                };
+                let judged = self.judged(ctx, slot.key, login, token);
                 let unverified = judged.is_some_and(|judged| judged.standing != Standing::Verified);
                 // An unverified call takes no share: it must not count as a client of the
                 // Diia budget (that would make the budget look contended).
@@ -638,6 +401,44 @@ impl Gateway {
             }
         }
         handled(&result, lookup, slot.store == Store::Sharing)
+    }
+
+    /// A login that has to reach Diia: only these credentials' own refusals count, so a
+    /// login that works is never refused because others failed (and a cached one never
+    /// gets here).
+    fn admit_login(&self, hot: &Hot, key: CacheKey) -> Result<(), GatewayError> {
+        if self.trust.login_standing(key) == Standing::Refused {
+            return Err(GatewayError::CredentialsRefused);
+        }
+        hot.limits.logins.check(Who::Digest(key))?;
+        Ok(())
+    }
+
+    /// Whose standing with Diia the leader's call settles: for a login, the login pair
+    /// (acquirer token, credentials), which is the slot's `key`; otherwise the caller's
+    /// session token, if any.
+    fn judged(
+        &self,
+        ctx: &Ctx,
+        key: CacheKey,
+        login: bool,
+        token: Option<(CacheKey, Standing)>,
+    ) -> Option<Judged> {
+        if login {
+            let standing = self.trust.login_standing(key);
+            return Some(Judged {
+                key,
+                standing,
+                login: true,
+            });
+        }
+        token
+            .or_else(|| self.token_standing(ctx))
+            .map(|(key, standing)| Judged {
+                key,
+                standing,
+                login: false,
+            })
     }
 
     /// Pass-through: notes which token-cache entry handed out this session token (a 200
@@ -770,6 +571,20 @@ impl Gateway {
     }
 }
 
+/// How long a store's answers live under these settings (stale-if-error: answers only).
+fn lifetimes(hot: &Hot, store: Store) -> Lifetimes {
+    let (policy, stale_if_error) = match store {
+        Store::Answers => (hot.answers, hot.stale_if_error),
+        Store::Sharing => (hot.sharing, Duration::ZERO),
+        Store::SessionTokens => (hot.session_tokens, Duration::ZERO),
+    };
+    Lifetimes {
+        policy,
+        stale_if_error,
+        longest_call: hot.upstream.longest_call(),
+    }
+}
+
 /// A session token or a login pair (keyed digest) and where it stands with Diia.
 #[derive(Clone, Copy)]
 struct Judged {
@@ -839,91 +654,6 @@ fn limit(
     }
 }
 
-impl Handler for Gateway {
-    fn handle(
-        &self,
-        head: RequestHead,
-        body: RequestBody,
-        peer: SocketAddr,
-    ) -> impl Future<Output = Reply> + Send + '_ {
-        self.reply_to(head, body, peer)
-    }
-
-    fn tls(&self) -> Option<tokio_rustls::TlsAcceptor> {
-        self.hot.load().tls.clone()
-    }
-
-    fn clients(&self) -> Option<&Clients> {
-        Some(&self.clients)
-    }
-}
-
-/// How much of an oversized body is read and discarded before the 413 (lingering close).
-pub const DRAIN_MAX_BYTES: usize = 8 * 1024 * 1024;
-/// How long an oversized body is read and discarded at most before the 413.
-pub const DRAIN_MAX_TIME: Duration = Duration::from_secs(2);
-
-/// Why a body could not be read whole.
-enum ReadError {
-    /// Longer than the limit.
-    TooLarge,
-    /// The connection failed mid-body.
-    Broken,
-}
-
-/// The whole body as one `Bytes`, at most `limit` bytes. A body that arrives in one frame
-/// (the usual case for a small JSON request) is passed on without a copy or an
-/// allocation, which `http_body_util::Collected` (a frame list) cannot do; trailers are
-/// ignored.
-async fn read_all<B>(mut body: Pin<&mut B>, limit: usize) -> Result<Bytes, ReadError>
-where
-    B: Body<Data = Bytes>,
-{
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<bytes::BytesMut> = None;
-    let mut length = 0usize;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(|_| ReadError::Broken)?.into_data() else {
-            continue;
-        };
-        length = length.saturating_add(data.len());
-        if length > limit {
-            return Err(ReadError::TooLarge);
-        }
-        match (&first, &mut joined) {
-            (None, _) => first = Some(data),
-            (Some(head), None) => {
-                let mut buffer = bytes::BytesMut::with_capacity(head.len() + data.len());
-                buffer.extend_from_slice(head);
-                buffer.extend_from_slice(&data);
-                joined = Some(buffer);
-            }
-            (Some(_), Some(buffer)) => buffer.extend_from_slice(&data),
-        }
-    }
-    Ok(joined
-        .map(bytes::BytesMut::freeze)
-        .or(first)
-        .unwrap_or_default())
-}
-
-/// Reads and discards what is left of a body, within [`DRAIN_MAX_BYTES`] and
-/// [`DRAIN_MAX_TIME`].
-async fn drain<B: Body<Data = Bytes>>(mut body: Pin<&mut B>) {
-    let discard = async {
-        let mut discarded = 0usize;
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                discarded = discarded.saturating_add(data.len());
-                if discarded > DRAIN_MAX_BYTES {
-                    break;
-                }
-            }
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_MAX_TIME, discard).await;
-}
-
 fn upstream_request(endpoint: Endpoint, head: &RequestHead, body: Bytes) -> UpstreamRequest {
     UpstreamRequest {
         endpoint,
@@ -942,47 +672,21 @@ fn upstream_request(endpoint: Endpoint, head: &RequestHead, body: Bytes) -> Upst
     }
 }
 
-/// Diia's answer as a response: status, body, content type, trace id, retry-after,
-/// location. Built per request: a pre-rendered `HeaderMap` cloned per hit costs the same
-/// two allocations and saves ~nothing (the `hit_response` bench group keeps both).
-pub fn answer_response(answer: &Answer) -> HttpResponse {
-    let mut response = Response::new(Full::new(answer.body()));
-    *response.status_mut() = answer.status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        answer
-            .content_type()
-            .unwrap_or_else(|| JSON_CONTENT_TYPE.clone()),
-    );
-    if let Some(trace_id) = answer.trace_id() {
-        headers.insert(DIIA_TRACE_ID.clone(), trace_id);
-    }
-    if let Some(retry_after) = answer.retry_after() {
-        headers.insert(header::RETRY_AFTER, retry_after);
-    }
-    if let Some(location) = answer.location() {
-        headers.insert(header::LOCATION, location);
-    }
-    response
-}
-
 /// Turns a cache-layer result into a handled request with `Cache-Status`.
 fn handled(result: &CallResult, lookup: Lookup, sharing: bool) -> Result<Handled, GatewayError> {
     let answer = match result {
         Ok(answer) => answer,
         Err(error) => return Err(error.clone()),
     };
-    let (status, outcome) = match lookup {
-        Lookup::Hit if sharing => (&REPLAY, RequestOutcome::Replayed),
-        Lookup::Hit => (&HIT, RequestOutcome::Hit),
-        Lookup::Miss { stored: true } => (&MISS_STORED, RequestOutcome::Miss),
-        Lookup::Miss { stored: false } => (&MISS, RequestOutcome::Miss),
-        Lookup::Coalesced => (&COLLAPSED, RequestOutcome::Coalesced),
-        Lookup::Stale => (&STALE, RequestOutcome::Stale),
-        Lookup::RemoteHit if sharing => (&REMOTE_REPLAY, RequestOutcome::Replayed),
-        Lookup::RemoteHit => (&REMOTE_HIT, RequestOutcome::Hit),
-        Lookup::RemoteCoalesced => (&REMOTE_COLLAPSED, RequestOutcome::Coalesced),
+    let Some(status) = lookup.cache_status(sharing) else {
+        return Err(GatewayError::SharingAlreadyRequested);
+    };
+    let outcome = match lookup {
+        Lookup::Hit | Lookup::RemoteHit if sharing => RequestOutcome::Replayed,
+        Lookup::Hit | Lookup::RemoteHit => RequestOutcome::Hit,
+        Lookup::Miss { .. } => RequestOutcome::Miss,
+        Lookup::Coalesced | Lookup::RemoteCoalesced => RequestOutcome::Coalesced,
+        Lookup::Stale => RequestOutcome::Stale,
         Lookup::TagMismatch => return Err(GatewayError::SharingAlreadyRequested),
     };
     let outcome = match (AnswerClass::of_status(answer.status), outcome) {
@@ -1003,7 +707,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::server::Handler;
+    use crate::service::{Handler, RequestBody};
+    use crate::settings::Settings;
 
     /// A request's future is built, and copied whole, for every request: a hit pays for
     /// every byte of it. Rare paths (waiting on a call, forwarding, token bookkeeping) are

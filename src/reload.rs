@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::proxy::Gateway;
+use crate::gateway::Gateway;
 use crate::settings::{Cold, Settings};
 
 /// Knows where the config came from and what it may not change.

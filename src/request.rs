@@ -28,8 +28,6 @@ use crate::route::Endpoint;
 const MAX_ID: usize = 256;
 /// Longest accepted `qrcode` (a `https://diia.app/...` link).
 const MAX_QRCODE: usize = 2048;
-/// Longest accepted bearer token.
-const MAX_TOKEN: usize = 8192;
 
 /// A request as its endpoint needs it, every required field present and well-formed.
 /// Lives on the stack for one request: boxing the large variant would cost an allocation
@@ -199,35 +197,6 @@ fn require_json_content_type(content_type: Option<&HeaderValue>) -> Result<(), G
     } else {
         Err(GatewayError::UnsupportedMediaType)
     }
-}
-
-/// What follows `Bearer ` in `Authorization`, unchecked: for a caller [`bearer_token`]
-/// already accepted (the check scans the whole token; once per request is enough).
-#[must_use]
-pub fn bearer_credential(head: &RequestHead) -> &[u8] {
-    head.authorization
-        .as_ref()
-        .and_then(|value| value.as_bytes().get(7..))
-        .unwrap_or_default()
-}
-
-/// The session token from `Authorization: Bearer <token>` (scheme case-insensitive, as Diia).
-pub fn bearer_token(head: &RequestHead) -> Result<&[u8], GatewayError> {
-    let value = head
-        .authorization
-        .as_ref()
-        .ok_or(GatewayError::MissingAuthorization)?
-        .as_bytes();
-    let (scheme, token) = value
-        .split_at_checked(7)
-        .ok_or(GatewayError::InvalidAuthorization)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return Err(GatewayError::InvalidAuthorization);
-    }
-    if token.is_empty() || token.len() > MAX_TOKEN || !token.iter().all(u8::is_ascii_graphic) {
-        return Err(GatewayError::InvalidAuthorization);
-    }
-    Ok(token)
 }
 
 /// Top-level fields of a body, inline up to this many (Diia bodies carry 2 to 6).
@@ -473,19 +442,6 @@ pub fn status_query(query: Option<&str>) -> Result<(Barcode, &str), GatewayError
 mod tests {
     use super::*;
     use crate::keys::HashKey;
-
-    #[test]
-    fn bearer_parsing_follows_diia() {
-        let mut head = RequestHead::default();
-        assert_eq!(bearer_token(&head), Err(GatewayError::MissingAuthorization));
-        let mut with = |value: &'static str| {
-            head.authorization = Some(HeaderValue::from_static(value));
-            bearer_token(&head).map(<[u8]>::to_vec)
-        };
-        assert_eq!(with("bearer abc.def"), Ok(b"abc.def".to_vec()));
-        assert_eq!(with("Basic abc"), Err(GatewayError::InvalidAuthorization));
-        assert_eq!(with("Bearer "), Err(GatewayError::InvalidAuthorization));
-    }
 
     #[test]
     fn fields_are_checked() {

@@ -2,8 +2,8 @@
 //!
 //! ```sh
 //! cargo build --release --workspace
-//! target/release/loadtest run --scenario config/scenario-peak.toml
-//! target/release/loadtest capacity --scenario config/scenario-peak.toml
+//! target/release/loadtest run --scenario loadtest/scenarios/peak.toml
+//! target/release/loadtest capacity --scenario loadtest/scenarios/peak.toml
 //! ```
 //! By default it starts `diia-sim` and `diia-gateway` (found next to itself) on loopback;
 //! `--gateway URL --sim URL` targets running instances instead (loopback only);
@@ -37,7 +37,7 @@ struct Cli {
 #[derive(clap::Args)]
 struct Common {
     /// Scenario file.
-    #[arg(long, default_value = "config/scenario-peak.toml")]
+    #[arg(long, default_value = "loadtest/scenarios/peak.toml")]
     scenario: PathBuf,
     /// Gateway base URL(s) to target instead of starting one (loopback only); several,
     /// comma-separated, are load-balanced round-robin.
@@ -210,7 +210,8 @@ async fn execute(command: Command) -> Result<(), String> {
             out,
         } => {
             std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-            let mut scenario = Scenario::load(std::path::Path::new("config/scenario-smoke.toml"))?;
+            let mut scenario =
+                Scenario::load(std::path::Path::new("loadtest/scenarios/smoke.toml"))?;
             scenario.diia.latency = Duration::ZERO;
             scenario.diia.latency_jitter = Duration::ZERO;
             scenario.diia.error_rate = 0.0;

@@ -1,4 +1,4 @@
-//! A load scenario, read from a TOML file in `config/`: who scans what, how often.
+//! A load scenario, read from a TOML file in `loadtest/scenarios/`: who scans what, how often.
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! (so the gateway's own CPU time can be read from `/proc`), or URLs given by the user.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,9 +52,63 @@ impl Drop for Target {
     }
 }
 
-fn free_port() -> Result<SocketAddr, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    listener.local_addr().map_err(|e| e.to_string())
+/// A `redis-server` on a loopback port drawn from below the kernel's ephemeral range
+/// (which `:0` binds and outgoing connections use), drawing again when it exits on a
+/// taken port: redis-server can neither take a bound socket nor report a `:0` port.
+fn start_redis() -> Result<(Child, u16), String> {
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    for _ in 0..10 {
+        let port = if low >= 11_024 {
+            fastrand::u16(low - 10_000..low)
+        } else {
+            fastrand::u16(high.saturating_add(1).max(1024)..=65_535)
+        };
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("redis-server (install it for --instances): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if redis_is(port, child.id()) {
+                return Ok((child, port));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Err("redis-server found no free port in ten draws".to_owned())
+}
+
+/// Waits for the simulator's "diia-sim listening addr=…" line in its log.
+fn wait_for_sim(log: &std::path::Path) -> Result<SocketAddr, String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let addr = text
+            .lines()
+            .filter(|line| line.contains("diia-sim listening"))
+            .find_map(|line| {
+                let (_, rest) = line.split_once("addr=")?;
+                rest.split_whitespace().next()?.parse().ok()
+            });
+        if let Some(addr) = addr {
+            return Ok(addr);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("diia-sim never listened ({})", log.display()))
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf, String> {
@@ -77,15 +131,48 @@ fn write_temp(name: &str, text: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-fn wait_for_port(addr: SocketAddr) -> Result<(), String> {
+/// Whether the redis-server on `port` is the process `pid` (`INFO server`'s `process_id`):
+/// a server of someone else's on a drawn port does not count.
+fn redis_is(port: u16, pid: u32) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buffer = vec![0u8; 16 * 1024];
+    let n = std::io::Read::read(&mut stream, &mut buffer).unwrap_or(0);
+    let ours = format!("process_id:{pid}");
+    String::from_utf8_lossy(&buffer[..n])
+        .lines()
+        .any(|line| line.trim_end() == ours)
+}
+
+/// Waits for a gateway's `--ready-file` and reads its branch and admin addresses.
+fn wait_for_ready_file(path: &std::path::Path) -> Result<(SocketAddr, SocketAddr), String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|addr| addr.parse::<SocketAddr>().ok())
+                    .ok_or_else(|| format!("{}: no {key}= address", path.display()))
+            };
+            return Ok((field("listen")?, field("admin")?));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(format!("{addr} did not start listening"))
+    Err(format!(
+        "the gateway never listened ({} not written)",
+        path.display()
+    ))
 }
 
 impl Target {
@@ -125,20 +212,12 @@ impl Target {
         extra_config: &str,
         instances: usize,
     ) -> Result<Self, String> {
-        let sim_addr = free_port()?;
         let mut files = Vec::new();
         let mut redis = None;
         let mut fleet_config = String::new();
         if instances > 1 {
-            let port = free_port()?.port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("redis-server (install it for --instances): {e}"))?;
+            let (child, port) = start_redis()?;
             redis = Some((child, port));
-            wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)))?;
             let mut secret = [0u8; 32];
             std::fs::File::open("/dev/urandom")
                 .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut secret))
@@ -152,33 +231,42 @@ impl Target {
             files.push(secret_file);
         }
         let sim_config = format!(
-            "listen = \"{sim_addr}\"\nauto_issue = true\n[faults]\nlatency = \"{}\"\nlatency_jitter = \"{}\"\nlatency_distribution = \"exponential\"\nerror_rate = {}\n",
+            "listen = \"127.0.0.1:0\"\nauto_issue = true\n[faults]\nlatency = \"{}\"\nlatency_jitter = \"{}\"\nlatency_distribution = \"exponential\"\nerror_rate = {}\n",
             humantime::format_duration(scenario.diia.latency),
             humantime::format_duration(scenario.diia.latency_jitter),
             scenario.diia.error_rate,
         );
         let sim_file = write_temp("sim.toml", &sim_config)?;
         files.push(sim_file.clone());
-        let sim_process = Command::new(sibling_binary("diia-sim")?)
+        // The simulator binds :0 and logs the port it got ("diia-sim listening addr=…").
+        let sim_log = write_temp("sim.log", "")?;
+        files.push(sim_log.clone());
+        let mut sim_process = Command::new(sibling_binary("diia-sim")?)
             .arg("--config")
             .arg(&sim_file)
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&sim_log).map_err(|e| e.to_string())?)
             .spawn()
             .map_err(|e| format!("diia-sim: {e}"))?;
-        let mut gateways = Vec::new();
-        let mut admins = Vec::new();
+        let sim_addr = match wait_for_sim(&sim_log) {
+            Ok(addr) => addr,
+            Err(error) => {
+                let _ = sim_process.kill();
+                let _ = sim_process.wait();
+                return Err(error);
+            }
+        };
         let mut gateway_processes = Vec::new();
-        let mut listening = Vec::new();
+        let mut ready_files = Vec::new();
         for index in 0..instances.max(1) {
-            let gateway_addr = free_port()?;
-            let admin_addr = free_port()?;
             // Branch limits sized to the scenario (a branch never hits them in a normal
             // run); every branch comes from this one process, so the per-client limit and
             // the Diia share are lifted; the Diia budget is left wide so the report
-            // measures what Diia would need.
+            // measures what Diia would need. The kernel picks both ports; the gateway
+            // reports them in its ready file.
             let gateway_config = format!(
-                "[server]\nlisten = \"{gateway_addr}\"\nadmin_listen = \"{admin_addr}\"\n\
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
                  [upstream]\nbase_url = \"http://{sim_addr}\"\n\
                  [limits.branch]\nper_minute = 100000\nburst = 1000\n\
                  [limits.client]\nper_minute = 100000000\nburst = 1000000\ndiia_share = 1.0\n\
@@ -187,33 +275,43 @@ impl Target {
             );
             let gateway_file = write_temp(&format!("gateway-{index}.toml"), &gateway_config)?;
             files.push(gateway_file.clone());
+            let ready_file = std::env::temp_dir().join(format!(
+                "diia-loadtest-{}-gateway-{index}.ready",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&ready_file);
+            files.push(ready_file.clone());
             gateway_processes.push(
                 Command::new(sibling_binary("diia-gateway")?)
                     .arg("--config")
                     .arg(&gateway_file)
+                    .arg("--ready-file")
+                    .arg(&ready_file)
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
                     .spawn()
                     .map_err(|e| format!("diia-gateway: {e}"))?,
             );
-            gateways.push(format!("http://{gateway_addr}"));
-            admins.push(format!("http://{admin_addr}"));
-            listening.push(gateway_addr);
+            ready_files.push(ready_file);
         }
-        let target = Self {
-            gateway: gateways.first().cloned().unwrap_or_default(),
-            gateways,
+        let mut target = Self {
+            gateway: String::new(),
+            gateways: Vec::new(),
             sim: format!("http://{sim_addr}"),
-            admin: admins.first().cloned(),
+            admin: None,
             gateway_processes,
             sim_process: Some(sim_process),
             redis,
             _files: files,
         };
-        wait_for_port(sim_addr)?;
-        for addr in listening {
-            wait_for_port(addr)?;
+        for ready_file in &ready_files {
+            let (listen, admin) = wait_for_ready_file(ready_file)?;
+            target.gateways.push(format!("http://{listen}"));
+            if target.admin.is_none() {
+                target.admin = Some(format!("http://{admin}"));
+            }
         }
+        target.gateway = target.gateways.first().cloned().unwrap_or_default();
         Ok(target)
     }
 

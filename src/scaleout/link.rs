@@ -18,9 +18,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, RedisResult, Value};
 use tokio::sync::watch;
 
+use super::ScaleoutSettings;
 use crate::metrics::Metrics;
 use crate::per_thread::PerThread;
-use crate::settings::ScaleoutSettings;
 
 /// Pattern every instance subscribes to: one channel per key, named after the key.
 pub const CHANNEL_PATTERN: &str = "{dg}:c:*";

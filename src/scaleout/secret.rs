@@ -15,6 +15,8 @@ use ring::hkdf::{HKDF_SHA256, KeyType, Salt};
 use ring::hmac;
 use subtle::ConstantTimeEq;
 
+use crate::keys::HashKey;
+
 /// Domain of every derived key; a new layout of what is stored gets a new salt.
 const SALT: &[u8] = b"diia-gateway scaleout v1";
 /// The first byte of every sealed value: the layout version (2: kind and expiry bound).
@@ -90,6 +92,13 @@ impl FleetSecret {
             let _ = okm.fill(&mut out);
         }
         out
+    }
+
+    /// Keys shared by every instance holding this secret (HKDF subkeys, one per purpose):
+    /// every instance computes the same cache keys and log fingerprints.
+    #[must_use]
+    pub fn hash_key(&self) -> HashKey {
+        HashKey::from_subkeys(self.subkey("cache-keys"), self.subkey("log-fingerprints"))
     }
 
     /// The sealing key.

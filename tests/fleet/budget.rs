@@ -1,10 +1,10 @@
-//! (a) The Diia budget is fleet-wide: three instances offered 3 × 150 calls/s against a
-//! 200/s, burst 50 budget send 200/s to Diia (±5 %), never more than rate + burst in any
-//! second. (c) The same run with Redis SIGKILLed at +10 s and restarted at +20 s: the
-//! outage seconds stay at 200/s (local budgets at rate / 3), transitions stay under rate +
-//! burst, only documented statuses, ≤ 3 calls per key while Redis is down, and every
-//! instance is back on Redis within a second of the restart. Plus: a remote waiter falls
-//! back when Redis dies instead of sitting out the lease.
+//! The Diia budget is fleet-wide: three instances offered 3 × 150 calls/s against a 200/s,
+//! burst 50 budget send 200/s to Diia (±5 %), never more than rate + burst in any second.
+//! The same run with Redis SIGKILLed at +10 s and restarted at +20 s: the outage seconds
+//! stay at 200/s (local budgets at rate / 3), transitions stay under rate + burst, only
+//! documented statuses, ≤ 3 calls per key while Redis is down, and every instance is back
+//! on Redis within a second of the restart. And a remote waiter falls back when Redis dies
+//! instead of sitting out the lease.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,10 +15,10 @@ use diia_sim::route::Endpoint;
 use futures_util::future::join_all;
 use http::StatusCode;
 
-use crate::it_support::{HttpClient, client};
-use crate::support::{
+use crate::processes::{
     FleetConfig, Gateway, Redis, SERIAL, World, fresh_barcode, redis_available, simulator,
 };
+use diia_gateway_testkit::{HttpClient, client};
 
 const RATE: u64 = 200;
 const BURST: u64 = 50;
@@ -287,7 +287,7 @@ async fn an_instance_starts_ready_without_redis_and_joins_when_it_appears() {
     if !redis_available() {
         return;
     }
-    let port = crate::support::free_port();
+    let port = diia_gateway_testkit::port_outside_ephemeral_range();
     let sim = simulator().await;
     // Gateway::start waits for /readyz: it must turn ready with nothing on the port.
     let gateway = Gateway::start(&FleetConfig::new(

@@ -1,4 +1,4 @@
-//! (b) Three instances, 50 identical concurrent requests each, per fresh barcode: one Diia
+//! Three instances, 50 identical concurrent requests each, per fresh barcode: one Diia
 //! call per barcode for the whole fleet; re-scans on every instance cost nothing.
 
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use diia_sim::route::Endpoint;
 use futures_util::future::join_all;
 use http::StatusCode;
 
-use crate::support::{World, fresh_barcode};
+use crate::processes::{World, fresh_barcode};
 
 const BARCODES: usize = 200;
 const PER_INSTANCE: usize = 50;

@@ -9,8 +9,8 @@ use http::StatusCode;
 use redis::AsyncCommands;
 use serde_json::json;
 
-use crate::it_support::Reply;
-use crate::support::{Redis, World, fresh_barcode};
+use crate::processes::{Redis, World, fresh_barcode};
+use diia_gateway_testkit::Reply;
 
 const SHARE: &str = "/api/v1/acquirers/document-request";
 
@@ -227,7 +227,7 @@ fn spawn_post(
     let (http, url) = (world.http.clone(), world.gateways[gateway].url(path));
     let bearer = format!("Bearer {token}");
     tokio::spawn(async move {
-        crate::it_support::send(
+        diia_gateway_testkit::send(
             &http,
             http::Method::POST,
             &url,

@@ -9,8 +9,8 @@ use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 use http::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 
-use crate::it_support::send;
-use crate::support::{World, fresh_barcode};
+use crate::processes::{World, fresh_barcode};
+use diia_gateway_testkit::send;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branch_limits_are_the_quota_divided_by_live_instances() {
@@ -170,7 +170,7 @@ async fn a_flooding_client_cannot_starve_a_quiet_branch_across_the_fleet() {
         .map(|n| {
             let (url, token) = (urls[n % urls.len()].clone(), token.clone());
             tokio::spawn(async move {
-                let client = crate::it_support::client_from([127, 0, 0, 1]);
+                let client = diia_gateway_testkit::client_from([127, 0, 0, 1]);
                 let bearer = format!("Bearer {token}");
                 let mut refused = 0u32;
                 while Instant::now() < stop {
@@ -195,7 +195,7 @@ async fn a_flooding_client_cannot_starve_a_quiet_branch_across_the_fleet() {
             })
         })
         .collect();
-    let quiet = crate::it_support::client_from([127, 0, 0, 2]);
+    let quiet = diia_gateway_testkit::client_from([127, 0, 0, 2]);
     let bearer = format!("Bearer {token}");
     let mut quiet_statuses = Vec::new();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -226,28 +226,28 @@ async fn a_flooding_client_cannot_starve_a_quiet_branch_across_the_fleet() {
 /// third instance joins (it got 7 × 200 when the rebuilt budgets were full).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_instance_refills_no_branch_budget() {
-    let _serial = crate::support::SERIAL.lock().await;
-    if !crate::support::redis_available() {
+    let _serial = crate::processes::SERIAL.lock().await;
+    if !crate::processes::redis_available() {
         return;
     }
-    let redis = crate::support::Redis::start(&[]).await;
-    let sim = crate::support::simulator().await;
-    let mut config = crate::support::FleetConfig::new(&sim.base_url(), &redis.url());
+    let redis = crate::processes::Redis::start(&[]).await;
+    let sim = crate::processes::simulator().await;
+    let mut config = crate::processes::FleetConfig::new(&sim.base_url(), &redis.url());
     // A burst of 30 for the fleet: 15 per instance while two are alive, 10 with three.
     config.branch = "{ per_minute = 1, burst = 30 }".to_owned();
     config
         .scaleout_extra
         .push_str("heartbeat_interval = \"200ms\"\ninstance_ttl = \"1s\"\n");
     let mut gateways = vec![
-        crate::support::Gateway::start(&config).await,
-        crate::support::Gateway::start(&config).await,
+        crate::processes::Gateway::start(&config).await,
+        crate::processes::Gateway::start(&config).await,
     ];
-    let http = crate::it_support::client();
-    crate::support::wait_for_fleet(&gateways, &http, 2.0).await;
+    let http = diia_gateway_testkit::client();
+    crate::processes::wait_for_fleet(&gateways, &http, 2.0).await;
     let token = gateways[0].session_token(&http).await;
     async fn scan(
-        gateway: &crate::support::Gateway,
-        http: &crate::it_support::HttpClient,
+        gateway: &crate::processes::Gateway,
+        http: &diia_gateway_testkit::HttpClient,
         token: &str,
         branch: &str,
     ) -> u16 {
@@ -264,8 +264,8 @@ async fn a_joining_instance_refills_no_branch_budget() {
         assert!(admitted <= 30, "no branch limit at all");
     }
     assert_eq!(admitted, 15, "two live instances: 30 / 2 each");
-    gateways.push(crate::support::Gateway::start(&config).await);
-    crate::support::wait_for_fleet(&gateways, &http, 3.0).await;
+    gateways.push(crate::processes::Gateway::start(&config).await);
+    crate::processes::wait_for_fleet(&gateways, &http, 3.0).await;
     let mut after = Vec::new();
     for _ in 0..5 {
         after.push(scan(&gateways[0], &http, &token, "kyiv-001").await);

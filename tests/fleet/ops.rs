@@ -5,10 +5,10 @@
 
 use http::StatusCode;
 
-use crate::it_support::prometheus::{
+use crate::processes::{World, fresh_barcode};
+use diia_gateway_testkit::prometheus::{
     Prometheus, assert_data, dashboard_queries, is_scaleout, tool,
 };
-use crate::support::{World, fresh_barcode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scaleout_dashboard_query_returns_data_from_a_fleet() {

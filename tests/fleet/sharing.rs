@@ -1,4 +1,4 @@
-//! (e) A leader killed while its `document-request` is at Diia: the other instances never
+//! A leader killed while its `document-request` is at Diia: the other instances never
 //! send a second consent push, they answer "outcome unknown" (or time out) instead.
 
 use std::time::{Duration, Instant};
@@ -7,7 +7,7 @@ use diia_sim::route::Endpoint;
 use http::StatusCode;
 use serde_json::json;
 
-use crate::support::{World, fresh_barcode};
+use crate::processes::{World, fresh_barcode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_leader_is_never_replaced_for_a_consent_push() {
@@ -33,7 +33,7 @@ async fn a_dead_leader_is_never_replaced_for_a_consent_push() {
         );
         tokio::spawn(async move {
             let bearer = format!("Bearer {token}");
-            crate::it_support::send(
+            diia_gateway_testkit::send(
                 &http,
                 http::Method::POST,
                 &url,

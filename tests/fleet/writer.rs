@@ -10,7 +10,7 @@ use diia_sim::route::Endpoint;
 use http::StatusCode;
 use redis::AsyncCommands;
 
-use crate::support::{World, fresh_barcode, wait_for_fleet};
+use crate::processes::{World, fresh_barcode, wait_for_fleet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_restored_after_its_expiry_is_not_served() {
@@ -71,7 +71,7 @@ negative_ttl = "2s""#
 }
 
 /// `limits.diia.max_backoff` of 2 s.
-fn short_backoff(config: &mut crate::support::FleetConfig) {
+fn short_backoff(config: &mut crate::processes::FleetConfig) {
     config.diia =
         r#"{ per_second = 10000, burst = 10000, max_wait = "200ms", max_backoff = "2s" }"#
             .to_owned();

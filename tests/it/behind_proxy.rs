@@ -183,7 +183,8 @@ fn haproxy_available() -> bool {
     found
 }
 
-/// `haproxy` in TCP mode on a free loopback port, sending PROXY v2 to `backend`.
+/// `haproxy` in TCP mode on a loopback socket the test bound, sending PROXY v2 to
+/// `backend`.
 struct Haproxy {
     addr: SocketAddr,
     child: Child,
@@ -197,11 +198,10 @@ impl Haproxy {
 
     async fn start_with(backend: SocketAddr, send_proxy: bool) -> Self {
         let send_proxy = if send_proxy { " send-proxy-v2" } else { "" };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // The test binds the frontend and hands the listening socket over as haproxy's
+        // stdin (`bind fd@0`): no port is picked, released and raced for.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("haproxy.cfg");
         std::fs::write(
@@ -209,7 +209,7 @@ impl Haproxy {
             format!(
                 "global\n  maxconn 256\n\
                  defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
-                 frontend branches\n  bind 127.0.0.1:{port}\n  default_backend gateway\n\
+                 frontend branches\n  bind fd@0\n  default_backend gateway\n\
                  backend gateway\n  server gw {backend}{send_proxy}\n"
             ),
         )
@@ -218,16 +218,12 @@ impl Haproxy {
             .arg("-db")
             .arg("-f")
             .arg(&config)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("haproxy starts");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let started = Instant::now();
-        while TcpStream::connect(addr).await.is_err() {
-            assert!(started.elapsed() < BOUND, "haproxy did not listen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Connections wait in the socket's backlog until haproxy accepts them.
         Self {
             addr,
             child,

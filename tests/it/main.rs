@@ -1,9 +1,10 @@
 //! Integration tests over real loopback sockets, one binary (one link on the 2-core CI).
-//! Each module is one user-visible behaviour; `support` is the shared harness.
+//! Each module is one user-visible behaviour; `support` is the shared harness
+//! (`tests/support`, the `diia-gateway-testkit` crate).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use diia_gateway_testkit as support;
 
 mod behind_proxy;
 mod cache;
@@ -26,6 +27,5 @@ mod slow_clients;
 mod tls;
 mod tokens;
 mod unverified;
-mod upstream_down;
 mod upstream_misbehaviour;
 mod validation;

@@ -101,7 +101,8 @@ async fn post(gateway: &diia_gateway::RunningGateway, path: &str, body: &str) ->
 
 #[tokio::test]
 async fn safe_calls_are_retried_within_the_budget() {
-    let mut config = gateway_config(&format!("http://{}", dead_port()));
+    let dead = dead_port();
+    let mut config = gateway_config(&format!("http://{dead}"));
     config.upstream.max_retries = 2;
     config.upstream.retry_reserve = 3;
     config.upstream.retry_ratio = 0.0;
@@ -147,7 +148,8 @@ async fn safe_calls_are_retried_within_the_budget() {
 
 #[tokio::test]
 async fn sharing_requests_are_never_retried() {
-    let mut config = gateway_config(&format!("http://{}", dead_port()));
+    let dead = dead_port();
+    let mut config = gateway_config(&format!("http://{dead}"));
     config.upstream.retry_backoff = Duration::from_millis(5);
     let gateway = support::start_gateway(config).await;
     let reply = post(

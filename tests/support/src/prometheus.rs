@@ -1,6 +1,6 @@
 //! A real Prometheus on loopback for the operations-kit tests (the single-instance ops test
-//! and the scale-out dashboard test): started on a free port, scraping given targets every
-//! second, queried over HTTP, killed on drop.
+//! and the scale-out dashboard test): started on a port of the kernel's choosing, scraping
+//! given targets every second, queried over HTTP, killed on drop.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode};
 use serde_json::Value;
 
-use super::{HttpClient, send};
+use crate::{HttpClient, send};
 
 /// The shipped Grafana dashboard.
 pub const DASHBOARD: &str = "deploy/grafana/diia-gateway.json";
@@ -25,9 +25,11 @@ pub const SCALEOUT_METRICS: [&str; 5] = [
     "diia_gateway_instances_live",
 ];
 
-/// A path in this repository.
+/// A path in this repository (this crate lives in `tests/support`).
 pub fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
 }
 
 /// The binary on `PATH`, or `None` (after failing the test under `CI=true`).
@@ -47,7 +49,7 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     found
 }
 
-/// A Prometheus process on a free loopback port, killed on drop.
+/// A Prometheus process on a loopback port it binds itself (`:0`), killed on drop.
 pub struct Prometheus {
     child: Child,
     /// `http://127.0.0.1:port`.
@@ -94,22 +96,39 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let port = super::dead_port().port();
-        let child = Command::new(binary)
+        // Port 0: Prometheus binds what the kernel gives and logs it ("Listening on").
+        let log_path = dir.path().join("log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(binary)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
+            .arg("--web.listen-address=127.0.0.1:0")
+            .arg("--log.level=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
+        let started = Instant::now();
+        let addr = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(addr) = listening_address(&text) {
+                break addr;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("prometheus exited ({status}): {text}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "prometheus never listened: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let prometheus = Self {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{addr}"),
             _dir: dir,
         };
         let started = Instant::now();
@@ -154,6 +173,20 @@ impl Prometheus {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// The address in Prometheus's `msg="Listening on" address=127.0.0.1:PORT` log line.
+fn listening_address(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|line| line.contains(r#"msg="Listening on""#))
+        .find_map(|line| {
+            line.split_once(" address=")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
 }
 
 /// A GET to Prometheus's API, asserted 200.

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,25 +13,12 @@ use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimConfig, SimHandle, Simul
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::it_support::{HttpClient, Reply, client, metric_value, send};
+use diia_gateway_testkit::{
+    HttpClient, Reply, client, metric_value, port_outside_ephemeral_range, send,
+};
 
 /// Fleet tests one at a time: they measure rates and kill processes.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A free loopback port (bound, then released for the process that takes it).
-pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
-}
-
-/// `N` distinct free loopback ports: all bound at once before any is released, so two
-/// picks can never be the same port (one bind-and-release after another could, and once
-/// gave a gateway the same `listen` and `admin_listen`).
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|n| held[n].local_addr().unwrap().port())
-}
 
 /// Whether `redis-server` can run here; fails under CI when it cannot.
 pub fn redis_available() -> bool {
@@ -50,7 +37,8 @@ pub fn redis_available() -> bool {
     found
 }
 
-/// A `redis-server` on a free loopback port, without persistence unless asked.
+/// A `redis-server` on a loopback port of its own (see [`port_outside_ephemeral_range`]),
+/// without persistence unless asked.
 pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
@@ -59,26 +47,55 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Starts one and waits until it answers PING.
+    /// Starts one and waits until it answers; on a port another process holds it draws
+    /// another (ten tries).
     pub async fn start(extra: &[&str]) -> Self {
-        Self::start_on(free_port(), extra).await
+        let mut redis = Self::unstarted(port_outside_ephemeral_range(), extra);
+        for _ in 0..10 {
+            if redis.try_start().await {
+                return redis;
+            }
+            redis.port = port_outside_ephemeral_range();
+        }
+        panic!("redis-server found no free port in ten draws");
     }
 
-    /// [`Redis::start`] on a given port.
+    /// [`Redis::start`] on a given port (one from [`port_outside_ephemeral_range`]).
     pub async fn start_on(port: u16, extra: &[&str]) -> Self {
-        let mut redis = Self {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            child: None,
-        };
+        let mut redis = Self::unstarted(port, extra);
         redis.restart().await;
         redis
     }
 
-    /// (Re)starts the server on the same port.
+    fn unstarted(port: u16, extra: &[&str]) -> Self {
+        Self {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            child: None,
+        }
+    }
+
+    /// (Re)starts the server on the same port: the clients know it. A killed server's
+    /// port is free at once (nothing else draws from outside the ephemeral range), so a
+    /// failed bind is retried for a few seconds only.
     pub async fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.try_start().await {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server cannot bind port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Spawns the server and waits until it answers as itself (`INFO`'s `process_id` is
+    /// our child's: a server of someone else's on the port does not count); `false` when
+    /// it exits first (the port is taken).
+    async fn try_start(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--dir", &self.dir.path().display().to_string()])
@@ -87,9 +104,17 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        self.child = Some(child);
+        let ours = format!("process_id:{}", child.id());
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.command(&["PING"]).await.as_deref() != Some("+PONG") {
+        loop {
+            let info = self.reply(&["INFO", "server"]).await.unwrap_or_default();
+            if info.lines().any(|line| line.trim_end() == ours) {
+                self.child = Some(child);
+                return true;
+            }
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
             assert!(Instant::now() < deadline, "redis-server did not answer");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -262,12 +287,12 @@ impl Gateway {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, &config.secret).unwrap();
-        let [port, admin] = free_ports::<2>();
         let text = format!(
             r#"
 [server]
-listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin}"
+# The kernel picks both ports; the process reports them in its ready file.
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 request_deadline = "3s"
 drain_delay = "0s"
 {server_extra}
@@ -311,21 +336,42 @@ command_timeout = "250ms"
         let config_file = dir.path().join("gateway.toml");
         std::fs::write(&config_file, text).unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_diia-gateway"))
+        let ready_file = dir.path().join("ready");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_diia-gateway"))
             .arg("--config")
             .arg(&config_file)
+            .arg("--ready-file")
+            .arg(&ready_file)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("gateway starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (addr, admin) = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready_file) {
+                break parse_ready_file(&text);
+            }
+            let log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "gateway exited ({status}) before listening; log:\n{}",
+                    log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway never listened; log:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         let gateway = Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            addr,
+            admin,
             dir,
             child: Some(child),
         };
         let http = client();
-        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let url = format!("http://{}/readyz", gateway.admin);
             let ready =
@@ -439,12 +485,24 @@ impl Drop for Gateway {
     }
 }
 
+/// The branch and admin addresses from a `--ready-file` (`listen=ADDR`, `admin=ADDR`).
+pub fn parse_ready_file(text: &str) -> (SocketAddr, SocketAddr) {
+    let field = |key: &str| -> SocketAddr {
+        text.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key}= in the ready file: {text:?}"))
+            .parse()
+            .unwrap()
+    };
+    (field("listen"), field("admin"))
+}
+
 /// The simulator, treating any well-formed barcode as freshly issued.
 pub async fn simulator() -> SimHandle {
     let config = SimConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         auto_issue: true,
-        ..crate::it_support::sim_config()
+        ..diia_gateway_testkit::sim_config()
     };
     Simulator::start(config).await.unwrap()
 }

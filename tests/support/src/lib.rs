@@ -1,8 +1,8 @@
-//! Shared test harness: a real simulator and a real gateway on loopback, and an HTTP
-//! client that talks to them over sockets; or a bare gateway in front of any upstream
-//! (raw-socket fault servers). Every wait is bounded.
+//! Shared test harness of `tests/it` and `tests/fleet`: a real simulator and a real
+//! gateway on loopback, and an HTTP client that talks to them over sockets; or a bare
+//! gateway in front of any upstream (raw-socket fault servers). Every wait is bounded.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod prometheus;
 
@@ -363,8 +363,56 @@ pub async fn stand_in_upstream(answer: StandIn) -> SocketAddr {
     addr
 }
 
-/// A loopback port with nothing listening on it.
-pub fn dead_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
+/// A loopback port with nothing listening on it, held for as long as the value lives:
+/// the socket is bound but never listens, so a connection is refused, and no other bind
+/// (the kernel's `:0` picks included) can take the port meanwhile.
+pub struct DeadPort(socket2::Socket);
+
+impl DeadPort {
+    /// The refused address.
+    pub fn addr(&self) -> SocketAddr {
+        self.0
+            .local_addr()
+            .expect("bound")
+            .as_socket()
+            .expect("an IP address")
+    }
+}
+
+impl std::fmt::Display for DeadPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
+/// A [`DeadPort`]; keep it in a variable for as long as the port must stay dead.
+pub fn dead_port() -> DeadPort {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    DeadPort(socket)
+}
+
+/// A loopback port for a server that cannot be handed a bound socket (`redis-server`):
+/// drawn at random from below the kernel's ephemeral range, so no `:0` bind and no
+/// outgoing connection of this machine is ever given it (those come from that range).
+/// Two draws can still meet, and a foreign process may hold one: the caller sees its
+/// server exit on "address in use" and draws again.
+pub fn port_outside_ephemeral_range() -> u16 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let (low, high) = range;
+    if low >= 11_024 {
+        fastrand::u16(low - 10_000..low)
+    } else {
+        assert!(high < 64_535, "no port range outside {low}-{high}");
+        fastrand::u16(high + 1..=65_535)
+    }
 }

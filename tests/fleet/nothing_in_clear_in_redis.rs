@@ -1,14 +1,14 @@
-//! (d) What Redis holds: no barcode, requestId, token or credential in clear, even in a
+//! What Redis holds: no barcode, requestId, token or credential in clear, even in a
 //! dump; the same secret gives the same keys (and log fingerprints) on every instance, and
 //! another secret other keys; a restricted ACL user is enough.
 
 use http::StatusCode;
 use serde_json::json;
 
-use crate::it_support::client;
-use crate::support::{
+use crate::processes::{
     FleetConfig, Gateway, Redis, SERIAL, fresh_barcode, redis_available, simulator, wait_for_fleet,
 };
+use diia_gateway_testkit::client;
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 
 /// The ACL line the README documents (password here: `gateway-test-password`).

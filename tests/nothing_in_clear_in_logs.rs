@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "it/support/mod.rs"]
-mod support;
+use diia_gateway_testkit as support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -6,6 +6,13 @@
 //! whole. [`Cold`] is what only a restart can change (listeners, caps, the pool, the
 //! breaker, cache capacity, auth mode); a reload whose cold half differs is refused with
 //! the differing keys named, so a reload never reports success while ignoring a change.
+//!
+//! Checks by table: `server` (`[server]`, `[server.tls]`, `[auth]`), `upstream`
+//! (`[upstream]`, `[simulator]`), `fleet` (`[scaleout]`); the rest here.
+
+mod fleet;
+mod server;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,13 +23,15 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cache_policy::Policy;
 use crate::caller::{ApiKeys, ClientCerts};
-use crate::config::{
-    AuthConfig, AuthMode, BranchAuth, CacheConfig, FileConfig, LimitsConfig, LogFormat,
-    ServerConfig, UpstreamConfig,
-};
+use crate::config::{AuthMode, BranchAuth, CacheConfig, FileConfig, LimitsConfig, LogFormat};
 use crate::diia::{BARCODE_LIFETIME, SESSION_TOKEN_LIFETIME};
 use crate::keys::{HashKey, Secret};
-use crate::limit::{BudgetQuota, Limits};
+use crate::limit::{BudgetQuota, Limits, fleet_share};
+use crate::scaleout::ScaleoutSettings;
+
+use fleet::scaleout;
+use server::{auth, check_server, tls_acceptor, trusted_proxies};
+use upstream::{upstream_target, upstream_tunables};
 
 /// A config that cannot be used, naming the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +271,10 @@ macro_rules! cold_settings {
                 $( if self.$field != other.$field { keys.push($key); } )*
                 keys
             }
+
+            /// Every key (or key group) only a restart can change, in declaration order.
+            #[must_use]
+            pub fn cold_keys() -> &'static [&'static str] { &[$( $key, )*] }
         }
     };
 }
@@ -339,33 +352,6 @@ cold_settings! {
     max_connections_per_client: usize = "server.max_connections_per_client",
 }
 
-/// `[scaleout]`, checked, with its files read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScaleoutSettings {
-    /// `redis://` or `rediss://` URL (without the password).
-    pub redis_url: String,
-    /// From `scaleout.redis_password_file`.
-    pub redis_password: Option<Secret>,
-    /// PEM trust roots for `rediss://`.
-    pub redis_ca: Option<Vec<u8>>,
-    /// The fleet secret.
-    pub secret: crate::scaleout::FleetSecret,
-    /// Per-command deadline.
-    pub command_timeout: Duration,
-    /// Connect deadline.
-    pub connect_timeout: Duration,
-    /// Probe period while Redis is down.
-    pub probe_interval: Duration,
-    /// Heartbeat period.
-    pub heartbeat_interval: Duration,
-    /// An instance silent this long is gone.
-    pub instance_ttl: Duration,
-    /// A leader's claim on a key (not sharing: those last as long as the barcode).
-    pub lease: Duration,
-    /// How long a sharing request retries a Redis that does not answer.
-    pub sharing_wait: Duration,
-}
-
 impl Settings {
     /// Reads, parses and builds a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -412,7 +398,7 @@ impl Settings {
         };
         let scaleout = scaleout(file)?;
         let keys = match &scaleout {
-            Some(scaleout) => HashKey::from_fleet(&scaleout.secret),
+            Some(scaleout) => scaleout.secret.hash_key(),
             None => HashKey::random().map_err(|e| invalid("keys", e.to_string()))?,
         };
         let cold = Cold {
@@ -480,135 +466,6 @@ fn cold(
     }
 }
 
-/// `server.trusted_proxies`: CIDRs, or single addresses (a /32 or /128).
-fn trusted_proxies(server: &ServerConfig) -> Result<Vec<ipnet::IpNet>, ConfigError> {
-    let nets = server
-        .trusted_proxies
-        .iter()
-        .map(|entry| {
-            let entry = entry.trim();
-            entry
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map(|net| net.trunc())
-                .map_err(|_| {
-                    invalid(
-                        "server.trusted_proxies",
-                        format!("{entry:?} is no CIDR (e.g. \"10.0.0.0/8\") or address"),
-                    )
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if server.proxy_protocol && nets.is_empty() {
-        return Err(invalid(
-            "server.proxy_protocol",
-            "needs server.trusted_proxies: the load balancers that send the PROXY header",
-        ));
-    }
-    Ok(nets)
-}
-
-/// 1/`fleet` of every local rate (rounded up, at least 1).
-fn fleet_share(config: &LimitsConfig, fleet: u32) -> LimitsConfig {
-    let part = |n: std::num::NonZeroU32| {
-        std::num::NonZeroU32::new(n.get().div_ceil(fleet)).unwrap_or(std::num::NonZeroU32::MIN)
-    };
-    let mut share = config.clone();
-    share.branch.per_minute = part(config.branch.per_minute);
-    share.branch.burst = part(config.branch.burst);
-    share.client.per_minute = part(config.client.per_minute);
-    share.client.burst = part(config.client.burst);
-    share.login.per_minute = part(config.login.per_minute);
-    share.login.burst = part(config.login.burst);
-    share.poll.per_minute = part(config.poll.per_minute);
-    share.poll.burst = part(config.poll.burst);
-    share.diia.per_second = part(config.diia.per_second);
-    share.diia.burst = part(config.diia.burst);
-    share.unverified.per_second = part(config.unverified.per_second);
-    share.unverified.burst = part(config.unverified.burst);
-    share
-}
-
-/// `[scaleout]`: the URL, the secret and password files read, timings checked.
-fn scaleout(file: &FileConfig) -> Result<Option<ScaleoutSettings>, ConfigError> {
-    let config = &file.scaleout;
-    if !config.enabled {
-        return Ok(None);
-    }
-    let url = config.redis_url.trim();
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(invalid(
-            "scaleout.redis_url",
-            "must start with redis:// or rediss://",
-        ));
-    }
-    if url.parse::<redis::ConnectionInfo>().is_err() {
-        return Err(invalid("scaleout.redis_url", "is not a valid Redis URL"));
-    }
-    let read = |key: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|e| invalid(key, format!("{}: {e}", path.display())))
-    };
-    let Some(secret_file) = &config.secret_file else {
-        return Err(invalid(
-            "scaleout.secret_file",
-            "is required: 32 random bytes as hex, the same file on every instance",
-        ));
-    };
-    let text = String::from_utf8(read("scaleout.secret_file", secret_file)?)
-        .map_err(|_| invalid("scaleout.secret_file", "is not text"))?;
-    let secret = crate::scaleout::FleetSecret::parse(&text, &config.secret_id)
-        .map_err(|e| invalid("scaleout.secret_file", e.to_string()))?;
-    let redis_password = match &config.redis_password_file {
-        Some(path) => {
-            let text = String::from_utf8(read("scaleout.redis_password_file", path)?)
-                .map_err(|_| invalid("scaleout.redis_password_file", "is not text"))?;
-            Some(Secret::new(
-                text.lines().next().unwrap_or_default().to_owned(),
-            ))
-        }
-        None => None,
-    };
-    let redis_ca = match &config.redis_ca_file {
-        Some(path) => Some(read("scaleout.redis_ca_file", path)?),
-        None => None,
-    };
-    for (key, value) in [
-        ("scaleout.command_timeout", config.command_timeout),
-        ("scaleout.connect_timeout", config.connect_timeout),
-        ("scaleout.probe_interval", config.probe_interval),
-        ("scaleout.heartbeat_interval", config.heartbeat_interval),
-    ] {
-        if value.is_zero() {
-            return Err(invalid(key, "must be above 0"));
-        }
-    }
-    if config.instance_ttl <= config.heartbeat_interval {
-        return Err(invalid(
-            "scaleout.instance_ttl",
-            "must be longer than scaleout.heartbeat_interval",
-        ));
-    }
-    let lease = config
-        .lease
-        .unwrap_or(file.upstream.timeout + file.limits.diia.max_wait + Duration::from_secs(1));
-    if lease.is_zero() {
-        return Err(invalid("scaleout.lease", "must be above 0"));
-    }
-    Ok(Some(ScaleoutSettings {
-        redis_url: url.to_owned(),
-        redis_password,
-        redis_ca,
-        secret,
-        command_timeout: config.command_timeout,
-        connect_timeout: config.connect_timeout,
-        probe_interval: config.probe_interval,
-        heartbeat_interval: config.heartbeat_interval,
-        instance_ttl: config.instance_ttl,
-        lease,
-        sharing_wait: config.sharing_wait,
-    }))
-}
-
 /// `[cache]`, `[sharing]`, `[tokens]`: how long answers live, all bounded by Diia's facts.
 fn cache_policies(file: &FileConfig) -> Result<(Policy, Duration, Policy, Policy), ConfigError> {
     let CacheConfig {
@@ -673,105 +530,6 @@ fn cache_policies(file: &FileConfig) -> Result<(Policy, Duration, Policy, Policy
     ))
 }
 
-/// `[server]` bounds.
-fn check_server(server: &ServerConfig) -> Result<(), ConfigError> {
-    if server.body_limit == 0 || server.body_limit > 16 * 1024 * 1024 {
-        return Err(invalid(
-            "server.body_limit",
-            "must be between 1 and 16777216 bytes",
-        ));
-    }
-    for (key, value) in [
-        ("server.body_timeout", server.body_timeout),
-        ("server.request_deadline", server.request_deadline),
-        ("server.header_read_timeout", server.header_read_timeout),
-        ("server.drain_timeout", server.drain_timeout),
-        ("server.send_timeout", server.send_timeout),
-    ] {
-        if value.is_zero() {
-            return Err(invalid(key, "must be above 0"));
-        }
-    }
-    if server.idle_timeout <= server.request_deadline {
-        return Err(invalid(
-            "server.idle_timeout",
-            "must be longer than server.request_deadline, or a waiting client is cut off",
-        ));
-    }
-    if server.max_connections == 0 {
-        return Err(invalid("server.max_connections", "must be above 0"));
-    }
-    if server.max_connections_per_client == 0 {
-        return Err(invalid(
-            "server.max_connections_per_client",
-            "must be above 0",
-        ));
-    }
-    if !(8192..=1024 * 1024).contains(&server.max_header_bytes) {
-        return Err(invalid(
-            "server.max_header_bytes",
-            "must be between 8192 and 1048576 bytes",
-        ));
-    }
-    if server.workers > 256 {
-        return Err(invalid(
-            "server.workers",
-            "must be at most 256 (one per core is the point)",
-        ));
-    }
-    if server.max_streams_per_connection == 0 {
-        return Err(invalid(
-            "server.max_streams_per_connection",
-            "must be above 0",
-        ));
-    }
-    if server.max_in_flight == 0 {
-        return Err(invalid("server.max_in_flight", "must be above 0"));
-    }
-    if server.listen == server.admin_listen && server.listen.port() != 0 {
-        return Err(invalid(
-            "server.admin_listen",
-            "must differ from server.listen",
-        ));
-    }
-    Ok(())
-}
-
-/// `[upstream]` per-call values.
-fn upstream_tunables(
-    upstream: &UpstreamConfig,
-    limits: &LimitsConfig,
-) -> Result<UpstreamTunables, ConfigError> {
-    for (key, value) in [
-        ("upstream.connect_timeout", upstream.connect_timeout),
-        ("upstream.timeout", upstream.timeout),
-        ("upstream.breaker_cooldown", upstream.breaker_cooldown),
-    ] {
-        if value.is_zero() {
-            return Err(invalid(key, "must be above 0"));
-        }
-    }
-    if !(0.0..=1.0).contains(&upstream.retry_ratio) {
-        return Err(invalid("upstream.retry_ratio", "must be within [0, 1]"));
-    }
-    if upstream.breaker_failures == 0 {
-        return Err(invalid("upstream.breaker_failures", "must be above 0"));
-    }
-    if upstream.max_response_body == 0 {
-        return Err(invalid("upstream.max_response_body", "must be above 0"));
-    }
-    if let Some(ca) = &upstream.ca_file {
-        crate::tls::upstream_roots(Some(ca)).map_err(|p| invalid("upstream.ca_file", p))?;
-    }
-    Ok(UpstreamTunables {
-        timeout: upstream.timeout,
-        max_response_body: upstream.max_response_body,
-        max_retries: upstream.max_retries,
-        retry_backoff: upstream.retry_backoff,
-        budget_wait: limits.diia.max_wait,
-    })
-}
-
 /// `[limits]`: the governor limiters.
 fn limiters(limits: &LimitsConfig) -> Result<(Limits, Arc<BudgetQuota>), ConfigError> {
     if limits.diia.max_backoff.is_zero() {
@@ -796,174 +554,6 @@ fn limiters(limits: &LimitsConfig) -> Result<(Limits, Arc<BudgetQuota>), ConfigE
     Ok((
         Limits::new(limits),
         Arc::new(BudgetQuota::new(&limits.diia)),
-    ))
-}
-
-/// `[server.tls]`: the acceptor and what its CRLs revoke, built once (and again by each
-/// reload, to pick up renewed certificates and new CRLs).
-type ServerTls = (Option<TlsAcceptor>, Option<Arc<crate::tls::Revoked>>);
-
-fn tls_acceptor(server: &ServerConfig) -> Result<ServerTls, ConfigError> {
-    let Some(tls) = &server.tls else {
-        return Ok((None, None));
-    };
-    if !tls.client_crl.is_empty() && tls.client_ca.is_none() {
-        return Err(invalid(
-            "server.tls.client_crl",
-            "needs server.tls.client_ca (CRLs revoke client certificates)",
-        ));
-    }
-    let crls = crate::tls::crls(&tls.client_crl)
-        .map_err(|problem| invalid("server.tls.client_crl", problem))?;
-    let revoked = match (&tls.client_ca, crls.is_empty()) {
-        (Some(ca), false) => {
-            let revoked = crate::tls::Revoked::new(&crls, ca)
-                .map_err(|problem| invalid("server.tls.client_crl", problem))?;
-            // Nothing revoked: no per-request lookup.
-            (!revoked.is_empty()).then(|| Arc::new(revoked))
-        }
-        (None, _) | (_, true) => None,
-    };
-    let config = crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref(), &crls)
-        .map_err(|problem| invalid("server.tls", problem))?;
-    Ok((Some(TlsAcceptor::from(config)), revoked))
-}
-
-/// `[auth]`: API keys or client certificate bindings, and the acquirer's credentials in
-/// managed mode.
-type Auth = (
-    Option<Arc<ApiKeys>>,
-    Option<Arc<ClientCerts>>,
-    Option<AcquirerCredentials>,
-);
-
-fn auth(auth: &AuthConfig, server: &ServerConfig) -> Result<Auth, ConfigError> {
-    if !auth.client_certs.is_empty()
-        && (auth.mode != AuthMode::Managed || auth.branch_auth != BranchAuth::Mtls)
-    {
-        return Err(invalid(
-            "auth.client_certs",
-            "binds client certificates to branches: set auth.mode = \"managed\" and \
-             auth.branch_auth = \"mtls\", or remove it",
-        ));
-    }
-    if auth.mode == AuthMode::PassThrough {
-        return Ok((None, None, None));
-    }
-    let credentials = credentials(auth)?;
-    match auth.branch_auth {
-        BranchAuth::ApiKey => {
-            if auth.api_keys.is_empty() {
-                return Err(invalid(
-                    "auth.api_keys",
-                    "managed mode with api-key branch auth needs at least one key",
-                ));
-            }
-            let keys = ApiKeys::new(&auth.api_keys).map_err(|p| invalid("auth.api_keys", p))?;
-            Ok((Some(Arc::new(keys)), None, Some(credentials)))
-        }
-        BranchAuth::Mtls => {
-            if server
-                .tls
-                .as_ref()
-                .and_then(|t| t.client_ca.as_ref())
-                .is_none()
-            {
-                return Err(invalid(
-                    "auth.branch_auth",
-                    "mtls needs server.tls.client_ca",
-                ));
-            }
-            let certs = ClientCerts::new(&auth.client_certs)
-                .map_err(|p| invalid("auth.client_certs", p))?;
-            Ok((None, Some(Arc::new(certs)), Some(credentials)))
-        }
-    }
-}
-
-/// The acquirer token and auth token, from the file or the environment.
-fn credentials(auth: &AuthConfig) -> Result<AcquirerCredentials, ConfigError> {
-    let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let acquirer_token = auth
-        .acquirer_token
-        .clone()
-        .or_else(|| from_env(&auth.acquirer_token_env))
-        .ok_or_else(|| {
-            invalid(
-                "auth.acquirer_token",
-                format!(
-                    "managed mode needs auth.acquirer_token or ${}",
-                    auth.acquirer_token_env
-                ),
-            )
-        })?;
-    let auth_token = auth
-        .auth_token
-        .clone()
-        .or_else(|| from_env(&auth.auth_token_env));
-    Ok(AcquirerCredentials {
-        acquirer_token: Secret::new(acquirer_token),
-        auth_token: auth_token.map(Secret::new),
-    })
-}
-
-/// `upstream.base_url`, or the embedded simulator of `[simulator]`.
-fn upstream_target(file: &FileConfig) -> Result<UpstreamTarget, ConfigError> {
-    if let Some(table) = &file.simulator {
-        return embedded_simulator(table, file.server.listen);
-    }
-    let uri: http::Uri = file
-        .upstream
-        .base_url
-        .parse()
-        .map_err(|e| invalid("upstream.base_url", format!("not a URL: {e}")))?;
-    match uri.scheme_str() {
-        Some("https" | "http") if uri.host().is_some() => {}
-        _ => {
-            return Err(invalid(
-                "upstream.base_url",
-                "must be an absolute http:// or https:// URL, e.g. https://api2.diia.gov.ua",
-            ));
-        }
-    }
-    if uri.query().is_some() {
-        return Err(invalid("upstream.base_url", "must not carry a query"));
-    }
-    Ok(UpstreamTarget::Url(file.upstream.base_url.clone()))
-}
-
-/// `[simulator]`: only in a build with the simulator, and only for a gateway that listens
-/// on loopback (a simulator that says every barcode is valid must never face branches).
-#[cfg(feature = "embedded-sim")]
-fn embedded_simulator(
-    table: &toml::Table,
-    listen: SocketAddr,
-) -> Result<UpstreamTarget, ConfigError> {
-    use serde::Deserialize;
-    let sim = diia_sim::SimConfig::deserialize(table.clone())
-        .map_err(|e| invalid("simulator", e.to_string()))?;
-    sim.validate().map_err(|p| invalid("simulator", p))?;
-    if !listen.ip().is_loopback() {
-        return Err(invalid(
-            "simulator",
-            "the embedded simulator is for demos and tests: server.listen must be a loopback \
-             address while [simulator] is present (remove [simulator] and set upstream.base_url \
-             for production)",
-        ));
-    }
-    Ok(UpstreamTarget::Embedded(sim))
-}
-
-/// `[simulator]` in a build without it: say so instead of silently ignoring the table.
-#[cfg(not(feature = "embedded-sim"))]
-fn embedded_simulator(
-    _table: &toml::Table,
-    _listen: SocketAddr,
-) -> Result<UpstreamTarget, ConfigError> {
-    Err(invalid(
-        "simulator",
-        "this build has no embedded simulator (built without the `embedded-sim` feature); \
-         remove [simulator] and set upstream.base_url",
     ))
 }
 
