@@ -98,6 +98,24 @@ fn main() {
         }
         let pre_rendered = region.change();
 
+        // A log line into the batched sink, and a per-thread value looked up (the Diia
+        // pool and Redis lane path), after this thread's first use of each.
+        let (sink, _flush) = diia_gateway::logsink::LogSink::spawn(std::io::sink(), 4 << 20).unwrap();
+        let line = br#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","target":"diia_gateway::access","endpoint":"document_identification","status":200}"#;
+        sink.push(line);
+        let region = Region::new(GLOBAL);
+        for _ in 0..REQUESTS {
+            sink.push(line);
+        }
+        let logged = region.change();
+        let per_thread = diia_gateway::per_thread::PerThread::<u64>::new();
+        per_thread.with(|_| 0, |_| ());
+        let region = Region::new(GLOBAL);
+        for _ in 0..REQUESTS {
+            per_thread.with(|_| 0, |value| std::hint::black_box(value.map(|v| *v += 1)));
+        }
+        let looked_up = region.change();
+
         let per = |n: usize, count: usize| n as f64 / count as f64;
         println!("allocations per request (request building excluded):");
         println!(
@@ -124,6 +142,11 @@ fn main() {
             "  hit response built per hit: {:>4.1} allocations; pre-rendered HeaderMap cloned: {:>4.1}",
             per(built.allocations + built.reallocations, REQUESTS),
             per(pre_rendered.allocations + pre_rendered.reallocations, REQUESTS)
+        );
+        println!(
+            "  access line into the log sink: {:>4.1} allocations; per-thread value looked up: {:>4.1}",
+            per(logged.allocations + logged.reallocations, REQUESTS),
+            per(looked_up.allocations + looked_up.reallocations, REQUESTS)
         );
     });
 }

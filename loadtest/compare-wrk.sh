@@ -11,6 +11,9 @@
 #   gateway-mt-log  diia-gateway with the default work-stealing runtime, access log on
 #   gateway-log-2w  diia-gateway with server.workers = 2 (one runtime per core, as NGINX's
 #              two workers), access log on
+#   appender-log  as gateway-log, built with `--features log-appender`: log lines through
+#              tracing-appender's non-blocking writer over a BufWriter instead of the
+#              batched per-thread sink (src/logsink.rs)
 # Each case runs REPEATS times (default 3) for DURATION (default 8s); the table shows medians
 # of req/s, p99 and CPU µs per request (utime + stime of the server's processes from /proc),
 # with the ratios to the bare responder and to NGINX's cache. Loopback only; every process
@@ -20,6 +23,16 @@
 #   REPEATS=5 DURATION=10s CASES="bare gateway-log" loadtest/compare-wrk.sh
 #   MIX=zipf CASES="gateway-log nginx-log" loadtest/compare-wrk.sh
 #   BEFORE=/path/to/older/diia-gateway CASES="bare gateway-log before-log" loadtest/compare-wrk.sh
+#   SINK=1 loadtest/compare-wrk.sh          # the log sink against tracing-appender
+#   PIN=on SERVER_CORES=2 loadtest/compare-wrk.sh
+# SINK=1 runs gateway-log and appender-log alternately (run 1 of each, then run 2, ...),
+# REPEATS (default 3) rounds each, in one run; keep the sink only if it wins beyond the
+# spread of its rounds.
+# Pinning (PIN=auto, the default, pins when the machine has >= 6 cores; PIN=on / PIN=off
+# force it): every server process (simulator, bare responder, NGINX, gateways) runs on
+# cores 0..SERVER_CORES-1 (default 2) and wrk on the others, with WRK_THREADS threads
+# (default: one per wrk core, at most 8). The pinning is printed before the first run;
+# without it servers and wrk share the cores, and a ratio says so (shared-core only).
 # BEFORE adds the cases before-log / before (an older gateway binary, same settings as
 # gateway-log / gateway) for before/after rows measured in the same run.
 # MIX=zipf draws each request's barcode from 10,000 keys with a Zipf (s = 1) distribution
@@ -31,7 +44,35 @@ cd "$(dirname "$0")/.."
 REPEATS=${REPEATS:-3}
 DURATION=${DURATION:-8s}
 CONNECTIONS=${CONNECTIONS:-64}
+if [ -n "${SINK:-}" ]; then
+  CASES=${CASES:-"gateway-log appender-log"}
+fi
 CASES=${CASES:-"bare nginx-log nginx gateway-log gateway gateway-mt-log nginx-proxy"}
+
+CORES=$(nproc)
+SERVER_CORES=${SERVER_CORES:-2}
+PIN=${PIN:-auto}
+if [ "$PIN" = auto ]; then
+  if [ "$CORES" -ge 6 ]; then PIN=on; else PIN=off; fi
+fi
+if [ "$PIN" = on ]; then
+  if [ "$CORES" -le "$SERVER_CORES" ]; then
+    echo "PIN=on needs more than SERVER_CORES=$SERVER_CORES cores (this machine: $CORES)" >&2
+    exit 2
+  fi
+  server_cores="0-$((SERVER_CORES - 1))"
+  wrk_cores="$SERVER_CORES-$((CORES - 1))"
+  wrk_count=$((CORES - SERVER_CORES))
+  WRK_THREADS=${WRK_THREADS:-$((wrk_count < 8 ? wrk_count : 8))}
+  ON_SERVER_CORES=(taskset -c "$server_cores")
+  ON_WRK_CORES=(taskset -c "$wrk_cores")
+  echo "pinned: servers (simulator, bare, nginx, gateways) on cores $server_cores, wrk -t$WRK_THREADS on cores $wrk_cores ($CORES cores)" >&2
+else
+  WRK_THREADS=${WRK_THREADS:-1}
+  ON_SERVER_CORES=()
+  ON_WRK_CORES=()
+  echo "not pinned: servers and wrk -t$WRK_THREADS share all $CORES cores (ratios are shared-core only)" >&2
+fi
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || need+=(nginx-light)
@@ -39,6 +80,15 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+# The log-appender build first, kept aside (same target dir: only the gateway crate is
+# built twice), then the default one.
+APPENDER_BINARY=target/log-appender/diia-gateway
+case " $CASES " in
+  *" appender-log "*)
+    cargo build --release --quiet --bin diia-gateway --features log-appender
+    mkdir -p target/log-appender
+    cp target/release/diia-gateway "$APPENDER_BINARY";;
+esac
 cargo build --release --workspace --quiet
 
 work=$(mktemp -d)
@@ -53,11 +103,11 @@ cleanup() {
 trap cleanup EXIT
 
 SIM=127.0.0.1:18190
-declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187 [before]=18191 [before-log]=18192 [gateway-log-2w]=18195)
+declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187 [before]=18191 [before-log]=18192 [gateway-log-2w]=18195 [appender-log]=18197)
 
 printf 'listen = "%s"\nauto_issue = true\n' "$SIM" > "$work/sim.toml"
-target/release/diia-sim --config "$work/sim.toml" >/dev/null 2>&1 & pids+=($!)
-target/release/bare-hyper --listen "127.0.0.1:${PORT[bare]}" >/dev/null 2>&1 & pids+=($!)
+"${ON_SERVER_CORES[@]}" target/release/diia-sim --config "$work/sim.toml" >/dev/null 2>&1 & pids+=($!)
+"${ON_SERVER_CORES[@]}" target/release/bare-hyper --listen "127.0.0.1:${PORT[bare]}" >/dev/null 2>&1 & pids+=($!)
 declare -A PID=([bare]=$!)
 
 gateway() { # name port admin filter workers [binary]
@@ -81,13 +131,17 @@ burst = 100000
 [log]
 filter = "$4"
 CONF
-  "${6:-target/release/diia-gateway}" --config "$work/$1.toml" 2>"$work/$1.log" >/dev/null & pids+=($!)
+  "${ON_SERVER_CORES[@]}" "${6:-target/release/diia-gateway}" --config "$work/$1.toml" 2>"$work/$1.log" >/dev/null & pids+=($!)
   PID[$1]=$!
 }
 gateway gateway "${PORT[gateway]}" 18185 warn 1
 gateway gateway-log "${PORT[gateway-log]}" 18186 info 1
 gateway gateway-mt-log "${PORT[gateway-mt-log]}" 18188 info 0
 gateway gateway-log-2w "${PORT[gateway-log-2w]}" 18196 info 2
+case " $CASES " in
+  *" appender-log "*) gateway appender-log "${PORT[appender-log]}" 18198 info 1 "$APPENDER_BINARY";;
+  *) unset 'PORT[appender-log]';;
+esac
 if [ -n "${BEFORE:-}" ]; then
   gateway before "${PORT[before]}" 18193 warn 1 "$BEFORE"
   gateway before-log "${PORT[before-log]}" 18194 info 1 "$BEFORE"
@@ -120,7 +174,7 @@ http {
   }
 }
 CONF
-  "$NGINX" -c "$work/$1.conf" -p "$work" -e "$work/$1.error.log"
+  "${ON_SERVER_CORES[@]}" "$NGINX" -c "$work/$1.conf" -p "$work" -e "$work/$1.error.log"
 }
 nginx_conf nginx "${PORT[nginx]}" off on
 nginx_conf nginx-log "${PORT[nginx-log]}" on on
@@ -198,13 +252,13 @@ prepare() { # case base: a fresh key (and Zipf key set), cache and pools warmed 
     zipf_script "$1" "$((300000000000 + ($2 - 338979807200) * 20000))"
   fi
   for _ in 1 2 3; do curl -s -o /dev/null -X POST -H 'Content-Type: application/json' -H "Authorization: Bearer $TOKEN" -d "$BODY" "$(url "$1")"; done
-  wrk -t1 -c"$CONNECTIONS" -d1s -s "$work/$1.lua" "$(url "$1")" >/dev/null
+  "${ON_WRK_CORES[@]}" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d1s -s "$work/$1.lua" "$(url "$1")" >/dev/null
 }
 measure() { # case run
   local procs before after out rps p99 requests non2xx cpu_us
   procs=$(pids_of "$1")
   before=$(cpu_ticks "$procs")
-  out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/$1.lua" "$(url "$1")")
+  out=$("${ON_WRK_CORES[@]}" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/$1.lua" "$(url "$1")")
   after=$(cpu_ticks "$procs")
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
@@ -247,10 +301,29 @@ for line in open(sys.argv[1]):
 med = {c: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
            statistics.median(r[2] for r in v), sum(r[3] for r in v)) for c, v in rows.items()}
 bare = med.get("bare", (None,))[0]
+sink = {c: rows[c] for c in ("gateway-log", "appender-log") if c in rows}
 nginx = med.get("nginx-log", (None,))[0]
 print(f"\n{'case':<12} {'req/s':>10} {'p99 ms':>8} {'CPU µs/req':>11} {'vs bare':>8} {'vs nginx-log':>12} {'non-2xx':>8}")
 for case, (rps, p99, cpu, bad) in med.items():
     vb = f"{rps / bare * 100:.0f} %" if bare else "-"
     vn = f"{rps / nginx:.2f}x" if nginx else "-"
     print(f"{case:<12} {rps:>10.0f} {p99:>8.2f} {cpu:>11.2f} {vb:>8} {vn:>12} {bad:>8}")
+if len(sink) == 2:
+    def spread(name, index):
+        values = [r[index] for r in sink[name]]
+        return min(values), max(values)
+    def verdict(index, higher_wins):
+        (lo_ours, hi_ours), (lo_theirs, hi_theirs) = spread("gateway-log", index), spread("appender-log", index)
+        if min(len(sink["gateway-log"]), len(sink["appender-log"])) < 3:
+            return "fewer than 3 rounds each: no verdict"
+        ours_better = lo_ours > hi_theirs if higher_wins else hi_ours < lo_theirs
+        theirs_better = lo_theirs > hi_ours if higher_wins else hi_theirs < lo_ours
+        return ("the batched sink wins beyond the noise" if ours_better else
+                "tracing-appender wins beyond the noise" if theirs_better else
+                "within the noise (the rounds overlap)")
+    print()
+    for label, index, higher_wins in (("req/s", 0, True), ("CPU µs/req", 2, False)):
+        (a, b), (c, d) = spread("gateway-log", index), spread("appender-log", index)
+        print(f"log sink {label}: batched {a:.2f}..{b:.2f}, tracing-appender {c:.2f}..{d:.2f} "
+              f"({len(sink['gateway-log'])} rounds each): {verdict(index, higher_wins)}")
 PY

@@ -363,6 +363,21 @@ fn build(head: &Head, bytes: &Bytes) -> Option<RequestHead> {
     Some(request)
 }
 
+/// The loop's reading of the head at the start of `buffer` (no trusted proxy), for the
+/// differential check against hyper (`fuzz/`, `tests/h1_differential`): `None`, handed to
+/// hyper; `Some(None)`, answered 400 here; `Some(Some(head))`, what the stages are given.
+#[doc(hidden)]
+#[must_use]
+pub fn recognise(buffer: &[u8], max_head_bytes: usize) -> Option<Option<RequestHead>> {
+    let limits = LoopLimits {
+        max_head_bytes,
+        idle_timeout: Duration::ZERO,
+    };
+    let head = parse(buffer, limits, false)?;
+    let bytes = Bytes::copy_from_slice(buffer.get(..head.length)?);
+    Some(build(&head, &bytes))
+}
+
 /// Renders `reply` as an HTTP/1.1 response into `out`.
 fn encode(reply: Reply, close: bool, out: &mut Vec<u8>) {
     match reply {

@@ -76,6 +76,7 @@ pub mod limit;
 pub mod logsink;
 pub mod managed;
 pub mod metrics;
+pub mod per_thread;
 pub mod proxy;
 pub mod relay;
 pub mod reload;

@@ -8,23 +8,31 @@
 //! `loadtest/compare-wrk.sh`, README "Benchmarks"). Why not one queue of lines either (the
 //! previous design): an allocation per line, freed on another thread, and a shared channel
 //! whose cache lines move between cores on every line cost ~2 µs per request. Here a line
-//! is appended to its thread's own buffer under an uncontended lock, behind a sequence
+//! is appended to its thread's own buffer (a [`PerThread`] value) under an uncontended lock, behind a sequence
 //! number from one shared counter; the writer thread wakes on its own every
 //! [`FLUSH_EVERY`], swaps each buffer for an empty one, merges them by sequence and writes
 //! everything at once. So lines come out in the order they were logged, across threads
 //! (the one exception: two lines logged by different threads within the instant the
 //! writer swaps their buffers may land in consecutive batches).
+#![cfg_attr(feature = "log-appender", allow(dead_code, unused_imports))]
 
-use std::cell::RefCell;
+#[cfg(feature = "log-appender")]
+mod appender;
+#[cfg(feature = "log-appender")]
+pub use appender::{FlushOnDrop, LogSink};
+
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use crate::per_thread::PerThread;
 
 /// How often the writer thread writes what is buffered.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
+#[cfg(not(feature = "log-appender"))]
 /// A cloneable handle that buffers lines for the writer thread.
 #[derive(Clone)]
 pub struct LogSink {
@@ -33,10 +41,8 @@ pub struct LogSink {
 
 /// What the writers and the writer thread share.
 struct Shared {
-    /// Tells this sink's per-thread buffers apart from another sink's (tests run several).
-    id: usize,
     /// Every thread's buffer; the writer thread drains them all.
-    buffers: Mutex<Vec<ThreadBuffer>>,
+    buffers: PerThread<Vec<u8>>,
     /// Bytes one thread may hold between two flushes.
     per_thread: usize,
     dropped: AtomicU64,
@@ -47,23 +53,17 @@ struct Shared {
 /// Bytes before each line in a thread's buffer: its sequence number and its length.
 const FRAME: usize = 12;
 
-/// One thread's lines between two flushes.
-type ThreadBuffer = Arc<Mutex<Vec<u8>>>;
+/// What a thread's buffer starts with.
+const BUFFER_CAPACITY: usize = 16 * 1024;
 
-/// Sink ids, so a thread's buffer is registered once per sink.
-static NEXT_SINK: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// This thread's buffer, and the sink it belongs to.
-    static MINE: RefCell<Option<(usize, ThreadBuffer)>> = const { RefCell::new(None) };
-}
-
+#[cfg(not(feature = "log-appender"))]
 /// Stops the writer thread when dropped, after it wrote everything buffered.
 pub struct FlushOnDrop {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+#[cfg(not(feature = "log-appender"))]
 impl Drop for FlushOnDrop {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
@@ -73,6 +73,7 @@ impl Drop for FlushOnDrop {
     }
 }
 
+#[cfg(not(feature = "log-appender"))]
 impl LogSink {
     /// A sink writing to `out`, each thread holding at most `per_thread` bytes between
     /// two flushes.
@@ -81,8 +82,7 @@ impl LogSink {
         per_thread: usize,
     ) -> std::io::Result<(Self, FlushOnDrop)> {
         let shared = Arc::new(Shared {
-            id: NEXT_SINK.fetch_add(1, Ordering::Relaxed),
-            buffers: Mutex::new(Vec::new()),
+            buffers: PerThread::new(),
             per_thread,
             dropped: AtomicU64::new(0),
             sequence: AtomicU64::new(0),
@@ -111,36 +111,28 @@ impl LogSink {
 
     /// Appends one line to this thread's buffer; drops and counts it when that is full.
     pub fn push(&self, line: &[u8]) {
-        MINE.with_borrow_mut(|mine| {
-            let buffer = match mine {
-                Some((id, buffer)) if *id == self.shared.id => buffer,
-                _ => {
-                    let buffer = Arc::new(Mutex::new(Vec::with_capacity(16 * 1024)));
-                    lock(&self.shared.buffers).push(Arc::clone(&buffer));
-                    &mine.insert((self.shared.id, buffer)).1
+        let Ok(length) = u32::try_from(line.len()) else {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.shared.buffers.with(
+            // Lines an ended thread left in the slot this thread reuses are kept: they
+            // carry their sequence numbers, and the writer merges by those.
+            |left| left.unwrap_or_else(|| Vec::with_capacity(BUFFER_CAPACITY)),
+            |buffer| match buffer {
+                Some(buffer) if buffer.len() + FRAME + line.len() <= self.shared.per_thread => {
+                    let sequence = self.shared.sequence.fetch_add(1, Ordering::Relaxed);
+                    buffer.extend_from_slice(&sequence.to_le_bytes());
+                    buffer.extend_from_slice(&length.to_le_bytes());
+                    buffer.extend_from_slice(line);
                 }
-            };
-            let Ok(length) = u32::try_from(line.len()) else {
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            let mut buffer = lock(buffer);
-            if buffer.len() + FRAME + line.len() > self.shared.per_thread {
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            } else {
-                let sequence = self.shared.sequence.fetch_add(1, Ordering::Relaxed);
-                buffer.extend_from_slice(&sequence.to_le_bytes());
-                buffer.extend_from_slice(&length.to_le_bytes());
-                buffer.extend_from_slice(line);
-            }
-        });
+                // Full, or the thread is being torn down.
+                Some(_) | None => {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        );
     }
-}
-
-/// A lock whose holder never panics mid-update (appends and swaps only): a poisoned one
-/// is still consistent.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The writer thread: every [`FLUSH_EVERY`], every thread's buffer swapped out, merged
@@ -151,17 +143,19 @@ fn drain<W: Write>(shared: &Shared, mut out: W, stop: &AtomicBool) {
     let mut taken: Vec<Vec<u8>> = Vec::new();
     loop {
         let stopping = stop.load(Ordering::Acquire);
-        let buffers: Vec<_> = lock(&shared.buffers).clone();
-        taken.resize_with(buffers.len(), Vec::new);
-        for (buffer, into) in buffers.iter().zip(taken.iter_mut()) {
+        let mut swapped = 0;
+        // A buffer of a thread that has ended is written this one last time and dropped.
+        shared.buffers.retain(|buffer, alive| {
+            if taken.len() == swapped {
+                taken.push(Vec::new());
+            }
+            let into = &mut taken[swapped];
             into.clear();
-            std::mem::swap(&mut *lock(buffer), into);
-        }
-        drop(buffers);
-        // A buffer only the registry holds belongs to a thread that has ended.
-        lock(&shared.buffers)
-            .retain(|buffer| Arc::strong_count(buffer) > 1 || !lock(buffer).is_empty());
-        merge(&taken, &mut batch);
+            std::mem::swap(buffer, into);
+            swapped += 1;
+            alive
+        });
+        merge(&taken[..swapped], &mut batch);
         if !batch.is_empty() {
             let _ = out.write_all(&batch);
             let _ = out.flush();
@@ -203,6 +197,7 @@ fn frame(buffer: &[u8], at: usize) -> Option<(u64, &[u8])> {
     Some((sequence, line))
 }
 
+#[cfg(not(feature = "log-appender"))]
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.push(buf);
@@ -214,6 +209,7 @@ impl Write for LogSink {
     }
 }
 
+#[cfg(not(feature = "log-appender"))]
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
     type Writer = LogSink;
 
@@ -222,6 +218,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
     }
 }
 
+#[cfg(not(feature = "log-appender"))]
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,7 +312,7 @@ mod tests {
         }
         std::thread::sleep(FLUSH_EVERY * 3);
         assert_eq!(
-            lock(&sink.shared.buffers).len(),
+            sink.shared.buffers.len(),
             0,
             "ended threads' buffers are released"
         );

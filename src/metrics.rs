@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -88,13 +89,18 @@ impl RequestOutcome {
 }
 
 /// One counter per (endpoint or none) × outcome, fetched by index on the hot path.
-fn request_table(family: &Family<Labels2, Counter>) -> Vec<[Counter; RequestOutcome::ALL.len()]> {
+fn request_table(
+    family: &Family<EndpointOutcome, Counter>,
+) -> Vec<[Counter; RequestOutcome::ALL.len()]> {
     let endpoint_labels = Endpoint::ALL.iter().map(|e| e.label()).chain(["none"]);
     endpoint_labels
         .map(|endpoint| {
             RequestOutcome::ALL.map(|outcome| {
                 family
-                    .get_or_create(&[("endpoint", endpoint), ("outcome", outcome.label())])
+                    .get_or_create(&EndpointOutcome {
+                        endpoint,
+                        outcome: outcome.label(),
+                    })
                     .clone()
             })
         })
@@ -112,8 +118,73 @@ fn registered<M: prometheus_client::registry::Metric + Clone>(
     metric
 }
 
-type Labels2 = [(&'static str, &'static str); 2];
-type Labels1 = [(&'static str, &'static str); 1];
+/// Label sets, named after what they hold; each field is a label, in exposition order.
+/// Every value is a `&'static str` from a closed list, so each family stays bounded.
+mod labels {
+    use super::EncodeLabelSet;
+
+    /// `requests_total`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct EndpointOutcome {
+        pub endpoint: &'static str,
+        pub outcome: &'static str,
+    }
+
+    /// `errors_total`: the gateway's own answers by `gatewayCode`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct EndpointCode {
+        pub endpoint: &'static str,
+        pub code: &'static str,
+    }
+
+    /// `upstream_calls_total`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct EndpointResult {
+        pub endpoint: &'static str,
+        pub result: &'static str,
+    }
+
+    /// `upstream_latency_seconds`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct OfEndpoint {
+        pub endpoint: &'static str,
+    }
+
+    /// `cache_entries`, `cache_weighted_bytes`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct OfCache {
+        pub cache: &'static str,
+    }
+
+    /// `connections_refused_total`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct RefusedReason {
+        pub reason: &'static str,
+    }
+
+    /// `circuit_open`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct OfCallClass {
+        pub class: &'static str,
+    }
+
+    /// `redis_op_seconds`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct RedisOp {
+        pub op: &'static str,
+    }
+
+    /// `shared_lookups_total`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct LookupResult {
+        pub result: &'static str,
+    }
+}
+
+use labels::{
+    EndpointCode, EndpointOutcome, EndpointResult, LookupResult, OfCache, OfCallClass, OfEndpoint,
+    RedisOp, RefusedReason,
+};
 
 /// Slots in the request table: one per endpoint plus one for requests that matched none.
 const ENDPOINT_SLOTS: usize = Endpoint::ALL.len() + 1;
@@ -122,9 +193,9 @@ const ENDPOINT_SLOTS: usize = Endpoint::ALL.len() + 1;
 pub struct Metrics {
     registry: Registry,
     requests: Vec<[Counter; RequestOutcome::ALL.len()]>,
-    errors: Family<Labels2, Counter>,
+    errors: Family<EndpointCode, Counter>,
     upstream_latency: Vec<Histogram>,
-    upstream_calls: Family<Labels2, Counter>,
+    upstream_calls: Family<EndpointResult, Counter>,
     saved: Counter,
     retries: Counter,
     /// Connections closed at accept, by [`crate::error::Refused::label`].
@@ -139,9 +210,9 @@ pub struct Metrics {
 
 /// The gauges set from a [`Snapshot`] at scrape time.
 struct Gauges {
-    cache_entries: Family<Labels1, Gauge>,
+    cache_entries: Family<OfCache, Gauge>,
     branches_tracked: Gauge,
-    cache_bytes: Family<Labels1, Gauge>,
+    cache_bytes: Family<OfCache, Gauge>,
     in_flight: Gauge,
     ready: Gauge,
     diia_backoff: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -155,7 +226,7 @@ impl Gauges {
                 registry,
                 "cache_entries",
                 "Entries held per cache (answers and calls under way)",
-                Family::<Labels1, Gauge>::default(),
+                Family::<OfCache, Gauge>::default(),
             ),
             branches_tracked: registered(
                 registry,
@@ -167,7 +238,7 @@ impl Gauges {
                 registry,
                 "cache_weighted_bytes",
                 "Bytes the cache's weigher counts per cache (bounded by cache.max_bytes)",
-                Family::<Labels1, Gauge>::default(),
+                Family::<OfCache, Gauge>::default(),
             ),
             in_flight: registered(
                 registry,
@@ -200,7 +271,7 @@ impl Gauges {
 /// What SREs watch in scale-out mode.
 pub struct FleetMetrics {
     redis_up: Gauge,
-    redis_op: Family<Labels1, Histogram>,
+    redis_op: Family<RedisOp, Histogram>,
     /// One handle per known operation, resolved once (no label hashing per round trip).
     redis_ops: [(&'static str, Histogram); REDIS_OPS.len()],
     /// One handle per lookup result, resolved once (a near hit costs one atomic add).
@@ -229,7 +300,7 @@ impl FleetMetrics {
             registry,
             "redis_op_seconds",
             "Redis round trips by operation (lookup, finish, budget, brake, heartbeat, probe)",
-            Family::<Labels1, Histogram>::new_with_constructor(|| {
+            Family::<RedisOp, Histogram>::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_025, 2.0, 14))
             }),
         );
@@ -237,7 +308,7 @@ impl FleetMetrics {
             registry,
             "shared_lookups",
             "Cache lookups in scale-out mode by result (near_hit, remote_hit, leader, remote_wait, degraded, unavailable, unreadable)",
-            Family::<Labels1, Counter>::default(),
+            Family::<LookupResult, Counter>::default(),
         );
         Self {
             redis_up: registered(
@@ -246,10 +317,14 @@ impl FleetMetrics {
                 "1 while Redis answers (shared mode), 0 while the gateway runs degraded on local state",
                 Gauge::default(),
             ),
-            redis_ops: REDIS_OPS.map(|op| (op, redis_op.get_or_create(&[("op", op)]).clone())),
+            redis_ops: REDIS_OPS.map(|op| (op, redis_op.get_or_create(&RedisOp { op }).clone())),
             redis_op,
-            lookups: LOOKUP_RESULTS
-                .map(|result| (result, lookups.get_or_create(&[("result", result)]).clone())),
+            lookups: LOOKUP_RESULTS.map(|result| {
+                (
+                    result,
+                    lookups.get_or_create(&LookupResult { result }).clone(),
+                )
+            }),
             fallback_admits: registered(
                 registry,
                 "budget_fallback_admits",
@@ -302,20 +377,20 @@ impl Metrics {
             &mut registry,
             "requests",
             "Requests by endpoint and outcome (hit, miss, coalesced, replayed, passthrough, rejected, limited, upstream_error, stale, internal)",
-            Family::<Labels2, Counter>::default(),
+            Family::<EndpointOutcome, Counter>::default(),
         );
         let requests = request_table(&requests_family);
         let errors = registered(
             &mut registry,
             "errors",
             "Answers the gateway made up itself, by endpoint and gatewayCode",
-            Family::<Labels2, Counter>::default(),
+            Family::<EndpointCode, Counter>::default(),
         );
         let latency_family = registered(
             &mut registry,
             "upstream_latency_seconds",
             "Time from sending a request to Diia to having its whole answer",
-            Family::<Labels1, Histogram>::new_with_constructor(|| {
+            Family::<OfEndpoint, Histogram>::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
             }),
         );
@@ -323,7 +398,9 @@ impl Metrics {
             .iter()
             .map(|e| {
                 latency_family
-                    .get_or_create(&[("endpoint", e.label())])
+                    .get_or_create(&OfEndpoint {
+                        endpoint: e.label(),
+                    })
                     .clone()
             })
             .collect();
@@ -331,7 +408,7 @@ impl Metrics {
             &mut registry,
             "upstream_calls",
             "Calls made to Diia by endpoint and result (ok, definitive, refused, throttled, failed, or the gateway error)",
-            Family::<Labels2, Counter>::default(),
+            Family::<EndpointResult, Counter>::default(),
         );
         let saved = registered(
             &mut registry,
@@ -349,19 +426,24 @@ impl Metrics {
             &mut registry,
             "connections_refused",
             "Connections closed at accept: no valid PROXY header from a trusted proxy (proxy_header), or the client's max_connections_per_client reached (per_client)",
-            Family::<Labels1, Counter>::default(),
+            Family::<RefusedReason, Counter>::default(),
         );
-        let connections_refused = crate::error::Refused::LABELS
-            .map(|reason| refused_family.get_or_create(&[("reason", reason)]).clone());
+        let connections_refused = crate::error::Refused::LABELS.map(|reason| {
+            refused_family
+                .get_or_create(&RefusedReason { reason })
+                .clone()
+        });
         let breaker_family = registered(
             &mut registry,
             "circuit_open",
             "1 while the circuit breaker toward Diia is open, per call class",
-            Family::<Labels1, Gauge>::default(),
+            Family::<OfCallClass, Gauge>::default(),
         );
         let breaker_open = CallClass::ALL.map(|class| {
             breaker_family
-                .get_or_create(&[("class", class.label())])
+                .get_or_create(&OfCallClass {
+                    class: class.label(),
+                })
                 .clone()
         });
         let gauges = Gauges::register(&mut registry);
@@ -404,7 +486,7 @@ impl Metrics {
         if let Some(code) = error_code {
             let endpoint = endpoint.map_or("none", Endpoint::label);
             self.errors
-                .get_or_create(&[("endpoint", endpoint), ("code", code)])
+                .get_or_create(&EndpointCode { endpoint, code })
                 .inc();
         }
     }
@@ -416,7 +498,10 @@ impl Metrics {
             histogram.observe(elapsed.as_secs_f64());
         }
         self.upstream_calls
-            .get_or_create(&[("endpoint", endpoint.label()), ("result", result)])
+            .get_or_create(&EndpointResult {
+                endpoint: endpoint.label(),
+                result,
+            })
             .inc();
     }
 
@@ -433,7 +518,10 @@ impl Metrics {
             let seconds = elapsed.as_secs_f64();
             match fleet.redis_ops.iter().find(|(name, _)| *name == op) {
                 Some((_, histogram)) => histogram.observe(seconds),
-                None => fleet.redis_op.get_or_create(&[("op", op)]).observe(seconds),
+                None => fleet
+                    .redis_op
+                    .get_or_create(&RedisOp { op })
+                    .observe(seconds),
             }
         }
     }
@@ -498,11 +586,11 @@ impl Metrics {
         for (cache, entries, bytes) in &now.caches {
             gauges
                 .cache_entries
-                .get_or_create(&[("cache", cache)])
+                .get_or_create(&OfCache { cache })
                 .set(gauge(*entries));
             gauges
                 .cache_bytes
-                .get_or_create(&[("cache", cache)])
+                .get_or_create(&OfCache { cache })
                 .set(gauge(*bytes));
         }
         gauges.branches_tracked.set(gauge(now.branches_tracked));

@@ -1,7 +1,6 @@
 //! The client toward Diia: pooled hyper client over rustls, HTTP/1.1 and HTTP/2 (ALPN),
 //! connect and total deadlines, Diia's budget spent per call, and Diia's back-off honoured.
 
-use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use crate::error::GatewayError;
 use crate::head::DIIA_TRACE_ID;
 use crate::limit::{DiiaBrake, Share};
 use crate::metrics::Metrics;
+use crate::per_thread::PerThread;
 use crate::route::{CallClass, Endpoint};
 use crate::scaleout::Scaleout;
 use crate::settings::{Cold, Hot};
@@ -73,21 +73,16 @@ impl PoolRecipe {
     }
 }
 
-thread_local! {
-    /// A `server.workers` thread's own pools, one per [`Upstream`] (tests build several):
-    /// a connection's task runs on the runtime that opened it, so a pool shared across
-    /// worker runtimes would hand each call's I/O to another thread and back.
-    static POOLS: RefCell<Vec<(usize, Pool)>> = const { RefCell::new(Vec::new()) };
-}
-
 /// The pooled client plus what every call needs. Per-call settings (deadlines, retries,
 /// the Diia budget) come from the hot settings each call is given.
 pub struct Upstream {
     /// The shared runtime's pool.
     client: Pool,
     recipe: PoolRecipe,
-    /// Tells this upstream's pools apart on a worker thread.
-    id: usize,
+    /// A `server.workers` thread's own pool: a connection's task runs on the runtime that
+    /// opened it, so a pool shared across worker runtimes would hand each call's I/O to
+    /// another thread and back.
+    pools: PerThread<Pool>,
     base: String,
     brake: DiiaBrake,
     metrics: Arc<Metrics>,
@@ -130,7 +125,7 @@ impl Upstream {
         Ok(Self {
             client: recipe.pool(),
             recipe,
-            id: crate::worker::next_owner(),
+            pools: PerThread::new(),
             base: base_url.trim_end_matches('/').to_owned(),
             brake: DiiaBrake::new(),
             metrics,
@@ -153,18 +148,11 @@ impl Upstream {
         if !crate::worker::is_worker() {
             return use_pool(&self.client);
         }
-        POOLS.with(|pools| {
-            let Ok(mut pools) = pools.try_borrow_mut() else {
-                return use_pool(&self.client);
-            };
-            if let Some((_, pool)) = pools.iter().find(|(id, _)| *id == self.id) {
-                return use_pool(pool);
-            }
-            let pool = self.recipe.pool();
-            let used = use_pool(&pool);
-            pools.push((self.id, pool));
-            used
-        })
+        // A pool left by an ended thread holds connections of its ended runtime: dropped.
+        self.pools.with(
+            |_left| self.recipe.pool(),
+            |pool| use_pool(pool.map_or(&self.client, |pool| &*pool)),
+        )
     }
 
     /// One call to Diia: breaker, then budget, then the exchange under the upstream

@@ -5,7 +5,6 @@
 //! (40–100 µs per round trip on a 2-vCPU VM, `benches/scaleout.rs`).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 thread_local! {
     static WORKER: Cell<bool> = const { Cell::new(false) };
@@ -21,12 +20,4 @@ pub fn enter() {
 #[must_use]
 pub fn is_worker() -> bool {
     WORKER.with(Cell::get)
-}
-
-/// A fresh id for an owner of per-thread connections (a Redis link, a Diia upstream): a
-/// worker thread keeps each owner's connections apart, and tests build several gateways in
-/// one process.
-pub fn next_owner() -> usize {
-    static OWNERS: AtomicUsize = AtomicUsize::new(0);
-    OWNERS.fetch_add(1, Ordering::Relaxed)
 }

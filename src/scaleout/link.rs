@@ -8,10 +8,9 @@
 //! and from then on callers skip Redis at once instead of waiting on it. A background probe
 //! marks it up again, and each lane is opened afresh after that.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,6 +20,7 @@ use tokio::sync::watch;
 
 use super::ScaleoutSettings;
 use crate::metrics::Metrics;
+use crate::per_thread::PerThread;
 
 /// Pattern every instance subscribes to: one channel per key, named after the key.
 pub const CHANNEL_PATTERN: &str = "{dg}:c:*";
@@ -153,8 +153,8 @@ pub struct RedisLink {
     client: redis::Client,
     lane_config: ConnectionManagerConfig,
     connect_timeout: Duration,
-    /// Tells this link's lanes apart on a worker thread (tests run several links).
-    id: usize,
+    /// Each worker thread's lane (shared with the task that opens it).
+    lanes: Arc<PerThread<Lane>>,
     health: Arc<Health>,
     command_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -231,7 +231,7 @@ impl RedisLink {
             client,
             lane_config,
             connect_timeout: settings.connect_timeout,
-            id: crate::worker::next_owner(),
+            lanes: Arc::new(PerThread::new()),
             health,
             command_timeout: settings.command_timeout,
             metrics,
@@ -326,16 +326,22 @@ impl RedisLink {
 
 /// A worker thread's own connection for one link.
 struct Lane {
-    link: usize,
     /// `None` while it is being opened.
     manager: Option<ConnectionManager>,
-    /// The link's count of Redis coming up when the lane was opened.
-    ups: u64,
+    /// The link's count of Redis coming up when the lane was opened; `None`: not opened
+    /// (or its opening failed, to be retried on a later command).
+    ups: Option<u64>,
 }
 
-thread_local! {
-    /// A `server.workers` thread's lanes, one per link.
-    static LANES: RefCell<Vec<Lane>> = const { RefCell::new(Vec::new()) };
+impl Lane {
+    /// A lane not opened yet; what an ended thread left (its driver ran on that thread's
+    /// runtime) is dropped.
+    fn closed(_left: Option<Self>) -> Self {
+        Self {
+            manager: None,
+            ups: None,
+        }
+    }
 }
 
 impl RedisLink {
@@ -346,19 +352,17 @@ impl RedisLink {
         if !crate::worker::is_worker() {
             return None;
         }
-        LANES.with(|lanes| {
-            let mut lanes = lanes.try_borrow_mut().ok()?;
-            let opening = Lane {
-                link: self.id,
-                manager: None,
-                ups,
-            };
-            match lanes.iter_mut().find(|lane| lane.link == self.id) {
-                Some(lane) if lane.ups == ups => return lane.manager.clone(),
-                // Opened before Redis last came back: its connection may be a dead one.
-                Some(lane) => *lane = opening,
-                None => lanes.push(opening),
+        self.lanes.with(Lane::closed, |lane| {
+            let lane = lane?;
+            if lane.ups == Some(ups) {
+                return lane.manager.clone();
             }
+            // Not opened yet, or opened before Redis last came back: its connection may be
+            // a dead one.
+            *lane = Lane {
+                manager: None,
+                ups: Some(ups),
+            };
             self.open_lane(ups);
             None
         })
@@ -366,9 +370,10 @@ impl RedisLink {
 
     /// Opens a lane in a task of this thread's runtime (so its driver lives here) and
     /// installs it once it answers; a lane that cannot open is retried on a later command.
+    /// The task holds the lanes weakly: a link dropped meanwhile drops the new lane too.
     fn open_lane(&self, ups: u64) {
         let (client, config) = (self.client.clone(), self.lane_config.clone());
-        let (link, connect_timeout) = (self.id, self.connect_timeout);
+        let (lanes, connect_timeout) = (Arc::downgrade(&self.lanes), self.connect_timeout);
         tokio::spawn(async move {
             let opened = async {
                 let mut manager = ConnectionManager::new_with_config(client, config).await?;
@@ -376,34 +381,25 @@ impl RedisLink {
                 Ok::<_, redis::RedisError>(manager)
             };
             let opened = tokio::time::timeout(connect_timeout, opened).await;
-            LANES.with(|lanes| {
-                let Ok(mut lanes) = lanes.try_borrow_mut() else {
-                    return;
-                };
-                let Some(index) = lanes
-                    .iter()
-                    .position(|lane| lane.link == link && lane.ups == ups)
-                else {
+            let Some(lanes) = Weak::upgrade(&lanes) else {
+                return;
+            };
+            lanes.peek(|lane| {
+                let Some(lane) = lane.filter(|lane| lane.ups == Some(ups)) else {
                     return;
                 };
                 match opened {
-                    Ok(Ok(manager)) => lanes[index].manager = Some(manager),
-                    Ok(Err(_)) | Err(_) => {
-                        lanes.swap_remove(index);
-                    }
+                    Ok(Ok(manager)) => lane.manager = Some(manager),
+                    Ok(Err(_)) | Err(_) => lane.ups = None,
                 }
             });
         });
     }
 
-    /// Lanes this thread has open for this link (tests).
+    /// Whether this thread has a lane open for this link (tests).
     #[must_use]
     pub fn lane_open_here(&self) -> bool {
-        LANES.with(|lanes| {
-            lanes
-                .borrow()
-                .iter()
-                .any(|lane| lane.link == self.id && lane.manager.is_some())
-        })
+        self.lanes
+            .peek(|lane| lane.is_some_and(|lane| lane.manager.is_some()))
     }
 }
