@@ -362,6 +362,40 @@ impl Default for Metrics {
     }
 }
 
+/// The accept-time refusals and the breaker gauges, one handle per label value.
+fn register_edges(
+    registry: &mut Registry,
+) -> (
+    [Counter; crate::error::Refused::LABELS.len()],
+    [Gauge; CallClass::ALL.len()],
+) {
+    let refused_family = registered(
+        registry,
+        "connections_refused",
+        "Connections closed at accept: no valid PROXY header from a trusted proxy (proxy_header), or the client's max_connections_per_client reached (per_client)",
+        Family::<RefusedReason, Counter>::default(),
+    );
+    let connections_refused = crate::error::Refused::LABELS.map(|reason| {
+        refused_family
+            .get_or_create(&RefusedReason { reason })
+            .clone()
+    });
+    let breaker_family = registered(
+        registry,
+        "circuit_open",
+        "1 while the circuit breaker toward Diia is open, per call class",
+        Family::<OfCallClass, Gauge>::default(),
+    );
+    let breaker_open = CallClass::ALL.map(|class| {
+        breaker_family
+            .get_or_create(&OfCallClass {
+                class: class.label(),
+            })
+            .clone()
+    });
+    (connections_refused, breaker_open)
+}
+
 impl Metrics {
     /// Registers every metric.
     #[must_use]
@@ -422,30 +456,7 @@ impl Metrics {
             "Retries of safe calls after a connect failure (within the retry budget)",
             Counter::default(),
         );
-        let refused_family = registered(
-            &mut registry,
-            "connections_refused",
-            "Connections closed at accept: no valid PROXY header from a trusted proxy (proxy_header), or the client's max_connections_per_client reached (per_client)",
-            Family::<RefusedReason, Counter>::default(),
-        );
-        let connections_refused = crate::error::Refused::LABELS.map(|reason| {
-            refused_family
-                .get_or_create(&RefusedReason { reason })
-                .clone()
-        });
-        let breaker_family = registered(
-            &mut registry,
-            "circuit_open",
-            "1 while the circuit breaker toward Diia is open, per call class",
-            Family::<OfCallClass, Gauge>::default(),
-        );
-        let breaker_open = CallClass::ALL.map(|class| {
-            breaker_family
-                .get_or_create(&OfCallClass {
-                    class: class.label(),
-                })
-                .clone()
-        });
+        let (connections_refused, breaker_open) = register_edges(&mut registry);
         let gauges = Gauges::register(&mut registry);
         let fleet = fleet.then(|| FleetMetrics::register(&mut registry));
         Self {
