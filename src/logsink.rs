@@ -5,7 +5,7 @@
 //! Why not `tracing-appender`'s non-blocking writer: it wakes its writer thread for every
 //! line and writes each line with its own syscall; at tens of thousands of access-log lines
 //! a second those wake-ups and writes cost more than the request itself (measured with
-//! `loadtest/compare-wrk.sh`, README "Benchmarks"). Why not one queue of lines either (the
+//! `loadtest/compare-wrk.sh`, docs/performance.md). Why not one queue of lines either (the
 //! previous design): an allocation per line, freed on another thread, and a shared channel
 //! whose cache lines move between cores on every line cost ~2 µs per request. Here a line
 //! is appended to its thread's own buffer (a [`PerThread`] value) under an uncontended lock, behind a sequence

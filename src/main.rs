@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// mimalloc instead of glibc malloc: a cached answer costs ~650 bytes of RSS with it
-/// against ~1,050 with glibc's per-thread arenas (`loadtest memory`, README "Memory").
+/// against ~1,050 with glibc's per-thread arenas (`loadtest memory`, docs/security.md "Memory model").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use diia_gateway::Settings;
