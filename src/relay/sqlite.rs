@@ -18,23 +18,26 @@ use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::seal::{Keyring, Mac};
+use super::seal::{Keyring, Mac, Macs};
 
+mod routes;
 mod rows;
 mod writer;
 
 use super::{
     CallbackStore, Envelope, Ingest, LeaseToken, Leased, Opened, Orphan, Purged, PutOutcome,
-    RecordId, RecordMeta, Retention, Route, Settle, State, Stats, StoreError, StoreResult,
+    RecordId, RecordMeta, Retention, Route, RouteOutcome, Settle, State, Stats, StoreError,
+    StoreResult,
 };
+use routes::{ROUTES_SCHEMA, request_macs};
 use rows::{lease_rows, meta, open_lease, put_sealed, seal_ingest, settle_row};
 pub use writer::WriterStats;
 use writer::{Task, Work, writer_loop};
 
 /// The database file's name inside `data_dir`.
 pub const DB_FILE: &str = "relay.db";
-/// The schema's version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// The schema's version (`PRAGMA user_version`): 1 had `records`; 2 adds `routes`.
+const SCHEMA_VERSION: i64 = 2;
 /// Most writes in one commit.
 const MAX_GROUP: usize = 256;
 
@@ -218,8 +221,11 @@ impl SqliteStore {
         if version > SCHEMA_VERSION {
             return Err(StoreError::Sqlite(rusqlite::Error::InvalidQuery));
         }
-        writer_conn.execute_batch(SCHEMA)?;
-        writer_conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
+        // A new file gets every table; a version 1 file gains `routes` (its records stay),
+        // in one transaction with the version bump.
+        writer_conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA} {ROUTES_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+        ))?;
         let reader = Connection::open(&path)?;
         configure(&reader, fsync)?;
 
@@ -342,7 +348,7 @@ impl CallbackStore for SqliteStore {
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         drop(ingest);
-        self.write(move |conn, _| put_sealed(conn, &sealed, ms(now_ms)))
+        self.write(move |conn, keys| put_sealed(conn, keys, &sealed, ms(now_ms)))
     }
 
     fn lease_due(
@@ -393,35 +399,61 @@ impl CallbackStore for SqliteStore {
         now_ms: u64,
     ) -> BoxFuture<'static, StoreResult<Vec<RecordId>>> {
         self.write(move |conn, keys| {
-            let plain = route.encode().ok_or(StoreError::Seal)?;
-            let mut routed = Vec::new();
-            for (key_id, mac) in
-                keys.macs(MAC_REQUEST, &[acquirer.as_bytes(), request_id.as_bytes()])
-            {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT id FROM records WHERE acquirer = ?1 AND request_mac = ?2
-                       AND key_id = ?3 AND state = ?4",
-                )?;
-                let ids = stmt
-                    .query_map(
-                        params![acquirer, mac.as_slice(), key_id, State::Orphan.code()],
-                        |r| r.get::<_, Vec<u8>>(0),
-                    )?
-                    .collect::<Result<Vec<_>, _>>()?;
-                for id in ids {
-                    let id = RecordId(id.try_into().unwrap_or([0; 16]));
-                    let sealed = keys
-                        .seal(id, &acquirer, FIELD_ROUTE, &plain)
-                        .ok_or(StoreError::Seal)?;
-                    conn.execute(
-                        "UPDATE records SET state = ?1, route = ?2, due_ms = ?3, updated_ms = ?3
-                         WHERE id = ?4",
-                        params![State::Pending.code(), sealed, ms(now_ms), id.0.as_slice()],
-                    )?;
-                    routed.push(id);
-                }
-            }
-            Ok(routed)
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::route_orphans(conn, keys, &acquirer, &macs, &route, ms(now_ms))
+        })
+    }
+
+    fn record_route(
+        &self,
+        acquirer: String,
+        request_id: String,
+        route: Route,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<RouteOutcome>> {
+        let expires = routes::expiry(now_ms, ttl);
+        self.write(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::record_route(conn, keys, &acquirer, &macs, &route, ms(now_ms), expires)
+        })
+    }
+
+    fn route(
+        &self,
+        acquirer: String,
+        request_id: String,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<Option<Route>>> {
+        self.read(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::live_route(conn, keys, &acquirer, &macs, ms(now_ms))
+        })
+    }
+
+    fn take_for(
+        &self,
+        acquirer: String,
+        request_id: String,
+        client: String,
+    ) -> BoxFuture<'static, StoreResult<Option<(RecordId, Envelope)>>> {
+        self.read(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::take_for(conn, keys, &acquirer, &macs, &client)
+        })
+    }
+
+    fn ack_pulled(
+        &self,
+        acquirer: String,
+        request_id: String,
+        client: String,
+        id: RecordId,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<bool>> {
+        self.write(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::ack_pulled(conn, keys, &acquirer, &macs, &client, id, ms(now_ms))
         })
     }
 
@@ -560,19 +592,23 @@ impl CallbackStore for SqliteStore {
             let acquirers: Vec<String> = match &acquirer {
                 Some(a) => vec![a.clone()],
                 None => {
-                    let mut stmt = conn.prepare("SELECT DISTINCT acquirer FROM records")?;
+                    let mut stmt = conn.prepare(
+                        "SELECT acquirer FROM records UNION SELECT acquirer FROM routes",
+                    )?;
                     stmt.query_map([], |r| r.get(0))?
                         .collect::<Result<Vec<_>, _>>()?
                 }
             };
             let mut removed = 0u64;
             for acq in acquirers {
-                for (key_id, mac) in keys.macs(MAC_REQUEST, &[acq.as_bytes(), request_id.as_bytes()]) {
+                let macs = request_macs(keys, &acq, &request_id);
+                for (key_id, mac) in &macs {
                     removed += conn.execute(
                         "DELETE FROM records WHERE acquirer = ?1 AND request_mac = ?2 AND key_id = ?3",
                         params![acq, mac.as_slice(), key_id],
                     )? as u64;
                 }
+                routes::erase_routes(conn, &acq, &macs)?;
             }
             Ok(removed)
         })
@@ -601,6 +637,7 @@ impl CallbackStore for SqliteStore {
                 delivered: gone(State::Delivered, "updated_ms", tombstones)?,
                 dead: gone(State::Dead, "updated_ms", dead)?,
                 orphan: gone(State::Orphan, "received_ms", orphans)?,
+                routes: routes::purge_routes(conn, ms(now_ms))?,
             })
         })
     }

@@ -7,9 +7,10 @@ use super::super::{
     Envelope, Ingest, LeaseToken, Leased, PutOutcome, RecordId, RecordMeta, Route, Settle, State,
     StoreError, StoreResult,
 };
+use super::routes::{live_route, request_macs};
 use super::{
-    FIELD_ENVELOPE, FIELD_REQUEST, FIELD_ROUTE, Keyring, MAC_BODY, MAC_DEDUP, MAC_REQUEST, Mac, ms,
-    small, unms,
+    FIELD_ENVELOPE, FIELD_REQUEST, FIELD_ROUTE, Keyring, MAC_BODY, MAC_DEDUP, MAC_REQUEST, Mac,
+    Macs, ms, small, unms,
 };
 
 pub(super) fn meta(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordMeta> {
@@ -44,6 +45,8 @@ pub(super) struct Sealed {
     dedup: Vec<(String, Mac)>,
     body: Vec<(String, Mac)>,
     request_mac: Mac,
+    /// MAC(acquirer, requestId) under every listed key: the route lookup of an unrouted put.
+    request_macs: Macs,
     size: i64,
     request: Vec<u8>,
     envelope: Vec<u8>,
@@ -86,6 +89,7 @@ pub(super) fn seal_ingest(keys: &Keyring, ingest: &Ingest) -> StoreResult<Sealed
         dedup: keys.macs(MAC_DEDUP, &[acq.as_bytes(), request_id, &action]),
         body: keys.macs(MAC_BODY, &[env.content_type.as_bytes(), &env.body]),
         request_mac: keys.mac(MAC_REQUEST, &[acq.as_bytes(), request_id]),
+        request_macs: request_macs(keys, acq, &env.request_id),
         size: i64::try_from(env.body.len()).unwrap_or(i64::MAX),
         request,
         envelope,
@@ -93,7 +97,14 @@ pub(super) fn seal_ingest(keys: &Keyring, ingest: &Ingest) -> StoreResult<Sealed
     })
 }
 
-pub(super) fn put_sealed(conn: &Connection, s: &Sealed, now: i64) -> StoreResult<PutOutcome> {
+/// Stores a sealed callback unless it is a duplicate. Unrouted, it takes the live route of
+/// its request if one is recorded (in this transaction: no race with `record_route`).
+pub(super) fn put_sealed(
+    conn: &Connection,
+    keys: &Keyring,
+    s: &Sealed,
+    now: i64,
+) -> StoreResult<PutOutcome> {
     for (key_id, dedup) in &s.dedup {
         let found: Option<(Vec<u8>, Vec<u8>)> = conn
             .query_row(
@@ -121,7 +132,23 @@ pub(super) fn put_sealed(conn: &Connection, s: &Sealed, now: i64) -> StoreResult
             PutOutcome::Conflict(id)
         });
     }
-    let state = if s.route.is_some() {
+    let resolved = match &s.route {
+        Some(_) => None,
+        None => match live_route(conn, keys, &s.acquirer, &s.request_macs, now)? {
+            Some(route) => Some(
+                keys.seal(
+                    s.id,
+                    &s.acquirer,
+                    FIELD_ROUTE,
+                    &route.encode().ok_or(StoreError::Seal)?,
+                )
+                .ok_or(StoreError::Seal)?,
+            ),
+            None => None,
+        },
+    };
+    let route = s.route.as_ref().or(resolved.as_ref());
+    let state = if route.is_some() {
         State::Pending
     } else {
         State::Orphan
@@ -145,7 +172,7 @@ pub(super) fn put_sealed(conn: &Connection, s: &Sealed, now: i64) -> StoreResult
             now,
             s.request,
             s.envelope,
-            s.route,
+            route,
         ],
     )?;
     Ok(PutOutcome::Stored(s.id, state))
