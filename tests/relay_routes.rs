@@ -129,6 +129,44 @@ async fn a_route_after_its_callback_turns_the_orphan_pending() {
 }
 
 #[tokio::test]
+async fn a_route_and_its_callback_racing_in_either_order_leave_no_orphan() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Queued together (a write is queued when called, not when awaited), so many land in
+    // the same group commit: even requests route first, odd ones call back first.
+    let mut racing = Vec::new();
+    for i in 0..100 {
+        let request = format!("race-{i}");
+        let r = route("key:alice", "b-1");
+        let (route, put) = if i % 2 == 0 {
+            let route = store.record_route("acq".into(), request.clone(), r, TTL, 1_000);
+            (route, store.put(callback(&request, None, b"pkg"), 1_000))
+        } else {
+            let put = store.put(callback(&request, None, b"pkg"), 1_000);
+            (
+                store.record_route("acq".into(), request, r, TTL, 1_000),
+                put,
+            )
+        };
+        racing.push(tokio::spawn(async move {
+            (route.await.unwrap(), put.await.unwrap())
+        }));
+    }
+    for r in racing {
+        let (outcome, _) = tokio::time::timeout(Duration::from_secs(60), r)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome, RouteOutcome::Recorded);
+    }
+    let stats = store.stats(1_000).await.unwrap();
+    assert_eq!(
+        (stats.count(State::Pending), stats.count(State::Orphan)),
+        (100, 0)
+    );
+}
+
+#[tokio::test]
 async fn a_request_routed_for_another_client_or_branch_is_taken_and_a_retry_is_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
