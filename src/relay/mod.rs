@@ -26,6 +26,12 @@
 //!                                                         │                      └──redeliver──► pending
 //! erase(requestId) / purge(id): gone at once, from any state
 //! ```
+//! A put without a route takes the request's live route, if one is recorded, in the same
+//! transaction; [`CallbackStore::record_route`] routes the request's orphans in the same
+//! transaction as the route. So a route and its callback may arrive in either order.
+//! The pull side takes a record with [`CallbackStore::take_for`] and settles it with
+//! [`CallbackStore::ack_pulled`] (pending or delivering → delivered), both only for the
+//! caller its route names.
 //!
 //! # Schema (SQLite, `{data_dir}/relay.db`, WAL)
 //! ```sql
@@ -53,7 +59,20 @@
 //! CREATE INDEX records_request ON records (acquirer, request_mac);
 //! CREATE INDEX records_due ON records (state, due_ms);
 //! ```
-//! `PRAGMA user_version` is the schema's version (1). Pragmas: `journal_mode=WAL`,
+//! Routes (schema version 2; a version 1 file gains the table when opened, its records kept):
+//! ```sql
+//! CREATE TABLE routes (
+//!   acquirer    TEXT NOT NULL,      -- the acquirer's configured name (clear)
+//!   request_mac BLOB NOT NULL,      -- MAC(acquirer, requestId) under key_id
+//!   key_id      TEXT NOT NULL,      -- the seal key that wrote the row (clear)
+//!   route       BLOB NOT NULL,      -- sealed Route, bound to request_mac
+//!   created_ms  INTEGER NOT NULL,   -- when recorded
+//!   expires_ms  INTEGER NOT NULL,   -- created_ms + route_ttl (a retried push extends it)
+//!   PRIMARY KEY (acquirer, request_mac)
+//! );
+//! CREATE INDEX routes_expires ON routes (expires_ms);
+//! ```
+//! `PRAGMA user_version` is the schema's version (2). Pragmas: `journal_mode=WAL`,
 //! `synchronous=FULL` (`fsync = always`) or `NORMAL` (`fsync = batch`: a commit reaches
 //! the OS, so `kill -9` loses nothing, but the last commits before a power loss may),
 //! `secure_delete=ON`.
@@ -201,6 +220,19 @@ pub enum PutOutcome {
     Conflict(RecordId),
 }
 
+/// What [`CallbackStore::record_route`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteOutcome {
+    /// A new route, durable; the request's orphans already stored now carry it (`pending`).
+    Recorded,
+    /// The request was already routed to the same client and branch (a retried push): the
+    /// first route is kept, its expiry moved to `now + ttl` if that is later.
+    Same,
+    /// The request is routed to another client or branch until its route expires: refused
+    /// (the proxy answers `409`), nothing changed.
+    Taken,
+}
+
 /// Proof of a lease; settling a record takes the token of its current lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseToken(pub i64);
@@ -306,6 +338,8 @@ pub struct Purged {
     pub dead: u64,
     /// Orphans.
     pub orphan: u64,
+    /// Routes past their `route_ttl`.
+    pub routes: u64,
 }
 
 /// Queue depth and age, for metrics.
@@ -388,6 +422,49 @@ pub trait CallbackStore: Send + Sync {
         now_ms: u64,
     ) -> BoxFuture<'static, StoreResult<Vec<RecordId>>>;
 
+    /// Durably routes `(acquirer, request_id)` to `route` until `now_ms + ttl`, unless a live
+    /// route names another client or branch ([`RouteOutcome::Taken`]). A new route turns
+    /// the request's orphans into `pending` records carrying it, in the same transaction.
+    fn record_route(
+        &self,
+        acquirer: String,
+        request_id: String,
+        route: Route,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<RouteOutcome>>;
+
+    /// The request's route if it has not expired at `now_ms`.
+    fn route(
+        &self,
+        acquirer: String,
+        request_id: String,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<Option<Route>>>;
+
+    /// The pull side: the request's oldest routed, undelivered record (pending or
+    /// delivering) whose route names `client` (compared as MACs in constant time), opened.
+    /// `None` for another caller, as for no record: the pull side answers 404 alike.
+    /// Changes nothing; [`CallbackStore::ack_pulled`] settles.
+    fn take_for(
+        &self,
+        acquirer: String,
+        request_id: String,
+        client: String,
+    ) -> BoxFuture<'static, StoreResult<Option<(RecordId, Envelope)>>>;
+
+    /// The pull side's acknowledgement: record `id` of the request, if its route names
+    /// `client` and it is not delivered yet, becomes a tombstone (payload and route gone)
+    /// as a push delivery would; `false` (nothing changed) otherwise.
+    fn ack_pulled(
+        &self,
+        acquirer: String,
+        request_id: String,
+        client: String,
+        id: RecordId,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<bool>>;
+
     /// Up to `limit` orphans, oldest first, with their requestIds (to look routes up).
     fn orphans(&self, limit: usize) -> BoxFuture<'static, StoreResult<Vec<Orphan>>>;
 
@@ -408,15 +485,15 @@ pub trait CallbackStore: Send + Sync {
     /// Removes one record, whatever its state; `false` if there was none.
     fn purge(&self, id: RecordId) -> BoxFuture<'static, StoreResult<bool>>;
 
-    /// Removes every record (tombstones too) for `request_id`, of one acquirer or of all;
-    /// returns how many.
+    /// Removes every record (tombstones too) and route for `request_id`, of one acquirer or
+    /// of all; returns how many records.
     fn erase(
         &self,
         acquirer: Option<String>,
         request_id: String,
     ) -> BoxFuture<'static, StoreResult<u64>>;
 
-    /// Removes tombstones, dead records and orphans past their retention.
+    /// Removes tombstones, dead records and orphans past their retention, and expired routes.
     fn purge_expired(
         &self,
         now_ms: u64,

@@ -4,6 +4,8 @@
 use std::fmt;
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// A callback as Diia sent it: what delivery replays byte for byte.
 #[derive(Clone, PartialEq, Eq)]
@@ -109,6 +111,15 @@ impl Envelope {
 }
 
 impl Route {
+    /// Whether `client` is the caller that created the route, compared as SHA-256 digests in
+    /// constant time (what the pull side authorises with, after [`crate::relay::CallbackStore::route`]).
+    #[must_use]
+    pub fn names_client(&self, client: &str) -> bool {
+        let ours: [u8; 32] = Sha256::digest(self.client.as_bytes()).into();
+        let theirs: [u8; 32] = Sha256::digest(client.as_bytes()).into();
+        ours.ct_eq(&theirs).into()
+    }
+
     /// The plain bytes sealed at rest.
     #[must_use]
     pub fn encode(&self) -> Option<Vec<u8>> {
@@ -159,6 +170,8 @@ mod tests {
             target: "t".into(),
         };
         assert_eq!(Route::decode(&r.encode().unwrap()).unwrap(), r);
+        assert!(r.names_client("key:abc"));
+        assert!(!r.names_client("key:ab") && !r.names_client("key:abd"));
         assert!(Route::decode(b"\0\0\0\x09short").is_none());
     }
 }

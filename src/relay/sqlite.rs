@@ -10,25 +10,34 @@
 //! the thread spends its time on SQLite alone.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::seal::{Keyring, Mac};
+use super::seal::{Keyring, Mac, Macs};
+
+mod routes;
+mod rows;
+mod writer;
+
 use super::{
     CallbackStore, Envelope, Ingest, LeaseToken, Leased, Opened, Orphan, Purged, PutOutcome,
-    RecordId, RecordMeta, Retention, Route, Settle, State, Stats, StoreError, StoreResult,
+    RecordId, RecordMeta, Retention, Route, RouteOutcome, Settle, State, Stats, StoreError,
+    StoreResult,
 };
+use routes::{ROUTES_SCHEMA, request_macs};
+use rows::{lease_rows, meta, open_lease, put_sealed, seal_ingest, settle_row};
+pub use writer::WriterStats;
+use writer::{Task, Work, writer_loop};
 
 /// The database file's name inside `data_dir`.
 pub const DB_FILE: &str = "relay.db";
-/// The schema's version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// The schema's version (`PRAGMA user_version`): 1 had `records`; 2 adds `routes`.
+const SCHEMA_VERSION: i64 = 2;
 /// Most writes in one commit.
 const MAX_GROUP: usize = 256;
 
@@ -92,66 +101,6 @@ const MAC_BODY: &str = "body";
 const FIELD_ENVELOPE: &str = "envelope";
 const FIELD_ROUTE: &str = "route";
 const FIELD_REQUEST: &str = "request";
-
-/// One queued write: runs inside the group's transaction, answers after its commit.
-trait Work: Send {
-    fn apply(&mut self, conn: &Connection, keys: &Keyring);
-    fn failed(&self) -> bool;
-    fn finish(self: Box<Self>, committed: Result<(), String>);
-}
-
-struct Task<T, F> {
-    run: F,
-    out: Option<StoreResult<T>>,
-    reply: oneshot::Sender<StoreResult<T>>,
-}
-
-impl<T, F> Work for Task<T, F>
-where
-    T: Send,
-    F: Fn(&Connection, &Keyring) -> StoreResult<T> + Send,
-{
-    fn apply(&mut self, conn: &Connection, keys: &Keyring) {
-        self.out = Some((self.run)(conn, keys));
-    }
-
-    fn failed(&self) -> bool {
-        !matches!(self.out, Some(Ok(_)))
-    }
-
-    fn finish(self: Box<Self>, committed: Result<(), String>) {
-        let out = match committed {
-            Ok(()) => self.out.unwrap_or(Err(StoreError::Closed)),
-            Err(e) => Err(StoreError::Commit(e)),
-        };
-        let _ = self.reply.send(out);
-    }
-}
-
-/// Counters of the writer thread (for metrics and tests).
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    commits: AtomicU64,
-    writes: AtomicU64,
-    commit_micros: AtomicU64,
-}
-
-impl WriterStats {
-    /// Commits made (each holds one or more writes).
-    pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
-    }
-
-    /// Writes committed or refused.
-    pub fn writes(&self) -> u64 {
-        self.writes.load(Ordering::Relaxed)
-    }
-
-    /// Total time spent in `COMMIT`, in microseconds.
-    pub fn commit_micros(&self) -> u64 {
-        self.commit_micros.load(Ordering::Relaxed)
-    }
-}
 
 struct Inner {
     writer: Mutex<Option<mpsc::Sender<Box<dyn Work>>>>,
@@ -272,8 +221,11 @@ impl SqliteStore {
         if version > SCHEMA_VERSION {
             return Err(StoreError::Sqlite(rusqlite::Error::InvalidQuery));
         }
-        writer_conn.execute_batch(SCHEMA)?;
-        writer_conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
+        // A new file gets every table; a version 1 file gains `routes` (its records stay),
+        // in one transaction with the version bump.
+        writer_conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA} {ROUTES_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+        ))?;
         let reader = Connection::open(&path)?;
         configure(&reader, fsync)?;
 
@@ -387,355 +339,6 @@ impl SqliteStore {
     }
 }
 
-/// Takes the first queued write (blocking), then whatever else is queued, and commits them
-/// together; answers each only after the commit.
-fn writer_loop(
-    conn: &Connection,
-    keys: &Keyring,
-    rx: &mpsc::Receiver<Box<dyn Work>>,
-    stats: &WriterStats,
-) {
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(work) => group.push(work),
-                Err(_) => break,
-            }
-        }
-        let mut dropped = vec![false; group.len()];
-        let committed = commit_group(conn, keys, &mut group, &mut dropped, stats);
-        stats
-            .writes
-            .fetch_add(group.len() as u64, Ordering::Relaxed);
-        for (work, dropped) in group.into_iter().zip(dropped) {
-            // A dropped write answers its own error, whatever became of the group.
-            work.finish(if dropped { Ok(()) } else { committed.clone() });
-        }
-    }
-}
-
-/// Runs the group in one transaction, each write in a savepoint, and commits. Some errors
-/// (`SQLITE_FULL`, I/O) make SQLite roll back the whole transaction, not just the
-/// statement: then the write that failed is dropped from the group (marked in `dropped`,
-/// its error kept) and the others are run again, so one write cannot cost the others.
-fn commit_group(
-    conn: &Connection,
-    keys: &Keyring,
-    group: &mut [Box<dyn Work>],
-    dropped: &mut [bool],
-    stats: &WriterStats,
-) -> Result<(), String> {
-    'group: loop {
-        conn.execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| e.to_string())?;
-        for (work, dropped) in group.iter_mut().zip(dropped.iter_mut()) {
-            if *dropped {
-                continue;
-            }
-            let saved = conn.execute_batch("SAVEPOINT w");
-            if let Err(e) = saved {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e.to_string());
-            }
-            work.apply(conn, keys);
-            if work.failed() && conn.is_autocommit() {
-                // The transaction is gone: run the group again without this write.
-                *dropped = true;
-                continue 'group;
-            }
-            let closed = if work.failed() {
-                conn.execute_batch("ROLLBACK TO w; RELEASE w")
-            } else {
-                conn.execute_batch("RELEASE w")
-            };
-            if let Err(e) = closed {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e.to_string());
-            }
-        }
-        break;
-    }
-    let started = Instant::now();
-    let done = conn.execute_batch("COMMIT");
-    stats.commit_micros.fetch_add(
-        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        Ordering::Relaxed,
-    );
-    match done {
-        Ok(()) => {
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e.to_string())
-        }
-    }
-}
-
-fn meta(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordMeta> {
-    let id: Vec<u8> = row.get(0)?;
-    let state: i64 = row.get(2)?;
-    Ok(RecordMeta {
-        id: RecordId(id.try_into().unwrap_or([0; 16])),
-        acquirer: row.get(1)?,
-        state: State::from_code(state).unwrap_or(State::Dead),
-        size: unms(row.get(3)?),
-        received_ms: unms(row.get(4)?),
-        updated_ms: unms(row.get(5)?),
-        due_ms: unms(row.get(6)?),
-        attempts: small(row.get(7)?),
-        duplicates: small(row.get(8)?),
-        conflicts: small(row.get(9)?),
-        key_id: row.get(10)?,
-    })
-}
-
-fn random_lease() -> StoreResult<i64> {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).map_err(|_| StoreError::Seal)?;
-    Ok(i64::from_be_bytes(b))
-}
-
-/// What a put carries to the writer: everything sealed or MACed already.
-struct Sealed {
-    id: RecordId,
-    acquirer: String,
-    key_id: String,
-    dedup: Vec<(String, Mac)>,
-    body: Vec<(String, Mac)>,
-    request_mac: Mac,
-    size: i64,
-    request: Vec<u8>,
-    envelope: Vec<u8>,
-    route: Option<Vec<u8>>,
-}
-
-fn seal_ingest(keys: &Keyring, ingest: &Ingest) -> StoreResult<Sealed> {
-    let id = RecordId::random().ok_or(StoreError::Seal)?;
-    let acq = ingest.acquirer.as_str();
-    let env = &ingest.envelope;
-    let request_id = env.request_id.as_bytes();
-    // `None` and `Some("")` must not collide: a leading flag byte.
-    let action: Vec<u8> = match &env.action {
-        Some(a) => [&[1u8][..], a.as_bytes()].concat(),
-        None => vec![0u8],
-    };
-    let plain = env.encode().ok_or(StoreError::Seal)?;
-    let envelope = keys
-        .seal(id, acq, FIELD_ENVELOPE, &plain)
-        .ok_or(StoreError::Seal)?;
-    let request = keys
-        .seal(id, acq, FIELD_REQUEST, request_id)
-        .ok_or(StoreError::Seal)?;
-    let route = match &ingest.route {
-        Some(route) => Some(
-            keys.seal(
-                id,
-                acq,
-                FIELD_ROUTE,
-                &route.encode().ok_or(StoreError::Seal)?,
-            )
-            .ok_or(StoreError::Seal)?,
-        ),
-        None => None,
-    };
-    Ok(Sealed {
-        id,
-        acquirer: ingest.acquirer.clone(),
-        key_id: keys.current_id().to_owned(),
-        dedup: keys.macs(MAC_DEDUP, &[acq.as_bytes(), request_id, &action]),
-        body: keys.macs(MAC_BODY, &[env.content_type.as_bytes(), &env.body]),
-        request_mac: keys.mac(MAC_REQUEST, &[acq.as_bytes(), request_id]),
-        size: i64::try_from(env.body.len()).unwrap_or(i64::MAX),
-        request,
-        envelope,
-        route,
-    })
-}
-
-fn put_sealed(conn: &Connection, s: &Sealed, now: i64) -> StoreResult<PutOutcome> {
-    for (key_id, dedup) in &s.dedup {
-        let found: Option<(Vec<u8>, Vec<u8>)> = conn
-            .query_row(
-                "SELECT id, body_mac FROM records WHERE acquirer = ?1 AND dedup = ?2 AND key_id = ?3",
-                params![s.acquirer, dedup.as_slice(), key_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((id, body_mac)) = found else {
-            continue;
-        };
-        let id = RecordId(id.try_into().unwrap_or([0; 16]));
-        let same = s
-            .body
-            .iter()
-            .any(|(k, m)| k == key_id && m.as_slice() == body_mac.as_slice());
-        let column = if same { "duplicates" } else { "conflicts" };
-        conn.execute(
-            &format!("UPDATE records SET {column} = {column} + 1 WHERE id = ?1"),
-            params![id.0.as_slice()],
-        )?;
-        return Ok(if same {
-            PutOutcome::Duplicate(id)
-        } else {
-            PutOutcome::Conflict(id)
-        });
-    }
-    let state = if s.route.is_some() {
-        State::Pending
-    } else {
-        State::Orphan
-    };
-    let dedup = s.dedup.first().map(|(_, m)| *m).ok_or(StoreError::Seal)?;
-    let body = s.body.first().map(|(_, m)| *m).ok_or(StoreError::Seal)?;
-    conn.execute(
-        "INSERT INTO records (id, acquirer, key_id, dedup, request_mac, body_mac, size, state,
-           received_ms, updated_ms, due_ms, attempts, lease, duplicates, conflicts,
-           request, envelope, route)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, 0, NULL, 0, 0, ?10, ?11, ?12)",
-        params![
-            s.id.0.as_slice(),
-            s.acquirer,
-            s.key_id,
-            dedup.as_slice(),
-            s.request_mac.as_slice(),
-            body.as_slice(),
-            s.size,
-            state.code(),
-            now,
-            s.request,
-            s.envelope,
-            s.route,
-        ],
-    )?;
-    Ok(PutOutcome::Stored(s.id, state))
-}
-
-/// A leased row before opening.
-struct RawLease {
-    id: RecordId,
-    acquirer: String,
-    attempts: u32,
-    received_ms: u64,
-    lease: LeaseToken,
-    envelope: Option<Vec<u8>>,
-    route: Option<Vec<u8>>,
-}
-
-fn lease_rows(conn: &Connection, now: i64, until: i64, limit: i64) -> StoreResult<Vec<RawLease>> {
-    conn.execute(
-        "UPDATE records SET state = ?1, lease = NULL WHERE state = ?2 AND due_ms <= ?3",
-        params![State::Pending.code(), State::Delivering.code(), now],
-    )?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, acquirer, attempts, received_ms, envelope, route FROM records
-         WHERE state = ?1 AND due_ms <= ?2 ORDER BY due_ms LIMIT ?3",
-    )?;
-    let rows = stmt
-        .query_map(params![State::Pending.code(), now, limit], |r| {
-            let id: Vec<u8> = r.get(0)?;
-            Ok(RawLease {
-                id: RecordId(id.try_into().unwrap_or([0; 16])),
-                acquirer: r.get(1)?,
-                attempts: small(r.get(2)?).saturating_add(1),
-                received_ms: unms(r.get(3)?),
-                lease: LeaseToken(0),
-                envelope: r.get(4)?,
-                route: r.get(5)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut leased = Vec::with_capacity(rows.len());
-    for mut row in rows {
-        row.lease = LeaseToken(random_lease()?);
-        conn.execute(
-            "UPDATE records SET state = ?1, due_ms = ?2, attempts = attempts + 1, lease = ?3,
-               updated_ms = ?4 WHERE id = ?5",
-            params![
-                State::Delivering.code(),
-                until,
-                row.lease.0,
-                now,
-                row.id.0.as_slice()
-            ],
-        )?;
-        leased.push(row);
-    }
-    Ok(leased)
-}
-
-fn open_lease(keys: &Keyring, raw: RawLease) -> Result<Leased, RecordId> {
-    let id = raw.id;
-    let envelope = raw
-        .envelope
-        .and_then(|e| keys.open(id, &raw.acquirer, FIELD_ENVELOPE, &e))
-        .and_then(|p| Envelope::decode(&p))
-        .ok_or(id)?;
-    let route = raw
-        .route
-        .and_then(|r| keys.open(id, &raw.acquirer, FIELD_ROUTE, &r))
-        .and_then(|p| Route::decode(&p))
-        .ok_or(id)?;
-    Ok(Leased {
-        id,
-        acquirer: raw.acquirer,
-        attempts: raw.attempts,
-        received_ms: raw.received_ms,
-        lease: raw.lease,
-        envelope,
-        route,
-    })
-}
-
-fn settle_row(
-    conn: &Connection,
-    id: RecordId,
-    lease: LeaseToken,
-    outcome: Settle,
-    now: i64,
-) -> StoreResult<bool> {
-    let changed = match outcome {
-        Settle::Delivered => conn.execute(
-            "UPDATE records SET state = ?1, updated_ms = ?2, due_ms = ?2, lease = NULL,
-               request = NULL, envelope = NULL, route = NULL
-             WHERE id = ?3 AND state = ?4 AND lease = ?5",
-            params![
-                State::Delivered.code(),
-                now,
-                id.0.as_slice(),
-                State::Delivering.code(),
-                lease.0
-            ],
-        )?,
-        Settle::RetryAt(due) => conn.execute(
-            "UPDATE records SET state = ?1, updated_ms = ?2, due_ms = ?3, lease = NULL
-             WHERE id = ?4 AND state = ?5 AND lease = ?6",
-            params![
-                State::Pending.code(),
-                now,
-                ms(due),
-                id.0.as_slice(),
-                State::Delivering.code(),
-                lease.0
-            ],
-        )?,
-        Settle::Dead => conn.execute(
-            "UPDATE records SET state = ?1, updated_ms = ?2, due_ms = ?2, lease = NULL
-             WHERE id = ?3 AND state = ?4 AND lease = ?5",
-            params![
-                State::Dead.code(),
-                now,
-                id.0.as_slice(),
-                State::Delivering.code(),
-                lease.0
-            ],
-        )?,
-    };
-    Ok(changed == 1)
-}
-
 impl CallbackStore for SqliteStore {
     fn put(&self, ingest: Ingest, now_ms: u64) -> BoxFuture<'static, StoreResult<PutOutcome>> {
         // Sealing (a copy and a pass over up to `max_body` bytes) happens here, on the
@@ -745,7 +348,7 @@ impl CallbackStore for SqliteStore {
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         drop(ingest);
-        self.write(move |conn, _| put_sealed(conn, &sealed, ms(now_ms)))
+        self.write(move |conn, keys| put_sealed(conn, keys, &sealed, ms(now_ms)))
     }
 
     fn lease_due(
@@ -796,35 +399,61 @@ impl CallbackStore for SqliteStore {
         now_ms: u64,
     ) -> BoxFuture<'static, StoreResult<Vec<RecordId>>> {
         self.write(move |conn, keys| {
-            let plain = route.encode().ok_or(StoreError::Seal)?;
-            let mut routed = Vec::new();
-            for (key_id, mac) in
-                keys.macs(MAC_REQUEST, &[acquirer.as_bytes(), request_id.as_bytes()])
-            {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT id FROM records WHERE acquirer = ?1 AND request_mac = ?2
-                       AND key_id = ?3 AND state = ?4",
-                )?;
-                let ids = stmt
-                    .query_map(
-                        params![acquirer, mac.as_slice(), key_id, State::Orphan.code()],
-                        |r| r.get::<_, Vec<u8>>(0),
-                    )?
-                    .collect::<Result<Vec<_>, _>>()?;
-                for id in ids {
-                    let id = RecordId(id.try_into().unwrap_or([0; 16]));
-                    let sealed = keys
-                        .seal(id, &acquirer, FIELD_ROUTE, &plain)
-                        .ok_or(StoreError::Seal)?;
-                    conn.execute(
-                        "UPDATE records SET state = ?1, route = ?2, due_ms = ?3, updated_ms = ?3
-                         WHERE id = ?4",
-                        params![State::Pending.code(), sealed, ms(now_ms), id.0.as_slice()],
-                    )?;
-                    routed.push(id);
-                }
-            }
-            Ok(routed)
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::route_orphans(conn, keys, &acquirer, &macs, &route, ms(now_ms))
+        })
+    }
+
+    fn record_route(
+        &self,
+        acquirer: String,
+        request_id: String,
+        route: Route,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<RouteOutcome>> {
+        let expires = routes::expiry(now_ms, ttl);
+        self.write(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::record_route(conn, keys, &acquirer, &macs, &route, ms(now_ms), expires)
+        })
+    }
+
+    fn route(
+        &self,
+        acquirer: String,
+        request_id: String,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<Option<Route>>> {
+        self.read(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::live_route(conn, keys, &acquirer, &macs, ms(now_ms))
+        })
+    }
+
+    fn take_for(
+        &self,
+        acquirer: String,
+        request_id: String,
+        client: String,
+    ) -> BoxFuture<'static, StoreResult<Option<(RecordId, Envelope)>>> {
+        self.read(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::take_for(conn, keys, &acquirer, &macs, &client)
+        })
+    }
+
+    fn ack_pulled(
+        &self,
+        acquirer: String,
+        request_id: String,
+        client: String,
+        id: RecordId,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<bool>> {
+        self.write(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::ack_pulled(conn, keys, &acquirer, &macs, &client, id, ms(now_ms))
         })
     }
 
@@ -963,19 +592,23 @@ impl CallbackStore for SqliteStore {
             let acquirers: Vec<String> = match &acquirer {
                 Some(a) => vec![a.clone()],
                 None => {
-                    let mut stmt = conn.prepare("SELECT DISTINCT acquirer FROM records")?;
+                    let mut stmt = conn.prepare(
+                        "SELECT acquirer FROM records UNION SELECT acquirer FROM routes",
+                    )?;
                     stmt.query_map([], |r| r.get(0))?
                         .collect::<Result<Vec<_>, _>>()?
                 }
             };
             let mut removed = 0u64;
             for acq in acquirers {
-                for (key_id, mac) in keys.macs(MAC_REQUEST, &[acq.as_bytes(), request_id.as_bytes()]) {
+                let macs = request_macs(keys, &acq, &request_id);
+                for (key_id, mac) in &macs {
                     removed += conn.execute(
                         "DELETE FROM records WHERE acquirer = ?1 AND request_mac = ?2 AND key_id = ?3",
                         params![acq, mac.as_slice(), key_id],
                     )? as u64;
                 }
+                routes::erase_routes(conn, &acq, &macs)?;
             }
             Ok(removed)
         })
@@ -1004,6 +637,7 @@ impl CallbackStore for SqliteStore {
                 delivered: gone(State::Delivered, "updated_ms", tombstones)?,
                 dead: gone(State::Dead, "updated_ms", dead)?,
                 orphan: gone(State::Orphan, "received_ms", orphans)?,
+                routes: routes::purge_routes(conn, ms(now_ms))?,
             })
         })
     }
