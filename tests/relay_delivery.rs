@@ -519,7 +519,8 @@ async fn a_worker_lost_mid_delivery_is_replaced_and_resends_the_same_webhook_id(
 #[tokio::test]
 async fn per_target_concurrency_is_never_exceeded() {
     let relay = Relay::open();
-    let branch = Branch::start(|_| Reply::Slow(Duration::from_millis(150))).await;
+    let busy = Branch::start(|_| Reply::Slow(Duration::from_millis(150))).await;
+    let quiet = Branch::start(|_| Reply::Slow(Duration::from_millis(150))).await;
     let mut ids = Vec::new();
     for i in 0..10 {
         ids.push(
@@ -528,15 +529,24 @@ async fn per_target_concurrency_is_never_exceeded() {
                 .await,
         );
     }
-    let mut s = settings(&branch.url, &[50], Duration::from_secs(60));
+    ids.push(relay.put("req-q", None, b"pkg", "quiet-branch").await);
+    let mut s = settings(&busy.url, &[50], Duration::from_secs(60));
     s.per_target_concurrency = 2;
+    // A second target: the worker has 4 delivery slots, the busy target may use only 2.
+    s.targets.push(Arc::new(Target {
+        name: "quiet-branch".to_owned(),
+        url: quiet.url.parse().unwrap(),
+        signing_secret: SECRET.to_vec(),
+        branches: Branches::All,
+    }));
     let (_stop, _worker, _) = start(&relay, &s, options());
     for id in &ids {
         relay.until(*id, State::Delivered).await;
     }
-    assert_eq!(branch.received().len(), 10);
+    assert_eq!(busy.received().len(), 10);
+    assert_eq!(quiet.received().len(), 1);
     assert_eq!(
-        branch.peak.load(Ordering::SeqCst),
+        busy.peak.load(Ordering::SeqCst),
         2,
         "cap 2 not used or exceeded"
     );
