@@ -551,3 +551,29 @@ async fn per_target_concurrency_is_never_exceeded() {
         "cap 2 not used or exceeded"
     );
 }
+
+#[tokio::test]
+async fn an_open_breaker_holds_a_failing_targets_deliveries_back() {
+    let relay = Relay::open();
+    let branch = Branch::start(|_| Reply::Status(500, "", None)).await;
+    let id = relay
+        .put("req-breaker", None, b"pkg", "branch-backend")
+        .await;
+    let s = settings(&branch.url, &[20], Duration::from_secs(60));
+    let breaker = DeliveryOptions {
+        breaker_failures: 2,
+        breaker_cooldown: Duration::from_secs(2),
+        ..options()
+    };
+    let (_stop, _worker, counters) = start(&relay, &s, breaker);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Without the breaker: one attempt every ~20 ms. With it: two, then none until the
+    // cool-down ends.
+    assert_eq!(
+        branch.received().len(),
+        2,
+        "breaker did not hold attempts back"
+    );
+    assert!(counters.get(Counted::BreakerOpen) >= 1);
+    assert_eq!(relay.state(id).await, State::Pending);
+}
