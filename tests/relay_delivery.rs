@@ -577,3 +577,24 @@ async fn an_open_breaker_holds_a_failing_targets_deliveries_back() {
     assert!(counters.get(Counted::BreakerOpen) >= 1);
     assert_eq!(relay.state(id).await, State::Pending);
 }
+
+#[tokio::test]
+async fn the_worker_stops_on_shutdown_and_leaves_later_records_pending() {
+    let relay = Relay::open();
+    let branch = Branch::start(ok).await;
+    let s = settings(&branch.url, &[50], Duration::from_secs(60));
+    let (stop, worker, _) = start(&relay, &s, options());
+    let first = relay
+        .put("req-before", None, b"pkg", "branch-backend")
+        .await;
+    relay.until(first, State::Delivered).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("worker did not stop")
+        .unwrap();
+    let later = relay.put("req-after", None, b"pkg", "branch-backend").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(relay.state(later).await, State::Pending);
+    assert_eq!(branch.received().len(), 1);
+}
