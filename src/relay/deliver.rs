@@ -371,7 +371,7 @@ impl Inner {
     async fn attempt(&self, record: &Leased) -> Settle {
         let Some(lane) = self.lanes.get(&record.route.target) else {
             self.counters.add(Counted::UnknownTarget);
-            tracing::warn!(record = %record.id, acquirer = %record.acquirer, target = %record.route.target, "relay delivery: route names an unknown target");
+            tracing::warn!(record = %record.id, acquirer = %record.acquirer, delivery_target = %record.route.target, "relay delivery: route names an unknown target");
             return Settle::Dead;
         };
         let permit =
@@ -394,9 +394,14 @@ impl Inner {
             return Settle::Dead;
         };
         let attempt = self.send(request).await;
+        let was_open = lane.breaker.is_open();
         lane.breaker.record(admission, !attempt.is_outage());
+        if !was_open && lane.breaker.is_open() {
+            // The breaker's own line speaks of Diia; this one names the target.
+            tracing::warn!(delivery_target = %lane.target.name, "relay delivery: target's breaker opened");
+        }
         self.counters.add(Counted::of(attempt));
-        tracing::debug!(record = %record.id, acquirer = %record.acquirer, target = %lane.target.name, attempt = record.attempts, outcome = Counted::of(attempt).as_str(), "relay delivery attempt");
+        tracing::debug!(record = %record.id, acquirer = %record.acquirer, delivery_target = %lane.target.name, attempt = record.attempts, outcome = Counted::of(attempt).as_str(), "relay delivery attempt");
         match attempt {
             Attempt::Delivered => Settle::Delivered,
             Attempt::Gone => Settle::Dead,
