@@ -82,6 +82,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+pub mod deliver;
 pub mod record;
 pub mod seal;
 pub mod settings;
