@@ -12,7 +12,9 @@
 //!
 //! Simulator-only routes, under `/sim/`:
 //! - `POST /sim/barcodes` `{"documentValid": true}` → `{"barcode": "...", "expiresIn": 180}`
-//! - `GET /sim/stats` → `{"requests": {"<endpoint>": n, ...}, "total", "unrouted", "pushes"}`
+//! - `GET /sim/stats` → `{"requests": {"<endpoint>": n, ...}, "total", "unrouted", "pushes",
+//!   "connections", "callbacks_sent", "callbacks_acknowledged", "callbacks_failed_attempts",
+//!   "callbacks_refused", "callbacks_given_up"}`
 //! - `POST /sim/stats/reset`
 //! - `POST /sim/sessions/revoke` → every session token answers 401 from now on
 //! - `GET|PUT /sim/faults` → the fault knobs as JSON (see [`Faults`])

@@ -493,3 +493,12 @@ async fn bad_callback_settings_are_refused() {
         "an unreadable acquirer_cert_file fails the start"
     );
 }
+
+#[test]
+fn the_demo_certificate_loads() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/demo/acquirer-cert.pem");
+    let pem = std::fs::read_to_string(path).unwrap();
+    let loaded = diia_sim::AcquirerCertificate::from_pem(&pem).unwrap();
+    assert!(loaded.private_key_pem().is_none());
+    assert!(!loaded.envelope(b"x").unwrap().is_empty());
+}
