@@ -21,7 +21,7 @@ use http::{HeaderValue, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, watch};
 
 use crate::acquirer::AcquirerCertificate;
 
@@ -141,16 +141,23 @@ pub struct Callbacks {
     certificate_file: Option<String>,
     certificate: OnceCell<Arc<AcquirerCertificate>>,
     counters: Arc<CallbackCounters>,
+    stopped: watch::Receiver<bool>,
 }
 
 impl Callbacks {
-    /// From the simulator config (already validated).
-    pub fn new(config: &crate::SimConfig, counters: Arc<CallbackCounters>) -> Self {
-        Self {
-            target: config
-                .callback_url
-                .as_deref()
-                .and_then(|url| CallbackTarget::parse(url).ok()),
+    /// From the simulator config; packages stop (pending retries too) once `stopped` turns
+    /// true.
+    pub fn new(
+        config: &crate::SimConfig,
+        counters: Arc<CallbackCounters>,
+        stopped: watch::Receiver<bool>,
+    ) -> Result<Self, String> {
+        let target = match config.callback_url.as_deref() {
+            Some(url) => Some(CallbackTarget::parse(url)?),
+            None => None,
+        };
+        Ok(Self {
+            target,
             consent_delay: config.consent_delay,
             refuse: AtomicBool::new(config.consent == Consent::Refuse),
             retry_for: config.callback_retry_for,
@@ -160,7 +167,8 @@ impl Callbacks {
                 .map(|path| path.display().to_string()),
             certificate: OnceCell::new(),
             counters,
-        }
+            stopped,
+        })
     }
 
     /// Whether packages are sent at all.
@@ -209,15 +217,22 @@ impl Callbacks {
         }
         let callbacks = Arc::clone(self);
         let request_id = request_id.to_owned();
+        let mut stopped = self.stopped.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(callbacks.consent_delay).await;
-            if callbacks.consent() == Consent::Refuse {
-                callbacks.counters.refused.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            if let Err(error) = callbacks.send(flow, request_id).await {
-                callbacks.counters.given_up.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, "diia-sim: callback given up");
+            let answer = async {
+                tokio::time::sleep(callbacks.consent_delay).await;
+                if callbacks.consent() == Consent::Refuse {
+                    callbacks.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                if let Err(error) = callbacks.send(flow, request_id).await {
+                    callbacks.counters.given_up.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "diia-sim: callback given up");
+                }
+            };
+            tokio::select! {
+                () = answer => {}
+                _ = stopped.wait_for(|stopped| *stopped) => {}
             }
         });
     }

@@ -290,12 +290,16 @@ impl Drop for SimHandle {
 impl Simulator {
     /// Binds `config.listen` and serves until the handle is dropped or stopped.
     /// With `callback_url` set, the acquirer certificate is made (or loaded) first, so a
-    /// bad `acquirer_cert_file` fails the start.
+    /// bad `acquirer_cert_file` (or `callback_url`) fails the start. Stopping the simulator
+    /// also ends its pending callbacks.
     pub async fn start(config: SimConfig) -> std::io::Result<SimHandle> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let state = SimState::new(config);
-        let callbacks = Arc::new(Callbacks::new(state.config(), state.callback_counters()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let callbacks = Callbacks::new(state.config(), state.callback_counters(), stopped.clone())
+            .map_err(std::io::Error::other)?;
+        let callbacks = Arc::new(callbacks);
         if callbacks.enabled() || state.config().acquirer_cert_file.is_some() {
             callbacks
                 .certificate()
@@ -307,7 +311,6 @@ impl Simulator {
             state,
             callbacks,
         });
-        let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&simulator), stopped));
         Ok(SimHandle {
             addr,

@@ -478,6 +478,13 @@ async fn bad_callback_settings_are_refused() {
         };
         assert!(config.validate().is_err(), "{url}");
     }
+    let started = Simulator::start(SimConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        callback_url: Some("https://127.0.0.1:1/cb".to_owned()),
+        ..SimConfig::default()
+    })
+    .await;
+    assert!(started.is_err(), "an https callback_url fails the start");
     let not_a_certificate =
         std::env::temp_dir().join(format!("diia-sim-bad-{}.pem", std::process::id()));
     std::fs::write(&not_a_certificate, "not a certificate").unwrap();
@@ -501,4 +508,16 @@ fn the_demo_certificate_loads() {
     let loaded = diia_sim::AcquirerCertificate::from_pem(&pem).unwrap();
     assert!(loaded.private_key_pem().is_none());
     assert!(!loaded.envelope(b"x").unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_stopped_simulator_sends_no_more_retries() {
+    let mut partner = partner(vec![(503, "busy")]).await;
+    let sim = simulator(Some(partner.addr), Consent::Accept).await;
+    share_by_barcode(&sim, "req-0007").await;
+    next(&mut partner).await;
+    sim.stop().await;
+    while partner.received.try_recv().is_ok() {}
+    let more = tokio::time::timeout(Duration::from_millis(2500), partner.received.recv()).await;
+    assert!(more.is_err(), "a retry after the simulator stopped");
 }
