@@ -197,7 +197,7 @@ async fn start_upstream(settings: Settings) -> std::io::Result<(Settings, Option
         UpstreamTarget::Url(_) => Ok((settings, None)),
         #[cfg(feature = "embedded-sim")]
         UpstreamTarget::Embedded(config) => {
-            let simulator = crate::embedded::start(config.clone()).await?;
+            let simulator = crate::embedded::start((**config).clone()).await?;
             let url = simulator.base_url();
             Ok((settings.with_upstream_url(url), Some(simulator)))
         }

@@ -12,12 +12,22 @@
 //!
 //! Simulator-only routes, under `/sim/`:
 //! - `POST /sim/barcodes` `{"documentValid": true}` → `{"barcode": "...", "expiresIn": 180}`
-//! - `GET /sim/stats` → `{"requests": {"<endpoint>": n, ...}, "total", "unrouted", "pushes"}`
+//! - `GET /sim/stats` → `{"requests": {"<endpoint>": n, ...}, "total", "unrouted", "pushes",
+//!   "connections", "callbacks_sent", "callbacks_acknowledged", "callbacks_failed_attempts",
+//!   "callbacks_refused", "callbacks_given_up"}`
 //! - `POST /sim/stats/reset`
 //! - `POST /sim/sessions/revoke` → every session token answers 401 from now on
 //! - `GET|PUT /sim/faults` → the fault knobs as JSON (see [`Faults`])
+//! - `GET /sim/acquirer-certificate` → the acquirer's encryption certificate (PEM)
+//! - `GET|PUT /sim/consent` → `{"consent":"accept|refuse"}`, the customer's answer
+//!
+//! With `callback_url` set, every consent push (barcode or QR `document-request`, and
+//! `offer-request/dynamic`) is answered after `consent_delay` by a document package POSTed
+//! there, retried until `{"success":true}` (see [`callback`]).
 
+mod acquirer;
 mod barcode;
+pub mod callback;
 pub mod route;
 mod serve;
 mod state;
@@ -37,7 +47,9 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use self::acquirer::AcquirerCertificate;
 pub use self::barcode::Code;
+use self::callback::{Callbacks, Consent, Flow};
 use self::route::{Endpoint, Unmatched};
 use self::serve::{SimResponse as HttpResponse, accept_loop};
 pub use self::state::{SimError, SimState};
@@ -80,6 +92,18 @@ pub struct SimConfig {
     pub auto_issue: bool,
     /// Fault knobs at start.
     pub faults: Faults,
+    /// Where document packages are POSTed after consent (`http://…`); absent: none are.
+    pub callback_url: Option<String>,
+    /// How long the simulated customer takes to answer a consent push.
+    #[serde(with = "humantime_serde")]
+    pub consent_delay: Duration,
+    /// The customer's answer: `accept` (a package is sent) or `refuse` (none is).
+    pub consent: Consent,
+    /// How long a package is retried before it is given up.
+    #[serde(with = "humantime_serde")]
+    pub callback_retry_for: Duration,
+    /// The acquirer's encryption certificate (PEM, RSA key); absent: one is generated.
+    pub acquirer_cert_file: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -94,6 +118,11 @@ impl Default for SimConfig {
             barcode_ttl: BARCODE_LIFETIME,
             auto_issue: false,
             faults: Faults::default(),
+            callback_url: None,
+            consent_delay: Duration::from_secs(2),
+            consent: Consent::Accept,
+            callback_retry_for: Duration::from_secs(600),
+            acquirer_cert_file: None,
         }
     }
 }
@@ -106,6 +135,9 @@ impl SimConfig {
         }
         if self.session_ttl.is_zero() || self.barcode_ttl.is_zero() {
             return Err("session_ttl and barcode_ttl must be above 0".to_owned());
+        }
+        if let Some(url) = &self.callback_url {
+            callback::CallbackTarget::parse(url)?;
         }
         self.faults.validate()
     }
@@ -193,6 +225,7 @@ impl FaultState {
 pub struct Simulator {
     state: SimState,
     faults: ArcSwap<FaultState>,
+    callbacks: Arc<Callbacks>,
 }
 
 /// A running simulator; dropping it stops the listener.
@@ -222,6 +255,16 @@ impl SimHandle {
         &self.simulator.state
     }
 
+    /// The acquirer's encryption certificate (loaded or generated on first use).
+    pub async fn acquirer_certificate(&self) -> Result<Arc<AcquirerCertificate>, String> {
+        self.simulator.callbacks.certificate().await
+    }
+
+    /// Changes the simulated customer's answer to consent pushes from now on.
+    pub fn set_consent(&self, consent: Consent) {
+        self.simulator.callbacks.set_consent(consent);
+    }
+
     /// Replaces the fault knobs.
     pub fn set_faults(&self, faults: Faults) {
         self.simulator
@@ -246,14 +289,28 @@ impl Drop for SimHandle {
 
 impl Simulator {
     /// Binds `config.listen` and serves until the handle is dropped or stopped.
+    /// With `callback_url` set, the acquirer certificate is made (or loaded) first, so a
+    /// bad `acquirer_cert_file` (or `callback_url`) fails the start. Stopping the simulator
+    /// also ends its pending callbacks.
     pub async fn start(config: SimConfig) -> std::io::Result<SimHandle> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
-        let simulator = Arc::new(Self {
-            faults: ArcSwap::from_pointee(FaultState::new(config.faults.clone())),
-            state: SimState::new(config),
-        });
+        let state = SimState::new(config);
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let callbacks = Callbacks::new(state.config(), state.callback_counters(), stopped.clone())
+            .map_err(std::io::Error::other)?;
+        let callbacks = Arc::new(callbacks);
+        if callbacks.enabled() || state.config().acquirer_cert_file.is_some() {
+            callbacks
+                .certificate()
+                .await
+                .map_err(std::io::Error::other)?;
+        }
+        let simulator = Arc::new(Self {
+            faults: ArcSwap::from_pointee(FaultState::new(state.config().faults.clone())),
+            state,
+            callbacks,
+        });
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&simulator), stopped));
         Ok(SimHandle {
             addr,
@@ -277,6 +334,9 @@ impl Simulator {
         };
         let path = parts.uri.path();
         if let Some(sim_path) = path.strip_prefix("/sim/") {
+            if parts.method == Method::GET && sim_path == "acquirer-certificate" {
+                return self.certificate_pem().await;
+            }
             return self.sim_route(&parts.method, sim_path, &body);
         }
         let routed = match route::find(&parts.method, path) {
@@ -367,11 +427,15 @@ impl Simulator {
                 let fields = BodyFields::parse(body)?;
                 fields.require_branch()?;
                 let request_id = fields.request_id()?;
-                if fields.qrcode.as_deref().is_some_and(|q| !q.is_empty()) {
+                let flow = if fields.qrcode.as_deref().is_some_and(|q| !q.is_empty()) {
                     self.state.share_qrcode();
+                    Flow::Barcode(None)
                 } else {
-                    self.state.share_barcode(fields.barcode()?, request_id)?;
-                }
+                    let barcode = fields.barcode()?;
+                    self.state.share_barcode(barcode, request_id)?;
+                    Flow::Barcode(Some(barcode.digits()))
+                };
+                self.callbacks.pushed(flow, request_id);
                 ok(r#"{"success":true}"#.to_owned())
             }
             Endpoint::DocumentRequestStatus => {
@@ -385,7 +449,9 @@ impl Simulator {
                 if fields.offer_id.is_none() {
                     return Err(validation("offerId"));
                 }
-                let link = self.state.deeplink(branch_id, fields.request_id()?);
+                let request_id = fields.request_id()?;
+                let link = self.state.deeplink(branch_id, request_id);
+                self.callbacks.pushed(Flow::DeepLink, request_id);
                 ok(format!(r#"{{"deeplink":"{link}"}}"#))
             }
             Endpoint::Branches => {
@@ -478,12 +544,56 @@ impl Simulator {
                 }
                 _ => error(&validation("faults")),
             },
+            (&Method::GET, "consent") => json(StatusCode::OK, self.consent_json()),
+            (&Method::PUT, "consent") => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Knob {
+                    consent: Consent,
+                }
+                match serde_json::from_slice::<Knob>(body) {
+                    Ok(knob) => {
+                        self.callbacks.set_consent(knob.consent);
+                        json(StatusCode::OK, self.consent_json())
+                    }
+                    Err(_) => error(&validation("consent")),
+                }
+            }
             _ => error(&SimError::new(404, "NotFoundError", "Route not found")),
         }
     }
 }
 
 impl Simulator {
+    fn consent_json(&self) -> String {
+        let consent = match self.callbacks.consent() {
+            Consent::Accept => "accept",
+            Consent::Refuse => "refuse",
+        };
+        format!(r#"{{"consent":"{consent}"}}"#)
+    }
+
+    async fn certificate_pem(&self) -> HttpResponse {
+        match self.callbacks.certificate().await {
+            Ok(certificate) => {
+                let mut response = json(StatusCode::OK, certificate.pem().to_owned());
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-pem-file"),
+                );
+                response
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "diia-sim: no acquirer certificate");
+                error(&SimError::new(
+                    500,
+                    "InternalServerError",
+                    "Internal server error",
+                ))
+            }
+        }
+    }
+
     /// Answers one request in its own task: a client that hangs up does not cancel the
     /// work (a consent push still happens), as at Diia.
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> HttpResponse {

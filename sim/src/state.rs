@@ -4,8 +4,8 @@
 //! the simulator is a test double, not a hot path.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -13,6 +13,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
 use crate::SimConfig;
 use crate::barcode::Code;
+use crate::callback::CallbackCounters;
 use crate::route::Endpoint;
 
 /// One issued barcode.
@@ -111,6 +112,7 @@ pub struct SimState {
     pushes: AtomicU64,
     unrouted: AtomicU64,
     connections: AtomicU64,
+    callbacks: Arc<CallbackCounters>,
 }
 
 impl SimState {
@@ -127,7 +129,13 @@ impl SimState {
             pushes: AtomicU64::new(0),
             unrouted: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            callbacks: Arc::default(),
         }
+    }
+
+    /// The callback counters (shared with the callback sender).
+    pub(crate) fn callback_counters(&self) -> Arc<CallbackCounters> {
+        Arc::clone(&self.callbacks)
     }
 
     /// Counts one request to an endpoint (or to no endpoint).
@@ -165,11 +173,12 @@ impl SimState {
             })
             .collect();
         format!(
-            r#"{{"requests":{{{}}},"total":{total},"unrouted":{},"pushes":{},"connections":{}}}"#,
+            r#"{{"requests":{{{}}},"total":{total},"unrouted":{},"pushes":{},"connections":{},{}}}"#,
             per_endpoint.join(","),
             self.unrouted.load(Ordering::Relaxed),
             self.pushes.load(Ordering::Relaxed),
-            self.connections()
+            self.connections(),
+            self.callbacks.json_members()
         )
     }
 
@@ -181,6 +190,7 @@ impl SimState {
         self.pushes.store(0, Ordering::Relaxed);
         self.unrouted.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
+        self.callbacks.reset();
     }
 
     fn fresh_id(&self) -> String {

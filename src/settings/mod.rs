@@ -229,7 +229,7 @@ pub enum UpstreamTarget {
     Url(String),
     /// The simulator embedded in this process (`[simulator]`), not yet started.
     #[cfg(feature = "embedded-sim")]
-    Embedded(diia_sim::SimConfig),
+    Embedded(Box<diia_sim::SimConfig>),
 }
 
 impl UpstreamTarget {

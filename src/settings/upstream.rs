@@ -84,7 +84,7 @@ pub(super) fn embedded_simulator(
              for production)",
         ));
     }
-    Ok(UpstreamTarget::Embedded(sim))
+    Ok(UpstreamTarget::Embedded(Box::new(sim)))
 }
 
 /// `[simulator]` in a build without it: say so instead of silently ignoring the table.

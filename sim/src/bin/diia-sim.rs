@@ -20,6 +20,9 @@ struct Cli {
     /// Treat every well-formed unknown barcode as freshly issued (load tests).
     #[arg(long)]
     auto_issue: bool,
+    /// POST document packages here after each consent push (overrides the config).
+    #[arg(long)]
+    callback_url: Option<String>,
 }
 
 fn load(cli: &Cli) -> Result<SimConfig, String> {
@@ -35,6 +38,9 @@ fn load(cli: &Cli) -> Result<SimConfig, String> {
         config.listen = listen;
     }
     config.auto_issue |= cli.auto_issue;
+    if let Some(url) = &cli.callback_url {
+        config.callback_url = Some(url.clone());
+    }
     config.validate()?;
     Ok(config)
 }
