@@ -23,6 +23,8 @@ pub struct RelaySettings {
     pub data_dir: PathBuf,
     /// How commits reach the disk.
     pub fsync: Fsync,
+    /// The most the database file may grow to (`None`: the disk is the limit).
+    pub max_db_bytes: Option<u64>,
     /// Seal and MAC keys, newest first.
     pub keys: Arc<Keyring>,
     /// How long a recorded route waits for its callback.
