@@ -63,6 +63,9 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+pub mod cms;
+pub mod ingress;
+pub mod metrics;
 pub mod record;
 pub mod seal;
 pub mod settings;

@@ -1,0 +1,311 @@
+//! The callback relay's ingress over real sockets: a forged or malformed callback is
+//! refused before anything is stored; a real one (CMS `EnvelopedData` for the acquirer's
+//! certificate) is stored and only then acknowledged; duplicates and conflicts are counted;
+//! a failing store answers 503 while identification keeps being served.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::support;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use cms::cert::IssuerAndSerialNumber;
+use cms::cert::x509::Certificate;
+use cms::cert::x509::spki::AlgorithmIdentifierOwned;
+use cms::content_info::{CmsVersion, ContentInfo};
+use cms::enveloped_data::{
+    EncryptedContentInfo, EnvelopedData, KeyTransRecipientInfo, RecipientIdentifier, RecipientInfo,
+    RecipientInfos,
+};
+use der::asn1::{ObjectIdentifier, OctetString, SetOfVec};
+use der::{Any, Decode, Encode};
+use diia_gateway::relay::CallbackStore;
+use diia_gateway::relay::State;
+use http::{Method, StatusCode};
+use support::{Harness, Reply};
+use tempfile::TempDir;
+
+const TOKEN: &str = "8f1c2b7d4e6a9f0b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e2f4a6b";
+const BOUNDARY: &str = "diia-test-boundary-7d3f";
+const REQUEST_ID: &str = "5b8f7a3e-2c1d-4e6f-9a0b-1c2d3e4f5a6b";
+
+/// A test acquirer's files: relay seal keys, its path token, its encryption certificate.
+struct Acquirer {
+    dir: TempDir,
+    cert_der: Vec<u8>,
+}
+
+impl Acquirer {
+    fn new() -> Self {
+        let dir = TempDir::new().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["acquirer.test".into()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), certified.cert.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("keys"),
+            "k1 = 3a7f0c9e1b2d4f6a8c0e2b4d6f8a1c3e5b7d9f0a2c4e6b8d0f1a3c5e7b9d1f2a\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        Self {
+            cert_der: certified.cert.der().to_vec(),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A gateway (and simulator) with the relay on for `acquirer`.
+async fn start(acquirer: &Acquirer, max_db_bytes: u64) -> Harness {
+    let (keys, token, cert, data) = (
+        acquirer.path("keys"),
+        acquirer.path("token"),
+        acquirer.path("cert.pem"),
+        acquirer.path("data"),
+    );
+    Harness::with(
+        |_| {},
+        move |config| {
+            let relay = &mut config.callback_relay;
+            relay.enabled = true;
+            relay.listen = "127.0.0.1:0".parse().unwrap();
+            relay.data_dir = data;
+            relay.seal_key_file = Some(keys);
+            relay.max_body = 256 * 1024;
+            relay.max_db_bytes = max_db_bytes;
+            relay.acquirer = vec![diia_gateway::config::RelayAcquirerConfig {
+                name: "acquirer-1".into(),
+                path_token_file: token,
+                recipient_cert_file: cert,
+                default_target: None,
+            }];
+        },
+    )
+    .await
+}
+
+/// Base64 of a DER `ContentInfo(EnvelopedData)` with one key-transport recipient named by
+/// `cert_der`'s issuer and serial, around `payload` (encrypted-looking bytes).
+fn enveloped_for(cert_der: &[u8], payload: &[u8]) -> String {
+    let cert = Certificate::from_der(cert_der).unwrap();
+    let rid = RecipientIdentifier::IssuerAndSerialNumber(IssuerAndSerialNumber {
+        issuer: cert.tbs_certificate.issuer.clone(),
+        serial_number: cert.tbs_certificate.serial_number,
+    });
+    let ktri = KeyTransRecipientInfo {
+        version: CmsVersion::V0,
+        rid,
+        key_enc_alg: AlgorithmIdentifierOwned {
+            oid: ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.7"), // RSAES-OAEP
+            parameters: None,
+        },
+        enc_key: OctetString::new(vec![0x5a; 256]).unwrap(),
+    };
+    let iv = OctetString::new(vec![7u8; 16]).unwrap();
+    let enveloped = EnvelopedData {
+        version: CmsVersion::V0,
+        originator_info: None,
+        recip_infos: RecipientInfos(SetOfVec::try_from(vec![RecipientInfo::Ktri(ktri)]).unwrap()),
+        encrypted_content: EncryptedContentInfo {
+            content_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1"),
+            content_enc_alg: AlgorithmIdentifierOwned {
+                oid: ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.1.42"), // AES-256-CBC
+                parameters: Some(Any::encode_from(&iv).unwrap()),
+            },
+            encrypted_content: Some(OctetString::new(payload.to_vec()).unwrap()),
+        },
+        unprotected_attrs: None,
+    };
+    let info = ContentInfo {
+        content_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.3"),
+        content: Any::encode_from(&enveloped).unwrap(),
+    };
+    STANDARD.encode(info.to_der().unwrap())
+}
+
+/// A barcode-sharing callback body: `encryptedFile`, `encryptedFileName`, `encodeData`.
+fn barcode_package(file: &str, encode_data: &str) -> String {
+    format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"encryptedFile\"; filename=\"doc.p7s.p7e\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{file}\r\n\
+         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"encryptedFileName\"\r\n\r\ndoc.p7s.p7e\r\n\
+         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"encodeData\"\r\n\r\n{encode_data}\r\n\
+         --{BOUNDARY}--\r\n"
+    )
+}
+
+fn valid_package(acquirer: &Acquirer, fill: u8) -> String {
+    let file = enveloped_for(&acquirer.cert_der, &vec![fill; 8 * 1024]);
+    let data = enveloped_for(&acquirer.cert_der, &[fill; 64]);
+    barcode_package(&file, &data)
+}
+
+async fn callback(h: &Harness, path: &str, trace: Option<&str>, body: String) -> Reply {
+    let addr = h.gateway.relay_addr().expect("relay listens");
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let mut headers = vec![("content-type", content_type.as_str())];
+    if let Some(trace) = trace {
+        headers.push(("x-document-request-trace-id", trace));
+    }
+    let url = format!("http://{addr}{path}");
+    support::send(&support::client(), Method::POST, &url, &headers, body).await
+}
+
+fn ingress_path() -> String {
+    format!("/diia/callback/{TOKEN}")
+}
+
+async fn records(h: &Harness) -> [u64; 5] {
+    let store = h.gateway.relay_store().expect("relay store");
+    store
+        .stats(diia_gateway::relay::now_ms())
+        .await
+        .unwrap()
+        .counts
+}
+
+async fn ingested(h: &Harness, result: &str) -> f64 {
+    h.metric(&format!(
+        "diia_gateway_relay_ingest_total{{result=\"{result}\"}}"
+    ))
+    .await
+}
+
+fn assert_refused(reply: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(
+        reply.status,
+        status,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["success"], false);
+    assert_eq!(reply.json()["error"], code);
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_404_and_stores_nothing() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let body = valid_package(&acquirer, 1);
+    let other = "0".repeat(63) + "1";
+    for path in [
+        format!("/diia/callback/{other}"),
+        "/diia/callback/short".to_owned(),
+        format!("/elsewhere/{TOKEN}"),
+        format!("/diia/callback/{TOKEN}/more"),
+    ] {
+        let reply = callback(&h, &path, Some(REQUEST_ID), body.clone()).await;
+        assert_refused(&reply, StatusCode::NOT_FOUND, "not_found");
+    }
+    assert_eq!(records(&h).await, [0; 5]);
+    // The right token with another method: 405, still nothing stored.
+    let addr = h.gateway.relay_addr().unwrap();
+    let url = format!("http://{addr}{}", ingress_path());
+    let reply = support::send(&support::client(), Method::GET, &url, &[], String::new()).await;
+    assert_refused(&reply, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    assert_eq!(records(&h).await, [0; 5]);
+}
+
+#[tokio::test]
+async fn parts_that_are_not_cms_for_this_acquirer_are_400_and_store_nothing() {
+    let acquirer = Acquirer::new();
+    let stranger = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let good = enveloped_for(&acquirer.cert_der, b"x");
+    let cases = [
+        (barcode_package("not base64 at all!", &good), "not_base64"),
+        (
+            barcode_package(&STANDARD.encode(b"plain bytes, no CMS"), &good),
+            "not_cms",
+        ),
+        (
+            barcode_package(&good, &enveloped_for(&stranger.cert_der, b"x")),
+            "other_recipient",
+        ),
+        (
+            barcode_package(&enveloped_for(&stranger.cert_der, b"x"), &good),
+            "other_recipient",
+        ),
+    ];
+    for (body, code) in cases {
+        let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), body).await;
+        assert_refused(&reply, StatusCode::BAD_REQUEST, code);
+    }
+    let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), "no multipart".into()).await;
+    assert_refused(&reply, StatusCode::BAD_REQUEST, "invalid_multipart");
+    assert_eq!(records(&h).await, [0; 5]);
+    assert_eq!(ingested(&h, "refused_cms").await, 4.0);
+}
+
+#[tokio::test]
+async fn a_missing_trace_header_is_400_and_an_oversized_body_413() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let reply = callback(&h, &ingress_path(), None, valid_package(&acquirer, 1)).await;
+    assert_refused(&reply, StatusCode::BAD_REQUEST, "missing_trace_id");
+    let huge = barcode_package(&"A".repeat(300 * 1024), "x");
+    let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), huge).await;
+    assert_refused(&reply, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    assert_eq!(records(&h).await, [0; 5]);
+}
+
+#[tokio::test]
+async fn a_valid_package_is_stored_then_acknowledged_and_repeats_are_counted() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let body = valid_package(&acquirer, 1);
+    let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), body.clone()).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json(), serde_json::json!({"success": true}));
+    let mut orphan_only = [0; 5];
+    orphan_only[usize::from(State::Orphan.code())] = 1;
+    assert_eq!(
+        records(&h).await,
+        orphan_only,
+        "one record, an orphan (no route)"
+    );
+    assert_eq!(ingested(&h, "orphan").await, 1.0);
+
+    let again = callback(&h, &ingress_path(), Some(REQUEST_ID), body).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json()["success"], true);
+    assert_eq!(ingested(&h, "duplicate").await, 1.0);
+
+    let other_bytes = valid_package(&acquirer, 2);
+    let conflict = callback(&h, &ingress_path(), Some(REQUEST_ID), other_bytes).await;
+    assert_eq!(conflict.status, StatusCode::OK);
+    assert_eq!(ingested(&h, "conflict").await, 1.0);
+    assert_eq!(
+        records(&h).await,
+        orphan_only,
+        "the first is kept, nothing added"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_store_is_503_and_identification_is_still_served() {
+    let acquirer = Acquirer::new();
+    // Room for the schema, not for a package.
+    let h = start(&acquirer, 48 * 1024).await;
+    let big = {
+        let file = enveloped_for(&acquirer.cert_der, &[3u8; 120 * 1024]);
+        barcode_package(&file, &enveloped_for(&acquirer.cert_der, b"x"))
+    };
+    let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), big).await;
+    assert_refused(&reply, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable");
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(ingested(&h, "store_error").await, 1.0);
+
+    let token = h.session_token().await;
+    let barcode = h.issue_barcode().await;
+    let identified = h.identify(&token, "b1", &barcode).await;
+    assert_eq!(identified.status, StatusCode::OK);
+}
