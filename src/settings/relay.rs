@@ -300,3 +300,121 @@ fn target(config: &RelayTargetConfig) -> Result<Arc<Target>, ConfigError> {
         branches,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+
+    struct Files(tempfile::TempDir);
+
+    impl Files {
+        fn new() -> Self {
+            let dir = tempfile::TempDir::new().expect("temp dir");
+            let cert = rcgen::generate_simple_self_signed(vec!["a.test".into()]).expect("cert");
+            let write = |name: &str, text: &str| {
+                std::fs::write(dir.path().join(name), text).expect("write");
+            };
+            write("cert.pem", &cert.cert.pem());
+            write("keys", &format!("k1 = {}\n", "0123456789abcdef".repeat(4)));
+            write("token", &"f1e2d3c4b5a69788".repeat(4));
+            write("whsec", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+            Self(dir)
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.0.path().join(name).display().to_string()
+        }
+
+        /// A valid relay section, with `extra` lines appended to `[callback_relay]`.
+        fn config(&self, extra: &str) -> String {
+            format!(
+                "[callback_relay]\nenabled = true\nseal_key_file = {:?}\n{extra}\n\
+                 [[callback_relay.acquirer]]\nname = \"a1\"\npath_token_file = {:?}\n\
+                 recipient_cert_file = {:?}\ndefault_target = \"t1\"\n\
+                 [[callback_relay.target]]\nname = \"t1\"\nurl = \"https://b.example/cb\"\n\
+                 signing_secret_file = {:?}\nbranch_ids = [\"*\"]\n",
+                self.path("keys"),
+                self.path("token"),
+                self.path("cert.pem"),
+                self.path("whsec"),
+            )
+        }
+    }
+
+    fn problem(text: &str) -> String {
+        match Settings::from_toml(text) {
+            Ok(_) => panic!("config must be refused: {text}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn off_by_default_and_a_valid_section_builds() {
+        assert!(Settings::from_toml("").expect("valid").relay.is_none());
+        let files = Files::new();
+        let settings = Settings::from_toml(&files.config("")).expect("valid");
+        let relay = settings.relay.expect("relay on");
+        assert_eq!(relay.path_prefix, "/diia/callback");
+        assert_eq!(relay.max_body, 16 * 1024 * 1024);
+        assert_eq!(relay.retry_schedule.len(), 5);
+        assert_eq!(relay.acquirers[0].path_token[0], 0xf1);
+        assert!(!relay.acquirers[0].recipient.serial.is_empty());
+        assert!(relay.targets[0].branches.serves("any"));
+        assert!(
+            settings
+                .cold
+                .changed_keys(&Settings::from_toml("").expect("valid").cold)
+                .contains(&"callback_relay")
+        );
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key() {
+        let files = Files::new();
+        let cases = [
+            (
+                "retry_schedule = [\"1s\", \"soon\"]",
+                "callback_relay.retry_schedule:",
+            ),
+            ("retry_schedule = []", "callback_relay.retry_schedule:"),
+            ("path_prefix = \"diia\"", "callback_relay.path_prefix:"),
+            ("max_body = 0", "callback_relay.max_body:"),
+            (
+                "max_in_flight_bytes = 10\nmax_body = 100",
+                "callback_relay.max_in_flight_bytes:",
+            ),
+            ("max_age = \"0s\"", "callback_relay.max_age:"),
+            (
+                "per_target_concurrency = 0",
+                "callback_relay.per_target_concurrency:",
+            ),
+            ("listen = \"127.0.0.1:8080\"", "callback_relay.listen:"),
+            ("fsync = \"never\"", "fsync"),
+        ];
+        for (extra, key) in cases {
+            assert!(problem(&files.config(extra)).contains(key), "{extra}");
+        }
+        let no_keys = files
+            .config("")
+            .replace(&files.path("keys"), "/nonexistent/keys");
+        assert!(problem(&no_keys).starts_with("callback_relay.seal_key_file:"));
+        std::fs::write(files.0.path().join("bad"), "not a key").expect("write");
+        let swap = |from: &str| {
+            files
+                .config("")
+                .replace(&files.path(from), &files.path("bad"))
+        };
+        assert!(problem(&swap("keys")).starts_with("callback_relay.seal_key_file:"));
+        assert!(problem(&swap("token")).starts_with("callback_relay.acquirer.path_token_file:"));
+        assert!(
+            problem(&swap("cert.pem")).starts_with("callback_relay.acquirer.recipient_cert_file:")
+        );
+        assert!(problem(&swap("whsec")).starts_with("callback_relay.target.signing_secret_file:"));
+        let unknown_target = files
+            .config("")
+            .replace("default_target = \"t1\"", "default_target = \"t9\"");
+        assert!(problem(&unknown_target).starts_with("callback_relay.acquirer.default_target:"));
+        let no_acquirer = "[callback_relay]\nenabled = true\nseal_key_file = \"x\"\n";
+        assert!(problem(no_acquirer).starts_with("callback_relay."));
+    }
+}

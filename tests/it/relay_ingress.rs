@@ -19,11 +19,14 @@ use cms::enveloped_data::{
 };
 use der::asn1::{ObjectIdentifier, OctetString, SetOfVec};
 use der::{Any, Decode, Encode};
+use diia_gateway::config::{CallbackRelayConfig, FileConfig};
 use diia_gateway::relay::CallbackStore;
 use diia_gateway::relay::State;
 use http::{Method, StatusCode};
+use std::time::{Duration, Instant};
 use support::{Harness, Reply};
 use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
 
 const TOKEN: &str = "8f1c2b7d4e6a9f0b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e2f4a6b";
 const BOUNDARY: &str = "diia-test-boundary-7d3f";
@@ -58,33 +61,37 @@ impl Acquirer {
     }
 }
 
-/// A gateway (and simulator) with the relay on for `acquirer`.
-async fn start(acquirer: &Acquirer, max_db_bytes: u64) -> Harness {
-    let (keys, token, cert, data) = (
-        acquirer.path("keys"),
-        acquirer.path("token"),
-        acquirer.path("cert.pem"),
-        acquirer.path("data"),
-    );
+/// Turns the relay on for `acquirer` (`max_body` 256 KiB).
+fn relay_on(config: &mut FileConfig, acquirer: &Acquirer) {
+    let relay = &mut config.callback_relay;
+    relay.enabled = true;
+    relay.listen = "127.0.0.1:0".parse().unwrap();
+    relay.data_dir = acquirer.path("data");
+    relay.seal_key_file = Some(acquirer.path("keys"));
+    relay.max_body = 256 * 1024;
+    relay.acquirer = vec![diia_gateway::config::RelayAcquirerConfig {
+        name: "acquirer-1".into(),
+        path_token_file: acquirer.path("token"),
+        recipient_cert_file: acquirer.path("cert.pem"),
+        default_target: None,
+    }];
+}
+
+/// A gateway (and simulator) with the relay on for `acquirer`, tweaked.
+async fn start_with(acquirer: &Acquirer, tweak: impl FnOnce(&mut CallbackRelayConfig)) -> Harness {
     Harness::with(
         |_| {},
-        move |config| {
-            let relay = &mut config.callback_relay;
-            relay.enabled = true;
-            relay.listen = "127.0.0.1:0".parse().unwrap();
-            relay.data_dir = data;
-            relay.seal_key_file = Some(keys);
-            relay.max_body = 256 * 1024;
-            relay.max_db_bytes = max_db_bytes;
-            relay.acquirer = vec![diia_gateway::config::RelayAcquirerConfig {
-                name: "acquirer-1".into(),
-                path_token_file: token,
-                recipient_cert_file: cert,
-                default_target: None,
-            }];
+        |config| {
+            relay_on(config, acquirer);
+            tweak(&mut config.callback_relay);
         },
     )
     .await
+}
+
+/// A gateway (and simulator) with the relay on for `acquirer`.
+async fn start(acquirer: &Acquirer, max_db_bytes: u64) -> Harness {
+    start_with(acquirer, |relay| relay.max_db_bytes = max_db_bytes).await
 }
 
 /// Base64 of a DER `ContentInfo(EnvelopedData)` with one key-transport recipient named by
@@ -138,7 +145,11 @@ fn barcode_package(file: &str, encode_data: &str) -> String {
 }
 
 fn valid_package(acquirer: &Acquirer, fill: u8) -> String {
-    let file = enveloped_for(&acquirer.cert_der, &vec![fill; 8 * 1024]);
+    package_of(acquirer, fill, 8 * 1024)
+}
+
+fn package_of(acquirer: &Acquirer, fill: u8, size: usize) -> String {
+    let file = enveloped_for(&acquirer.cert_der, &vec![fill; size]);
     let data = enveloped_for(&acquirer.cert_der, &[fill; 64]);
     barcode_package(&file, &data)
 }
@@ -308,4 +319,66 @@ async fn a_failing_store_is_503_and_identification_is_still_served() {
     let barcode = h.issue_barcode().await;
     let identified = h.identify(&token, "b1", &barcode).await;
     assert_eq!(identified.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bytes_in_flight_beyond_the_budget_are_503_with_retry_after() {
+    let acquirer = Acquirer::new();
+    let h = start_with(&acquirer, |relay| relay.max_in_flight_bytes = 256 * 1024).await;
+    let addr = h.gateway.relay_addr().unwrap();
+    // A slow callback declares 200 KiB and sends a few bytes: its share stays taken.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: relay\r\ncontent-type: multipart/form-data; boundary={BOUNDARY}\r\n\
+         x-document-request-trace-id: {REQUEST_ID}\r\ncontent-length: {}\r\n\r\n--{BOUNDARY}",
+        ingress_path(),
+        200 * 1024
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let body = package_of(&acquirer, 1, 80 * 1024);
+    assert!(
+        body.len() > 60 * 1024,
+        "the second callback must not fit beside the first"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let busy = loop {
+        let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), body.clone()).await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_refused(&busy, StatusCode::SERVICE_UNAVAILABLE, "relay_busy");
+    assert_eq!(busy.header("retry-after"), Some("1"));
+    assert_eq!(records(&h).await, [0; 5], "nothing stored while busy");
+    // The slow client goes away: its share is given back.
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stored = loop {
+        let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), body.clone()).await;
+        if reply.status == StatusCode::OK || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(stored.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_stops_the_start_with_the_key() {
+    let acquirer = Acquirer::new();
+    let mut config = support::gateway_config("http://127.0.0.1:9");
+    relay_on(&mut config, &acquirer);
+    // A file where the data directory should be.
+    let file = acquirer.path("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    config.callback_relay.data_dir = file;
+    let settings = diia_gateway::Settings::build(&config).expect("valid config");
+    let Err(error) = diia_gateway::start(settings).await else {
+        panic!("the gateway must refuse to start without its relay store");
+    };
+    assert!(
+        error.to_string().contains("callback_relay.data_dir"),
+        "{error}"
+    );
 }
