@@ -192,9 +192,8 @@ pub async fn start_from_file(
     }
     let relay = match &settings.relay {
         Some(relay) => {
-            let tls = settings.hot.tls.clone();
             let drain = settings.cold.drain_timeout;
-            let (task, addr, store) = start_relay(relay, &gateway, tls, &closing, drain).await?;
+            let (task, addr, store) = start_relay(relay, &gateway, &closing, drain).await?;
             tasks.push(task);
             Some((addr, store))
         }
@@ -226,7 +225,6 @@ pub async fn start_from_file(
 async fn start_relay(
     relay: &Arc<RelaySettings>,
     gateway: &Arc<Gateway>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
     closing: &Shutdown,
     drain_timeout: Duration,
 ) -> std::io::Result<(JoinHandle<()>, SocketAddr, SqliteStore)> {
@@ -262,7 +260,7 @@ async fn start_relay(
     let task = tokio::spawn(ingress::serve(
         listener,
         ingress,
-        tls,
+        relay.tls.clone(),
         async move { closing.wait().await },
         drain_timeout,
     ));

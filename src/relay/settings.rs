@@ -13,6 +13,9 @@ use super::{Fsync, Keyring, Retention};
 pub struct RelaySettings {
     /// Its own listener (TLS through the same keys as the branch listener).
     pub listen: SocketAddr,
+    /// TLS for the listener: `[server.tls]`'s certificate and key, without client
+    /// certificates (Diia presents none); `None` when the branch listener is plain.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The ingress path is `{path_prefix}/{token}`.
     pub path_prefix: String,
     /// A callback body larger than this is refused with 413.

@@ -58,6 +58,7 @@ pub(super) fn relay(file: &FileConfig) -> Result<Option<Arc<RelaySettings>>, Con
     }
     Ok(Some(Arc::new(RelaySettings {
         listen: relay.listen,
+        tls: tls(file)?,
         path_prefix: relay.path_prefix.clone(),
         max_body: relay.max_body,
         max_in_flight_bytes: relay.max_in_flight_bytes,
@@ -133,6 +134,17 @@ fn check_values(relay: &CallbackRelayConfig, file: &FileConfig) -> Result<(), Co
         ));
     }
     Ok(())
+}
+
+/// `[server.tls]`'s certificate and key for the relay's listener, with no client
+/// verification: `server.tls.client_ca` is for branches, and Diia presents no certificate.
+fn tls(file: &FileConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, ConfigError> {
+    let Some(tls) = &file.server.tls else {
+        return Ok(None);
+    };
+    let config = crate::tls::server_config(&tls.cert, &tls.key, None, &[])
+        .map_err(|problem| invalid("server.tls", problem))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(config)))
 }
 
 fn read(key: &'static str, owner: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {

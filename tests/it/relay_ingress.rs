@@ -382,3 +382,93 @@ async fn a_store_that_cannot_be_opened_stops_the_start_with_the_key() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn the_relay_speaks_tls_with_the_branch_certificate_and_asks_no_client_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::CertificateDer;
+
+    let acquirer = Acquirer::new();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    let write = |name: &str, text: String| {
+        let path = acquirer.path(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let tls = diia_gateway::config::ServerTlsConfig {
+        cert: write("server.pem", server_cert.pem()),
+        key: write("server-key.pem", server_key.serialize_pem()),
+        // Branches must show a certificate; Diia, on the relay, need not.
+        client_ca: Some(write("ca.pem", ca_cert.pem())),
+        client_crl: Vec::new(),
+    };
+    let h = Harness::with(
+        |_| {},
+        |config| {
+            relay_on(config, &acquirer);
+            config.server.tls = Some(tls);
+        },
+    )
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(ca_cert.der().to_vec()))
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector);
+    let port = h.gateway.relay_addr().unwrap().port();
+    let request = http::Request::post(format!("https://localhost:{port}{}", ingress_path()))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .header("x-document-request-trace-id", REQUEST_ID)
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            valid_package(&acquirer, 1),
+        )))
+        .unwrap();
+    let response = tokio::time::timeout(support::REQUEST_BOUND, client.request(request))
+        .await
+        .expect("answer within bound")
+        .expect("TLS exchange without a client certificate");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_relay_listener_closes_with_the_gateway_drain() {
+    let acquirer = Acquirer::new();
+    let h = Harness::with(
+        |_| {},
+        |config| {
+            relay_on(config, &acquirer);
+            config.server.drain_delay = Duration::from_millis(100);
+        },
+    )
+    .await;
+    let addr = h.gateway.relay_addr().unwrap();
+    let Harness { gateway, .. } = h;
+    tokio::time::timeout(Duration::from_secs(20), gateway.stop())
+        .await
+        .expect("the drain ends");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
