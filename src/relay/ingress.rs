@@ -48,6 +48,9 @@ const MAX_PARTS: usize = 64;
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time from accept to a complete request head (and the TLS handshake).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the relay serves at once; more wait in the kernel's accept queue (Diia
+/// sends a few callbacks at a time; this bounds what a flood of idle sockets can hold).
+const MAX_CONNECTIONS: usize = 1024;
 /// The in-flight budget is counted in KiB (a semaphore counts in `u32`).
 const BUDGET_UNIT: usize = 1024;
 
@@ -357,8 +360,16 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(closing);
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut closing => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -374,6 +385,7 @@ pub async fn serve(
         let (ingress, builder, tls) = (Arc::clone(&ingress), Arc::clone(&builder), tls.clone());
         tokio::spawn(async move {
             serve_connection(stream, peer, ingress, &builder, tls, watcher).await;
+            drop(slot);
         });
     }
     drop(listener);
