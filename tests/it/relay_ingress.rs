@@ -472,3 +472,52 @@ async fn the_relay_listener_closes_with_the_gateway_drain() {
         .expect("the drain ends");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// Log lines, captured.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_path_token_and_the_request_id_never_reach_the_logs() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    // This test's thread (and so the gateway's tasks on its runtime) logs at TRACE here.
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let body = valid_package(&acquirer, 1);
+    for _ in 0..2 {
+        let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), body.clone()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let wrong = format!("/diia/callback/{}", TOKEN.replace('8', "9"));
+    callback(&h, &wrong, Some(REQUEST_ID), body).await;
+    let not_cms = barcode_package("bm90IGNtcw==", "bm90IGNtcw==");
+    callback(&h, &ingress_path(), Some(REQUEST_ID), not_cms).await;
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("callback acknowledged") && logs.contains("acquirer-1"),
+        "the capture sees the relay's lines"
+    );
+    assert!(!logs.contains(TOKEN), "the path token is logged");
+    assert!(
+        !logs.contains(&TOKEN.replace('8', "9")),
+        "a wrong token is logged"
+    );
+    assert!(!logs.contains(REQUEST_ID), "the requestId is logged");
+}
