@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub log: LogConfig,
     /// Several instances acting as one toward Diia, through Redis (off by default).
     pub scaleout: ScaleoutConfig,
+    /// The callback relay (off by default).
+    pub callback_relay: CallbackRelayConfig,
     /// When present, the Diia simulator runs in-process and is the upstream
     /// (`upstream.base_url` is then ignored): the demo and quick tries. Kept as a raw
     /// table here; only a build with the `embedded-sim` feature accepts it.
@@ -677,4 +679,121 @@ impl Default for ScaleoutConfig {
             sharing_wait: Duration::from_millis(500),
         }
     }
+}
+
+/// `[callback_relay]`: Diia's document packages received, stored sealed, and delivered to
+/// the branch that asked (off by default). Only a restart applies a change.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbackRelayConfig {
+    /// Off by default: no relay listener, no store.
+    pub enabled: bool,
+    /// The relay's own listener (TLS through `[server.tls]` when set).
+    pub listen: SocketAddr,
+    /// The ingress path is `{path_prefix}/{token}`.
+    pub path_prefix: String,
+    /// Largest callback body, in bytes (413 above).
+    pub max_body: usize,
+    /// Callback bytes read at once; beyond, 503 + `Retry-After`.
+    pub max_in_flight_bytes: usize,
+    /// Where the store keeps `relay.db`.
+    pub data_dir: PathBuf,
+    /// `always` (every commit synced) or `batch`.
+    pub fsync: FsyncMode,
+    /// Seal and MAC keys, `id = <64 hex>` lines, newest first. Required.
+    pub seal_key_file: Option<PathBuf>,
+    /// The most the database may grow to, in bytes (0: the disk is the limit); beyond,
+    /// callbacks are answered 503 and Diia retries.
+    pub max_db_bytes: u64,
+    /// How long a recorded route waits for its callback.
+    #[serde(with = "humantime_serde")]
+    pub route_ttl: Duration,
+    /// Pauses between delivery attempts (`["1s", "5s", …]`); the last repeats.
+    pub retry_schedule: Vec<String>,
+    /// An undelivered record this old is dead.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// One delivery attempt's deadline.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// Deliveries in flight per target.
+    pub per_target_concurrency: usize,
+    /// How long a delivered record's tombstone is kept.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_ttl: Duration,
+    /// How long a dead record is kept (admin may redeliver it).
+    #[serde(with = "humantime_serde")]
+    pub dead_retention: Duration,
+    /// How long an unrouted record is kept.
+    #[serde(with = "humantime_serde")]
+    pub orphan_retention: Duration,
+    /// `[[callback_relay.acquirer]]`
+    pub acquirer: Vec<RelayAcquirerConfig>,
+    /// `[[callback_relay.target]]`
+    pub target: Vec<RelayTargetConfig>,
+}
+
+/// `callback_relay.fsync`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncMode {
+    /// Every commit synced before the 200.
+    Always,
+    /// Commits reach the OS; the disk at checkpoints.
+    Batch,
+}
+
+impl Default for CallbackRelayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8070)),
+            path_prefix: "/diia/callback".to_owned(),
+            max_body: 16 * 1024 * 1024,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            data_dir: PathBuf::from("/var/lib/diia-gateway/relay"),
+            fsync: FsyncMode::Always,
+            seal_key_file: None,
+            max_db_bytes: 0,
+            route_ttl: Duration::from_secs(3600),
+            retry_schedule: ["1s", "5s", "30s", "2m", "10m"].map(str::to_owned).to_vec(),
+            max_age: Duration::from_secs(24 * 3600),
+            delivery_timeout: Duration::from_secs(15),
+            per_target_concurrency: 8,
+            tombstone_ttl: Duration::from_secs(24 * 3600),
+            dead_retention: Duration::from_secs(7 * 24 * 3600),
+            orphan_retention: Duration::from_secs(24 * 3600),
+            acquirer: Vec::new(),
+            target: Vec::new(),
+        }
+    }
+}
+
+/// `[[callback_relay.acquirer]]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayAcquirerConfig {
+    /// The acquirer's name (logs, metrics, the store's clear column).
+    pub name: String,
+    /// A file holding the 256-bit path token (64 hex digits or 43 base64url characters).
+    pub path_token_file: PathBuf,
+    /// The PEM certificate Diia encrypts this acquirer's packages to.
+    pub recipient_cert_file: PathBuf,
+    /// The target for branches no target lists.
+    #[serde(default)]
+    pub default_target: Option<String>,
+}
+
+/// `[[callback_relay.target]]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayTargetConfig {
+    /// The target's name.
+    pub name: String,
+    /// Where packages are POSTed (`http://` or `https://`).
+    pub url: String,
+    /// A file holding the Standard Webhooks secret (`whsec_<base64>`).
+    pub signing_secret_file: PathBuf,
+    /// The branch ids it serves, or `["*"]`.
+    pub branch_ids: Vec<String>,
 }

@@ -204,6 +204,8 @@ pub struct Metrics {
     gauges: Gauges,
     /// Scale-out (Redis) metrics; registered only when `[scaleout]` is on.
     fleet: Option<FleetMetrics>,
+    /// The callback relay's metrics (empty while the relay is off).
+    pub relay: std::sync::Arc<crate::relay::metrics::RelayMetrics>,
     /// Reads the log writer's dropped-line count (set by the binary).
     dropped_log_lines: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -459,6 +461,7 @@ impl Metrics {
         let (connections_refused, breaker_open) = register_edges(&mut registry);
         let gauges = Gauges::register(&mut registry);
         let fleet = fleet.then(|| FleetMetrics::register(&mut registry));
+        let relay = crate::relay::metrics::RelayMetrics::register(&mut registry).into();
         Self {
             registry,
             requests,
@@ -471,6 +474,7 @@ impl Metrics {
             breaker_open,
             gauges,
             fleet,
+            relay,
             dropped_log_lines: std::sync::OnceLock::new(),
         }
     }

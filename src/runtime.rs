@@ -11,6 +11,9 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::gateway::Gateway;
+use crate::relay::ingress::{self, Ingress};
+use crate::relay::settings::RelaySettings;
+use crate::relay::{Options, SqliteStore};
 use crate::reload::Reloader;
 use crate::server::{ConnectionLimits, accept_loop};
 use crate::service::Shutdown;
@@ -39,6 +42,7 @@ pub struct RunningGateway {
     tasks: Vec<JoinHandle<()>>,
     simulator: Option<SimHandle>,
     reloader: Option<Arc<Reloader>>,
+    relay: Option<(SocketAddr, SqliteStore)>,
 }
 
 impl RunningGateway {
@@ -52,6 +56,18 @@ impl RunningGateway {
     #[must_use]
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The callback relay's listener, when `[callback_relay]` is on.
+    #[must_use]
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The callback relay's store, when `[callback_relay]` is on.
+    #[must_use]
+    pub fn relay_store(&self) -> Option<&SqliteStore> {
+        self.relay.as_ref().map(|(_, store)| store)
     }
 
     /// The embedded simulator, when the config asked for one.
@@ -99,6 +115,10 @@ impl RunningGateway {
         self.closing.wait().await;
         for task in self.tasks.drain(..) {
             let _ = task.await;
+        }
+        // The store's last clone joins its writer thread: not on the runtime.
+        if let Some((_, store)) = self.relay.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(store)).await;
         }
         #[cfg(feature = "embedded-sim")]
         if let Some(simulator) = self.simulator.take() {
@@ -170,6 +190,15 @@ pub async fn start_from_file(
             .await,
         );
     }
+    let relay = match &settings.relay {
+        Some(relay) => {
+            let drain = settings.cold.drain_timeout;
+            let (task, addr, store) = start_relay(relay, &gateway, &closing, drain).await?;
+            tasks.push(task);
+            Some((addr, store))
+        }
+        None => None,
+    };
     tasks.extend(spawn_listeners(
         (listeners, admin_listener),
         (&gateway, admin),
@@ -187,7 +216,56 @@ pub async fn start_from_file(
         tasks,
         simulator,
         reloader,
+        relay,
     })
+}
+
+/// Opens the relay's store (refusing to start when it cannot) and serves its ingress on
+/// its own listener until `closing`.
+async fn start_relay(
+    relay: &Arc<RelaySettings>,
+    gateway: &Arc<Gateway>,
+    closing: &Shutdown,
+    drain_timeout: Duration,
+) -> std::io::Result<(JoinHandle<()>, SocketAddr, SqliteStore)> {
+    let (dir, keys) = (relay.data_dir.clone(), Arc::clone(&relay.keys));
+    let options = Options {
+        fsync: relay.fsync,
+        max_db_bytes: relay.max_db_bytes,
+    };
+    let opened = tokio::task::spawn_blocking(move || SqliteStore::open_with(&dir, keys, options))
+        .await
+        .map_err(std::io::Error::other)?;
+    let store = opened.map_err(|error| {
+        std::io::Error::other(format!(
+            "callback_relay.data_dir {}: cannot open the relay store: {error}",
+            relay.data_dir.display()
+        ))
+    })?;
+    let listener = TcpListener::bind(relay.listen).await.map_err(|error| {
+        std::io::Error::new(
+            error.kind(),
+            format!("callback_relay.listen {}: {error}", relay.listen),
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let metrics = Arc::clone(&gateway.metrics().relay);
+    metrics.attach_store(&store);
+    let ingress = Arc::new(Ingress::new(
+        Arc::clone(relay),
+        Arc::new(store.clone()),
+        metrics,
+    ));
+    let closing = closing.clone();
+    let task = tokio::spawn(ingress::serve(
+        listener,
+        ingress,
+        relay.tls.clone(),
+        async move { closing.wait().await },
+        drain_timeout,
+    ));
+    tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), "callback relay listening");
+    Ok((task, addr, store))
 }
 
 /// Starts the embedded simulator when the settings ask for one and points the settings

@@ -217,6 +217,8 @@ fn settings(branch_url: &str, schedule: &[u64], max_age: Duration) -> RelaySetti
         max_in_flight_bytes: 64 << 20,
         data_dir: std::env::temp_dir(),
         fsync: Fsync::Batch,
+        max_db_bytes: None,
+        tls: None,
         keys: Arc::new(Keyring::parse(KEY).unwrap()),
         route_ttl: Duration::from_secs(3600),
         retry_schedule: schedule

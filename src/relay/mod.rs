@@ -82,7 +82,10 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+pub mod cms;
 pub mod deliver;
+pub mod ingress;
+pub mod metrics;
 pub mod record;
 pub mod seal;
 pub mod settings;

@@ -13,6 +13,9 @@ use super::{Fsync, Keyring, Retention};
 pub struct RelaySettings {
     /// Its own listener (TLS through the same keys as the branch listener).
     pub listen: SocketAddr,
+    /// TLS for the listener: `[server.tls]`'s certificate and key, without client
+    /// certificates (Diia presents none); `None` when the branch listener is plain.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The ingress path is `{path_prefix}/{token}`.
     pub path_prefix: String,
     /// A callback body larger than this is refused with 413.
@@ -23,6 +26,8 @@ pub struct RelaySettings {
     pub data_dir: PathBuf,
     /// How commits reach the disk.
     pub fsync: Fsync,
+    /// The most the database file may grow to (`None`: the disk is the limit).
+    pub max_db_bytes: Option<u64>,
     /// Seal and MAC keys, newest first.
     pub keys: Arc<Keyring>,
     /// How long a recorded route waits for its callback.

@@ -198,8 +198,12 @@ impl SqliteStore {
         )
     }
 
-    /// [`SqliteStore::open`] with every option.
-    pub fn open_with(dir: &Path, keys: Keyring, options: Options) -> StoreResult<Self> {
+    /// [`SqliteStore::open`] with every option (the keyring owned or shared).
+    pub fn open_with(
+        dir: &Path,
+        keys: impl Into<Arc<Keyring>>,
+        options: Options,
+    ) -> StoreResult<Self> {
         let Options {
             fsync,
             max_db_bytes,
@@ -229,7 +233,7 @@ impl SqliteStore {
         let reader = Connection::open(&path)?;
         configure(&reader, fsync)?;
 
-        let keys = Arc::new(keys);
+        let keys: Arc<Keyring> = keys.into();
         let stats = Arc::new(WriterStats::default());
         let (tx, rx) = mpsc::channel::<Box<dyn Work>>();
         let thread = {

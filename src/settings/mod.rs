@@ -11,6 +11,7 @@
 //! (`[upstream]`, `[simulator]`), `fleet` (`[scaleout]`); the rest here.
 
 mod fleet;
+mod relay;
 mod server;
 mod upstream;
 
@@ -72,6 +73,8 @@ pub struct Settings {
     pub cold: Cold,
     /// The key for cache keys and log fingerprints (random per process; fixed at start).
     pub keys: HashKey,
+    /// The callback relay (`None`: `[callback_relay]` absent or off).
+    pub relay: Option<Arc<crate::relay::settings::RelaySettings>>,
 }
 
 /// Everything a request reads, from one config snapshot.
@@ -350,6 +353,8 @@ cold_settings! {
     forwarded_header: crate::config::ForwardedHeader = "server.forwarded_header",
     /// Connections one client may hold at once.
     max_connections_per_client: usize = "server.max_connections_per_client",
+    /// The callback relay as written (`None`: off).
+    callback_relay: Option<crate::config::CallbackRelayConfig> = "callback_relay",
 }
 
 impl Settings {
@@ -409,6 +414,7 @@ impl Settings {
             hot: Arc::new(hot),
             cold,
             keys,
+            relay: relay::relay(file)?,
         })
     }
 
@@ -463,6 +469,10 @@ fn cold(
         proxy_protocol: server.proxy_protocol,
         forwarded_header: server.forwarded_header,
         max_connections_per_client: server.max_connections_per_client,
+        callback_relay: file
+            .callback_relay
+            .enabled
+            .then(|| file.callback_relay.clone()),
     }
 }
 

@@ -1,0 +1,430 @@
+//! The relay's ingress: where Diia POSTs document packages (`{path_prefix}/{token}`, on
+//! the relay's own listener). A callback is answered `200 {"success":true}` only once it is
+//! checked and durably stored; anything else is refused before a byte is stored.
+//!
+//! Order of checks: path token (constant time; unknown → 404) → method (405) → trace
+//! header (400) → declared length (413) → in-flight byte budget (503 + `Retry-After`) →
+//! bounded read (413 / 400) → multipart, every file part and `encodeData` a CMS
+//! `EnvelopedData` for the acquirer's certificate (400) → store (503 on failure) → 200.
+//! The token is never logged; log lines carry the record id and the acquirer only.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use super::cms::{PartError, check_part};
+use super::metrics::{IngestResult, RelayMetrics};
+use super::settings::{RelayAcquirer, RelaySettings};
+use super::{CallbackStore, Envelope, Ingest, PutOutcome, State, now_ms};
+
+/// `X-Document-Request-Trace-Id`: the partner's requestId.
+pub static TRACE_HEADER: HeaderName = HeaderName::from_static("x-document-request-trace-id");
+/// `X-Diia-Id-Action`: Diia ID callbacks.
+pub static ACTION_HEADER: HeaderName = HeaderName::from_static("x-diia-id-action");
+
+/// Longest a header value kept in the envelope may be (a requestId is a UUID or so).
+const MAX_HEADER_VALUE: usize = 256;
+/// Longest `Content-Type` kept (a multipart boundary is at most 70 characters).
+const MAX_CONTENT_TYPE: usize = 1024;
+/// Most parts a callback may have (five per document type, a few types, `encodeData`).
+const MAX_PARTS: usize = 64;
+/// Time a client has to send a whole callback body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time from accept to a complete request head (and the TLS handshake).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the relay serves at once; more wait in the kernel's accept queue (Diia
+/// sends a few callbacks at a time; this bounds what a flood of idle sockets can hold).
+const MAX_CONNECTIONS: usize = 1024;
+/// The in-flight budget is counted in KiB (a semaphore counts in `u32`).
+const BUDGET_UNIT: usize = 1024;
+
+/// Why a callback was not acknowledged; each has its status and code (the one place they
+/// are chosen for the relay's listener).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No acquirer has this path token, or the path is not an ingress path.
+    NotFound,
+    /// Not a POST.
+    MethodNotAllowed,
+    /// No usable `X-Document-Request-Trace-Id`.
+    MissingTrace,
+    /// Declared or read body larger than `max_body`.
+    TooLarge,
+    /// `max_in_flight_bytes` is taken.
+    Busy,
+    /// The body broke off or took too long.
+    BodyRead,
+    /// Not `multipart/form-data`, malformed, or with no package part.
+    NotMultipart,
+    /// A part that is not CMS `EnvelopedData` for the acquirer's certificate.
+    Part(PartError),
+    /// The store failed: nothing acknowledged.
+    Store,
+}
+
+impl Refusal {
+    /// The status sent.
+    #[must_use]
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MissingTrace | Self::BodyRead | Self::NotMultipart | Self::Part(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Busy | Self::Store => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable code in the body.
+    #[must_use]
+    pub const fn code(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::MissingTrace => "missing_trace_id",
+            Self::TooLarge => "body_too_large",
+            Self::Busy => "relay_busy",
+            Self::BodyRead => "body_read",
+            Self::NotMultipart => "invalid_multipart",
+            Self::Part(error) => error.label(),
+            Self::Store => "store_unavailable",
+        }
+    }
+
+    /// The metrics result.
+    #[must_use]
+    pub const fn result(self) -> IngestResult {
+        match self {
+            Self::NotFound => IngestResult::RefusedToken,
+            Self::MethodNotAllowed => IngestResult::RefusedMethod,
+            Self::MissingTrace => IngestResult::RefusedTrace,
+            Self::TooLarge => IngestResult::RefusedTooLarge,
+            Self::Busy => IngestResult::RefusedBusy,
+            Self::BodyRead => IngestResult::RefusedBody,
+            Self::NotMultipart => IngestResult::RefusedMultipart,
+            Self::Part(_) => IngestResult::RefusedCms,
+            Self::Store => IngestResult::StoreError,
+        }
+    }
+
+    /// The response: `{"success":false,"error":code}`, with `Retry-After` on a 503 and
+    /// `Allow` on a 405.
+    #[must_use]
+    pub fn response(self) -> Response<Full<Bytes>> {
+        let body = format!(r#"{{"success":false,"error":"{}"}}"#, self.code());
+        let mut response = json(self.status(), body);
+        let headers = response.headers_mut();
+        match self {
+            Self::Busy => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::Store => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Self::MethodNotAllowed => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            Self::NotFound
+            | Self::MissingTrace
+            | Self::TooLarge
+            | Self::BodyRead
+            | Self::NotMultipart
+            | Self::Part(_) => {}
+        }
+        response
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The ingress: settings, the store, the in-flight byte budget, metrics.
+pub struct Ingress {
+    settings: Arc<RelaySettings>,
+    store: Arc<dyn CallbackStore>,
+    budget: Arc<Semaphore>,
+    budget_units: u32,
+    metrics: Arc<RelayMetrics>,
+}
+
+impl Ingress {
+    /// An ingress storing into `store`.
+    #[must_use]
+    pub fn new(
+        settings: Arc<RelaySettings>,
+        store: Arc<dyn CallbackStore>,
+        metrics: Arc<RelayMetrics>,
+    ) -> Self {
+        let units = (settings.max_in_flight_bytes / BUDGET_UNIT)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let budget_units = u32::try_from(units).unwrap_or(u32::MAX);
+        Self {
+            settings,
+            store,
+            budget: Arc::new(Semaphore::new(units)),
+            budget_units,
+            metrics,
+        }
+    }
+
+    /// Answers one request (never an error: refusals are responses).
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        match self.ingest(request).await {
+            Ok((outcome, acquirer)) => {
+                let (id, result) = match outcome {
+                    PutOutcome::Stored(id, State::Orphan) => (id, IngestResult::Orphan),
+                    PutOutcome::Stored(id, _) => (id, IngestResult::Stored),
+                    PutOutcome::Duplicate(id) => (id, IngestResult::Duplicate),
+                    PutOutcome::Conflict(id) => (id, IngestResult::Conflict),
+                };
+                self.metrics.count(result);
+                self.metrics.acked(started.elapsed());
+                tracing::info!(record = %id, acquirer = %acquirer.name, result = result.label(), "relay: callback acknowledged");
+                json(StatusCode::OK, r#"{"success":true}"#.to_owned())
+            }
+            Err(refusal) => {
+                self.metrics.count(refusal.result());
+                refusal.response()
+            }
+        }
+    }
+
+    /// The acquirer whose token ends the path, compared in constant time with every one.
+    fn acquirer(&self, path: &str) -> Option<&Arc<RelayAcquirer>> {
+        let rest = path.strip_prefix(self.settings.path_prefix.as_str())?;
+        let token = rest.strip_prefix('/')?;
+        let presented = decode_token(token)?;
+        let mut found = None;
+        for acquirer in &self.settings.acquirers {
+            if bool::from(acquirer.path_token.ct_eq(&presented)) {
+                found = Some(acquirer);
+            }
+        }
+        found
+    }
+
+    async fn ingest(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<(PutOutcome, Arc<RelayAcquirer>), Refusal> {
+        let acquirer = self
+            .acquirer(request.uri().path())
+            .ok_or(Refusal::NotFound)?
+            .clone();
+        if request.method() != Method::POST {
+            return Err(Refusal::MethodNotAllowed);
+        }
+        let headers = request.headers();
+        let request_id =
+            header_text(headers, &TRACE_HEADER, MAX_HEADER_VALUE).ok_or(Refusal::MissingTrace)?;
+        let action = header_text(headers, &ACTION_HEADER, MAX_HEADER_VALUE);
+        let content_type = header_text(headers, &header::CONTENT_TYPE, MAX_CONTENT_TYPE)
+            .ok_or(Refusal::NotMultipart)?;
+        let max_body = self.settings.max_body;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > max_body as u64) {
+            return Err(Refusal::TooLarge);
+        }
+        let need = declared.map_or(max_body, |n| usize::try_from(n).unwrap_or(max_body));
+        let units = u32::try_from(need.div_ceil(BUDGET_UNIT).max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.budget_units);
+        let _permit = Arc::clone(&self.budget)
+            .try_acquire_many_owned(units)
+            .map_err(|_| Refusal::Busy)?;
+        let body = read_body(request.into_body(), max_body).await?;
+        check_multipart(&content_type, body.clone(), &acquirer).await?;
+        let envelope = Envelope {
+            request_id,
+            action,
+            content_type,
+            body,
+        };
+        let ingest = Ingest {
+            acquirer: acquirer.name.clone(),
+            envelope,
+            route: None,
+        };
+        match self.store.put(ingest, now_ms()).await {
+            Ok(outcome) => Ok((outcome, acquirer)),
+            Err(error) => {
+                tracing::error!(acquirer = %acquirer.name, %error, "relay: callback not stored; answered 503");
+                Err(Refusal::Store)
+            }
+        }
+    }
+}
+
+/// A path token: 64 hex digits or 43 base64url characters.
+fn decode_token(text: &str) -> Option<[u8; 32]> {
+    let mut token = [0u8; 32];
+    match text.len() {
+        64 => hex::decode_to_slice(text, &mut token).ok()?,
+        43 => token = <[u8; 32]>::try_from(URL_SAFE_NO_PAD.decode(text).ok()?).ok()?,
+        _ => return None,
+    }
+    Some(token)
+}
+
+/// A header's value as visible ASCII text of at most `max` bytes; `None` when absent,
+/// empty or unusable.
+fn header_text(headers: &HeaderMap, name: &HeaderName, max: usize) -> Option<String> {
+    let value = headers.get(name)?.to_str().ok()?.trim();
+    (!value.is_empty() && value.len() <= max).then(|| value.to_owned())
+}
+
+async fn read_body(body: Incoming, max_body: usize) -> Result<Bytes, Refusal> {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max_body).collect()).await;
+    match read {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(Refusal::TooLarge),
+        Ok(Err(_)) | Err(_) => Err(Refusal::BodyRead),
+    }
+}
+
+/// Every file part and `encodeData` is CMS `EnvelopedData` for the acquirer; at least one.
+async fn check_multipart(
+    content_type: &str,
+    body: Bytes,
+    acquirer: &RelayAcquirer,
+) -> Result<(), Refusal> {
+    let boundary = multer::parse_boundary(content_type).map_err(|_| Refusal::NotMultipart)?;
+    let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let (mut parts, mut packages) = (0usize, 0usize);
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|_| Refusal::NotMultipart)?
+    {
+        parts += 1;
+        if parts > MAX_PARTS {
+            return Err(Refusal::NotMultipart);
+        }
+        let package = field.file_name().is_some() || field.name() == Some("encodeData");
+        let bytes = field.bytes().await.map_err(|_| Refusal::NotMultipart)?;
+        if package {
+            check_part(&bytes, &acquirer.recipient).map_err(Refusal::Part)?;
+            packages += 1;
+        }
+    }
+    if packages == 0 {
+        return Err(Refusal::NotMultipart);
+    }
+    Ok(())
+}
+
+/// Serves the ingress on `listener` (TLS when `tls` is set, HTTP/1.1 and HTTP/2) until
+/// `closing` resolves, then gives open connections `drain_timeout` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    ingress: Arc<Ingress>,
+    tls: Option<TlsAcceptor>,
+    closing: impl Future<Output = ()> + Send,
+    drain_timeout: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(closing);
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut closing => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "relay: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut closing => break,
+        };
+        let watcher = graceful.watcher();
+        let (ingress, builder, tls) = (Arc::clone(&ingress), Arc::clone(&builder), tls.clone());
+        tokio::spawn(async move {
+            serve_connection(stream, peer, ingress, &builder, tls, watcher).await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("relay: connections still open after the drain timeout; closed");
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    ingress: Arc<Ingress>,
+    builder: &auto::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let service = hyper::service::service_fn(move |request| {
+        let ingress = Arc::clone(&ingress);
+        async move { Ok::<_, Infallible>(ingress.handle(request).await) }
+    });
+    let served = match tls {
+        None => {
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(connection.into_owned()).await
+        }
+        Some(acceptor) => {
+            let Ok(Ok(stream)) = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await
+            else {
+                tracing::debug!(%peer, "relay: TLS handshake failed or timed out");
+                return;
+            };
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(connection.into_owned()).await
+        }
+    };
+    if let Err(error) = served {
+        tracing::debug!(%peer, %error, "relay: connection ended with an error");
+    }
+}
