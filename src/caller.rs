@@ -63,6 +63,27 @@ impl Caller {
         }
     }
 
+    /// Who the callback relay hands this caller's documents to: the same session token,
+    /// API key or client certificate, as a digest (`None` for the token exchange, which
+    /// pushes nothing). Sealed in the route; the pull side compares it in constant time.
+    #[must_use]
+    pub fn relay_client(&self, head: &RequestHead) -> Option<String> {
+        use sha2::Digest;
+        let (kind, digest): (&str, [u8; 32]) = match self {
+            Self::Exchange => return None,
+            Self::Session => (
+                "session",
+                sha2::Sha256::digest(bearer_credential(head)).into(),
+            ),
+            Self::Branch { .. } => match (&head.client_cert, &head.api_key) {
+                (_, Some(key)) => ("key", sha2::Sha256::digest(key.as_bytes()).into()),
+                (Some(cert), None) => ("cert", cert.identity()),
+                (None, None) => return None,
+            },
+        };
+        Some(format!("{kind}:{}", hex::encode(digest)))
+    }
+
     /// Whether this caller may make this request: in managed mode a per-branch key acts
     /// only as its own branch and never makes acquirer-wide calls. Pass-through callers
     /// are Diia's to judge (their session token is the acquirer's).
@@ -80,10 +101,12 @@ impl Caller {
             Checked::Forward {
                 endpoint: Endpoint::OfferRequestDynamic,
                 branch,
+                ..
             } => *branch,
             Checked::Forward {
                 endpoint: Endpoint::Branches,
                 branch: Some(branch),
+                ..
             } if method == Method::GET => Some(*branch),
             Checked::Forward { .. } | Checked::TokenExchange { .. } => {
                 return Err(GatewayError::AcquirerKeyRequired);

@@ -149,6 +149,20 @@ pub enum GatewayError {
     /// A sharing request with another `requestId` is already under way for this barcode.
     #[error("sharing already requested")]
     SharingAlreadyRequested,
+    /// The callback relay routes this `requestId` to another client or branch already: its
+    /// documents must not be diverted, so the push does not leave.
+    #[error("request id routed elsewhere")]
+    RequestIdRouted,
+    /// The relay's pull side has no package for this caller and `requestId` (none yet,
+    /// none left, or not this caller's: all answered alike).
+    #[error("callback not found")]
+    CallbackNotFound,
+    /// The relay's store failed, or too many pulls wait: nothing was recorded or taken.
+    #[error("relay unavailable")]
+    RelayUnavailable,
+    /// The relay's pull path or query is malformed.
+    #[error("invalid relay query")]
+    InvalidRelayQuery,
     /// A sharing request whose Diia call was sent but not answered in time (or answered
     /// with garbage): the push may have happened, so the request is never sent again.
     #[error("sharing outcome unknown")]
@@ -262,12 +276,15 @@ impl GatewayError {
             | Self::InvalidBarcode
             | Self::BarcodeAndQrcode
             | Self::InvalidField
-            | Self::InvalidQuery => StatusCode::UNPROCESSABLE_ENTITY,
+            | Self::InvalidQuery
+            | Self::InvalidRelayQuery => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyRead | Self::InvalidJson => StatusCode::BAD_REQUEST,
-            Self::SharingAlreadyRequested => StatusCode::CONFLICT,
+            Self::SharingAlreadyRequested | Self::RequestIdRouted => StatusCode::CONFLICT,
+            Self::CallbackNotFound => StatusCode::NOT_FOUND,
+            Self::RelayUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::SharingOutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
             Self::SharingUnavailable { .. } | Self::FleetAnswerUnreadable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -315,6 +332,10 @@ impl GatewayError {
             Self::InvalidField => "invalid_field",
             Self::InvalidQuery => "invalid_query",
             Self::SharingAlreadyRequested => "sharing_already_requested",
+            Self::RequestIdRouted => "request_id_routed",
+            Self::CallbackNotFound => "callback_not_found",
+            Self::RelayUnavailable => "relay_unavailable",
+            Self::InvalidRelayQuery => "invalid_relay_query",
             Self::SharingOutcomeUnknown => "sharing_outcome_unknown",
             Self::SharingUnavailable { .. } => "sharing_unavailable",
             Self::FleetAnswerUnreadable { .. } => "fleet_answer_unreadable",
@@ -363,7 +384,10 @@ impl GatewayError {
             | Self::UnsupportedMediaType
             | Self::InvalidField
             | Self::InvalidQuery
-            | Self::SharingAlreadyRequested => Fault::Client,
+            | Self::SharingAlreadyRequested
+            | Self::RequestIdRouted
+            | Self::CallbackNotFound
+            | Self::InvalidRelayQuery => Fault::Client,
             Self::RateLimited { .. }
             | Self::DiiaBudgetExhausted { .. }
             | Self::UnverifiedBudgetExhausted { .. }
@@ -371,7 +395,8 @@ impl GatewayError {
             | Self::CircuitOpen { .. }
             | Self::Overloaded
             | Self::SharingUnavailable { .. }
-            | Self::FleetAnswerUnreadable { .. } => Fault::Limit,
+            | Self::FleetAnswerUnreadable { .. }
+            | Self::RelayUnavailable => Fault::Limit,
             Self::UpstreamAuth
             | Self::UpstreamUnreachable
             | Self::UpstreamProtocol
@@ -402,12 +427,14 @@ impl GatewayError {
             | Self::InvalidBarcode
             | Self::BarcodeAndQrcode
             | Self::InvalidField
-            | Self::InvalidQuery => "ValidationError",
+            | Self::InvalidQuery
+            | Self::InvalidRelayQuery => "ValidationError",
             Self::UnsupportedMediaType => "UnsupportedMediaTypeError",
             Self::BodyTooLarge => "PayloadTooLargeError",
             Self::BodyTimeout => "RequestTimeoutError",
             Self::BodyRead | Self::InvalidJson => "BadRequestError",
-            Self::SharingAlreadyRequested => "ConflictError",
+            Self::SharingAlreadyRequested | Self::RequestIdRouted => "ConflictError",
+            Self::CallbackNotFound => "NotFoundError",
             Self::RateLimited { .. } => "TooManyRequestsError",
             Self::DiiaBudgetExhausted { .. }
             | Self::UnverifiedBudgetExhausted { .. }
@@ -415,7 +442,8 @@ impl GatewayError {
             | Self::CircuitOpen { .. }
             | Self::Overloaded
             | Self::SharingUnavailable { .. }
-            | Self::FleetAnswerUnreadable { .. } => "ServiceUnavailableError",
+            | Self::FleetAnswerUnreadable { .. }
+            | Self::RelayUnavailable => "ServiceUnavailableError",
             Self::UpstreamUnreachable | Self::UpstreamProtocol | Self::UpstreamAuth => {
                 "BadGatewayError"
             }
@@ -467,6 +495,16 @@ impl GatewayError {
             Self::SharingAlreadyRequested => {
                 "A sharing request with another requestId is already under way for this barcode"
             }
+            Self::RequestIdRouted => {
+                "The callback relay routes this requestId to another client or branch; use a new requestId"
+            }
+            Self::CallbackNotFound => {
+                "No document package for this caller and requestId (none yet, or already acknowledged)"
+            }
+            Self::RelayUnavailable => "The callback relay cannot serve this now, retry later",
+            Self::InvalidRelayQuery => {
+                "Relay pull: requestId must be UTF-8 (percent-encoded), wait a duration such as 30s, id 32 hex digits"
+            }
             Self::SharingOutcomeUnknown => {
                 "Diia did not confirm this sharing request in time; the consent push may have been sent. Do not resend: poll document-request/status with this requestId"
             }
@@ -507,7 +545,7 @@ impl GatewayError {
             | Self::CircuitOpen { retry_after }
             | Self::SharingUnavailable { retry_after }
             | Self::FleetAnswerUnreadable { retry_after } => Some(*retry_after),
-            Self::Overloaded => Some(Duration::from_secs(1)),
+            Self::Overloaded | Self::RelayUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

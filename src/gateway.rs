@@ -17,6 +17,7 @@ use crate::head::RequestHead;
 use crate::keys::{CacheKey, HashKey};
 use crate::managed::ManagedSession;
 use crate::metrics::{Metrics, Snapshot};
+use crate::relay::desk::RelayDesk;
 use crate::scaleout::Scaleout;
 use crate::service::{Handler, Reply, RequestBody};
 use crate::settings::{Hot, Settings};
@@ -52,6 +53,8 @@ pub struct Gateway {
     pub(crate) scaleout: Option<Arc<Scaleout>>,
     /// Who the client is behind a trusted proxy; connections per client.
     pub(crate) clients: Clients,
+    /// The callback relay's routes and pull side, once its store is open (`[callback_relay]`).
+    pub(crate) relay: std::sync::OnceLock<Arc<RelayDesk>>,
 }
 
 impl Gateway {
@@ -118,6 +121,7 @@ impl Gateway {
                 100_000,
             )),
             access_log: std::sync::OnceLock::new(),
+            relay: std::sync::OnceLock::new(),
             scaleout,
             clients,
         })
@@ -160,6 +164,12 @@ impl Gateway {
     #[must_use]
     pub fn hot(&self) -> Arc<Hot> {
         self.hot.load_full()
+    }
+
+    /// Connects the callback relay (once): consent pushes record routes from now on, and
+    /// the pull side answers.
+    pub fn attach_relay(&self, desk: Arc<RelayDesk>) {
+        let _ = self.relay.set(desk);
     }
 
     /// The metric handles.

@@ -37,10 +37,12 @@ pub enum RequestOutcome {
     Stale,
     /// A bug of ours (500).
     Internal,
+    /// Answered by the callback relay's pull side; never reached Diia.
+    Relayed,
 }
 
 impl RequestOutcome {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 11] = [
         Self::Hit,
         Self::Miss,
         Self::Coalesced,
@@ -51,6 +53,7 @@ impl RequestOutcome {
         Self::UpstreamError,
         Self::Stale,
         Self::Internal,
+        Self::Relayed,
     ];
 
     /// The `outcome` label.
@@ -67,6 +70,7 @@ impl RequestOutcome {
             Self::UpstreamError => "upstream_error",
             Self::Stale => "stale",
             Self::Internal => "internal",
+            Self::Relayed => "relayed",
         }
     }
 

@@ -49,6 +49,7 @@ use crate::head::RequestHead;
 use crate::keys::CacheKey;
 use crate::limit::Who;
 use crate::metrics::RequestOutcome;
+use crate::relay::desk::{DeskError, PullRequest, RelayDesk};
 use crate::request::{Checked, check};
 use crate::route::{Endpoint, Route, route_for};
 use crate::scaleout::Shape;
@@ -211,8 +212,13 @@ impl Gateway {
             return Err(refused);
         }
         let body = self.read_body(ctx, body).await?;
-        let _permit = self.admit()?;
         let endpoint = ctx.endpoint()?;
+        if endpoint == Endpoint::RelayCallbacks {
+            // The gateway's own endpoint: no Diia call, so no processing slot is held
+            // while a long poll waits (the relay bounds its waiters).
+            return Box::pin(self.relay_pull(ctx)).await;
+        }
+        let _permit = self.admit()?;
         // Field by field (not through `Ctx` methods): `checked` borrows the request parts
         // while the access record is written.
         let path_param = ctx
@@ -245,6 +251,11 @@ impl Gateway {
             Some((_, Standing::Verified)) | None => true,
         };
         limit(&ctx.hot, client(caller, ctx.peer), &checked, verified)?;
+        if let (Some(desk), Some((branch, request_id))) = (self.relay.get(), checked.consent_push())
+        {
+            // Before the push can leave: the documents it brings go back to this caller.
+            Box::pin(route_callback(desk, caller, &ctx.head, branch, request_id)).await?;
+        }
         drop(checked);
         match slot {
             Some(slot) => self.cached(ctx, slot, body, token).await,
@@ -300,6 +311,41 @@ impl Gateway {
             }
             Ok(Err(ReadError::Broken)) => Err(GatewayError::BodyRead),
         }
+    }
+
+    /// Stage 4′, the relay's pull side instead of stages 4–8: `GET` hands the caller its
+    /// package for the `requestId` in the path (waiting up to `?wait=`), `DELETE`
+    /// acknowledges it (`?id=` names one record; without it, the oldest). Anyone but the
+    /// caller that routed the request gets the same 404 as for "nothing yet".
+    async fn relay_pull(&self, ctx: &Ctx) -> Result<Handled, GatewayError> {
+        let desk = self.relay.get().ok_or(GatewayError::UnknownRoute)?;
+        let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
+        let client = caller
+            .relay_client(&ctx.head)
+            .ok_or(GatewayError::CallbackNotFound)?;
+        let encoded = ctx
+            .route
+            .as_ref()
+            .and_then(|route| route.param(ctx.head.uri.path()))
+            .ok_or(GatewayError::Internal)?;
+        let pull = PullRequest::parse(encoded, ctx.head.uri.query())?;
+        let response = if ctx.head.method == http::Method::DELETE {
+            match desk.acknowledge(&client, &pull.request_id, pull.id).await {
+                Ok(true) => crate::relay::desk::acknowledged(),
+                Ok(false) => return Err(GatewayError::CallbackNotFound),
+                Err(_) => return Err(GatewayError::RelayUnavailable),
+            }
+        } else {
+            match desk.pull(&client, &pull.request_id, pull.wait).await {
+                Ok(Some(pulled)) => pulled.response(),
+                Ok(None) => return Err(GatewayError::CallbackNotFound),
+                Err(_) => return Err(GatewayError::RelayUnavailable),
+            }
+        };
+        Ok(Handled {
+            response: Reply::Response(response),
+            outcome: RequestOutcome::Relayed,
+        })
     }
 
     /// Stage 4: a processing slot. Under overload a fast 503 beats a queue that makes
@@ -569,6 +615,26 @@ impl Gateway {
             })
         }
     }
+}
+
+/// Records the route of a consent push's documents (the caller, its branch) before the
+/// push leaves; `409 request_id_routed` when another caller or branch holds the requestId.
+async fn route_callback(
+    desk: &RelayDesk,
+    caller: &Caller,
+    head: &RequestHead,
+    branch: &str,
+    request_id: &str,
+) -> Result<(), GatewayError> {
+    let Some(client) = caller.relay_client(head) else {
+        return Ok(());
+    };
+    desk.record(&client, branch, request_id)
+        .await
+        .map_err(|error| match error {
+            DeskError::Taken => GatewayError::RequestIdRouted,
+            DeskError::Unavailable => GatewayError::RelayUnavailable,
+        })
 }
 
 /// How long a store's answers live under these settings (stale-if-error: answers only).

@@ -77,6 +77,8 @@ pub enum Checked<'a> {
         endpoint: Endpoint,
         /// The branch in the path, if the path names one.
         branch: Option<&'a str>,
+        /// `requestId` of an `offer-request/dynamic` (the relay routes its callback).
+        request_id: Option<Cow<'a, str>>,
     },
 }
 
@@ -104,6 +106,27 @@ impl Checked<'_> {
             Self::Identification { branch, .. } | Self::Sharing { branch, .. } => Some(branch),
             Self::Forward { branch, .. } => *branch,
             Self::TokenExchange { .. } | Self::Status { .. } | Self::OfferStatus { .. } => None,
+        }
+    }
+
+    /// A consent push's branch and `requestId`: what the callback relay routes before the
+    /// push leaves (`document-request`, `offer-request/dynamic`).
+    #[must_use]
+    pub fn consent_push(&self) -> Option<(&str, &str)> {
+        match self {
+            Self::Sharing {
+                branch, request_id, ..
+            } => Some((branch, request_id)),
+            Self::Forward {
+                branch: Some(branch),
+                request_id: Some(request_id),
+                ..
+            } => Some((branch, request_id)),
+            Self::Forward { .. }
+            | Self::Identification { .. }
+            | Self::TokenExchange { .. }
+            | Self::Status { .. }
+            | Self::OfferStatus { .. } => None,
         }
     }
 }
@@ -155,10 +178,10 @@ pub fn check<'a>(
         Endpoint::OfferRequestDynamic => {
             let body = json()?;
             body.offer_id()?;
-            body.request_id()?;
             Ok(Checked::Forward {
                 endpoint,
                 branch: path_param,
+                request_id: Some(body.request_id()?),
             })
         }
         Endpoint::Branches | Endpoint::Offers => {
@@ -168,8 +191,11 @@ pub fn check<'a>(
             Ok(Checked::Forward {
                 endpoint,
                 branch: path_param,
+                request_id: None,
             })
         }
+        // Answered by the relay's pull stage before any check; never reaches here.
+        Endpoint::RelayCallbacks => Err(GatewayError::UnknownRoute),
     }
 }
 

@@ -31,11 +31,14 @@ pub enum Endpoint {
     OfferRequestDynamic,
     /// `GET /api/v1/acquirers/offer-request/status`.
     OfferRequestStatus,
+    /// `GET` / `DELETE /relay/v1/callbacks/{requestId}`: the callback relay's pull side
+    /// (the gateway's own, never forwarded; 404 while the relay is off).
+    RelayCallbacks,
 }
 
 impl Endpoint {
     /// Every endpoint, in label order.
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 10] = [
         Self::TokenExchange,
         Self::DocumentIdentification,
         Self::DocumentIdentificationAge,
@@ -45,6 +48,7 @@ impl Endpoint {
         Self::Offers,
         Self::OfferRequestDynamic,
         Self::OfferRequestStatus,
+        Self::RelayCallbacks,
     ];
 
     /// Stable label for metrics and logs.
@@ -60,6 +64,7 @@ impl Endpoint {
             Self::Offers => "offers",
             Self::OfferRequestDynamic => "offer_request_dynamic",
             Self::OfferRequestStatus => "offer_request_status",
+            Self::RelayCallbacks => "relay_callbacks",
         }
     }
 
@@ -105,7 +110,8 @@ impl CallClass {
             Endpoint::Branches
             | Endpoint::Offers
             | Endpoint::OfferRequestDynamic
-            | Endpoint::OfferRequestStatus => Self::Management,
+            | Endpoint::OfferRequestStatus
+            | Endpoint::RelayCallbacks => Self::Management,
         }
     }
 
@@ -156,6 +162,8 @@ impl Route {
 
 /// Longest acquirer token we accept in the path; longer is not Diia's.
 const MAX_TOKEN_SEGMENT: usize = 512;
+/// Longest percent-encoded requestId in the relay's pull path (a 256-byte id, encoded).
+const MAX_REQUEST_ID_SEGMENT: usize = 3 * 256;
 /// Longest branch or offer id (Diia's are 24-hex ObjectIds).
 const MAX_ID_SEGMENT: usize = 64;
 
@@ -190,8 +198,15 @@ pub fn route_for(mode: AuthMode, method: &Method, path: &str) -> Result<Route, G
     }
 }
 
+/// The relay's pull path: `/relay/v1/callbacks/{requestId}`, the id percent-encoded as
+/// needed (decoded by the pull stage).
+const RELAY_CALLBACKS: &str = "/relay/v1/callbacks/";
+
 /// Maps a method and path (no query) to a route, or a 404/405 error.
 pub fn route(method: &Method, path: &str) -> Result<Route, GatewayError> {
+    if let Some(id) = path.strip_prefix(RELAY_CALLBACKS) {
+        return relay_route(method, path, id);
+    }
     let rest = path
         .strip_prefix("/api/")
         .ok_or(GatewayError::UnknownRoute)?;
@@ -260,6 +275,20 @@ pub fn route(method: &Method, path: &str) -> Result<Route, GatewayError> {
     } else {
         Err(GatewayError::MethodNotAllowed {
             allow: allow_header(allowed),
+        })
+    }
+}
+
+/// The relay's pull path: GET (pull) and DELETE (acknowledge) of one requestId.
+fn relay_route(method: &Method, path: &str, id: &str) -> Result<Route, GatewayError> {
+    if id.is_empty() || id.len() > MAX_REQUEST_ID_SEGMENT || id.contains('/') {
+        return Err(GatewayError::UnknownRoute);
+    }
+    if matches!(*method, Method::GET | Method::DELETE) {
+        Ok(Route::new(Endpoint::RelayCallbacks, path, Some(id)))
+    } else {
+        Err(GatewayError::MethodNotAllowed {
+            allow: "GET, DELETE",
         })
     }
 }

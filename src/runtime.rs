@@ -11,9 +11,11 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::gateway::Gateway;
+use crate::relay::deliver::{Deliverer, DeliveryOptions};
+use crate::relay::desk::RelayDesk;
 use crate::relay::ingress::{self, Ingress};
 use crate::relay::settings::RelaySettings;
-use crate::relay::{Options, SqliteStore};
+use crate::relay::{self, CallbackStore, Options, Retention, SqliteStore};
 use crate::reload::Reloader;
 use crate::server::{ConnectionLimits, accept_loop};
 use crate::service::Shutdown;
@@ -193,8 +195,8 @@ pub async fn start_from_file(
     let relay = match &settings.relay {
         Some(relay) => {
             let drain = settings.cold.drain_timeout;
-            let (task, addr, store) = start_relay(relay, &gateway, &closing, drain).await?;
-            tasks.push(task);
+            let (relay_tasks, addr, store) = start_relay(relay, &gateway, &closing, drain).await?;
+            tasks.extend(relay_tasks);
             Some((addr, store))
         }
         None => None,
@@ -220,14 +222,15 @@ pub async fn start_from_file(
     })
 }
 
-/// Opens the relay's store (refusing to start when it cannot) and serves its ingress on
-/// its own listener until `closing`.
+/// Opens the relay's store (refusing to start when it cannot), connects the gateway's
+/// routes and pull side to it, serves its ingress on its own listener, and runs the push
+/// worker and the store's housekeeping, all until `closing`.
 async fn start_relay(
     relay: &Arc<RelaySettings>,
     gateway: &Arc<Gateway>,
     closing: &Shutdown,
     drain_timeout: Duration,
-) -> std::io::Result<(JoinHandle<()>, SocketAddr, SqliteStore)> {
+) -> std::io::Result<(Vec<JoinHandle<()>>, SocketAddr, SqliteStore)> {
     let (dir, keys) = (relay.data_dir.clone(), Arc::clone(&relay.keys));
     let options = Options {
         fsync: relay.fsync,
@@ -251,21 +254,71 @@ async fn start_relay(
     let addr = listener.local_addr()?;
     let metrics = Arc::clone(&gateway.metrics().relay);
     metrics.attach_store(&store);
+    let shared: Arc<dyn CallbackStore> = Arc::new(store.clone());
+    let desk = Arc::new(RelayDesk::new(Arc::clone(relay), Arc::clone(&shared)));
+    gateway.attach_relay(Arc::clone(&desk));
     let ingress = Arc::new(Ingress::new(
         Arc::clone(relay),
-        Arc::new(store.clone()),
+        Arc::clone(&shared),
         metrics,
+        desk.arrivals(),
     ));
-    let closing = closing.clone();
-    let task = tokio::spawn(ingress::serve(
-        listener,
-        ingress,
-        relay.tls.clone(),
-        async move { closing.wait().await },
-        drain_timeout,
-    ));
-    tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), "callback relay listening");
-    Ok((task, addr, store))
+    let until_closing = |closing: &Shutdown| {
+        let closing = closing.clone();
+        async move { closing.wait().await }
+    };
+    let deliverer = Deliverer::new(Arc::clone(&shared), relay, DeliveryOptions::default())?;
+    let tasks = vec![
+        tokio::spawn(ingress::serve(
+            listener,
+            ingress,
+            relay.tls.clone(),
+            until_closing(closing),
+            drain_timeout,
+        )),
+        deliverer.spawn(until_closing(closing)),
+        tokio::spawn(relay_housekeeping(
+            store.clone(),
+            relay.retention,
+            until_closing(closing),
+        )),
+    ];
+    tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), targets = relay.targets.len(), "callback relay listening");
+    Ok((tasks, addr, store))
+}
+
+/// How often the relay's store drops what its retention no longer keeps and truncates
+/// its WAL (so deleted payload pages do not linger in it).
+const RELAY_HOUSEKEEPING: Duration = Duration::from_secs(60);
+
+/// Retention and checkpoints for the relay's store until `closing`.
+async fn relay_housekeeping(
+    store: SqliteStore,
+    retention: Retention,
+    closing: impl std::future::Future<Output = ()>,
+) {
+    let mut closing = std::pin::pin!(closing);
+    let mut tick = tokio::time::interval(RELAY_HOUSEKEEPING);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut closing => return,
+            _ = tick.tick() => {}
+        }
+        match store.purge_expired(relay::now_ms(), retention).await {
+            Ok(purged) => tracing::debug!(
+                delivered = purged.delivered,
+                dead = purged.dead,
+                orphan = purged.orphan,
+                routes = purged.routes,
+                "relay: expired records purged"
+            ),
+            Err(error) => tracing::warn!(%error, "relay: purging expired records failed"),
+        }
+        if let Err(error) = store.checkpoint().await {
+            tracing::warn!(%error, "relay: WAL checkpoint failed");
+        }
+    }
 }
 
 /// Starts the embedded simulator when the settings ask for one and points the settings

@@ -179,6 +179,19 @@ impl ClientCert {
         &self.names
     }
 
+    /// This exact certificate (SHA-256 over its issuer and serial, length-framed): what the
+    /// callback relay's routes name, so a package is pulled only with the certificate
+    /// that asked for it.
+    #[must_use]
+    pub fn identity(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut digest = sha2::Sha256::new();
+        digest.update((self.issuer.len() as u64).to_be_bytes());
+        digest.update(&self.issuer);
+        digest.update(&self.serial);
+        digest.finalize().into()
+    }
+
     /// The name its budgets are keyed on when no `auth.client_certs` entry names it: the
     /// first one.
     #[must_use]

@@ -111,11 +111,13 @@ pub enum Counted {
     LeaseLost,
     /// The store failed a lease or settle call.
     StoreError,
+    /// No attempt: the branch pulls its packages; held for the pull side until `max_age`.
+    HeldForPull,
 }
 
 impl Counted {
     /// Every counter, in index order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Delivered,
         Self::Rejected,
         Self::Throttled,
@@ -130,6 +132,7 @@ impl Counted {
         Self::Dead,
         Self::LeaseLost,
         Self::StoreError,
+        Self::HeldForPull,
     ];
 
     /// The metric label.
@@ -150,6 +153,7 @@ impl Counted {
             Self::Dead => "dead",
             Self::LeaseLost => "lease_lost",
             Self::StoreError => "store_error",
+            Self::HeldForPull => "held_for_pull",
         }
     }
 
@@ -369,6 +373,9 @@ impl Inner {
     }
 
     async fn attempt(&self, record: &Leased) -> Settle {
+        if record.route.is_pull() {
+            return self.hold_for_pull(record);
+        }
         let Some(lane) = self.lanes.get(&record.route.target) else {
             self.counters.add(Counted::UnknownTarget);
             tracing::warn!(record = %record.id, acquirer = %record.acquirer, delivery_target = %record.route.target, "relay delivery: route names an unknown target");
@@ -415,6 +422,18 @@ impl Inner {
                 self.later(record, self.options.jitter.apply(pause), false)
             }
         }
+    }
+
+    /// A pull-only record: its first lease holds it for the pull side for `max_age` (from
+    /// now, so an admin redelivery, which resets the attempts, holds it again); the next
+    /// lease, if nobody pulled it, makes it dead.
+    fn hold_for_pull(&self, record: &Leased) -> Settle {
+        if record.attempts > 1 {
+            tracing::warn!(record = %record.id, acquirer = %record.acquirer, "relay: package not pulled within max_age; dead letter");
+            return Settle::Dead;
+        }
+        self.counters.add(Counted::HeldForPull);
+        Settle::RetryAt(now_ms().saturating_add(millis(self.max_age)))
     }
 
     /// Due again after `wait`, or dead once `max_age` since arrival has passed. A wait the

@@ -25,7 +25,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::cms::{PartError, check_part};
@@ -170,15 +170,18 @@ pub struct Ingress {
     budget: Arc<Semaphore>,
     budget_units: u32,
     metrics: Arc<RelayMetrics>,
+    arrivals: Arc<Notify>,
 }
 
 impl Ingress {
-    /// An ingress storing into `store`.
+    /// An ingress storing into `store`; `arrivals` is woken after each stored callback
+    /// (the pull side's long polls wait on it).
     #[must_use]
     pub fn new(
         settings: Arc<RelaySettings>,
         store: Arc<dyn CallbackStore>,
         metrics: Arc<RelayMetrics>,
+        arrivals: Arc<Notify>,
     ) -> Self {
         let units = (settings.max_in_flight_bytes / BUDGET_UNIT)
             .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
@@ -189,6 +192,7 @@ impl Ingress {
             budget: Arc::new(Semaphore::new(units)),
             budget_units,
             metrics,
+            arrivals,
         }
     }
 
@@ -205,6 +209,9 @@ impl Ingress {
                 };
                 self.metrics.count(result);
                 self.metrics.acked(started.elapsed());
+                if result == IngestResult::Stored {
+                    self.arrivals.notify_waiters();
+                }
                 tracing::info!(record = %id, acquirer = %acquirer.name, result = result.label(), "relay: callback acknowledged");
                 json(StatusCode::OK, r#"{"success":true}"#.to_owned())
             }

@@ -84,6 +84,7 @@ use futures_util::future::BoxFuture;
 
 pub mod cms;
 pub mod deliver;
+pub mod desk;
 pub mod ingress;
 pub mod metrics;
 pub mod record;

@@ -33,7 +33,8 @@ pub struct Route {
     pub client: String,
     /// The branch id.
     pub branch: String,
-    /// The delivery target's name (`[[callback_relay.target]]`).
+    /// The delivery target's name (`[[callback_relay.target]]`); empty when no target
+    /// serves the branch and it pulls its packages ([`Route::is_pull`]).
     pub target: String,
 }
 
@@ -111,6 +112,12 @@ impl Envelope {
 }
 
 impl Route {
+    /// Whether the branch pulls its packages (no push target serves it).
+    #[must_use]
+    pub fn is_pull(&self) -> bool {
+        self.target.is_empty()
+    }
+
     /// Whether `client` is the caller that created the route, compared as SHA-256 digests in
     /// constant time (what the pull side authorises with, after [`crate::relay::CallbackStore::route`]).
     #[must_use]

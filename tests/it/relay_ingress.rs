@@ -28,18 +28,18 @@ use support::{Harness, Reply};
 use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
 
-const TOKEN: &str = "8f1c2b7d4e6a9f0b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e2f4a6b";
-const BOUNDARY: &str = "diia-test-boundary-7d3f";
-const REQUEST_ID: &str = "5b8f7a3e-2c1d-4e6f-9a0b-1c2d3e4f5a6b";
+pub(crate) const TOKEN: &str = "8f1c2b7d4e6a9f0b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e2f4a6b";
+pub(crate) const BOUNDARY: &str = "diia-test-boundary-7d3f";
+pub(crate) const REQUEST_ID: &str = "5b8f7a3e-2c1d-4e6f-9a0b-1c2d3e4f5a6b";
 
 /// A test acquirer's files: relay seal keys, its path token, its encryption certificate.
-struct Acquirer {
-    dir: TempDir,
-    cert_der: Vec<u8>,
+pub(crate) struct Acquirer {
+    pub(crate) dir: TempDir,
+    pub(crate) cert_der: Vec<u8>,
 }
 
 impl Acquirer {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = TempDir::new().unwrap();
         let certified = rcgen::generate_simple_self_signed(vec!["acquirer.test".into()]).unwrap();
         std::fs::write(dir.path().join("cert.pem"), certified.cert.pem()).unwrap();
@@ -56,13 +56,13 @@ impl Acquirer {
         }
     }
 
-    fn path(&self, name: &str) -> std::path::PathBuf {
+    pub(crate) fn path(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join(name)
     }
 }
 
 /// Turns the relay on for `acquirer` (`max_body` 256 KiB).
-fn relay_on(config: &mut FileConfig, acquirer: &Acquirer) {
+pub(crate) fn relay_on(config: &mut FileConfig, acquirer: &Acquirer) {
     let relay = &mut config.callback_relay;
     relay.enabled = true;
     relay.listen = "127.0.0.1:0".parse().unwrap();
@@ -78,7 +78,10 @@ fn relay_on(config: &mut FileConfig, acquirer: &Acquirer) {
 }
 
 /// A gateway (and simulator) with the relay on for `acquirer`, tweaked.
-async fn start_with(acquirer: &Acquirer, tweak: impl FnOnce(&mut CallbackRelayConfig)) -> Harness {
+pub(crate) async fn start_with(
+    acquirer: &Acquirer,
+    tweak: impl FnOnce(&mut CallbackRelayConfig),
+) -> Harness {
     Harness::with(
         |_| {},
         |config| {
@@ -90,13 +93,13 @@ async fn start_with(acquirer: &Acquirer, tweak: impl FnOnce(&mut CallbackRelayCo
 }
 
 /// A gateway (and simulator) with the relay on for `acquirer`.
-async fn start(acquirer: &Acquirer, max_db_bytes: u64) -> Harness {
+pub(crate) async fn start(acquirer: &Acquirer, max_db_bytes: u64) -> Harness {
     start_with(acquirer, |relay| relay.max_db_bytes = max_db_bytes).await
 }
 
 /// Base64 of a DER `ContentInfo(EnvelopedData)` with one key-transport recipient named by
 /// `cert_der`'s issuer and serial, around `payload` (encrypted-looking bytes).
-fn enveloped_for(cert_der: &[u8], payload: &[u8]) -> String {
+pub(crate) fn enveloped_for(cert_der: &[u8], payload: &[u8]) -> String {
     let cert = Certificate::from_der(cert_der).unwrap();
     let rid = RecipientIdentifier::IssuerAndSerialNumber(IssuerAndSerialNumber {
         issuer: cert.tbs_certificate.issuer.clone(),
@@ -134,7 +137,7 @@ fn enveloped_for(cert_der: &[u8], payload: &[u8]) -> String {
 }
 
 /// A barcode-sharing callback body: `encryptedFile`, `encryptedFileName`, `encodeData`.
-fn barcode_package(file: &str, encode_data: &str) -> String {
+pub(crate) fn barcode_package(file: &str, encode_data: &str) -> String {
     format!(
         "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"encryptedFile\"; filename=\"doc.p7s.p7e\"\r\n\
          Content-Type: application/octet-stream\r\n\r\n{file}\r\n\
@@ -144,17 +147,17 @@ fn barcode_package(file: &str, encode_data: &str) -> String {
     )
 }
 
-fn valid_package(acquirer: &Acquirer, fill: u8) -> String {
+pub(crate) fn valid_package(acquirer: &Acquirer, fill: u8) -> String {
     package_of(acquirer, fill, 8 * 1024)
 }
 
-fn package_of(acquirer: &Acquirer, fill: u8, size: usize) -> String {
+pub(crate) fn package_of(acquirer: &Acquirer, fill: u8, size: usize) -> String {
     let file = enveloped_for(&acquirer.cert_der, &vec![fill; size]);
     let data = enveloped_for(&acquirer.cert_der, &[fill; 64]);
     barcode_package(&file, &data)
 }
 
-async fn callback(h: &Harness, path: &str, trace: Option<&str>, body: String) -> Reply {
+pub(crate) async fn callback(h: &Harness, path: &str, trace: Option<&str>, body: String) -> Reply {
     let addr = h.gateway.relay_addr().expect("relay listens");
     let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
     let mut headers = vec![("content-type", content_type.as_str())];
@@ -165,11 +168,11 @@ async fn callback(h: &Harness, path: &str, trace: Option<&str>, body: String) ->
     support::send(&support::client(), Method::POST, &url, &headers, body).await
 }
 
-fn ingress_path() -> String {
+pub(crate) fn ingress_path() -> String {
     format!("/diia/callback/{TOKEN}")
 }
 
-async fn records(h: &Harness) -> [u64; 5] {
+pub(crate) async fn records(h: &Harness) -> [u64; 5] {
     let store = h.gateway.relay_store().expect("relay store");
     store
         .stats(diia_gateway::relay::now_ms())

@@ -1,0 +1,374 @@
+//! The branch listener's side of the relay: the route a consent push records before it
+//! leaves for Diia, and the pull endpoint that hands a package to the caller that asked.
+//!
+//! - **Route before push.** [`RelayDesk::record`] durably records `(acquirer, requestId) →
+//!   (client, branch, target)` for every configured acquirer before the proxy forwards a
+//!   `document-request` or `offer-request/dynamic`; a requestId routed to another client
+//!   or branch is refused (409), so a second caller cannot divert someone else's package.
+//! - **Target by branch.** The first target that lists the branch, else the acquirer's
+//!   `default_target`, else a target serving `["*"]`; with none, the route is pull-only
+//!   (target `""`) and the push worker holds the record for the pull side.
+//! - **Pull answers only its caller.** [`RelayDesk::pull`] returns a package only to the
+//!   client its route names (compared in constant time by the store); anyone else waits
+//!   out the same long poll and gets the same 404 as for "nothing yet".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use percent_encoding::percent_decode_str;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+
+use super::ingress::{ACTION_HEADER, TRACE_HEADER};
+use super::settings::{Branches, RelayAcquirer, RelaySettings};
+use super::{CallbackStore, Envelope, RecordId, Route, RouteOutcome, now_ms};
+use crate::error::GatewayError;
+
+/// The longest a pull may wait for its package (`?wait=` is capped to it).
+pub const MAX_PULL_WAIT: Duration = Duration::from_secs(60);
+/// Long polls waiting at once; more are refused with 503 (each holds a connection only).
+const MAX_PULL_WAITERS: usize = 4096;
+/// How often a waiting pull looks at the store when no arrival woke it (a callback that
+/// reached another instance, or an orphan routed later).
+const PULL_RECHECK: Duration = Duration::from_millis(500);
+
+/// Why the relay could not do what the branch asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeskError {
+    /// The requestId is routed to another client or branch.
+    Taken,
+    /// The store failed, or too many pulls wait already.
+    Unavailable,
+}
+
+/// A package handed to the pull side.
+#[derive(Debug)]
+pub struct Pulled {
+    /// The record (acknowledge it with its id).
+    pub id: RecordId,
+    /// The callback as Diia sent it.
+    pub envelope: Envelope,
+}
+
+/// The `X-Relay-Record-Id` header: the record a pull returned (`DELETE …?id=` names it).
+pub const RECORD_ID_HEADER: &str = "x-relay-record-id";
+
+impl Pulled {
+    /// The package as Diia sent it: body and `Content-Type` byte for byte, the trace and
+    /// action headers, and the record id to acknowledge.
+    #[must_use]
+    pub fn response(self) -> Response<Full<Bytes>> {
+        let envelope = self.envelope;
+        let mut response = Response::new(Full::new(envelope.body));
+        let headers = response.headers_mut();
+        // Stored values came through `HeaderValue` checks at ingress; one that no longer
+        // converts is left out rather than failing the pull.
+        let mut put = |name: header::HeaderName, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(name, value);
+            }
+        };
+        put(header::CONTENT_TYPE, &envelope.content_type);
+        put(TRACE_HEADER.clone(), &envelope.request_id);
+        if let Some(action) = &envelope.action {
+            put(ACTION_HEADER.clone(), action);
+        }
+        put(
+            header::HeaderName::from_static(RECORD_ID_HEADER),
+            &self.id.to_string(),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+/// The answer to an acknowledgement: `204 No Content`.
+#[must_use]
+pub fn acknowledged() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+/// A pull or acknowledgement as the path and query ask for it.
+#[derive(Debug)]
+pub struct PullRequest {
+    /// The `requestId` (percent-decoded from the path).
+    pub request_id: String,
+    /// `?wait=`: how long a `GET` waits for the package (capped at [`MAX_PULL_WAIT`]).
+    pub wait: Duration,
+    /// `?id=`: the record a `DELETE` acknowledges.
+    pub id: Option<RecordId>,
+}
+
+/// Longest `requestId` accepted (as the JSON bodies accept).
+const MAX_REQUEST_ID: usize = 256;
+
+impl PullRequest {
+    /// From the path's id segment and the query; `422 invalid_relay_query` when the id is
+    /// not UTF-8 or too long, `wait` is not a duration (`30s`, `500ms`, or seconds), or
+    /// `id` is not 32 hex digits.
+    pub fn parse(encoded_id: &str, query: Option<&str>) -> Result<Self, GatewayError> {
+        let request_id = percent_decode_str(encoded_id)
+            .decode_utf8()
+            .map_err(|_| GatewayError::InvalidRelayQuery)?;
+        if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID {
+            return Err(GatewayError::InvalidRelayQuery);
+        }
+        let mut pull = Self {
+            request_id: request_id.into_owned(),
+            wait: Duration::ZERO,
+            id: None,
+        };
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            match pair.split_once('=') {
+                Some(("wait", value)) => {
+                    let wait = match value.parse::<u64>() {
+                        Ok(seconds) => Duration::from_secs(seconds),
+                        Err(_) => humantime::parse_duration(value)
+                            .map_err(|_| GatewayError::InvalidRelayQuery)?,
+                    };
+                    pull.wait = wait.min(MAX_PULL_WAIT);
+                }
+                Some(("id", value)) => {
+                    pull.id = Some(RecordId::parse(value).ok_or(GatewayError::InvalidRelayQuery)?);
+                }
+                _ => return Err(GatewayError::InvalidRelayQuery),
+            }
+        }
+        Ok(pull)
+    }
+}
+
+/// Routes and pulls over the relay's store.
+pub struct RelayDesk {
+    settings: Arc<RelaySettings>,
+    store: Arc<dyn CallbackStore>,
+    arrivals: Arc<Notify>,
+    waiters: Semaphore,
+}
+
+impl RelayDesk {
+    /// A desk over the relay's store and settings.
+    #[must_use]
+    pub fn new(settings: Arc<RelaySettings>, store: Arc<dyn CallbackStore>) -> Self {
+        Self {
+            settings,
+            store,
+            arrivals: Arc::new(Notify::new()),
+            waiters: Semaphore::new(MAX_PULL_WAITERS),
+        }
+    }
+
+    /// Woken by ingress after each stored callback, so a waiting pull answers at once.
+    #[must_use]
+    pub fn arrivals(&self) -> Arc<Notify> {
+        Arc::clone(&self.arrivals)
+    }
+
+    /// Where `branch`'s packages of `acquirer` go: a target's name, or `""` (pull only).
+    #[must_use]
+    pub fn target_for(&self, acquirer: &RelayAcquirer, branch: &str) -> String {
+        let targets = &self.settings.targets;
+        let listed = targets
+            .iter()
+            .find(|t| matches!(&t.branches, Branches::Listed(_)) && t.branches.serves(branch));
+        if let Some(target) = listed {
+            return target.name.clone();
+        }
+        if let Some(default) = &acquirer.default_target {
+            return default.clone();
+        }
+        targets
+            .iter()
+            .find(|t| matches!(t.branches, Branches::All))
+            .map_or_else(String::new, |t| t.name.clone())
+    }
+
+    /// Durably routes `request_id` to `client` and `branch` for every acquirer, before the
+    /// push leaves. A retried push by the same client and branch is accepted again.
+    pub async fn record(
+        &self,
+        client: &str,
+        branch: &str,
+        request_id: &str,
+    ) -> Result<(), DeskError> {
+        let now = now_ms();
+        for acquirer in &self.settings.acquirers {
+            let route = Route {
+                client: client.to_owned(),
+                branch: branch.to_owned(),
+                target: self.target_for(acquirer, branch),
+            };
+            let outcome = self
+                .store
+                .record_route(
+                    acquirer.name.clone(),
+                    request_id.to_owned(),
+                    route,
+                    self.settings.route_ttl,
+                    now,
+                )
+                .await
+                .map_err(|error| {
+                    tracing::error!(acquirer = %acquirer.name, %error, "relay: route not recorded");
+                    DeskError::Unavailable
+                })?;
+            match outcome {
+                RouteOutcome::Recorded | RouteOutcome::Same => {}
+                RouteOutcome::Taken => return Err(DeskError::Taken),
+            }
+        }
+        // A callback that arrived first (an orphan) is routed now: wake waiting pulls.
+        self.arrivals.notify_waiters();
+        Ok(())
+    }
+
+    /// The caller's oldest undelivered package for `request_id`, waiting up to `wait`
+    /// for one to arrive; `None` when there is none for this caller (or none yet).
+    pub async fn pull(
+        &self,
+        client: &str,
+        request_id: &str,
+        wait: Duration,
+    ) -> Result<Option<Pulled>, DeskError> {
+        let _waiting = self.wait_slot(wait)?;
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_PULL_WAIT);
+        loop {
+            // Registered before the look, so an arrival between the look and the wait
+            // still wakes this pull.
+            let arrived = self.arrivals.notified();
+            let mut arrived = std::pin::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(found) = self.take(client, request_id).await? {
+                return Ok(Some(found));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let recheck = (now + PULL_RECHECK).min(deadline);
+            tokio::select! {
+                () = arrived => {}
+                () = tokio::time::sleep_until(recheck) => {}
+            }
+        }
+    }
+
+    /// A place among the waiting pulls (none needed for a pull that does not wait).
+    fn wait_slot(&self, wait: Duration) -> Result<Option<SemaphorePermit<'_>>, DeskError> {
+        if wait.is_zero() {
+            return Ok(None);
+        }
+        self.waiters
+            .try_acquire()
+            .map(Some)
+            .map_err(|_| DeskError::Unavailable)
+    }
+
+    async fn take(&self, client: &str, request_id: &str) -> Result<Option<Pulled>, DeskError> {
+        for acquirer in &self.settings.acquirers {
+            let found = self
+                .store
+                .take_for(
+                    acquirer.name.clone(),
+                    request_id.to_owned(),
+                    client.to_owned(),
+                )
+                .await
+                .map_err(|error| {
+                    tracing::error!(acquirer = %acquirer.name, %error, "relay: pull failed");
+                    DeskError::Unavailable
+                })?;
+            if let Some((id, envelope)) = found {
+                return Ok(Some(Pulled { id, envelope }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Acknowledges a pulled package: record `id`, or the caller's oldest for the request.
+    /// `false` when there is no such undelivered package for this caller.
+    pub async fn acknowledge(
+        &self,
+        client: &str,
+        request_id: &str,
+        id: Option<RecordId>,
+    ) -> Result<bool, DeskError> {
+        let id = match id {
+            Some(id) => id,
+            None => match self.take(client, request_id).await? {
+                Some(pulled) => pulled.id,
+                None => return Ok(false),
+            },
+        };
+        for acquirer in &self.settings.acquirers {
+            let acked = self
+                .store
+                .ack_pulled(
+                    acquirer.name.clone(),
+                    request_id.to_owned(),
+                    client.to_owned(),
+                    id,
+                    now_ms(),
+                )
+                .await
+                .map_err(|error| {
+                    tracing::error!(acquirer = %acquirer.name, %error, "relay: acknowledgement failed");
+                    DeskError::Unavailable
+                })?;
+            if acked {
+                tracing::info!(record = %id, acquirer = %acquirer.name, "relay: pulled package acknowledged");
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn pull_requests_parse_or_are_refused() {
+        let pull = PullRequest::parse("req%2F1", Some("wait=30s")).unwrap();
+        assert_eq!(pull.request_id, "req/1");
+        assert_eq!(pull.wait, Duration::from_secs(30));
+        assert_eq!(
+            PullRequest::parse("r", Some("wait=5")).unwrap().wait,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            PullRequest::parse("r", Some("wait=1h")).unwrap().wait,
+            MAX_PULL_WAIT
+        );
+        assert_eq!(PullRequest::parse("r", None).unwrap().wait, Duration::ZERO);
+        let id = "00112233445566778899aabbccddeeff";
+        let pull = PullRequest::parse("r", Some(&format!("id={id}"))).unwrap();
+        assert_eq!(pull.id.unwrap().to_string(), id);
+        for (path, query) in [
+            ("%ff", None),
+            ("r", Some("wait=soon")),
+            ("r", Some("id=xyz")),
+            ("r", Some("other=1")),
+            ("r", Some("wait")),
+        ] {
+            assert!(
+                matches!(
+                    PullRequest::parse(path, query),
+                    Err(GatewayError::InvalidRelayQuery)
+                ),
+                "{path} {query:?}"
+            );
+        }
+        assert!(PullRequest::parse(&"a".repeat(257), None).is_err());
+    }
+}
