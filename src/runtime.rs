@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::relay::ingress::{self, Ingress};
+use crate::relay::metrics::spawn_stats_refresh;
 use crate::relay::settings::RelaySettings;
 use crate::relay::{Options, SqliteStore};
 use crate::reload::Reloader;
@@ -195,6 +196,13 @@ pub async fn start_from_file(
             let drain = settings.cold.drain_timeout;
             let (task, addr, store) = start_relay(relay, &gateway, &closing, drain).await?;
             tasks.push(task);
+            admin.attach_relay(Arc::new(store.clone()));
+            let (metrics, closed) = (Arc::clone(&gateway.metrics().relay), closing.clone());
+            tasks.push(spawn_stats_refresh(
+                Arc::new(store.clone()),
+                metrics,
+                async move { closed.wait().await },
+            ));
             Some((addr, store))
         }
         None => None,

@@ -1,7 +1,9 @@
 //! The callback relay's ingress over real sockets: a forged or malformed callback is
 //! refused before anything is stored; a real one (CMS `EnvelopedData` for the acquirer's
 //! certificate) is stored and only then acknowledged; duplicates and conflicts are counted;
-//! a failing store answers 503 while identification keeps being served.
+//! a failing store answers 503 while identification keeps being served. Its helpers (the
+//! test acquirer, a relay-enabled gateway, a valid package) are shared with the relay's
+//! admin and ops tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,16 +32,16 @@ use tokio::io::AsyncWriteExt;
 
 const TOKEN: &str = "8f1c2b7d4e6a9f0b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e2f4a6b";
 const BOUNDARY: &str = "diia-test-boundary-7d3f";
-const REQUEST_ID: &str = "5b8f7a3e-2c1d-4e6f-9a0b-1c2d3e4f5a6b";
+pub(crate) const REQUEST_ID: &str = "5b8f7a3e-2c1d-4e6f-9a0b-1c2d3e4f5a6b";
 
 /// A test acquirer's files: relay seal keys, its path token, its encryption certificate.
-struct Acquirer {
+pub(crate) struct Acquirer {
     dir: TempDir,
     cert_der: Vec<u8>,
 }
 
 impl Acquirer {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = TempDir::new().unwrap();
         let certified = rcgen::generate_simple_self_signed(vec!["acquirer.test".into()]).unwrap();
         std::fs::write(dir.path().join("cert.pem"), certified.cert.pem()).unwrap();
@@ -90,7 +92,7 @@ async fn start_with(acquirer: &Acquirer, tweak: impl FnOnce(&mut CallbackRelayCo
 }
 
 /// A gateway (and simulator) with the relay on for `acquirer`.
-async fn start(acquirer: &Acquirer, max_db_bytes: u64) -> Harness {
+pub(crate) async fn start(acquirer: &Acquirer, max_db_bytes: u64) -> Harness {
     start_with(acquirer, |relay| relay.max_db_bytes = max_db_bytes).await
 }
 
@@ -144,17 +146,17 @@ fn barcode_package(file: &str, encode_data: &str) -> String {
     )
 }
 
-fn valid_package(acquirer: &Acquirer, fill: u8) -> String {
+pub(crate) fn valid_package(acquirer: &Acquirer, fill: u8) -> String {
     package_of(acquirer, fill, 8 * 1024)
 }
 
-fn package_of(acquirer: &Acquirer, fill: u8, size: usize) -> String {
+pub(crate) fn package_of(acquirer: &Acquirer, fill: u8, size: usize) -> String {
     let file = enveloped_for(&acquirer.cert_der, &vec![fill; size]);
     let data = enveloped_for(&acquirer.cert_der, &[fill; 64]);
     barcode_package(&file, &data)
 }
 
-async fn callback(h: &Harness, path: &str, trace: Option<&str>, body: String) -> Reply {
+pub(crate) async fn callback(h: &Harness, path: &str, trace: Option<&str>, body: String) -> Reply {
     let addr = h.gateway.relay_addr().expect("relay listens");
     let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
     let mut headers = vec![("content-type", content_type.as_str())];
@@ -165,11 +167,11 @@ async fn callback(h: &Harness, path: &str, trace: Option<&str>, body: String) ->
     support::send(&support::client(), Method::POST, &url, &headers, body).await
 }
 
-fn ingress_path() -> String {
+pub(crate) fn ingress_path() -> String {
     format!("/diia/callback/{TOKEN}")
 }
 
-async fn records(h: &Harness) -> [u64; 5] {
+pub(crate) async fn records(h: &Harness) -> [u64; 5] {
     let store = h.gateway.relay_store().expect("relay store");
     store
         .stats(diia_gateway::relay::now_ms())
