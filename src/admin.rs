@@ -1,10 +1,11 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (process alive),
 //! `/readyz` (accepting traffic; turns 503 as soon as a drain starts), `POST /reload`
-//! (re-read the config file).
+//! (re-read the config file), and with `[callback_relay]` on the relay's record endpoints
+//! under `/relay/` ([`crate::relay::admin`]; `404 relay_off` while the relay is off).
 //! Kept on its own port so branch traffic can never reach it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -12,6 +13,8 @@ use http_body_util::Full;
 
 use crate::gateway::Gateway;
 use crate::head::RequestHead;
+use crate::relay::CallbackStore;
+use crate::relay::admin::{self as relay_admin, AdminError};
 use crate::reload::Reloader;
 use crate::service::{Handler, HttpResponse, Reply, RequestBody, Shutdown};
 
@@ -20,6 +23,9 @@ pub struct Admin {
     gateway: Arc<Gateway>,
     shutdown: Shutdown,
     reloader: Option<Arc<Reloader>>,
+    /// The relay's store, attached once the relay has started (it starts after the admin
+    /// handler is built); unset, `/relay/` answers `404 relay_off`.
+    relay: OnceLock<Arc<dyn CallbackStore>>,
 }
 
 impl Admin {
@@ -30,7 +36,40 @@ impl Admin {
             gateway,
             shutdown,
             reloader,
+            relay: OnceLock::new(),
         }
+    }
+
+    /// Serves the relay's record endpoints over `store` from now on (once; later calls
+    /// change nothing). Without it they answer `404 relay_off`.
+    pub fn attach_relay(&self, store: Arc<dyn CallbackStore>) {
+        let _ = self.relay.set(store);
+    }
+
+    /// A request under `/relay/`: the relay's admin module answers, or `relay_off`.
+    async fn relay(&self, head: &RequestHead, body: RequestBody) -> HttpResponse {
+        let (status, body) = match self.relay.get() {
+            Some(store) => {
+                let metrics = &self.gateway.metrics().relay;
+                relay_admin::answer(
+                    store.as_ref(),
+                    metrics,
+                    &head.method,
+                    head.uri.path(),
+                    head.uri.query(),
+                    body,
+                )
+                .await
+            }
+            None => (AdminError::RelayOff.status(), AdminError::RelayOff.body()),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
     }
 
     async fn answer(&self, method: &Method, path: &str) -> HttpResponse {
@@ -84,7 +123,10 @@ impl Admin {
 }
 
 impl Handler for Admin {
-    async fn handle(&self, head: RequestHead, _body: RequestBody, _peer: SocketAddr) -> Reply {
+    async fn handle(&self, head: RequestHead, body: RequestBody, _peer: SocketAddr) -> Reply {
+        if relay_admin::is_relay_path(head.uri.path()) {
+            return Reply::Response(self.relay(&head, body).await);
+        }
         Reply::Response(self.answer(&head.method, head.uri.path()).await)
     }
 }

@@ -14,6 +14,7 @@ use crate::gateway::Gateway;
 use crate::relay::deliver::{Deliverer, DeliveryOptions};
 use crate::relay::desk::RelayDesk;
 use crate::relay::ingress::{self, Ingress};
+use crate::relay::metrics::spawn_stats_refresh;
 use crate::relay::settings::RelaySettings;
 use crate::relay::{self, CallbackStore, Options, Retention, SqliteStore};
 use crate::reload::Reloader;
@@ -197,6 +198,13 @@ pub async fn start_from_file(
             let drain = settings.cold.drain_timeout;
             let (relay_tasks, addr, store) = start_relay(relay, &gateway, &closing, drain).await?;
             tasks.extend(relay_tasks);
+            admin.attach_relay(Arc::new(store.clone()));
+            let (metrics, closed) = (Arc::clone(&gateway.metrics().relay), closing.clone());
+            tasks.push(spawn_stats_refresh(
+                Arc::new(store.clone()),
+                metrics,
+                async move { closed.wait().await },
+            ));
             Some((addr, store))
         }
         None => None,
@@ -268,6 +276,10 @@ async fn start_relay(
         async move { closing.wait().await }
     };
     let deliverer = Deliverer::new(Arc::clone(&shared), relay, DeliveryOptions::default())?;
+    gateway
+        .metrics()
+        .relay
+        .attach_delivery(deliverer.counters());
     let tasks = vec![
         tokio::spawn(ingress::serve(
             listener,

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::cms::{PartError, check_part};
-use super::metrics::{IngestResult, RelayMetrics};
+use super::metrics::{IngestResult, RelayMetrics, StoreOp};
 use super::settings::{RelayAcquirer, RelaySettings};
 use super::{CallbackStore, Envelope, Ingest, PutOutcome, State, now_ms};
 
@@ -284,6 +284,7 @@ impl Ingress {
         match self.store.put(ingest, now_ms()).await {
             Ok(outcome) => Ok((outcome, acquirer)),
             Err(error) => {
+                self.metrics.store_failed(StoreOp::Ingest);
                 tracing::error!(acquirer = %acquirer.name, %error, "relay: callback not stored; answered 503");
                 Err(Refusal::Store)
             }

@@ -82,6 +82,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+pub mod admin;
 pub mod cms;
 pub mod deliver;
 pub mod desk;

@@ -20,6 +20,7 @@ mod ops_prometheus;
 mod overload;
 mod passthrough;
 mod properties;
+mod relay_admin;
 mod relay_flow;
 mod relay_ingress;
 mod reload;

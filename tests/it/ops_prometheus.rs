@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::Harness;
 use support::prometheus::{
-    Prometheus, api, assert_data, dashboard_queries, is_scaleout, repo, tool,
+    Prometheus, api, assert_data, dashboard_queries, is_relay, is_scaleout, repo, tool,
 };
 
 const RULES: &str = "deploy/prometheus/diia-gateway.rules.yml";
@@ -256,8 +256,11 @@ async fn alerts_fire_on_a_real_prometheus_and_every_dashboard_query_returns_data
 
     // Every dashboard query parses and returns data (Grafana's variables filled in); the
     // scale-out panels read metrics only `[scaleout]` exports: the fleet tests check those.
+    // The relay panels read metrics only `[callback_relay]` exports: the relay test below
+    // checks those.
     let (scaleout, single): (Vec<_>, Vec<_>) = dashboard_queries()
         .into_iter()
+        .filter(|(_, promql)| !is_relay(promql))
         .partition(|(_, promql)| is_scaleout(promql));
     assert_data(&prometheus, &client, &single).await;
     assert!(single.len() >= 15, "{} dashboard queries", single.len());
@@ -275,6 +278,72 @@ async fn alerts_fire_on_a_real_prometheus_and_every_dashboard_query_returns_data
     ));
     stop.store(true, Ordering::Relaxed);
     println!("prometheus end to end: {}", report.join("; "));
+}
+
+/// The relay's half of the kit on a real Prometheus: a relay-enabled gateway, a dead
+/// letter made in its store, DiiaGatewayRelayDeadLetters fires (time-scaled rules), and
+/// every relay panel of the dashboard returns data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_alerts_fire_and_every_relay_dashboard_query_returns_data() {
+    use crate::relay_ingress::{
+        Acquirer, REQUEST_ID, callback, ingress_path, start, valid_package,
+    };
+    use diia_gateway::relay::{CallbackStore, Route};
+
+    let Some(binary) = tool("prometheus") else {
+        return;
+    };
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let client = support::client();
+    let rules = time_scaled_rules();
+    let prometheus =
+        Prometheus::start(&binary, &[h.gateway.admin_addr()], Some(&rules), &client).await;
+    prometheus.wait_until_scraped(&client, 1).await;
+    // A callback routed to a target the settings do not have: the delivery worker makes
+    // it a dead letter (it is never sent anywhere else).
+    let store = h.gateway.relay_store().unwrap().clone();
+    let now = diia_gateway::relay::now_ms();
+    let route = Route {
+        client: "client-1".into(),
+        branch: "branch-1".into(),
+        target: "target-1".into(),
+    };
+    store
+        .record_route(
+            "acquirer-1".into(),
+            REQUEST_ID.into(),
+            route,
+            Duration::from_secs(600),
+            now,
+        )
+        .await
+        .unwrap();
+    let reply = callback(
+        &h,
+        &ingress_path(),
+        Some(REQUEST_ID),
+        valid_package(&acquirer, 1),
+    )
+    .await;
+    assert_eq!(reply.status, http::StatusCode::OK);
+    let took = wait_for(
+        &client,
+        &prometheus.url,
+        "DiiaGatewayRelayDeadLetters",
+        |now| now.iter().any(|a| a == "DiiaGatewayRelayDeadLetters"),
+    )
+    .await;
+    let relay: Vec<_> = dashboard_queries()
+        .into_iter()
+        .filter(|(_, promql)| is_relay(promql))
+        .collect();
+    assert!(relay.len() >= 7, "{} relay queries", relay.len());
+    assert_data(&prometheus, &client, &relay).await;
+    println!(
+        "relay: DiiaGatewayRelayDeadLetters firing {:.1} s after the record died",
+        took.as_secs_f64()
+    );
 }
 
 /// The shipped systemd unit: verified by `systemd-analyze verify` where it exists (skipped

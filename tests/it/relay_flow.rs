@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use crate::relay_ingress::{
 };
 use crate::support::{Harness, OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN, Reply};
 
-const BRANCH: &str = "kyiv-001";
+pub(crate) const BRANCH: &str = "kyiv-001";
 const SECRET: &[u8] = b"branch-backoffice-signing-secret";
 
 fn pull_path(request_id: &str) -> String {
@@ -54,14 +55,14 @@ async fn acknowledge(h: &Harness, token: &str, request_id: &str, query: &str) ->
 }
 
 /// A consent push through the gateway for a fresh barcode; asserts Diia accepted it.
-async fn push_consent(h: &Harness, token: &str, request_id: &str) -> String {
+pub(crate) async fn push_consent(h: &Harness, token: &str, request_id: &str) -> String {
     let barcode = h.issue_barcode().await;
     let reply = h.share(token, BRANCH, &barcode, request_id).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     barcode
 }
 
-async fn wait_for_state(h: &Harness, state: State, count: u64) {
+pub(crate) async fn wait_for_state(h: &Harness, state: State, count: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while records(h).await[state.code() as usize] != count {
         assert!(
@@ -230,10 +231,16 @@ async fn the_pull_path_is_404_while_the_relay_is_off_and_its_query_is_checked() 
 }
 
 /// What a branch backend received: headers and body.
-type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
+pub(crate) type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
 
 /// A branch backend on loopback that records every POST and answers `{"success":true}`.
 async fn branch_backend() -> (SocketAddr, Received) {
+    scripted_backend(Arc::new(AtomicU16::new(200))).await
+}
+
+/// A branch backend that records every POST and answers with the status `status` holds
+/// at the time (`{"success":true}` as the body).
+pub(crate) async fn scripted_backend(status: Arc<AtomicU16>) -> (SocketAddr, Received) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received: Received = Arc::default();
@@ -243,17 +250,19 @@ async fn branch_backend() -> (SocketAddr, Received) {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let sink = Arc::clone(&sink);
+            let (sink, status) = (Arc::clone(&sink), Arc::clone(&status));
             tokio::spawn(async move {
                 let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let sink = Arc::clone(&sink);
+                    let (sink, status) = (Arc::clone(&sink), status.load(Ordering::SeqCst));
                     async move {
                         let (parts, body) = request.into_parts();
                         let body = body.collect().await?.to_bytes();
                         sink.lock().unwrap().push((parts.headers, body));
-                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from_static(
+                        let mut response = http::Response::new(Full::new(Bytes::from_static(
                             br#"{"success":true}"#,
-                        ))))
+                        )));
+                        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                        Ok::<_, hyper::Error>(response)
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -265,10 +274,8 @@ async fn branch_backend() -> (SocketAddr, Received) {
     (addr, received)
 }
 
-#[tokio::test]
-async fn a_package_is_pushed_to_its_branch_target_signed_and_byte_for_byte() {
-    let acquirer = Acquirer::new();
-    let (addr, received) = branch_backend().await;
+/// A `[[callback_relay.target]]` at `addr` serving [`BRANCH`], signing with [`SECRET`].
+pub(crate) fn target_at(acquirer: &Acquirer, addr: SocketAddr) -> RelayTargetConfig {
     let secret_file = acquirer.path("whsec");
     std::fs::write(
         &secret_file,
@@ -278,15 +285,20 @@ async fn a_package_is_pushed_to_its_branch_target_signed_and_byte_for_byte() {
         ),
     )
     .unwrap();
-    let h = start_with(&acquirer, |relay| {
-        relay.target = vec![RelayTargetConfig {
-            name: "backoffice".into(),
-            url: format!("http://{addr}/diia/documents"),
-            signing_secret_file: secret_file.clone(),
-            branch_ids: vec![BRANCH.into()],
-        }];
-    })
-    .await;
+    RelayTargetConfig {
+        name: "backoffice".into(),
+        url: format!("http://{addr}/diia/documents"),
+        signing_secret_file: secret_file,
+        branch_ids: vec![BRANCH.into()],
+    }
+}
+
+#[tokio::test]
+async fn a_package_is_pushed_to_its_branch_target_signed_and_byte_for_byte() {
+    let acquirer = Acquirer::new();
+    let (addr, received) = branch_backend().await;
+    let target = target_at(&acquirer, addr);
+    let h = start_with(&acquirer, |relay| relay.target = vec![target]).await;
     let token = h.session_token().await;
     let request_id = "flow-push-1";
     push_consent(&h, &token, request_id).await;

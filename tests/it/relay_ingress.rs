@@ -1,7 +1,9 @@
 //! The callback relay's ingress over real sockets: a forged or malformed callback is
 //! refused before anything is stored; a real one (CMS `EnvelopedData` for the acquirer's
 //! certificate) is stored and only then acknowledged; duplicates and conflicts are counted;
-//! a failing store answers 503 while identification keeps being served.
+//! a failing store answers 503 while identification keeps being served. Its helpers (the
+//! test acquirer, a relay-enabled gateway, a valid package) are shared with the relay's
+//! admin and ops tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

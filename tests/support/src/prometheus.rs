@@ -25,6 +25,11 @@ pub const SCALEOUT_METRICS: [&str; 5] = [
     "diia_gateway_instances_live",
 ];
 
+/// The prefix of the metric families only a gateway with `[callback_relay]` exports: the
+/// dashboard's relay panels are checked by the relay's ops test, every other panel by the
+/// single-instance one.
+pub const RELAY_METRIC_PREFIX: &str = "diia_gateway_relay_";
+
 /// A path in this repository (this crate lives in `tests/support`).
 pub fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -231,6 +236,11 @@ pub fn is_scaleout(promql: &str) -> bool {
     SCALEOUT_METRICS
         .iter()
         .any(|metric| promql.contains(metric))
+}
+
+/// Whether a query reads a metric only `[callback_relay]` exports.
+pub fn is_relay(promql: &str) -> bool {
+    promql.contains(RELAY_METRIC_PREFIX)
 }
 
 /// Asserts that each query parses and returns data.
