@@ -23,6 +23,7 @@ mod properties;
 mod relay_admin;
 mod relay_flow;
 mod relay_ingress;
+mod relay_sdk_receiver;
 mod reload;
 mod resilience;
 mod sharing;
