@@ -329,3 +329,39 @@ async fn a_package_is_pushed_to_its_branch_target_signed_and_byte_for_byte() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn a_token_diia_refuses_records_no_route_and_cannot_squat_a_request_id() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let request_id = "flow-squat-1";
+    // Junk session tokens (well-formed, never accepted by Diia) push with a requestId.
+    for n in 0..5 {
+        let barcode = h.issue_barcode().await;
+        let junk = format!("junk-session-token-{n:04}");
+        let refused = h.share(&junk, BRANCH, &barcode, request_id).await;
+        assert!(
+            refused.status.is_client_error() || refused.status.is_server_error(),
+            "{:?}",
+            refused.status
+        );
+    }
+    let store = h.gateway.relay_store().unwrap();
+    let route = store
+        .route(
+            "acquirer-1".into(),
+            request_id.into(),
+            diia_gateway::relay::now_ms(),
+        )
+        .await
+        .unwrap();
+    assert!(route.is_none(), "a refused push left a route");
+    // The real caller's push with that requestId goes through, and its package is its own.
+    let token = h.session_token().await;
+    push_consent(&h, &token, request_id).await;
+    let body = package_of(&acquirer, 7, 4096);
+    callback(&h, &ingress_path(), Some(request_id), body.clone()).await;
+    let pulled = pull(&h, &token, request_id, "").await;
+    assert_eq!(pulled.status, StatusCode::OK);
+    assert_eq!(pulled.body.as_ref(), body.as_bytes());
+}
