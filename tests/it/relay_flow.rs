@@ -294,7 +294,7 @@ pub(crate) fn target_at(acquirer: &Acquirer, addr: SocketAddr) -> RelayTargetCon
 }
 
 #[tokio::test]
-async fn a_package_is_pushed_to_its_branch_target_signed_and_byte_for_byte() {
+async fn a_package_is_pushed_to_its_branch_target_signed_byte_for_byte_and_once() {
     let acquirer = Acquirer::new();
     let (addr, received) = branch_backend().await;
     let target = target_at(&acquirer, addr);
@@ -310,6 +310,24 @@ async fn a_package_is_pushed_to_its_branch_target_signed_and_byte_for_byte() {
         StatusCode::OK
     );
     wait_for_state(&h, State::Delivered, 1).await;
+    // Diia sends it again (same bytes), and once with other bytes: acknowledged, counted,
+    // never delivered a second time.
+    for again in [body.clone(), package_of(&acquirer, 9, 1024)] {
+        let reply = callback(&h, &ingress_path(), Some(request_id), again).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let ingested = |result: &'static str| {
+        let h = &h;
+        async move {
+            h.metric(&format!(
+                "diia_gateway_relay_ingest_total{{result=\"{result}\"}}"
+            ))
+            .await
+        }
+    };
+    assert_eq!(ingested("duplicate").await, 1.0);
+    assert_eq!(ingested("conflict").await, 1.0);
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let received = received.lock().unwrap().clone();
     assert_eq!(received.len(), 1, "delivered once");
     let (headers, delivered) = &received[0];
