@@ -20,6 +20,8 @@
 //! - `GET|PUT /sim/faults` → the fault knobs as JSON (see [`Faults`])
 //! - `GET /sim/acquirer-certificate` → the acquirer's encryption certificate (PEM)
 //! - `GET|PUT /sim/consent` → `{"consent":"accept|refuse"}`, the customer's answer
+//! - `POST /sim/branch-inbox` → a stand-in branch backend for pushed document packages
+//!   (`{"success":true}`); `GET /sim/branch-inbox` lists what arrived (see [`inbox`])
 //!
 //! With `callback_url` set, every consent push (barcode or QR `document-request`, and
 //! `offer-request/dynamic`) is answered after `consent_delay` by a document package POSTed
@@ -28,6 +30,7 @@
 mod acquirer;
 mod barcode;
 pub mod callback;
+pub mod inbox;
 pub mod route;
 mod serve;
 mod state;
@@ -226,6 +229,7 @@ pub struct Simulator {
     state: SimState,
     faults: ArcSwap<FaultState>,
     callbacks: Arc<Callbacks>,
+    inbox: inbox::BranchInbox,
 }
 
 /// A running simulator; dropping it stops the listener.
@@ -310,6 +314,7 @@ impl Simulator {
             faults: ArcSwap::from_pointee(FaultState::new(state.config().faults.clone())),
             state,
             callbacks,
+            inbox: inbox::BranchInbox::default(),
         });
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&simulator), stopped));
         Ok(SimHandle {
@@ -322,7 +327,12 @@ impl Simulator {
 
     async fn answer(&self, request: Request<Incoming>) -> HttpResponse {
         let (parts, body) = request.into_parts();
-        let body = match Limited::new(body, 100 * 1024).collect().await {
+        let limit = if parts.uri.path() == "/sim/branch-inbox" {
+            inbox::MAX_PACKAGE
+        } else {
+            100 * 1024
+        };
+        let body = match Limited::new(body, limit).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(_) => {
                 return error(&SimError::new(
@@ -336,6 +346,10 @@ impl Simulator {
         if let Some(sim_path) = path.strip_prefix("/sim/") {
             if parts.method == Method::GET && sim_path == "acquirer-certificate" {
                 return self.certificate_pem().await;
+            }
+            if sim_path == "branch-inbox" && parts.method == Method::POST {
+                self.inbox.take(&parts.headers, &body);
+                return json(StatusCode::OK, r#"{"success":true}"#.to_owned());
             }
             return self.sim_route(&parts.method, sim_path, &body);
         }
@@ -524,6 +538,7 @@ impl Simulator {
                 )
             }
             (&Method::GET, "stats") => json(StatusCode::OK, self.state.stats_json()),
+            (&Method::GET, "branch-inbox") => json(StatusCode::OK, self.inbox.json()),
             (&Method::POST, "sessions/revoke") => {
                 self.state.revoke_sessions();
                 json(StatusCode::OK, r#"{"revoked":true}"#.to_owned())
