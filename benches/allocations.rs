@@ -98,9 +98,12 @@ fn main() {
         }
         let pre_rendered = region.change();
 
-        // A log line into the batched sink, and a per-thread value looked up (the Diia
+        // A log line into the log sink, and a per-thread value looked up (the Diia
         // pool and Redis lane path), after this thread's first use of each.
-        let (sink, _flush) = diia_gateway::logsink::LogSink::spawn(std::io::sink(), 4 << 20).unwrap();
+        let (sink, _flush) = diia_gateway::logsink::LogSink::spawn(
+            std::io::sink(),
+            diia_gateway::logsink::QUEUED_LINES,
+        ).unwrap();
         let line = br#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","target":"diia_gateway::access","endpoint":"document_identification","status":200}"#;
         sink.push(line);
         let region = Region::new(GLOBAL);

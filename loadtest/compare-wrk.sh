@@ -11,9 +11,6 @@
 #   gateway-mt-log  diia-gateway with the default work-stealing runtime, access log on
 #   gateway-log-2w  diia-gateway with server.workers = 2 (one runtime per core, as NGINX's
 #              two workers), access log on
-#   appender-log  as gateway-log, built with `--features log-appender`: log lines through
-#              tracing-appender's non-blocking writer over a BufWriter instead of the
-#              batched per-thread sink (src/logsink.rs)
 # Each case runs REPEATS times (default 3) for DURATION (default 8s); the table shows medians
 # of req/s, p99 and CPU µs per request (utime + stime of the server's processes from /proc),
 # with the ratios to the bare responder and to NGINX's cache. Loopback only; every process
@@ -23,11 +20,11 @@
 #   REPEATS=5 DURATION=10s CASES="bare gateway-log" loadtest/compare-wrk.sh
 #   MIX=zipf CASES="gateway-log nginx-log" loadtest/compare-wrk.sh
 #   BEFORE=/path/to/older/diia-gateway CASES="bare gateway-log before-log" loadtest/compare-wrk.sh
-#   SINK=1 loadtest/compare-wrk.sh          # the log sink against tracing-appender
+#   BEFORE=/path/to/older/diia-gateway CASES="gateway-log before-log" REPEATS=5 loadtest/compare-wrk.sh
 #   PIN=on SERVER_CORES=2 loadtest/compare-wrk.sh
-# SINK=1 runs gateway-log and appender-log alternately (run 1 of each, then run 2, ...),
-# REPEATS (default 3) rounds each, in one run; keep the sink only if it wins beyond the
-# spread of its rounds.
+# With both gateway-log and before-log measured (rounds alternate: run 1 of each, then
+# run 2, ...), a verdict line says whether one wins beyond the spread of its rounds (how the
+# batched log sink was judged against tracing-appender before it was removed).
 # Pinning (PIN=auto, the default, pins when the machine has >= 6 cores; PIN=on / PIN=off
 # force it): every server process (simulator, bare responder, NGINX, gateways) runs on
 # cores 0..SERVER_CORES-1 (default 2) and wrk on the others, with WRK_THREADS threads
@@ -44,9 +41,6 @@ cd "$(dirname "$0")/.."
 REPEATS=${REPEATS:-3}
 DURATION=${DURATION:-8s}
 CONNECTIONS=${CONNECTIONS:-64}
-if [ -n "${SINK:-}" ]; then
-  CASES=${CASES:-"gateway-log appender-log"}
-fi
 CASES=${CASES:-"bare nginx-log nginx gateway-log gateway gateway-mt-log nginx-proxy"}
 
 CORES=$(nproc)
@@ -80,15 +74,6 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-# The log-appender build first, kept aside (same target dir: only the gateway crate is
-# built twice), then the default one.
-APPENDER_BINARY=target/log-appender/diia-gateway
-case " $CASES " in
-  *" appender-log "*)
-    cargo build --release --quiet --bin diia-gateway --features log-appender
-    mkdir -p target/log-appender
-    cp target/release/diia-gateway "$APPENDER_BINARY";;
-esac
 cargo build --release --workspace --quiet
 
 work=$(mktemp -d)
@@ -103,7 +88,7 @@ cleanup() {
 trap cleanup EXIT
 
 SIM=127.0.0.1:18190
-declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187 [before]=18191 [before-log]=18192 [gateway-log-2w]=18195 [appender-log]=18197)
+declare -A PORT=([bare]=18170 [gateway]=18180 [gateway-log]=18181 [nginx]=18182 [nginx-log]=18183 [nginx-proxy]=18184 [gateway-mt-log]=18187 [before]=18191 [before-log]=18192 [gateway-log-2w]=18195)
 
 printf 'listen = "%s"\nauto_issue = true\n' "$SIM" > "$work/sim.toml"
 "${ON_SERVER_CORES[@]}" target/release/diia-sim --config "$work/sim.toml" >/dev/null 2>&1 & pids+=($!)
@@ -138,10 +123,6 @@ gateway gateway "${PORT[gateway]}" 18185 warn 1
 gateway gateway-log "${PORT[gateway-log]}" 18186 info 1
 gateway gateway-mt-log "${PORT[gateway-mt-log]}" 18188 info 0
 gateway gateway-log-2w "${PORT[gateway-log-2w]}" 18196 info 2
-case " $CASES " in
-  *" appender-log "*) gateway appender-log "${PORT[appender-log]}" 18198 info 1 "$APPENDER_BINARY";;
-  *) unset 'PORT[appender-log]';;
-esac
 if [ -n "${BEFORE:-}" ]; then
   gateway before "${PORT[before]}" 18193 warn 1 "$BEFORE"
   gateway before-log "${PORT[before-log]}" 18194 info 1 "$BEFORE"
@@ -301,29 +282,29 @@ for line in open(sys.argv[1]):
 med = {c: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
            statistics.median(r[2] for r in v), sum(r[3] for r in v)) for c, v in rows.items()}
 bare = med.get("bare", (None,))[0]
-sink = {c: rows[c] for c in ("gateway-log", "appender-log") if c in rows}
+pair = {c: rows[c] for c in ("gateway-log", "before-log") if c in rows}
 nginx = med.get("nginx-log", (None,))[0]
 print(f"\n{'case':<12} {'req/s':>10} {'p99 ms':>8} {'CPU µs/req':>11} {'vs bare':>8} {'vs nginx-log':>12} {'non-2xx':>8}")
 for case, (rps, p99, cpu, bad) in med.items():
     vb = f"{rps / bare * 100:.0f} %" if bare else "-"
     vn = f"{rps / nginx:.2f}x" if nginx else "-"
     print(f"{case:<12} {rps:>10.0f} {p99:>8.2f} {cpu:>11.2f} {vb:>8} {vn:>12} {bad:>8}")
-if len(sink) == 2:
+if len(pair) == 2:
     def spread(name, index):
-        values = [r[index] for r in sink[name]]
+        values = [r[index] for r in pair[name]]
         return min(values), max(values)
     def verdict(index, higher_wins):
-        (lo_ours, hi_ours), (lo_theirs, hi_theirs) = spread("gateway-log", index), spread("appender-log", index)
-        if min(len(sink["gateway-log"]), len(sink["appender-log"])) < 3:
+        (lo_now, hi_now), (lo_then, hi_then) = spread("gateway-log", index), spread("before-log", index)
+        if min(len(pair["gateway-log"]), len(pair["before-log"])) < 3:
             return "fewer than 3 rounds each: no verdict"
-        ours_better = lo_ours > hi_theirs if higher_wins else hi_ours < lo_theirs
-        theirs_better = lo_theirs > hi_ours if higher_wins else hi_theirs < lo_ours
-        return ("the batched sink wins beyond the noise" if ours_better else
-                "tracing-appender wins beyond the noise" if theirs_better else
+        now_better = lo_now > hi_then if higher_wins else hi_now < lo_then
+        then_better = lo_then > hi_now if higher_wins else hi_then < lo_now
+        return ("this build wins beyond the noise" if now_better else
+                "the older build wins beyond the noise" if then_better else
                 "within the noise (the rounds overlap)")
     print()
     for label, index, higher_wins in (("req/s", 0, True), ("CPU µs/req", 2, False)):
-        (a, b), (c, d) = spread("gateway-log", index), spread("appender-log", index)
-        print(f"log sink {label}: batched {a:.2f}..{b:.2f}, tracing-appender {c:.2f}..{d:.2f} "
-              f"({len(sink['gateway-log'])} rounds each): {verdict(index, higher_wins)}")
+        (a, b), (c, d) = spread("gateway-log", index), spread("before-log", index)
+        print(f"{label}: this build {a:.2f}..{b:.2f}, older build {c:.2f}..{d:.2f} "
+              f"({len(pair['gateway-log'])} rounds each): {verdict(index, higher_wins)}")
 PY

@@ -1,4 +1,4 @@
-//! The access log: one line per request, written straight into the batched [`LogSink`]
+//! The access log: one line per request, queued straight to the [`LogSink`]
 //! when the binary installed one (formatted by hand into a per-thread buffer: every value
 //! is a static label, a number, a hex fingerprint or an address, so nothing needs
 //! escaping), else through `tracing` like every other log line (tests, library users).

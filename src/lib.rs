@@ -38,7 +38,7 @@
 //! - [`proxy`]: the request lifecycle (stages over one context) over all of the above
 //! - [`body`]: request bodies read whole within a bound, or thrown away (lingering close)
 //! - [`access`]: the access log line, formatted by hand on the fast path
-//! - [`metrics`], [`admin`]: what SREs see; [`logsink`]: log lines written in batches, never waited for
+//! - [`metrics`], [`admin`]: what SREs see; [`logsink`]: log lines queued to a writer thread, never waited for
 //! - [`service`]: the contract between the connection loops and the gateway
 //!   ([`service::Handler`], [`service::Reply`], [`service::RequestBody`], [`service::Shutdown`]),
 //!   a leaf both sides import

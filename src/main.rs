@@ -12,7 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use diia_gateway::Settings;
 use diia_gateway::access::AccessLog;
 use diia_gateway::config::LogFormat;
-use diia_gateway::logsink::LogSink;
+use diia_gateway::logsink::{LogSink, QUEUED_LINES};
 use tracing_subscriber::EnvFilter;
 
 /// A verification gateway in front of Diia's acquirer API.
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    let (log_sink, _flush_on_exit) = match LogSink::spawn(std::io::stderr(), LOG_BUFFER_BYTES) {
+    let (log_sink, _flush_on_exit) = match LogSink::spawn(std::io::stderr(), QUEUED_LINES) {
         Ok(pair) => pair,
         Err(error) => {
             eprintln!("diia-gateway: cannot start the log writer: {error}");
@@ -70,11 +70,6 @@ fn main() -> ExitCode {
     let ready_file = cli.ready_file;
     runtime.block_on(run(settings, cli.config, ready_file, log_sink, log_format))
 }
-
-/// Bytes of log lines one thread holds for stderr at most (~16k access lines, flushed
-/// every 20 ms); past it new lines are dropped (and counted), never waited for: a slow log
-/// sink must not slow a request down.
-const LOG_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 async fn run(
     settings: Settings,
