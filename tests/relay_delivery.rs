@@ -600,3 +600,32 @@ async fn the_worker_stops_on_shutdown_and_leaves_later_records_pending() {
     assert_eq!(relay.state(later).await, State::Pending);
     assert_eq!(branch.received().len(), 1);
 }
+
+#[tokio::test]
+async fn a_pull_only_record_is_held_until_max_age_even_across_an_unsettled_lease_then_dead() {
+    let relay = Relay::open();
+    let max_age = Duration::from_millis(1500);
+    let settings = settings("http://127.0.0.1:9/unused", &[10], max_age);
+    // A lease taken and never settled (a worker that crashed mid-hold).
+    let id = relay.put("req-pull-1", None, b"package", "").await;
+    let crashed = relay
+        .store
+        .lease_due(diia_gateway::relay::now_ms(), Duration::from_millis(50), 10)
+        .await
+        .unwrap();
+    assert_eq!(crashed.len(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_stop, _worker, counters) = start(&relay, &settings, options());
+    // The next lease (the second attempt) still holds it for the pull side.
+    let held = Instant::now();
+    while counters.get(Counted::HeldForPull) == 0 {
+        assert!(held.elapsed() < WAIT, "never held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(relay.state(id).await, State::Pending);
+    assert_eq!(counters.get(Counted::Dead), 0, "not dead before max_age");
+    // Past max_age nobody pulled it: a dead letter, never pushed anywhere.
+    relay.until(id, State::Dead).await;
+    assert!(held.elapsed() >= max_age - Duration::from_millis(200));
+    assert_eq!(counters.get(Counted::UnknownTarget), 0);
+}

@@ -424,16 +424,23 @@ impl Inner {
         }
     }
 
-    /// A pull-only record: its first lease holds it for the pull side for `max_age` (from
-    /// now, so an admin redelivery, which resets the attempts, holds it again); the next
-    /// lease, if nobody pulled it, makes it dead.
+    /// A pull-only record is held for the pull side until `max_age` from its arrival, then
+    /// dead. A lease that was not settled (a crash) holds it again until the same deadline;
+    /// an admin redelivery (attempts reset, so this is the first lease since) past the
+    /// deadline holds it for another `max_age` from now.
     fn hold_for_pull(&self, record: &Leased) -> Settle {
-        if record.attempts > 1 {
-            tracing::warn!(record = %record.id, acquirer = %record.acquirer, "relay: package not pulled within max_age; dead letter");
-            return Settle::Dead;
+        let now = now_ms();
+        let deadline = record.received_ms.saturating_add(millis(self.max_age));
+        if now < deadline {
+            self.counters.add(Counted::HeldForPull);
+            return Settle::RetryAt(deadline);
         }
-        self.counters.add(Counted::HeldForPull);
-        Settle::RetryAt(now_ms().saturating_add(millis(self.max_age)))
+        if record.attempts <= 1 {
+            self.counters.add(Counted::HeldForPull);
+            return Settle::RetryAt(now.saturating_add(millis(self.max_age)));
+        }
+        tracing::warn!(record = %record.id, acquirer = %record.acquirer, "relay: package not pulled within max_age; dead letter");
+        Settle::Dead
     }
 
     /// Due again after `wait`, or dead once `max_age` since arrival has passed. A wait the
