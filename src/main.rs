@@ -26,8 +26,9 @@ struct Cli {
     #[arg(long)]
     check_config: bool,
     /// Once listening, write the bound addresses to this file (`listen=ADDR` and
-    /// `admin=ADDR` lines; written whole, then renamed into place), so a supervisor or a
-    /// test can configure `:0` ports and learn which ones the kernel gave.
+    /// `admin=ADDR` lines, and `relay=ADDR` when `[callback_relay]` is on; written whole,
+    /// then renamed into place), so a supervisor or a test can configure `:0` ports and
+    /// learn which ones the kernel gave.
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }
@@ -112,7 +113,12 @@ async fn run(
         }
     }
     if let Some(ready_file) = ready_file
-        && let Err(error) = write_ready_file(&ready_file, gateway.addr(), gateway.admin_addr())
+        && let Err(error) = write_ready_file(
+            &ready_file,
+            gateway.addr(),
+            gateway.admin_addr(),
+            gateway.relay_addr(),
+        )
     {
         tracing::error!(%error, path = %ready_file.display(), "cannot write the ready file");
         gateway.shutdown_handle().trigger();
@@ -131,14 +137,19 @@ async fn run(
 }
 
 /// `--ready-file`: the bound addresses, written whole and renamed into place, so a reader
-/// never sees half a file.
+/// never sees half a file. The relay's line is there only when the relay listens.
 fn write_ready_file(
     path: &std::path::Path,
     listen: std::net::SocketAddr,
     admin: std::net::SocketAddr,
+    relay: Option<std::net::SocketAddr>,
 ) -> std::io::Result<()> {
     let partial = path.with_extension("partial");
-    std::fs::write(&partial, format!("listen={listen}\nadmin={admin}\n"))?;
+    let mut text = format!("listen={listen}\nadmin={admin}\n");
+    if let Some(relay) = relay {
+        text.push_str(&format!("relay={relay}\n"));
+    }
+    std::fs::write(&partial, text)?;
     std::fs::rename(&partial, path)
 }
 
