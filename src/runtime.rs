@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -13,11 +14,13 @@ use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::relay::deliver::{Deliverer, DeliveryOptions};
 use crate::relay::desk::RelayDesk;
+use crate::relay::fleet::{FleetRoutes, SharedRoutes, Stored};
 use crate::relay::ingress::{self, Ingress};
 use crate::relay::metrics::spawn_stats_refresh;
 use crate::relay::settings::RelaySettings;
 use crate::relay::{self, CallbackStore, Options, Retention, SqliteStore};
 use crate::reload::Reloader;
+use crate::scaleout::{RouteClaim, Scaleout};
 use crate::server::{ConnectionLimits, accept_loop};
 use crate::service::Shutdown;
 use crate::settings::{Settings, UpstreamTarget};
@@ -232,7 +235,8 @@ pub async fn start_from_file(
 
 /// Opens the relay's store (refusing to start when it cannot), connects the gateway's
 /// routes and pull side to it, serves its ingress on its own listener, and runs the push
-/// worker and the store's housekeeping, all until `closing`.
+/// worker and the store's housekeeping (and, with `[scaleout]`, the sweep that routes
+/// orphans by the fleet's routes), all until `closing`.
 async fn start_relay(
     relay: &Arc<RelaySettings>,
     gateway: &Arc<Gateway>,
@@ -263,14 +267,24 @@ async fn start_relay(
     let metrics = Arc::clone(&gateway.metrics().relay);
     metrics.attach_store(&store);
     let shared: Arc<dyn CallbackStore> = Arc::new(store.clone());
-    let desk = Arc::new(RelayDesk::new(Arc::clone(relay), Arc::clone(&shared)));
-    gateway.attach_relay(Arc::clone(&desk));
-    let ingress = Arc::new(Ingress::new(
+    // With `[scaleout]`, routes are copied to Redis so any instance can route a callback.
+    let fleet = gateway.scaleout().map(|fleet| {
+        let shared: Arc<dyn SharedRoutes> = Arc::new(RedisRoutes(Arc::clone(fleet)));
+        Arc::new(FleetRoutes::new(shared, Arc::clone(&metrics)))
+    });
+    let mut desk = RelayDesk::new(Arc::clone(relay), Arc::clone(&shared));
+    let mut ingress = Ingress::new(
         Arc::clone(relay),
         Arc::clone(&shared),
         metrics,
         desk.arrivals(),
-    ));
+    );
+    if let Some(fleet) = &fleet {
+        desk = desk.with_fleet(Arc::clone(fleet));
+        ingress = ingress.with_fleet(Arc::clone(fleet));
+    }
+    let (desk, ingress) = (Arc::new(desk), Arc::new(ingress));
+    gateway.attach_relay(Arc::clone(&desk));
     let until_closing = |closing: &Shutdown| {
         let closing = closing.clone();
         async move { closing.wait().await }
@@ -280,7 +294,7 @@ async fn start_relay(
         .metrics()
         .relay
         .attach_delivery(deliverer.counters());
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(ingress::serve(
             listener,
             ingress,
@@ -295,8 +309,73 @@ async fn start_relay(
             until_closing(closing),
         )),
     ];
+    if let Some(fleet) = fleet {
+        tasks.push(tokio::spawn(fleet.sweep(
+            Arc::clone(&shared),
+            desk.arrivals(),
+            until_closing(closing),
+        )));
+    }
     tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), targets = relay.targets.len(), "callback relay listening");
     Ok((tasks, addr, store))
+}
+
+/// The relay's shared routes over the fleet's Redis: the glue between `relay::fleet` (which
+/// does not depend on the fleet's modules: those reach the relay through the metrics) and
+/// `scaleout::relay_routes`.
+struct RedisRoutes(Arc<Scaleout>);
+
+impl SharedRoutes for RedisRoutes {
+    fn key(&self, acquirer: &str, request_id: &str) -> String {
+        self.0.route_key(acquirer, request_id).into_string()
+    }
+
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        plain: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Option<Stored>> {
+        Box::pin(async move {
+            Some(match self.0.claim_route(key, plain, ttl).await? {
+                RouteClaim::Claimed(value) => Stored::Claimed(value),
+                RouteClaim::Held { plain, sealed } => Stored::Held {
+                    plain,
+                    value: sealed,
+                },
+                RouteClaim::Unreadable => Stored::Unreadable,
+            })
+        })
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        key: &'a str,
+        held: &'a [u8],
+        plain: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(self.0.refresh_route(key, held, plain, ttl))
+    }
+
+    fn release<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, ()> {
+        Box::pin(self.0.release_route(key, value))
+    }
+
+    fn find<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Option<Vec<Option<(Vec<u8>, Duration)>>>> {
+        Box::pin(async move {
+            let found = self.0.find_routes(keys).await?;
+            Some(
+                found
+                    .into_iter()
+                    .map(|found| found.map(|found| (found.plain, found.left)))
+                    .collect(),
+            )
+        })
+    }
 }
 
 /// How often the relay's store drops what its retention no longer keeps and truncates

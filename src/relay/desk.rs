@@ -21,6 +21,7 @@ use http_body_util::Full;
 use percent_encoding::percent_decode_str;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
+use super::fleet::{Claim, FleetRoutes};
 use super::ingress::{ACTION_HEADER, TRACE_HEADER};
 use super::settings::{Branches, RelayAcquirer, RelaySettings};
 use super::{CallbackStore, Envelope, RecordId, Route, RouteOutcome, now_ms};
@@ -152,6 +153,8 @@ pub struct RelayDesk {
     store: Arc<dyn CallbackStore>,
     arrivals: Arc<Notify>,
     waiters: Semaphore,
+    /// The fleet's copy of the routes (`[scaleout]` on).
+    fleet: Option<Arc<FleetRoutes>>,
 }
 
 impl RelayDesk {
@@ -163,7 +166,15 @@ impl RelayDesk {
             store,
             arrivals: Arc::new(Notify::new()),
             waiters: Semaphore::new(MAX_PULL_WAITERS),
+            fleet: None,
         }
+    }
+
+    /// Routes are also claimed fleet-wide in Redis before they are recorded locally.
+    #[must_use]
+    pub fn with_fleet(mut self, fleet: Arc<FleetRoutes>) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// Woken by ingress after each stored callback, so a waiting pull answers at once.
@@ -193,6 +204,11 @@ impl RelayDesk {
 
     /// Durably routes `request_id` to `client` and `branch` for every acquirer, before the
     /// push leaves. A retried push by the same client and branch is accepted again.
+    ///
+    /// With a fleet, the route is claimed in Redis first: a route held there for another
+    /// client or branch refuses the push as a local one does, and a claim the local store
+    /// then refuses is given back, so Redis and the store never name different owners
+    /// because of this push. Redis unavailable: the local route alone counts.
     pub async fn record(
         &self,
         client: &str,
@@ -206,6 +222,16 @@ impl RelayDesk {
                 branch: branch.to_owned(),
                 target: self.target_for(acquirer, branch),
             };
+            let claim = match &self.fleet {
+                Some(fleet) => {
+                    let ttl = self.settings.route_ttl;
+                    match fleet.claim(&acquirer.name, request_id, &route, ttl).await {
+                        Claim::Taken => return Err(DeskError::Taken),
+                        claim => Some((fleet, claim)),
+                    }
+                }
+                None => None,
+            };
             let outcome = self
                 .store
                 .record_route(
@@ -215,14 +241,20 @@ impl RelayDesk {
                     self.settings.route_ttl,
                     now,
                 )
-                .await
-                .map_err(|error| {
+                .await;
+            let refused = match outcome {
+                Ok(RouteOutcome::Recorded | RouteOutcome::Same) => None,
+                Ok(RouteOutcome::Taken) => Some(DeskError::Taken),
+                Err(error) => {
                     tracing::error!(acquirer = %acquirer.name, %error, "relay: route not recorded");
-                    DeskError::Unavailable
-                })?;
-            match outcome {
-                RouteOutcome::Recorded | RouteOutcome::Same => {}
-                RouteOutcome::Taken => return Err(DeskError::Taken),
+                    Some(DeskError::Unavailable)
+                }
+            };
+            if let Some(refused) = refused {
+                if let Some((fleet, claim)) = claim {
+                    fleet.release(claim).await;
+                }
+                return Err(refused);
             }
         }
         // A callback that arrived first (an orphan) is routed now: wake waiting pulls.

@@ -5,7 +5,9 @@
 //! Order of checks: path token (constant time; unknown → 404) → method (405) → trace
 //! header (400) → declared length (413) → in-flight byte budget (503 + `Retry-After`) →
 //! bounded read (413 / 400) → multipart, every file part and `encodeData` a CMS
-//! `EnvelopedData` for the acquirer's certificate (400) → store (503 on failure) → 200.
+//! `EnvelopedData` for the acquirer's certificate (400) → with a fleet, the route another
+//! instance recorded when there is no local one ([`FleetRoutes::adopt`]) → store (503 on
+//! failure) → 200.
 //! The token is never logged; log lines carry the record id and the acquirer only.
 
 use std::convert::Infallible;
@@ -29,6 +31,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::cms::{PartError, check_part};
+use super::fleet::FleetRoutes;
 use super::metrics::{IngestResult, RelayMetrics, StoreOp};
 use super::settings::{RelayAcquirer, RelaySettings};
 use super::{CallbackStore, Envelope, Ingest, PutOutcome, State, now_ms};
@@ -171,6 +174,8 @@ pub struct Ingress {
     budget_units: u32,
     metrics: Arc<RelayMetrics>,
     arrivals: Arc<Notify>,
+    /// The fleet's routes (`[scaleout]` on): looked up for callbacks with no local route.
+    fleet: Option<Arc<FleetRoutes>>,
 }
 
 impl Ingress {
@@ -193,7 +198,15 @@ impl Ingress {
             budget_units,
             metrics,
             arrivals,
+            fleet: None,
         }
+    }
+
+    /// A callback with no local route takes the fleet's route, when Redis has one.
+    #[must_use]
+    pub fn with_fleet(mut self, fleet: Arc<FleetRoutes>) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// Answers one request (never an error: refusals are responses).
@@ -276,6 +289,12 @@ impl Ingress {
             content_type,
             body,
         };
+        if let Some(fleet) = &self.fleet {
+            // Before the put, which takes the request's live local route in its transaction.
+            fleet
+                .adopt(self.store.as_ref(), &acquirer.name, &envelope.request_id)
+                .await;
+        }
         let ingest = Ingest {
             acquirer: acquirer.name.clone(),
             envelope,

@@ -136,6 +136,8 @@ pub struct RelayMetrics {
     ack_seconds: Histogram,
     store_errors: Family<ResultLabel, Counter>,
     store: Arc<StoreCollector>,
+    route_copies: Family<ResultLabel, Counter>,
+    route_lookups: Family<ResultLabel, Counter>,
 }
 
 /// Reads the store's writer counters, the last stats and the delivery counters at scrape
@@ -186,11 +188,25 @@ impl RelayMetrics {
         );
         let store = Arc::new(StoreCollector::default());
         registry.register_collector(Box::new(Arc::clone(&store)));
+        let route_copies = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "relay_route_copies",
+            "Routes copied to the fleet's Redis, by result (stored, same, taken, failed)",
+            route_copies.clone(),
+        );
+        let route_lookups = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "relay_route_lookups",
+            "Routes looked up in the fleet's Redis for callbacks without a local route, by result (found, missing, failed)",
+            route_lookups.clone(),
+        );
         Self {
             ingest,
             ack_seconds,
             store_errors,
             store,
+            route_copies,
+            route_lookups,
         }
     }
 
@@ -236,6 +252,18 @@ impl RelayMetrics {
         self.ingest
             .get_or_create(&[("result", result.label())])
             .get()
+    }
+
+    /// Counts one route copied to the fleet's Redis (`relay::fleet`).
+    pub fn route_copy(&self, result: &'static str) {
+        self.route_copies.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Counts routes looked up in the fleet's Redis (`relay::fleet`).
+    pub fn route_lookup(&self, result: &'static str, n: u64) {
+        self.route_lookups
+            .get_or_create(&[("result", result)])
+            .inc_by(n);
     }
 
     /// Makes the store's commit counters visible (once; later calls change nothing), and

@@ -32,6 +32,8 @@
 //! The pull side takes a record with [`CallbackStore::take_for`] and settles it with
 //! [`CallbackStore::ack_pulled`] (pending or delivering → delivered), both only for the
 //! caller its route names.
+//! With `[scaleout]` on, routes are also copied to Redis ([`fleet`]), so an instance
+//! that receives a callback finds the route another instance recorded.
 //!
 //! # Schema (SQLite, `{data_dir}/relay.db`, WAL)
 //! ```sql
@@ -86,6 +88,7 @@ pub mod admin;
 pub mod cms;
 pub mod deliver;
 pub mod desk;
+pub mod fleet;
 pub mod ingress;
 pub mod metrics;
 pub mod record;

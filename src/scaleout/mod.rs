@@ -27,11 +27,13 @@
 //! the heartbeat, and [`join_fleet`], the probe and heartbeat loop), `shared_cache` (the
 //! lookup, the lease and the waiters: [`Scaleout::fetch`]), `sealed` (key names and sealed
 //! values), [`link`] (the Redis connections), [`secret`] (subkeys, seals, signed members),
-//! `scripts` (the Lua scripts).
+//! `scripts` (the Lua scripts), [`relay_routes`] (the callback relay's routes, so a callback
+//! reaching one instance finds the route another recorded).
 
 mod budget;
 pub mod link;
 mod membership;
+pub mod relay_routes;
 mod scripts;
 mod sealed;
 pub mod secret;
@@ -46,6 +48,7 @@ use crate::metrics::Metrics;
 pub use budget::BudgetValues;
 pub use link::{LinkError, RedisLink};
 pub use membership::join_fleet;
+pub use relay_routes::{FoundRoute, MAX_ROUTE_BATCH, RouteClaim, RouteKey};
 pub use secret::{FleetSecret, Members, Sealer};
 pub use shared_cache::Shape;
 
@@ -81,6 +84,8 @@ pub struct Scaleout {
     link: Arc<RedisLink>,
     sealer: Sealer,
     members: Members,
+    /// Names the callback relay's routes ([`relay_routes`]).
+    route_mac: ring::hmac::Key,
     lease: Duration,
     sharing_wait: Duration,
     instance: String,
@@ -117,6 +122,7 @@ impl Scaleout {
             link,
             sealer: settings.secret.sealer(),
             members: settings.secret.members(),
+            route_mac: relay_routes::route_mac_key(&settings.secret),
             lease: settings.lease,
             sharing_wait: settings.sharing_wait,
             instance: format!("{:016x}", fastrand::u64(..)),

@@ -197,3 +197,55 @@ pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
         "return {now, redis.call('ZRANGEBYSCORE', KEYS[1], now - ttl, now + ttl, 'LIMIT', 0, 1024)}\n",
     ))
 });
+
+/// A relay route's claim (`relay_routes`): the value already stored under `KEYS[1]`, or,
+/// when there is none, `ARGV[1]` stored for `ARGV[2]` ms and `1` returned. One round trip,
+/// so two instances that record the same requestId at once agree on the first owner.
+pub static ROUTE_CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local held = redis.pcall('GET', KEYS[1])
+if type(held) == 'string' then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+",
+    )
+});
+
+/// A relay route's refresh (a retried push): `ARGV[2]` replaces `KEYS[1]` for `ARGV[3]` ms
+/// only while it still holds `ARGV[1]`, so a route another instance claimed after this
+/// one's expired is never overwritten.
+pub static ROUTE_SWAP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// Gives a relay route's claim back (the local store refused it): `KEYS[1]` is deleted
+/// only while it still holds this instance's value `ARGV[1]`.
+pub static ROUTE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+    )
+});
+
+/// The relay routes stored under `KEYS` (nil where none), in order: one round trip for the
+/// orphan sweep's batch, within the documented ACL (`GET` only, no `MGET`).
+pub static ROUTE_FIND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local found = {}
+for i, key in ipairs(KEYS) do found[i] = redis.call('GET', key) end
+return found
+",
+    )
+});

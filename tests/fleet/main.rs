@@ -16,5 +16,6 @@ mod local_limits;
 mod nothing_in_clear_in_redis;
 mod ops;
 mod processes;
+mod relay;
 mod sharing;
 mod writer;

@@ -12,7 +12,7 @@ use diia_gateway_testkit::client;
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
 
 /// The ACL line the README documents (password here: `gateway-test-password`).
-const ACL: &[&str] = &[
+pub const ACL: &[&str] = &[
     "ACL",
     "SETUSER",
     "diia-gateway",

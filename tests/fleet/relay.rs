@@ -1,0 +1,518 @@
+//! The callback relay across a fleet: two gateways on one Redis, the relay on both (their
+//! own stores, the same seal keys, acquirer token and certificate, and the same push
+//! target). A callback that reaches B for a consent push that went through A is delivered,
+//! once, byte for byte, whichever arrives first; a requestId routed through A cannot be
+//! taken through B; and Redis holds neither the requestId nor the branch in clear.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use cms::cert::IssuerAndSerialNumber;
+use cms::cert::x509::Certificate;
+use cms::cert::x509::spki::AlgorithmIdentifierOwned;
+use cms::content_info::{CmsVersion, ContentInfo};
+use cms::enveloped_data::{
+    EncryptedContentInfo, EnvelopedData, KeyTransRecipientInfo, RecipientIdentifier, RecipientInfo,
+    RecipientInfos,
+};
+use der::asn1::{ObjectIdentifier, OctetString, SetOfVec};
+use der::{Any, Decode, Encode};
+use diia_gateway::RunningGateway;
+use diia_gateway::config::{RelayAcquirerConfig, RelayTargetConfig};
+use diia_gateway::relay::{CallbackStore, State};
+use diia_gateway_testkit::{HttpClient, Reply, client, gateway_config, send, start_gateway};
+use diia_gateway_testkit::{OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN};
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimHandle};
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+
+use crate::nothing_in_clear_in_redis::ACL;
+use crate::processes::{Redis, SERIAL, fresh_barcode, redis_available, simulator};
+
+const PATH_TOKEN: &str = "8f1c2b7d4e6a9f0b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e2f4a6b";
+const BOUNDARY: &str = "diia-fleet-boundary-41c9";
+const BRANCH: &str = "branch-fleet-7731";
+const SECRET: &str = "9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c";
+
+/// What the branch backend received: headers and body.
+type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
+
+/// A branch backend on loopback that records every POST and answers `{"success":true}`.
+async fn branch_backend() -> (SocketAddr, Received) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received: Received = Arc::default();
+    let sink = Arc::clone(&received);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let sink = Arc::clone(&sink);
+            tokio::spawn(async move {
+                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let sink = Arc::clone(&sink);
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        sink.lock().unwrap().push((parts.headers, body));
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from_static(
+                            br#"{"success":true}"#,
+                        ))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// The files both instances share: fleet secret, relay seal keys, the acquirer's path
+/// token and certificate, the target's signing secret.
+struct Shared {
+    dir: TempDir,
+    cert_der: Vec<u8>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        let dir = TempDir::new().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["acquirer.test".into()]).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("cert.pem", &certified.cert.pem());
+        write(
+            "keys",
+            "k1 = 3a7f0c9e1b2d4f6a8c0e2b4d6f8a1c3e5b7d9f0a2c4e6b8d0f1a3c5e7b9d1f2a\n",
+        );
+        write("token", &format!("{PATH_TOKEN}\n"));
+        write("fleet-secret", SECRET);
+        write("redis-password", "gateway-test-password\n");
+        write(
+            "whsec",
+            &format!("whsec_{}\n", STANDARD.encode(b"branch-backoffice-secret")),
+        );
+        Self {
+            cert_der: certified.cert.der().to_vec(),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// One fleet instance with the relay on; `data` is its own store's directory.
+async fn instance(
+    sim: &SimHandle,
+    redis: &Redis,
+    shared: &Shared,
+    target: SocketAddr,
+    data: &TempDir,
+) -> RunningGateway {
+    let mut config = gateway_config(&sim.base_url());
+    let fleet = &mut config.scaleout;
+    fleet.enabled = true;
+    // The restricted ACL user the docs give is enough for the relay's routes too.
+    fleet.redis_url = format!("redis://diia-gateway@127.0.0.1:{}", redis.port);
+    fleet.redis_password_file = Some(shared.path("redis-password"));
+    fleet.secret_file = Some(shared.path("fleet-secret"));
+    // Debug builds on two shared cores: keep Redis from counting as down on noise alone.
+    fleet.command_timeout = Duration::from_millis(250);
+    let relay = &mut config.callback_relay;
+    relay.enabled = true;
+    relay.listen = "127.0.0.1:0".parse().unwrap();
+    relay.data_dir = data.path().to_owned();
+    relay.seal_key_file = Some(shared.path("keys"));
+    relay.max_body = 256 * 1024;
+    relay.acquirer = vec![RelayAcquirerConfig {
+        name: "acquirer-1".into(),
+        path_token_file: shared.path("token"),
+        recipient_cert_file: shared.path("cert.pem"),
+        default_target: None,
+    }];
+    relay.target = vec![RelayTargetConfig {
+        name: "backoffice".into(),
+        url: format!("http://{target}/diia/documents"),
+        signing_secret_file: shared.path("whsec"),
+        branch_ids: vec![BRANCH.into()],
+    }];
+    start_gateway(config).await
+}
+
+/// Redis, a simulator, a branch backend and two relay-enabled gateways (A, B) that both
+/// see Redis up.
+struct World {
+    redis: Redis,
+    _sim: SimHandle,
+    shared: Shared,
+    a: RunningGateway,
+    b: RunningGateway,
+    received: Received,
+    http: HttpClient,
+    _dirs: (TempDir, TempDir),
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl World {
+    async fn start() -> Option<Self> {
+        let serial = SERIAL.lock().await;
+        if !redis_available() {
+            return None;
+        }
+        let redis = Redis::start(&["--rdbcompression", "no"]).await;
+        assert_eq!(redis.command(ACL).await.as_deref(), Some("+OK"));
+        let sim = simulator().await;
+        let shared = Shared::new();
+        let (target, received) = branch_backend().await;
+        let dirs = (TempDir::new().unwrap(), TempDir::new().unwrap());
+        let a = instance(&sim, &redis, &shared, target, &dirs.0).await;
+        let b = instance(&sim, &redis, &shared, target, &dirs.1).await;
+        let world = Self {
+            redis,
+            _sim: sim,
+            shared,
+            a,
+            b,
+            received,
+            http: client(),
+            _dirs: dirs,
+            _serial: serial,
+        };
+        for gateway in [&world.a, &world.b] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while world.metric(gateway, "diia_gateway_redis_up").await != 1.0 {
+                assert!(Instant::now() < deadline, "Redis never up for an instance");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Some(world)
+    }
+
+    async fn metric(&self, gateway: &RunningGateway, name: &str) -> f64 {
+        let url = format!("http://{}/metrics", gateway.admin_addr());
+        let reply = send(&self.http, Method::GET, &url, &[], String::new()).await;
+        diia_gateway_testkit::metric_value(&String::from_utf8_lossy(&reply.body), name)
+    }
+
+    async fn session_token(&self, gateway: &RunningGateway, acquirer: &str, basic: &str) -> String {
+        let url = format!("http://{}/api/v1/auth/acquirer/{acquirer}", gateway.addr());
+        let basic = format!("Basic {basic}");
+        let reply = send(
+            &self.http,
+            Method::GET,
+            &url,
+            &[("authorization", basic.as_str())],
+            String::new(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        reply.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A consent push (`document-request`) for `barcode` through `gateway`.
+    async fn push(
+        &self,
+        gateway: &RunningGateway,
+        token: &str,
+        barcode: &str,
+        request_id: &str,
+    ) -> Reply {
+        let url = format!(
+            "http://{}/api/v1/acquirers/document-request",
+            gateway.addr()
+        );
+        let bearer = format!("Bearer {token}");
+        let body = format!(
+            r#"{{"branchId":"{BRANCH}","barcode":"{barcode}","requestId":"{request_id}"}}"#
+        );
+        send(
+            &self.http,
+            Method::POST,
+            &url,
+            &[
+                ("authorization", bearer.as_str()),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+    }
+
+    /// Diia's callback for `request_id`, POSTed to `gateway`'s relay listener.
+    async fn callback(&self, gateway: &RunningGateway, request_id: &str, body: &str) -> Reply {
+        let addr = gateway.relay_addr().expect("relay listens");
+        let url = format!("http://{addr}/diia/callback/{PATH_TOKEN}");
+        let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+        send(
+            &self.http,
+            Method::POST,
+            &url,
+            &[
+                ("content-type", content_type.as_str()),
+                ("x-document-request-trace-id", request_id),
+            ],
+            body.to_owned(),
+        )
+        .await
+    }
+
+    /// A package for the shared acquirer certificate.
+    fn package(&self, fill: u8) -> String {
+        let file = enveloped_for(&self.shared.cert_der, &vec![fill; 32 * 1024]);
+        let data = enveloped_for(&self.shared.cert_der, &[fill; 64]);
+        format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"encryptedFile\"; filename=\"doc.p7s.p7e\"\r\n\
+             Content-Type: application/octet-stream\r\n\r\n{file}\r\n\
+             --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"encryptedFileName\"\r\n\r\ndoc.p7s.p7e\r\n\
+             --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"encodeData\"\r\n\r\n{data}\r\n\
+             --{BOUNDARY}--\r\n"
+        )
+    }
+
+    /// Waits (10 s at most) until `gateway`'s store holds `count` records in `state`.
+    async fn wait_for(&self, gateway: &RunningGateway, state: State, count: u64) {
+        let store = gateway.relay_store().expect("relay store");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts = store
+                .stats(diia_gateway::relay::now_ms())
+                .await
+                .unwrap()
+                .counts;
+            if counts[state.code() as usize] == count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {count} {state:?} records in time: {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the backend has `count` deliveries, then a little longer to see that no
+    /// more follow.
+    async fn delivered(&self, count: usize) -> Vec<(HeaderMap, Bytes)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.received.lock().unwrap().len() < count {
+            assert!(Instant::now() < deadline, "not delivered in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// Base64 of a DER `ContentInfo(EnvelopedData)` with one key-transport recipient named by
+/// `cert_der`'s issuer and serial, around `payload` (encrypted-looking bytes).
+fn enveloped_for(cert_der: &[u8], payload: &[u8]) -> String {
+    let cert = Certificate::from_der(cert_der).unwrap();
+    let rid = RecipientIdentifier::IssuerAndSerialNumber(IssuerAndSerialNumber {
+        issuer: cert.tbs_certificate.issuer.clone(),
+        serial_number: cert.tbs_certificate.serial_number,
+    });
+    let ktri = KeyTransRecipientInfo {
+        version: CmsVersion::V0,
+        rid,
+        key_enc_alg: AlgorithmIdentifierOwned {
+            oid: ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.7"), // RSAES-OAEP
+            parameters: None,
+        },
+        enc_key: OctetString::new(vec![0x5a; 256]).unwrap(),
+    };
+    let iv = OctetString::new(vec![7u8; 16]).unwrap();
+    let enveloped = EnvelopedData {
+        version: CmsVersion::V0,
+        originator_info: None,
+        recip_infos: RecipientInfos(SetOfVec::try_from(vec![RecipientInfo::Ktri(ktri)]).unwrap()),
+        encrypted_content: EncryptedContentInfo {
+            content_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1"),
+            content_enc_alg: AlgorithmIdentifierOwned {
+                oid: ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.1.42"), // AES-256-CBC
+                parameters: Some(Any::encode_from(&iv).unwrap()),
+            },
+            encrypted_content: Some(OctetString::new(payload.to_vec()).unwrap()),
+        },
+        unprotected_attrs: None,
+    };
+    let info = ContentInfo {
+        content_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.3"),
+        content: Any::encode_from(&enveloped).unwrap(),
+    };
+    STANDARD.encode(info.to_der().unwrap())
+}
+
+fn assert_byte_for_byte(delivered: &[(HeaderMap, Bytes)], body: &str, request_id: &str) {
+    assert_eq!(delivered.len(), 1, "delivered exactly once");
+    let (headers, bytes) = &delivered[0];
+    assert!(bytes.as_ref() == body.as_bytes(), "body changed on the way");
+    assert_eq!(
+        headers["content-type"],
+        format!("multipart/form-data; boundary={BOUNDARY}")
+    );
+    assert_eq!(headers["x-document-request-trace-id"], request_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_reaching_another_instance_is_delivered_once_and_redis_holds_nothing_in_clear() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-relay-req-5c1e9a";
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    assert_eq!(
+        world
+            .metric(
+                &world.a,
+                "diia_gateway_relay_route_copies_total{result=\"stored\"}"
+            )
+            .await,
+        1.0
+    );
+
+    let body = world.package(3);
+    let stored = world.callback(&world.b, request_id, &body).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    // Routed at ingress by the route found in Redis, not left an orphan for the sweep.
+    assert_eq!(
+        world
+            .metric(
+                &world.b,
+                "diia_gateway_relay_ingest_total{result=\"stored\"}"
+            )
+            .await,
+        1.0
+    );
+    assert_eq!(
+        world
+            .metric(
+                &world.b,
+                "diia_gateway_relay_route_lookups_total{result=\"found\"}"
+            )
+            .await,
+        1.0
+    );
+    world.wait_for(&world.b, State::Delivered, 1).await;
+    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+    // A holds the route, not the callback: nothing for it to deliver.
+    let a_store = world.a.relay_store().unwrap();
+    let counts = a_store.stats(diia_gateway::relay::now_ms()).await.unwrap();
+    assert_eq!(counts.counts, [0; 5]);
+
+    // Nothing in clear in Redis: neither in key names nor in values (a dump of all).
+    let keys = world.redis.keys().await;
+    assert!(
+        keys.iter().any(|k| k.starts_with("{dg}:relay-route:")),
+        "no route copied: {keys:?}"
+    );
+    assert_eq!(world.redis.command(&["SAVE"]).await.as_deref(), Some("+OK"));
+    let dump = std::fs::read(world.redis.dir().join("dump.rdb")).unwrap();
+    let dump = String::from_utf8_lossy(&dump);
+    assert!(
+        dump.contains("{dg}:relay-route:"),
+        "the dump holds no route"
+    );
+    for secret in [request_id, BRANCH, token.as_str(), "backoffice", PATH_TOKEN] {
+        assert!(!dump.contains(secret), "{secret} is in the Redis dump");
+        for key in &keys {
+            assert!(!key.contains(secret), "{secret} in a key name");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_that_reaches_another_instance_before_the_push_is_delivered_once_routed() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-relay-orphan-77b2";
+    let body = world.package(4);
+    let stored = world.callback(&world.b, request_id, &body).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_for(&world.b, State::Orphan, 1).await;
+    assert!(world.received.lock().unwrap().is_empty());
+
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    // B's sweep finds the route A copied to Redis (every 2 s).
+    world.wait_for(&world.b, State::Delivered, 1).await;
+    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+    world.wait_for(&world.b, State::Orphan, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_routed_through_one_instance_is_409_through_another_for_another_caller() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let other = world
+        .session_token(&world.b, OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-relay-taken-3d04";
+    let barcode = fresh_barcode();
+    let pushed = world.push(&world.a, &token, &barcode, request_id).await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+
+    let taken = world
+        .push(&world.b, &other, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(taken.status, StatusCode::CONFLICT, "{taken:?}");
+    assert_eq!(taken.gateway_code(), "request_id_routed");
+    // B recorded nothing of its own: a later callback to B still goes to A's caller.
+    let b_store = world.b.relay_store().unwrap();
+    let route = b_store
+        .route(
+            "acquirer-1".into(),
+            request_id.into(),
+            diia_gateway::relay::now_ms(),
+        )
+        .await
+        .unwrap();
+    assert!(route.is_none(), "B kept a route of the refused caller");
+    assert_eq!(
+        world
+            .metric(
+                &world.b,
+                "diia_gateway_relay_route_copies_total{result=\"taken\"}"
+            )
+            .await,
+        1.0
+    );
+    // The owner's retry through B is accepted (the fleet's route is the same).
+    let retry = world.push(&world.b, &token, &barcode, request_id).await;
+    assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
+    let body = world.package(5);
+    assert_eq!(
+        world.callback(&world.b, request_id, &body).await.status,
+        StatusCode::OK
+    );
+    world.wait_for(&world.b, State::Delivered, 1).await;
+    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+}
