@@ -8,14 +8,18 @@
 //! By default it starts `diia-sim` and `diia-gateway` (found next to itself) on loopback;
 //! `--gateway URL --sim URL` targets running instances instead (loopback only);
 //! `--instances 3` starts three gateways in scale-out mode on one redis-server.
+//! `loadtest relay --url URL` posts callbacks to a running callback relay (see
+//! loadtest/relay-bench.sh).
 
 mod compare;
 mod drive;
 mod memory;
+mod relay;
 mod report;
 mod scenario;
 mod target;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -92,6 +96,10 @@ enum Command {
         #[arg(long, default_value = "target/loadtest")]
         out: PathBuf,
     },
+    /// The callback relay, closed loop: posts callbacks (one real CMS package, a new
+    /// requestId each) to a running relay and reports callbacks/s and ack latency;
+    /// `--deliver` also routes them and measures delivery to a sink hosted here.
+    Relay(RelayArgs),
     /// Redraws the SVG of a capacity report from its JSON.
     Plot {
         /// A `capacity-*.json` written by `capacity`.
@@ -131,6 +139,85 @@ enum Command {
         #[arg(long, default_value = "target/loadtest")]
         out: PathBuf,
     },
+}
+
+/// `loadtest relay`'s arguments.
+#[derive(clap::Args, Debug)]
+struct RelayArgs {
+    /// The relay's ingress URL, `http://127.0.0.1:PORT{path_prefix}/{token}` (loopback).
+    #[arg(long)]
+    url: String,
+    /// Certificate packages are addressed to (the acquirer's `recipient_cert_file`).
+    #[arg(long, default_value = "sim/demo/acquirer-cert.pem")]
+    cert: PathBuf,
+    /// Callbacks to post.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    callbacks: u64,
+    /// Callbacks in flight (closed loop).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Bytes of base64 in the file part plus `encodeData`.
+    #[arg(long, default_value_t = 200 * 1024)]
+    size: usize,
+    /// Also measure delivery: route every requestId through the gateway first and host the
+    /// push target (the gateway's `[[callback_relay.target]]` url) on `--sink`.
+    #[arg(long, requires_all = ["gateway", "sim"])]
+    deliver: bool,
+    /// The push-target sink's listen address, with `--deliver`.
+    #[arg(long, default_value = "127.0.0.1:18071")]
+    sink: SocketAddr,
+    /// The gateway's branch listener base URL, with `--deliver`.
+    #[arg(long)]
+    gateway: Option<String>,
+    /// The simulator's base URL (`POST /sim/barcodes`), with `--deliver`.
+    #[arg(long)]
+    sim: Option<String>,
+    /// The branch whose target is the sink, with `--deliver`.
+    #[arg(long, default_value = "kyiv-001")]
+    branch: String,
+    /// How long to wait for deliveries once ingest is done.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    deliver_timeout: Duration,
+    /// Name of the JSON report (`relay-{label}.json`).
+    #[arg(long, default_value = "run")]
+    label: String,
+    /// Output directory.
+    #[arg(long, default_value = "target/loadtest")]
+    out: PathBuf,
+}
+
+impl RelayArgs {
+    /// Checks the addresses (loopback only) and builds the run's settings.
+    fn settings(&self) -> Result<relay::Settings, String> {
+        let urls = [Some(&self.url), self.gateway.as_ref(), self.sim.as_ref()];
+        if !urls.into_iter().flatten().all(|url| is_loopback(url)) {
+            return Err("load is only ever sent to loopback addresses".to_owned());
+        }
+        let deliver = match (self.deliver, &self.gateway, &self.sim) {
+            (false, _, _) => None,
+            (true, Some(gateway), Some(sim)) => {
+                if !self.sink.ip().is_loopback() {
+                    return Err("--sink must be a loopback address".to_owned());
+                }
+                Some(relay::Deliver {
+                    sink: self.sink,
+                    gateway: gateway.trim_end_matches('/').to_owned(),
+                    sim: sim.trim_end_matches('/').to_owned(),
+                    branch: self.branch.clone(),
+                    timeout: self.deliver_timeout,
+                })
+            }
+            (true, _, _) => return Err("--deliver needs --gateway and --sim".to_owned()),
+        };
+        Ok(relay::Settings {
+            url: self.url.clone(),
+            cert: self.cert.clone(),
+            callbacks: self.callbacks,
+            concurrency: usize::from(self.concurrency),
+            size: self.size,
+            deliver,
+        })
+    }
 }
 
 fn is_loopback(url: &str) -> bool {
@@ -225,6 +312,16 @@ async fn execute(command: Command) -> Result<(), String> {
             report::write_json(&path, &report)?;
             eprintln!("wrote {}", path.display());
         }
+        Command::Relay(args) => {
+            let settings = args.settings()?;
+            std::fs::create_dir_all(&args.out)
+                .map_err(|e| format!("{}: {e}", args.out.display()))?;
+            let result = relay::run(&settings).await?;
+            print!("{}", relay::summary(&result));
+            let path = args.out.join(format!("relay-{}.json", args.label));
+            report::write_json(&path, &result)?;
+            eprintln!("wrote {}", path.display());
+        }
         Command::Plot { input } => {
             let text =
                 std::fs::read_to_string(&input).map_err(|e| format!("{}: {e}", input.display()))?;
@@ -295,5 +392,59 @@ fn main() -> ExitCode {
             eprintln!("loadtest: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn relay(args: &[&str]) -> Result<RelayArgs, clap::Error> {
+        let mut argv = vec!["loadtest", "relay"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Relay(args) => args,
+            _ => unreachable!("not the relay subcommand"),
+        })
+    }
+
+    const URL: &str = "http://127.0.0.1:8070/diia/callback/token";
+
+    #[test]
+    fn relay_defaults_are_the_issue_s_workload() {
+        let settings = relay(&["--url", URL]).unwrap().settings().unwrap();
+        assert_eq!(settings.concurrency, 32);
+        assert_eq!(settings.size, 200 * 1024);
+        assert_eq!(settings.callbacks, 2000);
+        assert!(settings.deliver.is_none());
+    }
+
+    #[test]
+    fn relay_deliver_needs_the_gateway_and_the_simulator() {
+        assert!(relay(&["--url", URL, "--deliver"]).is_err());
+        let args = relay(&[
+            "--url",
+            URL,
+            "--deliver",
+            "--gateway",
+            "http://127.0.0.1:8080/",
+            "--sim",
+            "http://127.0.0.1:8090",
+        ])
+        .unwrap();
+        let deliver = args.settings().unwrap().deliver.unwrap();
+        assert_eq!(deliver.gateway, "http://127.0.0.1:8080");
+        assert_eq!(deliver.sink, "127.0.0.1:18071".parse().unwrap());
+    }
+
+    #[test]
+    fn relay_load_goes_to_loopback_only() {
+        let args = relay(&["--url", "http://10.0.0.1:8070/diia/callback/token"]).unwrap();
+        assert!(args.settings().is_err());
+        let args = relay(&["--url", URL, "--sink", "0.0.0.0:9000", "--deliver"]);
+        assert!(args.is_err(), "--deliver without --gateway parses");
+        assert!(relay(&["--url", URL, "--concurrency", "0"]).is_err());
     }
 }

@@ -293,6 +293,18 @@ impl Package {
         flow: &Flow,
         request_id: &str,
     ) -> Result<Self, String> {
+        Self::build_sized(certificate, flow, request_id, FAKE_PDF_BYTES)
+    }
+
+    /// As [`Package::build`], with a fake document of `document_bytes` (before encryption
+    /// and base64), so load tools can post packages of a chosen size. Below the fake PDF's
+    /// fixed header and trailer (about 90 bytes) the document is just those.
+    pub fn build_sized(
+        certificate: &AcquirerCertificate,
+        flow: &Flow,
+        request_id: &str,
+        document_bytes: usize,
+    ) -> Result<Self, String> {
         let document_type = "internal-passport";
         let stamp = diia_timestamp(SystemTime::now());
         let barcode = match flow {
@@ -300,7 +312,8 @@ impl Package {
             Flow::Barcode(None) | Flow::DeepLink => "0000000000000",
         };
         let file_name = format!("{document_type}-{barcode}-{stamp}.pdf.p7s.p7e");
-        let document = STANDARD.encode(certificate.envelope(&fake_pdf(request_id))?);
+        let document =
+            STANDARD.encode(certificate.envelope(&fake_pdf(request_id, document_bytes))?);
         let metadata =
             STANDARD.encode(certificate.envelope(metadata(flow, request_id).as_bytes())?);
         let boundary = format!(
@@ -364,9 +377,10 @@ fn metadata(flow: &Flow, request_id: &str) -> String {
     value.to_string()
 }
 
-/// A deterministic fake PDF of [`FAKE_PDF_BYTES`] (same requestId, same bytes).
-fn fake_pdf(request_id: &str) -> Vec<u8> {
-    let mut pdf = Vec::with_capacity(FAKE_PDF_BYTES);
+/// A deterministic fake PDF of `size` bytes, or just its header and trailer when `size` is
+/// smaller (same requestId and size, same bytes).
+fn fake_pdf(request_id: &str, size: usize) -> Vec<u8> {
+    let mut pdf = Vec::with_capacity(size);
     pdf.extend_from_slice(
         b"%PDF-1.4\n% diia-sim fake document\n1 0 obj\n<< /Length 0 >>\nstream\n",
     );
@@ -374,7 +388,7 @@ fn fake_pdf(request_id: &str) -> Vec<u8> {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     let tail = b"\nendstream\nendobj\n%%EOF\n";
-    while pdf.len() < FAKE_PDF_BYTES - tail.len() {
+    while pdf.len() + tail.len() < size {
         seed = seed
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
