@@ -335,7 +335,13 @@ impl Gateway {
             .as_ref()
             .and_then(|route| route.param(ctx.head.uri.path()))
             .ok_or(GatewayError::Internal)?;
-        let pull = PullRequest::parse(encoded, ctx.head.uri.query())?;
+        let mut pull = PullRequest::parse(encoded, ctx.head.uri.query())?;
+        // A session token Diia has not accepted yet gets no long poll: junk tokens must not
+        // take the waiting places of real branches (it is answered at once instead).
+        if matches!(self.token_standing(ctx), Some((_, standing)) if standing != Standing::Verified)
+        {
+            pull.wait = Duration::ZERO;
+        }
         let response = if ctx.head.method == http::Method::DELETE {
             match desk.acknowledge(&client, &pull.request_id, pull.id).await {
                 Ok(true) => crate::relay::desk::acknowledged(),

@@ -298,6 +298,13 @@ impl RelayDesk {
         request_id: &str,
         wait: Duration,
     ) -> Result<Option<Pulled>, DeskError> {
+        // A package already there is answered without a waiting place.
+        if let Some(found) = self.take(client, request_id).await? {
+            return Ok(Some(found));
+        }
+        if wait.is_zero() {
+            return Ok(None);
+        }
         let _waiting = self.wait_slot(wait)?;
         let deadline = tokio::time::Instant::now() + wait.min(MAX_PULL_WAIT);
         loop {

@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -424,6 +425,42 @@ pub async fn serve(
     }
 }
 
+/// What a connection's watchdog reads: requests under way, and when the last one ended.
+#[derive(Default)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds since the connection was accepted.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Counts one request under way until dropped (also when its future is dropped).
+struct Busy<'a>(&'a Activity, Instant);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let elapsed = u64::try_from(self.1.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(elapsed, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once the connection has had no request under way for [`HEAD_TIMEOUT`]: from
+/// accept (a socket that never sends a request, whatever the protocol sniffing or an
+/// HTTP/2 preface do) or from its last answer (an idle keep-alive or HTTP/2 connection).
+/// A connection slot is never held by a silent peer longer than that.
+async fn idle(activity: &Activity, accepted: Instant) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if activity.in_flight.load(Ordering::Relaxed) > 0 {
+            continue;
+        }
+        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+        if accepted.elapsed().saturating_sub(last) >= HEAD_TIMEOUT {
+            return;
+        }
+    }
+}
+
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -432,14 +469,27 @@ async fn serve_connection(
     tls: Option<TlsAcceptor>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
+    let accepted = Instant::now();
+    let activity = Arc::new(Activity::default());
+    let counted = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |request| {
-        let ingress = Arc::clone(&ingress);
-        async move { Ok::<_, Infallible>(ingress.handle(request).await) }
+        let (ingress, activity) = (Arc::clone(&ingress), Arc::clone(&counted));
+        async move {
+            activity.in_flight.fetch_add(1, Ordering::Relaxed);
+            let _busy = Busy(&activity, accepted);
+            Ok::<_, Infallible>(ingress.handle(request).await)
+        }
     });
     let served = match tls {
         None => {
             let connection = builder.serve_connection(TokioIo::new(stream), service);
-            watcher.watch(connection.into_owned()).await
+            tokio::select! {
+                served = watcher.watch(connection.into_owned()) => served,
+                () = idle(&activity, accepted) => {
+                    tracing::debug!(%peer, "relay: connection idle past the head timeout; closed");
+                    return;
+                }
+            }
         }
         Some(acceptor) => {
             let Ok(Ok(stream)) = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await
@@ -448,7 +498,13 @@ async fn serve_connection(
                 return;
             };
             let connection = builder.serve_connection(TokioIo::new(stream), service);
-            watcher.watch(connection.into_owned()).await
+            tokio::select! {
+                served = watcher.watch(connection.into_owned()) => served,
+                () = idle(&activity, accepted) => {
+                    tracing::debug!(%peer, "relay: connection idle past the head timeout; closed");
+                    return;
+                }
+            }
         }
     };
     if let Err(error) = served {
