@@ -21,6 +21,7 @@ mod overload;
 mod passthrough;
 mod properties;
 mod relay_admin;
+mod relay_attack;
 mod relay_flow;
 mod relay_ingress;
 mod relay_sdk_receiver;

@@ -1,0 +1,295 @@
+//! The callback relay attacked over real sockets: hostile clients of the relay listener,
+//! junk callers of the pull side, and a race between two callers' consent pushes. Each
+//! test is named after the promise it checks; the ones marked "FINDING n" fail on the
+//! code they were written against and reproduce a gap in that promise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN};
+use http::{Method, StatusCode};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::relay_flow::BRANCH;
+use crate::relay_ingress::{
+    Acquirer, REQUEST_ID, callback, ingress_path, package_of, start, valid_package,
+};
+use crate::support::{self, Harness, OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN, Reply};
+
+/// The relay listener's connection cap (`MAX_CONNECTIONS` in `src/relay/ingress.rs`).
+const RELAY_CONNECTIONS: usize = 1024;
+/// The relay's head timeout (`HEAD_TIMEOUT`), plus a margin.
+const PAST_HEAD_TIMEOUT: Duration = Duration::from_secs(12);
+/// The client connection preface of HTTP/2 and an empty SETTINGS frame.
+const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// Opens `n` connections to `addr`, each having written `first` (possibly nothing), and
+/// keeps them open.
+async fn hold_connections(addr: SocketAddr, n: usize, first: &[u8]) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        if !first.is_empty() {
+            stream.write_all(first).await.unwrap();
+        }
+        held.push(stream);
+    }
+    held
+}
+
+/// A callback posted to the relay, `None` when no answer came within `bound`.
+async fn callback_within(h: &Harness, acquirer: &Acquirer, bound: Duration) -> Option<Reply> {
+    let body = valid_package(acquirer, 1);
+    tokio::time::timeout(bound, callback(h, &ingress_path(), Some(REQUEST_ID), body))
+        .await
+        .ok()
+}
+
+/// Asserts Diia's callback is answered 200 while `held` stay open; on failure, says
+/// whether it is answered once they are closed (so they are the cause).
+async fn assert_answered_while_held(
+    h: &Harness,
+    acquirer: &Acquirer,
+    held: Vec<TcpStream>,
+    what: &str,
+) {
+    let reply = callback_within(h, acquirer, Duration::from_secs(5)).await;
+    let count = held.len();
+    drop(held);
+    if reply.as_ref().is_some_and(|r| r.status == StatusCode::OK) {
+        return;
+    }
+    let released = callback_within(h, acquirer, Duration::from_secs(10)).await;
+    panic!(
+        "Diia's callback got no answer in 5 s while {count} {what} were open past the \
+         relay's head timeout ({:?}); once they were closed it was answered {:?}",
+        reply.map(|r| r.status),
+        released.map(|r| r.status)
+    );
+}
+
+// FINDING 1: the relay listener's protocol sniffing (hyper-util's `auto` builder reads the
+// first bytes with no timer) holds a connection slot for as long as a client sends
+// nothing, so 1024 silent sockets from anyone lock Diia out of the callback URL for good.
+#[tokio::test]
+async fn silent_sockets_cannot_lock_diia_out_of_the_relay() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let addr = h.gateway.relay_addr().unwrap();
+    let held = hold_connections(addr, RELAY_CONNECTIONS, b"").await;
+    // Past the relay's head timeout: whatever sent nothing has had its time.
+    tokio::time::sleep(PAST_HEAD_TIMEOUT).await;
+    assert_answered_while_held(&h, &acquirer, held, "silent sockets").await;
+}
+
+// FINDING 2: an HTTP/2 connection on the relay listener has no idle timeout (no keep-alive
+// ping, no header timer once the preface is in), so 1024 connections that sent the
+// preface and then nothing hold every slot forever.
+#[tokio::test]
+async fn idle_http2_connections_cannot_lock_diia_out_of_the_relay() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let addr = h.gateway.relay_addr().unwrap();
+    let held = hold_connections(addr, RELAY_CONNECTIONS, H2_PREFACE_AND_SETTINGS).await;
+    tokio::time::sleep(PAST_HEAD_TIMEOUT).await;
+    assert_answered_while_held(&h, &acquirer, held, "idle HTTP/2 connections").await;
+}
+
+/// Long polls (`?wait=60s`) for made-up requestIds with made-up bearer tokens, `streams`
+/// per HTTP/2 connection, kept waiting until the returned handles are dropped.
+async fn junk_long_polls(
+    addr: SocketAddr,
+    total: usize,
+    streams: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut polls = Vec::with_capacity(total);
+    let mut opened = 0;
+    while opened < total {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        polls.push(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        for _ in 0..streams.min(total - opened) {
+            let mut client = client.clone().ready().await.unwrap();
+            let request = http::Request::get(format!(
+                "http://{addr}/relay/v1/callbacks/junk-request-{opened}?wait=60s"
+            ))
+            .header(
+                "authorization",
+                format!("Bearer junk-session-token-{opened}"),
+            )
+            .body(())
+            .unwrap();
+            let (response, _) = client.send_request(request, true).unwrap();
+            polls.push(tokio::spawn(async move {
+                let _ = response.await;
+            }));
+            opened += 1;
+        }
+    }
+    polls
+}
+
+// FINDING 3: the pull side's waiter cap (4096) is shared by everyone, and a pull needs no
+// credential Diia ever accepted and passes no admission or per-client limit: made-up
+// bearer tokens long-polling made-up requestIds take every place, and the branch whose
+// package is stored gets `503 relay_unavailable` for its own long poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_long_polls_cannot_keep_a_branch_from_its_package() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let token = h.session_token().await;
+    let request_id = "attack-pull-flood-1";
+    crate::relay_flow::push_consent(&h, &token, request_id).await;
+    let body = package_of(&acquirer, 9, 4096);
+    let stored = callback(&h, &ingress_path(), Some(request_id), body.clone()).await;
+    assert_eq!(stored.status, StatusCode::OK);
+
+    let polls = junk_long_polls(h.gateway.addr(), 4100, 100).await;
+    // Let every junk poll reach its wait.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let started = Instant::now();
+    let bearer = format!("Bearer {token}");
+    let pulled = h
+        .send(
+            Method::GET,
+            &format!("/relay/v1/callbacks/{request_id}?wait=5s"),
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await;
+    let took = started.elapsed();
+    for poll in &polls {
+        poll.abort();
+    }
+    assert_eq!(
+        pulled.status,
+        StatusCode::OK,
+        "the branch's long poll for its stored package was refused while junk tokens \
+         waited ({took:?}): {}",
+        String::from_utf8_lossy(&pulled.body)
+    );
+    assert_eq!(pulled.body.as_ref(), body.as_bytes());
+}
+
+/// A session token straight from Diia (the simulator), never seen by the gateway: what a
+/// branch holds after a restart of the gateway, or when another instance exchanged it.
+async fn token_from_diia(h: &Harness) -> String {
+    let url = format!(
+        "{}/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}",
+        h.sim.base_url()
+    );
+    let reply = support::send(
+        &support::client(),
+        Method::GET,
+        &url,
+        &[("authorization", &format!("Basic {DEMO_AUTH_TOKEN}"))],
+        String::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    reply.json()["token"].as_str().unwrap().to_owned()
+}
+
+// FINDING 4: a caller Diia has not accepted yet only has its requestId checked before the
+// push leaves, and its route is recorded after Diia answers. Another caller that pushes
+// the same requestId in between records its own route first (no 409: nothing is recorded
+// yet); the first caller's push has left and is answered 200, its late route is refused
+// (`Taken`, logged only), and the package Diia sends for the first caller's customer is
+// handed to the other caller. The docs promise a requestId routed to another caller is
+// 409 and its push does not leave, and that a package goes only to the caller whose
+// consent push recorded its route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_whose_route_lost_a_race_is_not_answered_200_and_its_package_stays_its_own() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let request_id = "attack-route-race-1";
+    // The victim: a valid token the gateway has not seen accepted yet.
+    let victim = token_from_diia(&h).await;
+    // The other caller: another acquirer's token, exchanged through the gateway (verified).
+    let other = h
+        .session_token_for(OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN)
+        .await;
+    let victim_barcode = h.issue_barcode().await;
+    let other_barcode = h.issue_barcode().await;
+    // Diia takes a moment to answer a push (as it does under load).
+    h.set_faults(json!({"latency": "1500ms"})).await;
+
+    let victim_push = {
+        let client = support::client();
+        let url = h.url("/api/v1/acquirers/document-request");
+        let body = format!(
+            r#"{{"branchId":"{BRANCH}","barcode":"{victim_barcode}","requestId":"{request_id}"}}"#
+        );
+        let bearer = format!("Bearer {victim}");
+        tokio::spawn(async move {
+            support::send(
+                &client,
+                Method::POST,
+                &url,
+                &[
+                    ("authorization", bearer.as_str()),
+                    ("content-type", "application/json"),
+                ],
+                body,
+            )
+            .await
+        })
+    };
+    // The victim's push has passed its check and is on its way to Diia.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let other_push = h
+        .share(&other, "lviv-002", &other_barcode, request_id)
+        .await;
+    let victim_push = victim_push.await.unwrap();
+    h.set_faults(json!({})).await;
+
+    assert_eq!(victim_push.status, StatusCode::OK, "{:?}", victim_push.body);
+
+    // Diia's package for the victim's customer (the requestId is the victim's push's).
+    let body = package_of(&acquirer, 4, 4096);
+    let stored = callback(&h, &ingress_path(), Some(request_id), body.clone()).await;
+    assert_eq!(stored.status, StatusCode::OK);
+    let pull = |token: String| {
+        let bearer = format!("Bearer {token}");
+        let path = format!("/relay/v1/callbacks/{request_id}?wait=2s");
+        let h = &h;
+        async move {
+            h.send(Method::GET, &path, &[("authorization", &bearer)], "")
+                .await
+        }
+    };
+    let diverted = pull(other.clone()).await;
+    let own = pull(victim.clone()).await;
+    assert!(
+        diverted.status == StatusCode::NOT_FOUND && own.status == StatusCode::OK,
+        "the victim's push was answered 200 (the other caller's push: {}), yet its package \
+         went to the other caller (other pulls: {}, victim pulls: {})",
+        other_push.status,
+        diverted.status,
+        own.status
+    );
+}
+
+// Held: a client that starts an HTTP/1.1 head and never finishes it is closed at the
+// relay's head timeout, so such sockets do not lock Diia out (the contrast to findings 1
+// and 2, where hyper never gets to apply that timer).
+#[tokio::test]
+async fn unfinished_http1_heads_are_closed_at_the_head_timeout() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let addr = h.gateway.relay_addr().unwrap();
+    let held = hold_connections(addr, RELAY_CONNECTIONS, b"POST /diia/callback/").await;
+    tokio::time::sleep(PAST_HEAD_TIMEOUT).await;
+    assert_answered_while_held(&h, &acquirer, held, "unfinished HTTP/1.1 heads").await;
+}
