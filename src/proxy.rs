@@ -252,7 +252,7 @@ impl Gateway {
         };
         limit(&ctx.hot, client(caller, ctx.peer), &checked, verified)?;
         // Before a consent push can leave: the documents it brings go back to this caller.
-        let deferred = match (self.relay.get(), checked.consent_push()) {
+        let reserved = match (self.relay.get(), checked.consent_push()) {
             (Some(desk), Some((branch, request_id))) => {
                 let push = (branch, request_id);
                 Box::pin(route_callback(desk, caller, &ctx.head, push, verified)).await?
@@ -261,14 +261,15 @@ impl Gateway {
         };
         drop(checked);
         let handled = match slot {
-            Some(slot) => self.cached(ctx, slot, body, token).await?,
+            Some(slot) => self.cached(ctx, slot, body, token).await,
             // Forwarded calls are never hits: boxed, so the hit's state stays small.
-            None => Box::pin(self.forward(ctx, body, token)).await?,
+            None => Box::pin(self.forward(ctx, body, token)).await,
         };
-        if let (Some(desk), Some(route)) = (self.relay.get(), deferred) {
-            Box::pin(route.record_if_accepted(desk, &handled.response)).await;
+        if let (Some(desk), Some(reservation)) = (self.relay.get(), reserved) {
+            let response = handled.as_ref().ok().map(|handled| &handled.response);
+            Box::pin(reservation.settle(desk, response)).await;
         }
-        Ok(handled)
+        handled
     }
 
     /// Stage 1: which endpoint (404/405 otherwise).
@@ -631,68 +632,54 @@ impl Gateway {
 }
 
 /// Routes a consent push's documents back to its caller (its branch) before the push
-/// leaves; `409 request_id_routed` when another caller or branch holds the requestId. A
-/// caller Diia has not accepted yet (`verified` false: a session token never seen
-/// accepted) only has the requestId checked here; its route is recorded once Diia accepts
-/// the push (the callback, if it comes first, waits as an orphan), so junk tokens cannot
-/// fill the relay's store.
+/// leaves; `409 request_id_routed` when another caller or branch holds the requestId. For
+/// a caller Diia has not accepted yet (`verified` false: a session token never seen
+/// accepted) the route is a reservation: released again unless Diia accepts the push, so
+/// junk tokens hold no requestId and leave no routes behind (their writes are bounded by
+/// the pushes under way), while nobody can take the requestId while the push is in flight.
 async fn route_callback(
     desk: &RelayDesk,
     caller: &Caller,
     head: &RequestHead,
     (branch, request_id): (&str, &str),
     verified: bool,
-) -> Result<Option<Box<DeferredRoute>>, GatewayError> {
+) -> Result<Option<Box<Reservation>>, GatewayError> {
     let Some(client) = caller.relay_client(head) else {
         return Ok(None);
     };
-    let refused = |error| match error {
-        DeskError::Taken => GatewayError::RequestIdRouted,
-        DeskError::Unavailable => GatewayError::RelayUnavailable,
-    };
+    desk.record(&client, branch, request_id)
+        .await
+        .map_err(|error| match error {
+            DeskError::Taken => GatewayError::RequestIdRouted,
+            DeskError::Unavailable => GatewayError::RelayUnavailable,
+        })?;
     if verified {
-        desk.record(&client, branch, request_id)
-            .await
-            .map_err(refused)?;
         return Ok(None);
     }
-    desk.check(&client, branch, request_id)
-        .await
-        .map_err(refused)?;
-    Ok(Some(Box::new(DeferredRoute {
+    Ok(Some(Box::new(Reservation {
         client,
-        branch: branch.to_owned(),
         request_id: request_id.to_owned(),
     })))
 }
 
-/// A route to record once Diia has accepted the push of a caller it had not accepted yet.
-struct DeferredRoute {
+/// A route recorded for a caller Diia had not accepted yet, kept only if Diia accepts
+/// the push.
+struct Reservation {
     client: String,
-    branch: String,
     request_id: String,
 }
 
-impl DeferredRoute {
-    /// Records the route if Diia answered the push with a 2xx (a refused token's push
-    /// leaves no route). The push has left either way: a failure is logged, and the
-    /// callback then waits as an orphan until an admin or a retried push routes it.
-    async fn record_if_accepted(self, desk: &RelayDesk, response: &Reply) {
+impl Reservation {
+    /// Keeps the route if Diia answered the push with a 2xx; releases it otherwise (also
+    /// when the push failed with an error of ours).
+    async fn settle(self, desk: &RelayDesk, response: Option<&Reply>) {
         let accepted = match response {
-            Reply::Answer { answer, .. } => answer.status.is_success(),
-            Reply::Response(response) => response.status().is_success(),
+            Some(Reply::Answer { answer, .. }) => answer.status.is_success(),
+            Some(Reply::Response(response)) => response.status().is_success(),
+            None => false,
         };
         if !accepted {
-            return;
-        }
-        if let Err(error) = desk
-            .record(&self.client, &self.branch, &self.request_id)
-            .await
-        {
-            tracing::warn!(
-                ?error,
-                "relay: the route of a push Diia accepted was not recorded; its callback waits as an orphan"
-            );
+            desk.release(&self.client, &self.request_id).await;
         }
     }
 }

@@ -262,6 +262,26 @@ impl RelayDesk {
         Ok(())
     }
 
+    /// Gives up `client`'s route of `request_id` (recorded before a push that Diia did not
+    /// accept), so a refused caller holds no requestId. Failures are logged: the route
+    /// then expires after `route_ttl`.
+    pub async fn release(&self, client: &str, request_id: &str) {
+        for acquirer in &self.settings.acquirers {
+            let released = self
+                .store
+                .release_route(
+                    acquirer.name.clone(),
+                    request_id.to_owned(),
+                    client.to_owned(),
+                    now_ms(),
+                )
+                .await;
+            if let Err(error) = released {
+                tracing::warn!(acquirer = %acquirer.name, %error, "relay: a refused push's route was not released");
+            }
+        }
+    }
+
     /// Whether `request_id` is free for `client` and `branch` (no live route names another
     /// caller or branch), without writing: the check for callers Diia has not accepted yet,
     /// whose route is recorded only once Diia accepts their push ([`RelayDesk::record`]

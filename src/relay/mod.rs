@@ -443,6 +443,16 @@ pub trait CallbackStore: Send + Sync {
         now_ms: u64,
     ) -> BoxFuture<'static, StoreResult<RouteOutcome>>;
 
+    /// Removes the request's live route if it names `client` (a route recorded before a
+    /// push Diia did not accept); `false` when there is none or it names someone else.
+    fn release_route(
+        &self,
+        acquirer: String,
+        request_id: String,
+        client: String,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<bool>>;
+
     /// The request's route if it has not expired at `now_ms`.
     fn route(
         &self,

@@ -423,6 +423,19 @@ impl CallbackStore for SqliteStore {
         })
     }
 
+    fn release_route(
+        &self,
+        acquirer: String,
+        request_id: String,
+        client: String,
+        now_ms: u64,
+    ) -> BoxFuture<'static, StoreResult<bool>> {
+        self.write(move |conn, keys| {
+            let macs = request_macs(keys, &acquirer, &request_id);
+            routes::release_route(conn, keys, &acquirer, &macs, &client, ms(now_ms))
+        })
+    }
+
     fn route(
         &self,
         acquirer: String,

@@ -76,7 +76,7 @@ async fn assert_answered_while_held(
     );
 }
 
-// FINDING 1: the relay listener's protocol sniffing (hyper-util's `auto` builder reads the
+// was finding 1 (fixed): the relay listener's protocol sniffing (hyper-util's `auto` builder reads the
 // first bytes with no timer) holds a connection slot for as long as a client sends
 // nothing, so 1024 silent sockets from anyone lock Diia out of the callback URL for good.
 #[tokio::test]
@@ -90,7 +90,7 @@ async fn silent_sockets_cannot_lock_diia_out_of_the_relay() {
     assert_answered_while_held(&h, &acquirer, held, "silent sockets").await;
 }
 
-// FINDING 2: an HTTP/2 connection on the relay listener has no idle timeout (no keep-alive
+// was finding 2 (fixed): an HTTP/2 connection on the relay listener has no idle timeout (no keep-alive
 // ping, no header timer once the preface is in), so 1024 connections that sent the
 // preface and then nothing hold every slot forever.
 #[tokio::test]
@@ -139,7 +139,7 @@ async fn junk_long_polls(
     polls
 }
 
-// FINDING 3: the pull side's waiter cap (4096) is shared by everyone, and a pull needs no
+// was finding 3 (fixed): the pull side's waiter cap (4096) is shared by everyone, and a pull needs no
 // credential Diia ever accepted and passes no admission or per-client limit: made-up
 // bearer tokens long-polling made-up requestIds take every place, and the branch whose
 // package is stored gets `503 relay_unavailable` for its own long poll.
@@ -201,7 +201,7 @@ async fn token_from_diia(h: &Harness) -> String {
     reply.json()["token"].as_str().unwrap().to_owned()
 }
 
-// FINDING 4: a caller Diia has not accepted yet only has its requestId checked before the
+// was finding 4 (fixed): a caller Diia has not accepted yet only has its requestId checked before the
 // push leaves, and its route is recorded after Diia answers. Another caller that pushes
 // the same requestId in between records its own route first (no 409: nothing is recorded
 // yet); the first caller's push has left and is answered 200, its late route is refused

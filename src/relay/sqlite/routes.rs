@@ -78,6 +78,31 @@ pub(super) fn live_route(
     Ok(None)
 }
 
+/// Removes the request's live route if it names `client`: a route recorded before a push
+/// that Diia did not accept. `false` when there is none, or it names someone else.
+pub(super) fn release_route(
+    conn: &Connection,
+    keys: &Keyring,
+    acquirer: &str,
+    macs: &Macs,
+    client: &str,
+    now: i64,
+) -> StoreResult<bool> {
+    let Some(route) = live_route(conn, keys, acquirer, macs, now)? else {
+        return Ok(false);
+    };
+    if !same_client(keys, &route, client) {
+        return Ok(false);
+    }
+    let mut removed = 0;
+    for (_, mac) in macs {
+        removed += conn
+            .prepare_cached("DELETE FROM routes WHERE acquirer = ?1 AND request_mac = ?2")?
+            .execute(params![acquirer, mac.as_slice()])?;
+    }
+    Ok(removed > 0)
+}
+
 /// Records a route unless a live one exists; a new route also routes the request's orphans.
 pub(super) fn record_route(
     conn: &Connection,
