@@ -260,14 +260,34 @@ impl Gateway {
             _ => None,
         };
         drop(checked);
-        let handled = match slot {
+        if let Some(reservation) = reserved {
+            // A reserved route is settled by Diia's answer: boxed, a rare path.
+            return Box::pin(self.push_reserved(ctx, slot, body, token, reservation)).await;
+        }
+        match slot {
             Some(slot) => self.cached(ctx, slot, body, token).await,
             // Forwarded calls are never hits: boxed, so the hit's state stays small.
             None => Box::pin(self.forward(ctx, body, token)).await,
+        }
+    }
+
+    /// Stage 7 for a consent push whose route is a reservation (a caller Diia has not
+    /// accepted yet): the push as usual, then the route kept or released by its answer.
+    async fn push_reserved(
+        &self,
+        ctx: &mut Ctx,
+        slot: Option<Slot>,
+        body: Bytes,
+        token: Option<(CacheKey, Standing)>,
+        reservation: Box<Reservation>,
+    ) -> Result<Handled, GatewayError> {
+        let handled = match slot {
+            Some(slot) => self.cached(ctx, slot, body, token).await,
+            None => self.forward(ctx, body, token).await,
         };
-        if let (Some(desk), Some(reservation)) = (self.relay.get(), reserved) {
+        if let Some(desk) = self.relay.get() {
             let response = handled.as_ref().ok().map(|handled| &handled.response);
-            Box::pin(reservation.settle(desk, response)).await;
+            reservation.settle(desk, response).await;
         }
         handled
     }
