@@ -15,6 +15,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use diia_gateway_testkit::cms::enveloped_for;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,16 +27,6 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use cms::cert::IssuerAndSerialNumber;
-use cms::cert::x509::Certificate;
-use cms::cert::x509::spki::AlgorithmIdentifierOwned;
-use cms::content_info::{CmsVersion, ContentInfo};
-use cms::enveloped_data::{
-    EncryptedContentInfo, EnvelopedData, KeyTransRecipientInfo, RecipientIdentifier, RecipientInfo,
-    RecipientInfos,
-};
-use der::asn1::{ObjectIdentifier, OctetString, SetOfVec};
-use der::{Any, Decode, Encode};
 use diia_gateway::relay::{CallbackStore, Fsync, Keyring, SqliteStore, State, now_ms};
 use diia_gateway_testkit::{HttpClient, client, send, sim_config};
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimHandle, Simulator};
@@ -386,45 +377,6 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut sha = [0; 32];
     sha.copy_from_slice(digest.as_ref());
     sha
-}
-
-/// Base64 of a DER `ContentInfo(EnvelopedData)` for the certificate `cert_der` around
-/// `payload` (encrypted-looking bytes).
-fn enveloped_for(cert_der: &[u8], payload: &[u8]) -> String {
-    let cert = Certificate::from_der(cert_der).unwrap();
-    let rid = RecipientIdentifier::IssuerAndSerialNumber(IssuerAndSerialNumber {
-        issuer: cert.tbs_certificate.issuer.clone(),
-        serial_number: cert.tbs_certificate.serial_number,
-    });
-    let ktri = KeyTransRecipientInfo {
-        version: CmsVersion::V0,
-        rid,
-        key_enc_alg: AlgorithmIdentifierOwned {
-            oid: ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.7"), // RSAES-OAEP
-            parameters: None,
-        },
-        enc_key: OctetString::new(vec![0x5a; 256]).unwrap(),
-    };
-    let iv = OctetString::new(vec![7u8; 16]).unwrap();
-    let enveloped = EnvelopedData {
-        version: CmsVersion::V0,
-        originator_info: None,
-        recip_infos: RecipientInfos(SetOfVec::try_from(vec![RecipientInfo::Ktri(ktri)]).unwrap()),
-        encrypted_content: EncryptedContentInfo {
-            content_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1"),
-            content_enc_alg: AlgorithmIdentifierOwned {
-                oid: ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.1.42"), // AES-256-CBC
-                parameters: Some(Any::encode_from(&iv).unwrap()),
-            },
-            encrypted_content: Some(OctetString::new(payload.to_vec()).unwrap()),
-        },
-        unprotected_attrs: None,
-    };
-    let info = ContentInfo {
-        content_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.3"),
-        content: Any::encode_from(&enveloped).unwrap(),
-    };
-    STANDARD.encode(info.to_der().unwrap())
 }
 
 /// The callbacks of one test: callback `i` has its own requestId, branch and bytes.

@@ -4,6 +4,7 @@
 //! once, byte for byte, whichever arrives first; a requestId routed through A cannot be
 //! taken through B; and Redis holds neither the requestId nor the branch in clear.
 
+use diia_gateway_testkit::cms::enveloped_for;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -12,16 +13,6 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use cms::cert::IssuerAndSerialNumber;
-use cms::cert::x509::Certificate;
-use cms::cert::x509::spki::AlgorithmIdentifierOwned;
-use cms::content_info::{CmsVersion, ContentInfo};
-use cms::enveloped_data::{
-    EncryptedContentInfo, EnvelopedData, KeyTransRecipientInfo, RecipientIdentifier, RecipientInfo,
-    RecipientInfos,
-};
-use der::asn1::{ObjectIdentifier, OctetString, SetOfVec};
-use der::{Any, Decode, Encode};
 use diia_gateway::RunningGateway;
 use diia_gateway::config::{RelayAcquirerConfig, RelayTargetConfig};
 use diia_gateway::relay::{CallbackStore, State};
@@ -314,45 +305,6 @@ impl World {
         tokio::time::sleep(Duration::from_millis(600)).await;
         self.received.lock().unwrap().clone()
     }
-}
-
-/// Base64 of a DER `ContentInfo(EnvelopedData)` with one key-transport recipient named by
-/// `cert_der`'s issuer and serial, around `payload` (encrypted-looking bytes).
-fn enveloped_for(cert_der: &[u8], payload: &[u8]) -> String {
-    let cert = Certificate::from_der(cert_der).unwrap();
-    let rid = RecipientIdentifier::IssuerAndSerialNumber(IssuerAndSerialNumber {
-        issuer: cert.tbs_certificate.issuer.clone(),
-        serial_number: cert.tbs_certificate.serial_number,
-    });
-    let ktri = KeyTransRecipientInfo {
-        version: CmsVersion::V0,
-        rid,
-        key_enc_alg: AlgorithmIdentifierOwned {
-            oid: ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.7"), // RSAES-OAEP
-            parameters: None,
-        },
-        enc_key: OctetString::new(vec![0x5a; 256]).unwrap(),
-    };
-    let iv = OctetString::new(vec![7u8; 16]).unwrap();
-    let enveloped = EnvelopedData {
-        version: CmsVersion::V0,
-        originator_info: None,
-        recip_infos: RecipientInfos(SetOfVec::try_from(vec![RecipientInfo::Ktri(ktri)]).unwrap()),
-        encrypted_content: EncryptedContentInfo {
-            content_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1"),
-            content_enc_alg: AlgorithmIdentifierOwned {
-                oid: ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.1.42"), // AES-256-CBC
-                parameters: Some(Any::encode_from(&iv).unwrap()),
-            },
-            encrypted_content: Some(OctetString::new(payload.to_vec()).unwrap()),
-        },
-        unprotected_attrs: None,
-    };
-    let info = ContentInfo {
-        content_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.3"),
-        content: Any::encode_from(&enveloped).unwrap(),
-    };
-    STANDARD.encode(info.to_der().unwrap())
 }
 
 fn assert_byte_for_byte(delivered: &[(HeaderMap, Bytes)], body: &str, request_id: &str) {

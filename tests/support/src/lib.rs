@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cms;
 pub mod prometheus;
 
 use std::net::SocketAddr;
