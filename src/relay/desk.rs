@@ -282,34 +282,6 @@ impl RelayDesk {
         }
     }
 
-    /// Whether `request_id` is free for `client` and `branch` (no live route names another
-    /// caller or branch), without writing: the check for callers Diia has not accepted yet,
-    /// whose route is recorded only once Diia accepts their push ([`RelayDesk::record`]
-    /// then), so junk tokens cannot fill the store with routes.
-    pub async fn check(
-        &self,
-        client: &str,
-        branch: &str,
-        request_id: &str,
-    ) -> Result<(), DeskError> {
-        for acquirer in &self.settings.acquirers {
-            let found = self
-                .store
-                .route(acquirer.name.clone(), request_id.to_owned(), now_ms())
-                .await
-                .map_err(|error| {
-                    tracing::error!(acquirer = %acquirer.name, %error, "relay: route lookup failed");
-                    DeskError::Unavailable
-                })?;
-            if let Some(route) = found
-                && !(route.names_client(client) && route.branch == branch)
-            {
-                return Err(DeskError::Taken);
-            }
-        }
-        Ok(())
-    }
-
     /// The caller's oldest undelivered package for `request_id`, waiting up to `wait`
     /// for one to arrive; `None` when there is none for this caller (or none yet).
     pub async fn pull(
