@@ -523,3 +523,35 @@ async fn a_full_store_refuses_one_write_and_keeps_the_rest_of_its_group() {
     assert!(store.purge(before).await.unwrap());
     stored(store.put(ingest("small-3", b"p", true), 2).await.unwrap());
 }
+
+/// The writer hands checkpoints to a thread of its own (SQLite's automatic checkpoint is
+/// off on its connection): under a sustained stream of 200 KiB callbacks, 16 at a time,
+/// the WAL must still be copied back and restarted, never grow with the traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_bounded_under_sustained_large_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let payload = vec![0x5a_u8; 200 * 1024];
+    let wal = dir.path().join("relay.db-wal");
+    let mut largest = 0_u64;
+    // 640 callbacks = 128 MiB sealed: twice the WAL's size limit.
+    for wave in 0..40 {
+        let puts: Vec<_> = (0..16)
+            .map(|i| store.put(ingest(&format!("req-{wave}-{i}"), &payload, true), 1_000))
+            .collect();
+        for put in puts {
+            stored(
+                tokio::time::timeout(Duration::from_secs(60), put)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    assert_eq!(store.stats(1_000).await.unwrap().count(State::Pending), 640);
+    assert!(
+        largest < 48 << 20,
+        "the WAL grew to {largest} bytes with 128 MiB written: checkpoints did not keep up"
+    );
+}

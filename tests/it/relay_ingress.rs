@@ -209,6 +209,44 @@ async fn parts_that_are_not_cms_for_this_acquirer_are_400_and_store_nothing() {
 }
 
 #[tokio::test]
+async fn base64_wrapped_in_lines_is_a_package_and_whitespace_alone_is_not() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let one_line = enveloped_for(&acquirer.cert_der, &[7u8; 4096]);
+    // MIME style: 76 characters a line, CRLF between.
+    let wrapped = one_line
+        .as_bytes()
+        .chunks(76)
+        .map(|line| std::str::from_utf8(line).unwrap())
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    assert!(wrapped.len() > one_line.len(), "the text has line breaks");
+    let good = enveloped_for(&acquirer.cert_der, b"x");
+    let reply = callback(
+        &h,
+        &ingress_path(),
+        Some(REQUEST_ID),
+        barcode_package(&wrapped, &good),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let broken = format!("{} !{}", &one_line[..100], &one_line[100..]);
+    let reply = callback(
+        &h,
+        &ingress_path(),
+        Some("another-request"),
+        barcode_package(&broken, &good),
+    )
+    .await;
+    assert_refused(&reply, StatusCode::BAD_REQUEST, "not_base64");
+}
+
+#[tokio::test]
 async fn a_missing_trace_header_is_400_and_an_oversized_body_413() {
     let acquirer = Acquirer::new();
     let h = start(&acquirer, 0).await;
