@@ -4,7 +4,9 @@
 #      package for sim/demo/acquirer-cert.pem, a new requestId each) at concurrency C to a
 #      gateway (embedded simulator, relay on) with fsync = "always", then to a fresh one
 #      with fsync = "batch" (a temp data_dir each). Unrouted, so stored as orphans: the
-#      ingest path alone.
+#      ingest path alone. Then the same N at an offered RATE per second (open loop, at
+#      most OPEN_C in flight, latency from when each callback was due): the issue's
+#      target is p99 < 50 ms at 400/s with fsync = "always".
 #   2. delivery: on the same gateway, `loadtest relay --deliver` routes N fresh requestIds
 #      through document-request first, then posts them; the gateway pushes each to a sink
 #      hosted by loadtest (the target of branch kyiv-001, per_target_concurrency default 8).
@@ -20,6 +22,7 @@
 #   loadtest/relay-bench.sh
 #   N=5000 C=64 SIZE=1048576 loadtest/relay-bench.sh
 #   REPEATS=3 HIT_DURATION=10s loadtest/relay-bench.sh
+#   RATE=600 loadtest/relay-bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +33,8 @@ REPEATS=${REPEATS:-2}
 HIT_DURATION=${HIT_DURATION:-8s}
 MAX_IN_FLIGHT=${MAX_IN_FLIGHT:-67108864}
 OVERLOAD_C=${OVERLOAD_C:-512}
+RATE=${RATE:-400}
+OPEN_C=${OPEN_C:-256}
 
 command -v wrk >/dev/null 2>&1 || {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
@@ -126,6 +131,7 @@ for fsync in always batch; do
   echo "== relay on, fsync = $fsync" >&2
   start_gateway "$fsync" on "$fsync"
   relay_run "$fsync" "$C"
+  relay_run "$fsync-rate" "$OPEN_C" --rate "$RATE"
   relay_run "$fsync-deliver" "$C" --deliver --sink "127.0.0.1:$SINK" \
     --gateway "http://127.0.0.1:$GW" --sim "http://127.0.0.1:$SIM"
   [ "$fsync" = batch ] && relay_run batch-overload "$OVERLOAD_C"
@@ -161,22 +167,24 @@ for run in $(seq 1 "$REPEATS"); do
   hit_run relay-on "$run"
 done
 
-python3 - "$work" "$N" "$C" "$SIZE" "$MAX_IN_FLIGHT" <<'PY'
+python3 - "$work" "$N" "$C" "$SIZE" "$MAX_IN_FLIGHT" "$RATE" <<'PY'
 import collections, json, statistics, sys
-work, n, c, size, max_in_flight = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+work, n, c, size, max_in_flight, rate = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 rss = {line.split()[0]: line.split()[1:] for line in open(f"{work}/rss.txt")}
 print(f"\ncallback relay: N={n} callbacks, {size} B payload per callback")
-print(f"{'run':<16} {'conc':>5} {'cb/s':>8} {'MiB/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'non-200':>12} {'err':>4} {'deliv/s':>8} {'delivered':>10} {'peak RSS':>9} {'CPU ms/cb':>9}")
-for label in ("always", "always-deliver", "batch", "batch-deliver", "batch-overload"):
+print(f"{'run':<16} {'conc':>7} {'cb/s':>8} {'MiB/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'non-200':>12} {'err':>4} {'deliv/s':>8} {'delivered':>10} {'peak RSS':>9} {'CPU ms/cb':>9}")
+for label in ("always", "always-rate", "always-deliver", "batch", "batch-rate", "batch-deliver", "batch-overload"):
     r = json.load(open(f"{work}/relay-{label}.json"))
     a, d = r["ack_us"], r.get("delivery")
     non200 = " ".join(f"{k}:{v}" for k, v in r["non_200"].items()) or "0"
     deliv = f"{d['per_s']:.1f}" if d else "-"
     delivered = f"{d['delivered']}/{d['routed']}" if d else "-"
-    print(f"{label:<16} {r['concurrency']:>5} {r['callbacks_per_s']:>8.1f} {r['mib_per_s']:>7.1f} {a['p50']/1e3:>7.2f} {a['p90']/1e3:>7.2f} {a['p99']/1e3:>7.2f} {a['max']/1e3:>7.2f} {non200:>12} {r['errors']:>4} {deliv:>8} {delivered:>10} {rss[label][0] + ' MiB':>9} {rss[label][1]:>9}")
+    conc = f"@{r['rate']:.0f}/s" if r.get("rate") else str(r["concurrency"])
+    print(f"{label:<16} {conc:>7} {r['callbacks_per_s']:>8.1f} {r['mib_per_s']:>7.1f} {a['p50']/1e3:>7.2f} {a['p90']/1e3:>7.2f} {a['p99']/1e3:>7.2f} {a['max']/1e3:>7.2f} {non200:>12} {r['errors']:>4} {deliv:>8} {delivered:>10} {rss[label][0] + ' MiB':>9} {rss[label][1]:>9}")
     if r.get("first_error"):
         print(f"  {label}: first error: {r['first_error']}")
-print(f"(cb/s: 200s per second; latency over every answer; peak RSS: the gateway process's VmHWM so far,")
+print(f"(conc: closed-loop concurrency, or @R/s: open loop at R offered per second, latency from when")
+print(f" each callback was due; cb/s: 200s per second; latency over every answer; peak RSS: the gateway process's VmHWM so far,")
 print(f" embedded simulator included; CPU ms/cb: the gateway process's user + system CPU per callback")
 print(f" posted, routing and delivery included in the -deliver rows; max_in_flight_bytes = {max_in_flight // 1048576} MiB)")
 rows = collections.defaultdict(list)

@@ -694,7 +694,8 @@ pub struct CallbackRelayConfig {
     pub path_prefix: String,
     /// Largest callback body, in bytes (413 above).
     pub max_body: usize,
-    /// Callback bytes read at once; beyond, 503 + `Retry-After`.
+    /// Memory for callbacks in flight, each charged three times its length; beyond, 503 +
+    /// `Retry-After`.
     pub max_in_flight_bytes: usize,
     /// Where the store keeps `relay.db`.
     pub data_dir: PathBuf,

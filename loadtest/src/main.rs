@@ -96,7 +96,7 @@ enum Command {
         #[arg(long, default_value = "target/loadtest")]
         out: PathBuf,
     },
-    /// The callback relay, closed loop: posts callbacks (one real CMS package, a new
+    /// The callback relay, closed or open loop (`--rate`): posts callbacks (one real CMS package, a new
     /// requestId each) to a running relay and reports callbacks/s and ack latency;
     /// `--deliver` also routes them and measures delivery to a sink hosted here.
     Relay(RelayArgs),
@@ -153,9 +153,13 @@ struct RelayArgs {
     /// Callbacks to post.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     callbacks: u64,
-    /// Callbacks in flight (closed loop).
+    /// Callbacks in flight (closed loop), or their cap with `--rate`.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
+    /// Open loop: callbacks per second offered on a fixed schedule, latency counted from
+    /// when each was due (raise `--concurrency` so the cap does not bind).
+    #[arg(long, value_parser = positive_rate)]
+    rate: Option<f64>,
     /// Bytes of base64 in the file part plus `encodeData`.
     #[arg(long, default_value_t = 200 * 1024)]
     size: usize,
@@ -214,9 +218,18 @@ impl RelayArgs {
             cert: self.cert.clone(),
             callbacks: self.callbacks,
             concurrency: usize::from(self.concurrency),
+            rate: self.rate,
             size: self.size,
             deliver,
         })
+    }
+}
+
+/// A finite rate above zero, callbacks per second.
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{text}: not a rate above zero")),
     }
 }
 
@@ -419,6 +432,22 @@ mod tests {
         assert_eq!(settings.size, 200 * 1024);
         assert_eq!(settings.callbacks, 2000);
         assert!(settings.deliver.is_none());
+        assert!(settings.rate.is_none(), "closed loop by default");
+    }
+
+    #[test]
+    fn relay_rate_is_an_open_loop_above_zero() {
+        let settings = relay(&["--url", URL, "--rate", "400"])
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(settings.rate, Some(400.0));
+        for bad in ["0", "-5", "NaN", "inf", "fast"] {
+            assert!(
+                relay(&["--url", URL, "--rate", bad]).is_err(),
+                "--rate {bad}"
+            );
+        }
     }
 
     #[test]

@@ -1,12 +1,16 @@
-//! `loadtest relay`: the callback relay's ingest and delivery, closed loop.
+//! `loadtest relay`: the callback relay's ingest and delivery, closed or open loop.
 //!
 //! One real package (CMS `EnvelopedData` for the recipient certificate, built by the
 //! simulator's [`Package`] builder) is built up front at the requested size; every callback
 //! posts the same body and differs only in its `X-Document-Request-Trace-Id` (the
 //! requestId), so each is a new record for the relay (it never decrypts, so the requestId
-//! sealed inside the package does not matter to it). `concurrency` workers each post their
-//! next callback as soon as the previous one is answered; ack latency is request sent →
-//! answer read, in an HDR histogram.
+//! sealed inside the package does not matter to it). Closed loop (the default),
+//! `concurrency` workers each post their next callback as soon as the previous one is
+//! answered; ack latency is request sent → answer read. Open loop (`--rate R`), callback
+//! `i` is due at `i / R` seconds from the start whatever the answers do (`concurrency`
+//! then only caps how many are in flight), and its latency runs from when it was due, so
+//! a stalled relay's queueing shows in the percentiles instead of slowing the offer
+//! (no coordinated omission). Latencies go into an HDR histogram.
 //!
 //! With `--deliver`, a push-target sink is hosted on loopback (the gateway's
 //! `[[callback_relay.target]]` must point at it), and every requestId is first routed the
@@ -51,8 +55,10 @@ pub struct Settings {
     pub cert: PathBuf,
     /// Callbacks to post.
     pub callbacks: u64,
-    /// Callbacks in flight (closed loop).
+    /// Callbacks in flight (closed loop), or their cap (open loop).
     pub concurrency: usize,
+    /// Callbacks per second offered (open loop), or none (closed loop).
+    pub rate: Option<f64>,
     /// Bytes of base64 in the file part plus `encodeData`.
     pub size: usize,
     /// Delivery measurement, when asked for.
@@ -80,6 +86,8 @@ pub struct RelayResult {
     pub callbacks: u64,
     /// Concurrency.
     pub concurrency: usize,
+    /// Callbacks per second offered, open loop.
+    pub rate: Option<f64>,
     /// Requested payload size (base64 of file part + `encodeData`).
     pub size: usize,
     /// The built package's payload bytes.
@@ -100,7 +108,7 @@ pub struct RelayResult {
     pub callbacks_per_s: f64,
     /// Body MiB per second acknowledged.
     pub mib_per_s: f64,
-    /// Ack latency (send → answer read), µs, every answer.
+    /// Ack latency (send, or when due in open loop → answer read), µs, every answer.
     pub ack_us: Percentiles,
     /// Delivery, with `--deliver`.
     pub delivery: Option<DeliveryResult>,
@@ -266,6 +274,7 @@ pub async fn run(settings: &Settings) -> Result<RelayResult, String> {
     Ok(RelayResult {
         callbacks: settings.callbacks,
         concurrency: settings.concurrency,
+        rate: settings.rate,
         size: settings.size,
         payload_bytes: payload,
         body_bytes: package.body.len(),
@@ -307,6 +316,7 @@ async fn ingest(
     let next = Arc::new(AtomicU64::new(0));
     let histogram = histogram()?;
     let started = Instant::now();
+    let rate = settings.rate;
     let mut workers = Vec::with_capacity(settings.concurrency);
     for _ in 0..settings.concurrency.max(1) {
         let (client, uri, content_type, body) = (
@@ -331,7 +341,14 @@ async fn ingest(
                     .header(TRACE_HEADER, id.clone())
                     .body(Full::new(body.clone()))
                     .map_err(|e| e.to_string())?;
-                let sent = Instant::now();
+                let sent = match rate {
+                    Some(rate) => {
+                        let due = started + Duration::from_secs_f64(index as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
                 let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
                     let response = client.request(request).await.map_err(|e| chain(&e))?;
                     let status = response.status();
@@ -633,14 +650,20 @@ fn answer(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 pub fn summary(result: &RelayResult) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
     let mut text = format!(
-        "callbacks {} × {} B body ({} B payload), concurrency {}\n\
+        "callbacks {} × {} B body ({} B payload), {}\n\
          200: {}  non-200: {:?}  errors: {}{}\n\
          ingest: {:.1} callbacks/s ({:.1} MiB/s) in {:.2} s\n\
          ack ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}\n",
         result.callbacks,
         result.body_bytes,
         result.payload_bytes,
-        result.concurrency,
+        match result.rate {
+            Some(rate) => format!(
+                "open loop at {rate:.0}/s (at most {} in flight)",
+                result.concurrency
+            ),
+            None => format!("closed loop at concurrency {}", result.concurrency),
+        },
         result.ok,
         result.non_200,
         result.errors,

@@ -359,6 +359,80 @@ async fn bytes_in_flight_beyond_the_budget_are_503_with_retry_after() {
     assert_eq!(stored.status, StatusCode::OK);
 }
 
+/// One HTTP/1.1 answer read off a raw socket: its status line and JSON body.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before an answer");
+        bytes.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    while bytes.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed inside an answer");
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    let status = head.lines().next().unwrap().to_owned();
+    let body = String::from_utf8_lossy(&bytes[head_end..head_end + length]).into_owned();
+    (status, body)
+}
+
+/// A callback refused on its head (a wrong token, the budget taken) while its body is
+/// still arriving: the refusal is read whole and the connection stays usable, instead of
+/// a reset under the answer that the sender could only count as a network error.
+#[tokio::test]
+async fn a_refusal_while_the_body_arrives_is_read_whole_and_the_connection_kept() {
+    let acquirer = Acquirer::new();
+    let h = start_with(&acquirer, |_| {}).await;
+    let addr = h.gateway.relay_addr().unwrap();
+    let body = package_of(&acquirer, 1, 120 * 1024);
+    let wrong = format!("{}/{}", "/diia/callback", "0".repeat(64));
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {wrong} HTTP/1.1\r\nhost: relay\r\ncontent-type: multipart/form-data; boundary={BOUNDARY}\r\n\
+         x-document-request-trace-id: {REQUEST_ID}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for piece in body.as_bytes().chunks(body.len() / 4 + 1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream.write_all(piece).await.unwrap();
+    }
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut stream))
+        .await
+        .unwrap();
+    assert!(status.contains(" 404 "), "{status}");
+    assert!(answer.contains("not_found"), "{answer}");
+
+    // The same connection carries the next callback, which is stored.
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: relay\r\ncontent-type: multipart/form-data; boundary={BOUNDARY}\r\n\
+         x-document-request-trace-id: {REQUEST_ID}\r\ncontent-length: {}\r\n\r\n",
+        ingress_path(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut stream))
+        .await
+        .unwrap();
+    assert!(status.contains(" 200 "), "{status}: {answer}");
+    assert_eq!(answer, r#"{"success":true}"#);
+}
+
 #[tokio::test]
 async fn a_store_that_cannot_be_opened_stops_the_start_with_the_key() {
     let acquirer = Acquirer::new();
