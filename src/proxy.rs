@@ -49,7 +49,7 @@ use crate::head::RequestHead;
 use crate::keys::CacheKey;
 use crate::limit::Who;
 use crate::metrics::RequestOutcome;
-use crate::relay::desk::{DeskError, PullRequest, RelayDesk};
+use crate::relay::desk::{DeskError, PullRequest, Recorded, RelayDesk};
 use crate::request::{Checked, check};
 use crate::route::{Endpoint, Route, route_for};
 use crate::scaleout::Shape;
@@ -667,7 +667,8 @@ async fn route_callback(
     let Some(client) = caller.relay_client(head) else {
         return Ok(None);
     };
-    desk.record(&client, branch, request_id)
+    let recorded = desk
+        .record(&client, branch, request_id)
         .await
         .map_err(|error| match error {
             DeskError::Taken => GatewayError::RequestIdRouted,
@@ -679,14 +680,16 @@ async fn route_callback(
     Ok(Some(Box::new(Reservation {
         client,
         request_id: request_id.to_owned(),
+        recorded,
     })))
 }
 
 /// A route recorded for a caller Diia had not accepted yet, kept only if Diia accepts
-/// the push.
+/// the push: the local route and, with a fleet, the Redis claim made for it.
 struct Reservation {
     client: String,
     request_id: String,
+    recorded: Recorded,
 }
 
 impl Reservation {
@@ -699,7 +702,8 @@ impl Reservation {
             None => false,
         };
         if !accepted {
-            desk.release(&self.client, &self.request_id).await;
+            desk.release(&self.client, &self.request_id, self.recorded)
+                .await;
         }
     }
 }

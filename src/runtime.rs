@@ -354,7 +354,7 @@ impl SharedRoutes for RedisRoutes {
         held: &'a [u8],
         plain: &'a [u8],
         ttl: Duration,
-    ) -> BoxFuture<'a, bool> {
+    ) -> BoxFuture<'a, Option<Vec<u8>>> {
         Box::pin(self.0.refresh_route(key, held, plain, ttl))
     }
 

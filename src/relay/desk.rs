@@ -44,6 +44,14 @@ pub enum DeskError {
     Unavailable,
 }
 
+/// What [`RelayDesk::record`] claimed in the fleet's Redis for one push (nothing without
+/// `[scaleout]`): kept by a reservation, so a push Diia does not accept gives back its
+/// fleet-wide claim as well as its local route ([`RelayDesk::release`]).
+#[derive(Debug, Default)]
+pub struct Recorded {
+    claims: Vec<Claim>,
+}
+
 /// A package handed to the pull side.
 #[derive(Debug)]
 pub struct Pulled {
@@ -208,14 +216,16 @@ impl RelayDesk {
     /// With a fleet, the route is claimed in Redis first: a route held there for another
     /// client or branch refuses the push as a local one does, and a claim the local store
     /// then refuses is given back, so Redis and the store never name different owners
-    /// because of this push. Redis unavailable: the local route alone counts.
+    /// because of this push. Redis unavailable: the local route alone counts. What the push
+    /// claimed in Redis comes back in [`Recorded`], for [`RelayDesk::release`].
     pub async fn record(
         &self,
         client: &str,
         branch: &str,
         request_id: &str,
-    ) -> Result<(), DeskError> {
+    ) -> Result<Recorded, DeskError> {
         let now = now_ms();
+        let mut recorded = Recorded::default();
         for acquirer in &self.settings.acquirers {
             let route = Route {
                 client: client.to_owned(),
@@ -226,7 +236,13 @@ impl RelayDesk {
                 Some(fleet) => {
                     let ttl = self.settings.route_ttl;
                     match fleet.claim(&acquirer.name, request_id, &route, ttl).await {
-                        Claim::Taken => return Err(DeskError::Taken),
+                        Claim::Taken => {
+                            // Fresh claims this push made for earlier acquirers go back.
+                            for claim in recorded.claims {
+                                fleet.release(claim).await;
+                            }
+                            return Err(DeskError::Taken);
+                        }
                         claim => Some((fleet, claim)),
                     }
                 }
@@ -252,20 +268,27 @@ impl RelayDesk {
             };
             if let Some(refused) = refused {
                 if let Some((fleet, claim)) = claim {
-                    fleet.release(claim).await;
+                    for claim in recorded.claims.into_iter().chain([claim]) {
+                        fleet.release(claim).await;
+                    }
                 }
                 return Err(refused);
+            }
+            if let Some((_, claim)) = claim {
+                recorded.claims.push(claim);
             }
         }
         // A callback that arrived first (an orphan) is routed now: wake waiting pulls.
         self.arrivals.notify_waiters();
-        Ok(())
+        Ok(recorded)
     }
 
     /// Gives up `client`'s route of `request_id` (recorded before a push that Diia did not
-    /// accept), so a refused caller holds no requestId. Failures are logged: the route
+    /// accept), so a refused caller holds no requestId: the local route, and with a fleet
+    /// what [`RelayDesk::record`] claimed or refreshed in Redis (`recorded`), deleted only
+    /// while Redis still holds the value this push stored. Failures are logged: the route
     /// then expires after `route_ttl`.
-    pub async fn release(&self, client: &str, request_id: &str) {
+    pub async fn release(&self, client: &str, request_id: &str, recorded: Recorded) {
         for acquirer in &self.settings.acquirers {
             let released = self
                 .store
@@ -278,6 +301,11 @@ impl RelayDesk {
                 .await;
             if let Err(error) = released {
                 tracing::warn!(acquirer = %acquirer.name, %error, "relay: a refused push's route was not released");
+            }
+        }
+        if let Some(fleet) = &self.fleet {
+            for claim in recorded.claims {
+                fleet.give_back(claim).await;
             }
         }
     }

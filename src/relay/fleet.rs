@@ -67,14 +67,15 @@ pub trait SharedRoutes: Send + Sync {
         ttl: Duration,
     ) -> BoxFuture<'a, Option<Stored>>;
 
-    /// Replaces the stored value `held` with `plain` for `ttl`, only while it is still held.
+    /// Replaces the stored value `held` with `plain` for `ttl`, only while it is still held;
+    /// the value stored now (to give it back with), `None` when it was not replaced.
     fn refresh<'a>(
         &'a self,
         key: &'a str,
         held: &'a [u8],
         plain: &'a [u8],
         ttl: Duration,
-    ) -> BoxFuture<'a, bool>;
+    ) -> BoxFuture<'a, Option<Vec<u8>>>;
 
     /// Deletes `key` only while it holds exactly `value` (a claim given back).
     fn release<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, ()>;
@@ -95,8 +96,9 @@ pub enum Claim {
     /// back if the local store refuses it.
     Claimed(String, Vec<u8>),
     /// The fleet holds the same client and branch already (a retried push): its life is
-    /// extended.
-    Same,
+    /// extended, and the value stored now is the refresh's (its key and value; `None`
+    /// when the refresh did not take).
+    Same(Option<(String, Vec<u8>)>),
     /// The fleet holds a route naming another client or branch: refuse the push.
     Taken,
     /// Redis down, slow, or holding a value that does not open: the local route alone
@@ -144,8 +146,8 @@ impl FleetRoutes {
             Some(Stored::Held { plain: held, value }) => match Route::decode(&held) {
                 Some(held) if same_owner(&held, route) => {
                     self.metrics.route_copy("same");
-                    self.fleet.refresh(&key, &value, &plain, ttl).await;
-                    Claim::Same
+                    let stored = self.fleet.refresh(&key, &value, &plain, ttl).await;
+                    Claim::Same(stored.map(|stored| (key, stored)))
                 }
                 Some(_) => {
                     self.metrics.route_copy("taken");
@@ -171,10 +173,24 @@ impl FleetRoutes {
         Claim::Failed
     }
 
-    /// Gives back a claim the local store refused (best effort; it expires otherwise).
+    /// Gives back a claim the local store refused (best effort; it expires otherwise). A
+    /// [`Claim::Same`] is kept: the route was the caller's before this push.
     pub async fn release(&self, claim: Claim) {
         if let Claim::Claimed(key, value) = claim {
             self.fleet.release(&key, &value).await;
+        }
+    }
+
+    /// Gives back what a reservation's push claimed or refreshed (Diia did not accept the
+    /// push), compare-and-delete: only while Redis still holds the value this push stored,
+    /// so a route stored since by anyone else stays. Best effort: on failure the claim
+    /// expires after `route_ttl`.
+    pub async fn give_back(&self, claim: Claim) {
+        match claim {
+            Claim::Claimed(key, value) | Claim::Same(Some((key, value))) => {
+                self.fleet.release(&key, &value).await;
+            }
+            Claim::Same(None) | Claim::Taken | Claim::Failed => {}
         }
     }
 
@@ -327,8 +343,8 @@ mod tests {
             _: &'a [u8],
             _: &'a [u8],
             _: Duration,
-        ) -> BoxFuture<'a, bool> {
-            Box::pin(async { false })
+        ) -> BoxFuture<'a, Option<Vec<u8>>> {
+            Box::pin(async { None })
         }
         fn release<'a>(&'a self, _: &'a str, _: &'a [u8]) -> BoxFuture<'a, ()> {
             Box::pin(async {})

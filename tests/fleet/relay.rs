@@ -468,3 +468,57 @@ async fn a_request_id_routed_through_one_instance_is_409_through_another_for_ano
     world.wait_for(&world.b, State::Delivered, 1).await;
     assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
 }
+
+/// A junk session token's push through A reserves the requestId fleet-wide while it is
+/// under way; Diia refuses it, and the reservation goes from Redis as well as from A's
+/// store, so the legitimate caller's push of the same requestId through B is accepted and
+/// the package reaches its branch (before the fix, B found A's claim and answered 409
+/// until `route_ttl`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_junk_push_leaves_no_fleet_claim_behind() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    let request_id = "fleet-relay-junk-9e41";
+    let junk = format!("junk-session-token-{}", fastrand::u64(..));
+    let refused = world
+        .push(&world.a, &junk, &fresh_barcode(), request_id)
+        .await;
+    assert!(
+        matches!(
+            refused.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        world
+            .metric(
+                &world.a,
+                "diia_gateway_relay_route_copies_total{result=\"stored\"}"
+            )
+            .await,
+        1.0,
+        "the junk push's route was not claimed in Redis at all"
+    );
+    let keys = world.redis.keys().await;
+    assert!(
+        !keys.iter().any(|k| k.starts_with("{dg}:relay-route:")),
+        "the refused push's claim is still in Redis: {keys:?}"
+    );
+
+    let token = world
+        .session_token(&world.b, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let pushed = world
+        .push(&world.b, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    let body = world.package(6);
+    assert_eq!(
+        world.callback(&world.a, request_id, &body).await.status,
+        StatusCode::OK
+    );
+    world.wait_for(&world.a, State::Delivered, 1).await;
+    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+}
