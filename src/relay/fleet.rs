@@ -15,20 +15,22 @@
 //! - **Either order.** Ingress adopts the fleet's route before storing a callback with no
 //!   local route ([`FleetRoutes::adopt`]); a callback that arrived before any instance had
 //!   recorded its route is an orphan, and [`FleetRoutes::sweep`] routes it once the route
-//!   shows up in Redis.
+//!   shows up in Redis. Each sweep looks up the next page of orphans in record order (a
+//!   cursor that wraps after the newest), so every orphan is looked up within
+//!   `ceil(orphans / SWEEP_BATCH)` sweeps however many wait.
 //!
 //! The pull side is not shared: it reads the store of the instance it reaches.
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
 use super::metrics::RelayMetrics;
-use super::{CallbackStore, Route, RouteOutcome, StoreResult, now_ms};
+use super::{CallbackStore, OrphanCursor, Route, RouteOutcome, StoreResult, now_ms};
 
 /// How often local orphans are looked up in Redis.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
@@ -110,6 +112,9 @@ pub enum Claim {
 pub struct FleetRoutes {
     fleet: Arc<dyn SharedRoutes>,
     metrics: Arc<RelayMetrics>,
+    /// Where the next sweep's page of orphans starts (`None`: the oldest). A plain mutex:
+    /// read and written between awaits, never held across one.
+    sweep_from: Mutex<Option<OrphanCursor>>,
 }
 
 impl std::fmt::Debug for FleetRoutes {
@@ -122,7 +127,11 @@ impl FleetRoutes {
     /// The relay's routes over `fleet`.
     #[must_use]
     pub fn new(fleet: Arc<dyn SharedRoutes>, metrics: Arc<RelayMetrics>) -> Self {
-        Self { fleet, metrics }
+        Self {
+            fleet,
+            metrics,
+            sweep_from: Mutex::new(None),
+        }
     }
 
     /// Claims `(acquirer, request_id)` for `route` fleet-wide for `ttl` (one round trip,
@@ -245,12 +254,19 @@ impl FleetRoutes {
         }
     }
 
-    /// One sweep: up to `limit` local orphans looked up in Redis (one round trip); those whose
-    /// route is found become `pending`. Returns how many records were routed.
+    /// One sweep: the next page of up to `limit` local orphans (after the last sweep's, from
+    /// the oldest again once a page reached the newest) looked up in Redis (one round
+    /// trip); those whose route is found become `pending`. Returns how many records were
+    /// routed.
     pub async fn sweep_once(&self, store: &dyn CallbackStore, limit: usize) -> StoreResult<usize> {
-        let orphans = store.orphans(limit.min(SWEEP_BATCH)).await?;
+        let from = self.sweep_from.lock().map_or(None, |from| *from);
+        let page = store.orphans(from, limit.min(SWEEP_BATCH)).await?;
+        if let Ok(mut from) = self.sweep_from.lock() {
+            *from = page.next;
+        }
         let mut seen = HashSet::new();
-        let requests: Vec<(String, String)> = orphans
+        let requests: Vec<(String, String)> = page
+            .found
             .into_iter()
             .map(|orphan| (orphan.acquirer, orphan.request_id))
             .filter(|request| seen.insert(request.clone()))

@@ -327,6 +327,38 @@ pub struct Orphan {
     pub received_ms: u64,
 }
 
+impl Orphan {
+    /// Where this orphan sits in record order, for [`CallbackStore::orphans`] paging.
+    #[must_use]
+    pub fn cursor(&self) -> OrphanCursor {
+        OrphanCursor {
+            received_ms: self.received_ms,
+            id: self.id,
+        }
+    }
+}
+
+/// A place in record order (received, then id) among the orphans: a page of
+/// [`CallbackStore::orphans`] starts after it. Stable while orphans come and go, so a
+/// reader that pages through advances past the ones it has seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OrphanCursor {
+    /// When the record was received (ms since the epoch).
+    pub received_ms: u64,
+    /// The record.
+    pub id: RecordId,
+}
+
+/// One page of orphans.
+#[derive(Clone, Debug, Default)]
+pub struct Orphans {
+    /// The page's orphans that open, in record order.
+    pub found: Vec<Orphan>,
+    /// Where the next page starts (the page's last row, whether it opened or not); `None`
+    /// when this page reached the newest orphan (start over from the oldest).
+    pub next: Option<OrphanCursor>,
+}
+
 /// How long settled records are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {
@@ -484,8 +516,14 @@ pub trait CallbackStore: Send + Sync {
         now_ms: u64,
     ) -> BoxFuture<'static, StoreResult<bool>>;
 
-    /// Up to `limit` orphans, oldest first, with their requestIds (to look routes up).
-    fn orphans(&self, limit: usize) -> BoxFuture<'static, StoreResult<Vec<Orphan>>>;
+    /// Up to `limit` orphans in record order (received, then id) after `after` (from the
+    /// oldest when `None`), with their requestIds (to look routes up), and where the next
+    /// page starts.
+    fn orphans(
+        &self,
+        after: Option<OrphanCursor>,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Orphans>>;
 
     /// Metadata of up to `limit` records in `state`, by id, after `after` (paging).
     fn list(

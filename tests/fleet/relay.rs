@@ -15,7 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use diia_gateway::RunningGateway;
 use diia_gateway::config::{RelayAcquirerConfig, RelayTargetConfig};
-use diia_gateway::relay::{CallbackStore, State};
+use diia_gateway::relay::{CallbackStore, Envelope, Ingest, State};
 use diia_gateway_testkit::{HttpClient, Reply, client, gateway_config, send, start_gateway};
 use diia_gateway_testkit::{OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN};
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimHandle};
@@ -521,4 +521,61 @@ async fn a_refused_junk_push_leaves_no_fleet_claim_behind() {
     );
     world.wait_for(&world.a, State::Delivered, 1).await;
     assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+}
+
+/// More orphans wait on B than one sweep looks up (512), none of them with a route in
+/// Redis; then the newest one's push goes through A. B's sweeps page through its orphans
+/// (a cursor that wraps), so the newest is routed and delivered within a couple of sweeps
+/// (before the fix, every sweep took the oldest 512 and never looked the newest up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_of_more_orphans_than_one_sweep_takes_is_still_routed() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    let b_store = world.b.relay_store().unwrap();
+    // Received in the minute before, so the real callback below is the newest.
+    let base = diia_gateway::relay::now_ms();
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let puts = (0..600u64).map(|n| {
+        let ingest = Ingest {
+            acquirer: "acquirer-1".into(),
+            envelope: Envelope {
+                request_id: format!("fleet-relay-unrouted-{n}"),
+                action: None,
+                content_type: content_type.clone(),
+                body: Bytes::from_static(b"never routed"),
+            },
+            route: None,
+        };
+        b_store.put(ingest, base - 60_000 + n)
+    });
+    for put in futures_util::future::join_all(puts).await {
+        put.unwrap();
+    }
+    let request_id = "fleet-relay-newest-orphan-2a7c";
+    let body = world.package(7);
+    assert_eq!(
+        world.callback(&world.b, request_id, &body).await.status,
+        StatusCode::OK
+    );
+    world.wait_for(&world.b, State::Orphan, 601).await;
+
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    // Sweeps run every 2 s; two cover 601 orphans (512 + 89), three leave room for one
+    // that was under way when the route appeared.
+    let started = Instant::now();
+    world.wait_for(&world.b, State::Delivered, 1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "routed only after {:?}",
+        started.elapsed()
+    );
+    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+    world.wait_for(&world.b, State::Orphan, 600).await;
 }
