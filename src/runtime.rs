@@ -309,6 +309,17 @@ async fn start_relay(
             until_closing(closing),
         )),
     ];
+    if let Some(scaleout) = gateway.scaleout() {
+        // Instances of one fleet must agree on what routes mean: compared, never refused.
+        let fingerprint = scaleout.relay_config_fingerprint(&relay.routing_config());
+        let metrics = Arc::clone(&gateway.metrics().relay);
+        tasks.push(scaleout::watch_relay_config(
+            Arc::clone(scaleout),
+            fingerprint,
+            until_closing(closing),
+            move |agreement| metrics.config_mismatch(agreement.mismatch()),
+        ));
+    }
     if let Some(fleet) = fleet {
         tasks.push(tokio::spawn(fleet.sweep(
             Arc::clone(&shared),

@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use diia_gateway::RunningGateway;
-use diia_gateway::config::{RelayAcquirerConfig, RelayTargetConfig};
+use diia_gateway::config::{CallbackRelayConfig, RelayAcquirerConfig, RelayTargetConfig};
 use diia_gateway::relay::{CallbackStore, Envelope, Ingest, State};
 use diia_gateway_testkit::{HttpClient, Reply, client, gateway_config, send, start_gateway};
 use diia_gateway_testkit::{OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN};
@@ -105,13 +105,15 @@ impl Shared {
     }
 }
 
-/// One fleet instance with the relay on; `data` is its own store's directory.
+/// One fleet instance with the relay on; `data` is its own store's directory; `tweak`
+/// changes its relay config.
 async fn instance(
     sim: &SimHandle,
     redis: &Redis,
     shared: &Shared,
     target: SocketAddr,
     data: &TempDir,
+    tweak: impl FnOnce(&mut CallbackRelayConfig),
 ) -> RunningGateway {
     let mut config = gateway_config(&sim.base_url());
     let fleet = &mut config.scaleout;
@@ -140,6 +142,7 @@ async fn instance(
         signing_secret_file: shared.path("whsec"),
         branch_ids: vec![BRANCH.into()],
     }];
+    tweak(relay);
     start_gateway(config).await
 }
 
@@ -159,6 +162,11 @@ struct World {
 
 impl World {
     async fn start() -> Option<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// As [`World::start`], with B's relay config changed by `tweak_b`.
+    async fn start_with(tweak_b: impl FnOnce(&mut CallbackRelayConfig)) -> Option<Self> {
         let serial = SERIAL.lock().await;
         if !redis_available() {
             return None;
@@ -169,8 +177,8 @@ impl World {
         let shared = Shared::new();
         let (target, received) = branch_backend().await;
         let dirs = (TempDir::new().unwrap(), TempDir::new().unwrap());
-        let a = instance(&sim, &redis, &shared, target, &dirs.0).await;
-        let b = instance(&sim, &redis, &shared, target, &dirs.1).await;
+        let a = instance(&sim, &redis, &shared, target, &dirs.0, |_| {}).await;
+        let b = instance(&sim, &redis, &shared, target, &dirs.1, tweak_b).await;
         let world = Self {
             redis,
             _sim: sim,
@@ -578,4 +586,87 @@ async fn the_newest_of_more_orphans_than_one_sweep_takes_is_still_routed() {
     );
     assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
     world.wait_for(&world.b, State::Orphan, 600).await;
+}
+
+const MISMATCH: &str = "diia_gateway_relay_config_mismatch";
+
+/// Waits (10 s at most: heartbeats are 1 s) until `gateway`'s `relay_config_mismatch` is
+/// `value`.
+async fn wait_for_mismatch(world: &World, gateway: &RunningGateway, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = world.metric(gateway, MISMATCH).await;
+        if seen == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{MISMATCH} stayed {seen}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// B's target serves another branch than A's: both instances report the disagreement
+/// (without refusing anything: a push through either still works), and Redis holds only
+/// keyed fingerprints, never the branch or target names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_whose_targets_differ_both_report_a_config_mismatch() {
+    let Some(world) = World::start_with(|relay| {
+        relay.target[0].branch_ids = vec!["branch-fleet-other-5150".into()];
+    })
+    .await
+    else {
+        return;
+    };
+    wait_for_mismatch(&world, &world.a, 1.0).await;
+    wait_for_mismatch(&world, &world.b, 1.0).await;
+    // Reported, not refused.
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), "fleet-relay-mismatch-1")
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+
+    let entries = world
+        .redis
+        .reply(&["ZRANGE", "{dg}:relay-config", "0", "-1"])
+        .await
+        .unwrap();
+    for secret in [
+        BRANCH,
+        "branch-fleet-other-5150",
+        "backoffice",
+        "acquirer-1",
+        "/diia/callback",
+    ] {
+        assert!(!entries.contains(secret), "{secret} in Redis: {entries}");
+    }
+}
+
+/// The same config on both: after each has compared with the other (a few heartbeats),
+/// neither reports a mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_with_the_same_config_report_no_mismatch() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    // Both entries are in Redis, so each instance's next heartbeat compares with the other.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while world
+        .redis
+        .command(&["ZCARD", "{dg}:relay-config"])
+        .await
+        .as_deref()
+        != Some(":2")
+    {
+        assert!(Instant::now() < deadline, "no two config entries in Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for gateway in [&world.a, &world.b] {
+        assert_eq!(world.metric(gateway, MISMATCH).await, 0.0);
+    }
 }
