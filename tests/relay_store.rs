@@ -35,6 +35,7 @@ fn route(branch: &str) -> Route {
         client: "CLIENT-MARKER-key-17".to_owned(),
         branch: branch.to_owned(),
         target: "branch-backend".to_owned(),
+        login: None,
     }
 }
 

@@ -327,10 +327,10 @@ impl FleetRoutes {
     }
 }
 
-/// Whether `held` names the same client and branch as `ours` (the client compared in
-/// constant time): the same owner, as the local store decides it.
+/// Whether `held` has the same owner as `ours` (the same branch, and the same client or
+/// login, compared in constant time): as the local store decides it.
 fn same_owner(held: &Route, ours: &Route) -> bool {
-    held.names_client(&ours.client) && held.branch == ours.branch
+    held.same_owner(ours)
 }
 
 #[cfg(test)]
@@ -390,6 +390,7 @@ mod tests {
             client: "key:abc".into(),
             branch: "b-1".into(),
             target: "t".into(),
+            login: None,
         };
         let started = std::time::Instant::now();
         let claim = routes
@@ -406,6 +407,7 @@ mod tests {
             client: "key:abc".into(),
             branch: "b-1".into(),
             target: "t".into(),
+            login: None,
         };
         let pull = Route {
             target: String::new(),

@@ -26,8 +26,8 @@ mod writer;
 
 use super::{
     CallbackStore, Envelope, Ingest, LeaseToken, Leased, Opened, Orphan, OrphanCursor, Orphans,
-    Purged, PutOutcome, RecordId, RecordMeta, Retention, Route, RouteOutcome, Settle, State, Stats,
-    StoreError, StoreResult,
+    Owner, Purged, PutOutcome, RecordId, RecordMeta, Retention, Route, RouteOutcome, Settle, State,
+    Stats, StoreError, StoreResult,
 };
 use routes::{ROUTES_SCHEMA, request_macs};
 use rows::{lease_rows, meta, open_lease, put_sealed, seal_ingest, settle_row};
@@ -452,11 +452,11 @@ impl CallbackStore for SqliteStore {
         &self,
         acquirer: String,
         request_id: String,
-        client: String,
+        owner: Owner,
     ) -> BoxFuture<'static, StoreResult<Option<(RecordId, Envelope)>>> {
         self.read(move |conn, keys| {
             let macs = request_macs(keys, &acquirer, &request_id);
-            routes::take_for(conn, keys, &acquirer, &macs, &client)
+            routes::take_for(conn, keys, &acquirer, &macs, &owner)
         })
     }
 
@@ -464,13 +464,13 @@ impl CallbackStore for SqliteStore {
         &self,
         acquirer: String,
         request_id: String,
-        client: String,
+        owner: Owner,
         id: RecordId,
         now_ms: u64,
     ) -> BoxFuture<'static, StoreResult<bool>> {
         self.write(move |conn, keys| {
             let macs = request_macs(keys, &acquirer, &request_id);
-            routes::ack_pulled(conn, keys, &acquirer, &macs, &client, id, ms(now_ms))
+            routes::ack_pulled(conn, keys, &acquirer, &macs, &owner, id, ms(now_ms))
         })
     }
 
