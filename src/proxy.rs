@@ -49,7 +49,8 @@ use crate::head::RequestHead;
 use crate::keys::CacheKey;
 use crate::limit::Who;
 use crate::metrics::RequestOutcome;
-use crate::relay::desk::{DeskError, PullRequest, RelayDesk};
+use crate::relay::Owner;
+use crate::relay::desk::{DeskError, PullRequest, Recorded, RelayDesk};
 use crate::request::{Checked, check};
 use crate::route::{Endpoint, Route, route_for};
 use crate::scaleout::Shape;
@@ -255,7 +256,8 @@ impl Gateway {
         let reserved = match (self.relay.get(), checked.consent_push()) {
             (Some(desk), Some((branch, request_id))) => {
                 let push = (branch, request_id);
-                Box::pin(route_callback(desk, caller, &ctx.head, push, verified)).await?
+                let owner = self.relay_owner(ctx)?;
+                Box::pin(route_callback(desk, owner, push, verified)).await?
             }
             _ => None,
         };
@@ -347,9 +349,8 @@ impl Gateway {
     /// caller that routed the request gets the same 404 as for "nothing yet".
     async fn relay_pull(&self, ctx: &Ctx) -> Result<Handled, GatewayError> {
         let desk = self.relay.get().ok_or(GatewayError::UnknownRoute)?;
-        let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
-        let client = caller
-            .relay_client(&ctx.head)
+        let owner = self
+            .relay_owner(ctx)?
             .ok_or(GatewayError::CallbackNotFound)?;
         let encoded = ctx
             .route
@@ -364,13 +365,13 @@ impl Gateway {
             pull.wait = Duration::ZERO;
         }
         let response = if ctx.head.method == http::Method::DELETE {
-            match desk.acknowledge(&client, &pull.request_id, pull.id).await {
+            match desk.acknowledge(&owner, &pull.request_id, pull.id).await {
                 Ok(true) => crate::relay::desk::acknowledged(),
                 Ok(false) => return Err(GatewayError::CallbackNotFound),
                 Err(_) => return Err(GatewayError::RelayUnavailable),
             }
         } else {
-            match desk.pull(&client, &pull.request_id, pull.wait).await {
+            match desk.pull(&owner, &pull.request_id, pull.wait).await {
                 Ok(Some(pulled)) => pulled.response(),
                 Ok(None) => return Err(GatewayError::CallbackNotFound),
                 Err(_) => return Err(GatewayError::RelayUnavailable),
@@ -470,7 +471,7 @@ impl Gateway {
             }
             match slot.store {
                 Store::SessionTokens if answer.status == http::StatusCode::OK => {
-                    Box::pin(self.remember_issued(answer, slot.key)).await;
+                    Box::pin(self.remember_issued(ctx, answer, slot.key)).await;
                 }
                 Store::Answers | Store::Sharing
                     if answer.status == http::StatusCode::UNAUTHORIZED =>
@@ -522,8 +523,9 @@ impl Gateway {
     }
 
     /// Pass-through: notes which token-cache entry handed out this session token (a 200
-    /// from the token exchange; the caller checks the status).
-    async fn remember_issued(&self, answer: &Answer, slot: CacheKey) {
+    /// from the token exchange; the caller checks the status), and for which login (the
+    /// acquirer token in the exchange's path), so the relay knows the token's login.
+    async fn remember_issued(&self, ctx: &Ctx, answer: &Answer, slot: CacheKey) {
         #[derive(serde::Deserialize)]
         struct Issued {
             token: String,
@@ -535,7 +537,13 @@ impl Gateway {
                 .part(issued.token.as_bytes())
                 .finish();
             self.issued_tokens.insert(token, slot).await;
-            self.trust.issued(issued.token.as_bytes());
+            let acquirer_token = ctx
+                .route
+                .as_ref()
+                .and_then(|route| route.param(ctx.head.uri.path()))
+                .unwrap_or_default();
+            self.trust
+                .issued(issued.token.as_bytes(), acquirer_token.as_bytes());
         }
     }
 
@@ -604,6 +612,25 @@ impl Gateway {
         Some((token, self.trust.standing(token)))
     }
 
+    /// Who the relay knows this caller as: its relay client (session token, API key or
+    /// certificate digest) and, for a pass-through session token this instance's token
+    /// exchange handed out, the login it was handed out for (so the same SDK keeps its
+    /// routes across a new login). `None` for the token exchange itself.
+    fn relay_owner(&self, ctx: &Ctx) -> Result<Option<Owner>, GatewayError> {
+        let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
+        let Some(client) = caller.relay_client(&ctx.head) else {
+            return Ok(None);
+        };
+        let login = match caller {
+            Caller::Session if self.managed.is_none() => bearer_token(&ctx.head)
+                .ok()
+                .and_then(|token| self.trust.login_of(token))
+                .map(|login| login.relay_owner()),
+            Caller::Session | Caller::Exchange | Caller::Branch { .. } => None,
+        };
+        Ok(Some(Owner { client, login }))
+    }
+
     /// The leader's call, as an owned future that can run in its own task; given the
     /// budget wait already reserved (scale-out), if any. With the caller's session token
     /// or login pair (`judged`), one Diia refused a moment ago is answered 401 here, one it
@@ -659,15 +686,15 @@ impl Gateway {
 /// the pushes under way), while nobody can take the requestId while the push is in flight.
 async fn route_callback(
     desk: &RelayDesk,
-    caller: &Caller,
-    head: &RequestHead,
+    owner: Option<Owner>,
     (branch, request_id): (&str, &str),
     verified: bool,
 ) -> Result<Option<Box<Reservation>>, GatewayError> {
-    let Some(client) = caller.relay_client(head) else {
+    let Some(owner) = owner else {
         return Ok(None);
     };
-    desk.record(&client, branch, request_id)
+    let recorded = desk
+        .record(&owner, branch, request_id)
         .await
         .map_err(|error| match error {
             DeskError::Taken => GatewayError::RequestIdRouted,
@@ -677,16 +704,18 @@ async fn route_callback(
         return Ok(None);
     }
     Ok(Some(Box::new(Reservation {
-        client,
+        client: owner.client,
         request_id: request_id.to_owned(),
+        recorded,
     })))
 }
 
 /// A route recorded for a caller Diia had not accepted yet, kept only if Diia accepts
-/// the push.
+/// the push: the local route and, with a fleet, the Redis claim made for it.
 struct Reservation {
     client: String,
     request_id: String,
+    recorded: Recorded,
 }
 
 impl Reservation {
@@ -699,7 +728,8 @@ impl Reservation {
             None => false,
         };
         if !accepted {
-            desk.release(&self.client, &self.request_id).await;
+            desk.release(&self.client, &self.request_id, self.recorded)
+                .await;
         }
     }
 }

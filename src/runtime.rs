@@ -309,6 +309,7 @@ async fn start_relay(
             until_closing(closing),
         )),
     ];
+    tasks.extend(watch_relay_config(relay, gateway, until_closing(closing)));
     if let Some(fleet) = fleet {
         tasks.push(tokio::spawn(fleet.sweep(
             Arc::clone(&shared),
@@ -318,6 +319,25 @@ async fn start_relay(
     }
     tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), targets = relay.targets.len(), "callback relay listening");
     Ok((tasks, addr, store))
+}
+
+/// With `[scaleout]`: compares this instance's relay routing config with the fleet's on
+/// every heartbeat until `closing` (`diia_gateway_relay_config_mismatch`). Instances of
+/// one fleet must agree on what routes mean; a difference is reported, never refused.
+fn watch_relay_config(
+    relay: &RelaySettings,
+    gateway: &Gateway,
+    closing: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Option<JoinHandle<()>> {
+    let fleet = gateway.scaleout()?;
+    let fingerprint = fleet.relay_config_fingerprint(&relay.routing_config());
+    let metrics = Arc::clone(&gateway.metrics().relay);
+    Some(scaleout::watch_relay_config(
+        Arc::clone(fleet),
+        fingerprint,
+        closing,
+        move |agreement| metrics.config_mismatch(agreement.mismatch()),
+    ))
 }
 
 /// The relay's shared routes over the fleet's Redis: the glue between `relay::fleet` (which
@@ -354,7 +374,7 @@ impl SharedRoutes for RedisRoutes {
         held: &'a [u8],
         plain: &'a [u8],
         ttl: Duration,
-    ) -> BoxFuture<'a, bool> {
+    ) -> BoxFuture<'a, Option<Vec<u8>>> {
         Box::pin(self.0.refresh_route(key, held, plain, ttl))
     }
 

@@ -12,6 +12,12 @@
 //! refused (401/403) is answered 401 `credentials_refused` locally for
 //! `tokens.refused_ttl`; a pair that had a 2xx is verified while it keeps logging in.
 //!
+//! It also remembers, for each session token its own token exchange handed out, which
+//! login it came from ([`LoginId`]: a digest of the acquirer token), so the callback relay
+//! can hand a package routed under one session token to the same SDK after it logged in
+//! again (a new token for the same acquirer token). Tokens this instance did not hand out
+//! have no login.
+//!
 //! With `[scaleout]` each instance keeps its own sets: a token verified through one
 //! instance starts unverified on another until its first 2xx there (one call from the
 //! unverified budget), which costs less than a Redis round trip on every call.
@@ -31,6 +37,36 @@ pub struct TokenTrust {
     verified_logins: moka::sync::Cache<CacheKey, ()>,
     /// Login pairs Diia refused with 401 or 403 within `refused_ttl`.
     refused_logins: moka::sync::Cache<CacheKey, ()>,
+    /// Session tokens the token exchange handed out, and the login each came from, for a
+    /// session token's life (or until Diia refuses the token).
+    issued_for: moka::sync::Cache<CacheKey, LoginId>,
+}
+
+/// The login a session token was handed out for: the SHA-256 of the acquirer token it was
+/// exchanged for (never the token itself). Unkeyed, so every instance and every restart
+/// names a login alike (it is only ever stored sealed, in relay routes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LoginId([u8; 32]);
+
+impl std::fmt::Debug for LoginId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoginId(<redacted>)")
+    }
+}
+
+impl LoginId {
+    /// The login of `acquirer_token` (the path segment of the token exchange, as sent).
+    #[must_use]
+    pub fn of(acquirer_token: &[u8]) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(acquirer_token).into())
+    }
+
+    /// How a relay route names it (`login:` and the digest in hex).
+    #[must_use]
+    pub fn relay_owner(&self) -> String {
+        format!("login:{}", hex::encode(self.0))
+    }
 }
 
 /// How long a login pair stays verified without logging in again: a working acquirer
@@ -70,6 +106,10 @@ impl TokenTrust {
                 .max_capacity(max_tracked.max(1))
                 .time_to_live(refused_ttl)
                 .build(),
+            issued_for: moka::sync::Cache::builder()
+                .max_capacity(max_tracked.max(1))
+                .time_to_live(SESSION_TOKEN_LIFETIME)
+                .build(),
         }
     }
 
@@ -91,9 +131,19 @@ impl TokenTrust {
         }
     }
 
-    /// A token the gateway handed out itself (a 200 of the token exchange).
-    pub fn issued(&self, token: &[u8]) {
-        self.verified.insert(self.digest(token), ());
+    /// A token the gateway handed out itself (a 200 of the token exchange), for the login
+    /// of `acquirer_token`.
+    pub fn issued(&self, token: &[u8], acquirer_token: &[u8]) {
+        let digest = self.digest(token);
+        self.verified.insert(digest, ());
+        self.issued_for.insert(digest, LoginId::of(acquirer_token));
+    }
+
+    /// The login `token` was handed out for by this instance's token exchange; `None` for
+    /// a token it did not hand out (or no longer remembers, or Diia refused since).
+    #[must_use]
+    pub fn login_of(&self, token: &[u8]) -> Option<LoginId> {
+        self.issued_for.get(&self.digest(token))
     }
 
     /// Learns from Diia's answer to a call made with `token`: a 2xx verifies it, a 401
@@ -108,6 +158,7 @@ impl TokenTrust {
             }
         } else if answer.status == http::StatusCode::UNAUTHORIZED {
             self.verified.invalidate(&token);
+            self.issued_for.invalidate(&token);
             self.refused.insert(token, ());
         }
     }
@@ -182,5 +233,29 @@ mod tests {
         assert_eq!(trust.login_standing(pair(3)), Standing::Unverified);
         // Login pairs and session tokens are separate sets.
         assert_eq!(trust.standing(pair(1)), Standing::Unverified);
+    }
+
+    #[test]
+    fn an_issued_token_names_its_login_until_diia_refuses_it() {
+        let trust = TokenTrust::new(HashKey::fixed([5; 16]), Duration::from_secs(60), 100);
+        trust.issued(b"token-1", b"acquirer-a");
+        trust.issued(b"token-2", b"acquirer-a");
+        trust.issued(b"token-3", b"acquirer-b");
+        let login = |token: &[u8]| trust.login_of(token);
+        assert_eq!(login(b"token-1"), Some(LoginId::of(b"acquirer-a")));
+        assert_eq!(login(b"token-1"), login(b"token-2"));
+        assert_ne!(login(b"token-1"), login(b"token-3"));
+        assert_eq!(login(b"never-issued"), None);
+        assert!(!format!("{:?}", login(b"token-1")).contains("acquirer"));
+        assert!(
+            !LoginId::of(b"acquirer-a")
+                .relay_owner()
+                .contains("acquirer-a")
+        );
+        trust.settle(
+            trust.digest(b"token-1"),
+            &answered(StatusCode::UNAUTHORIZED),
+        );
+        assert_eq!(login(b"token-1"), None);
     }
 }

@@ -175,6 +175,7 @@ impl Relay {
                 client: "key:branch-client".to_owned(),
                 branch: "b-1".to_owned(),
                 target: target.to_owned(),
+                login: None,
             }),
         };
         match self

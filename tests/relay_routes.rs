@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use diia_gateway::relay::{
-    CallbackStore, Envelope, Fsync, Ingest, Keyring, PutOutcome, RecordId, Retention, Route,
+    CallbackStore, Envelope, Fsync, Ingest, Keyring, Owner, PutOutcome, RecordId, Retention, Route,
     RouteOutcome, SqliteStore, State,
 };
 
@@ -28,6 +28,7 @@ fn route(client: &str, branch: &str) -> Route {
         client: client.to_owned(),
         branch: branch.to_owned(),
         target: "TARGET-MARKER-backend".to_owned(),
+        login: None,
     }
 }
 
@@ -584,4 +585,81 @@ fn a_route_that_returned_survives_kill_9() {
             );
         }
     });
+}
+
+/// A route recorded with a login (a session token this gateway issued) is also owned by a
+/// later session token of the same login: it takes and acknowledges the package, and its
+/// retried push is the same owner. Another login, or a caller without one, is not.
+#[tokio::test]
+async fn a_route_with_a_login_is_owned_by_a_new_token_of_that_login_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let with_login = |client: &str, login: Option<&str>| Route {
+        login: login.map(str::to_owned),
+        ..route(client, "b-1")
+    };
+    let owner = |client: &str, login: Option<&str>| Owner {
+        client: client.to_owned(),
+        login: login.map(str::to_owned),
+    };
+    assert_eq!(
+        record(
+            &store,
+            "req-9",
+            with_login("session:t1", Some("login:a")),
+            0
+        )
+        .await,
+        RouteOutcome::Recorded
+    );
+    // A retried push under the new token of the same login, same branch: the same owner.
+    assert_eq!(
+        record(
+            &store,
+            "req-9",
+            with_login("session:t2", Some("login:a")),
+            1
+        )
+        .await,
+        RouteOutcome::Same
+    );
+    for other in [
+        with_login("session:t3", Some("login:b")),
+        with_login("session:t3", None),
+        Route {
+            branch: "b-2".into(),
+            ..with_login("session:t2", Some("login:a"))
+        },
+    ] {
+        assert_eq!(record(&store, "req-9", other, 2).await, RouteOutcome::Taken);
+    }
+    let (id, _) = stored(
+        store
+            .put(callback("req-9", None, b"package"), 3)
+            .await
+            .unwrap(),
+    );
+    let take = |asker: Owner| store.take_for("acq".into(), "req-9".into(), asker);
+    assert!(
+        take(owner("session:t3", Some("login:b")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(take(owner("session:t2", None)).await.unwrap().is_none());
+    assert_eq!(
+        take(owner("session:t2", Some("login:a")))
+            .await
+            .unwrap()
+            .unwrap()
+            .0,
+        id
+    );
+    assert_eq!(
+        take(owner("session:t1", None)).await.unwrap().unwrap().0,
+        id
+    );
+    let ack = |asker: Owner| store.ack_pulled("acq".into(), "req-9".into(), asker, id, 10);
+    assert!(!ack(owner("session:t3", Some("login:b"))).await.unwrap());
+    assert!(ack(owner("session:t2", Some("login:a"))).await.unwrap());
 }

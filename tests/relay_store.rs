@@ -35,6 +35,7 @@ fn route(branch: &str) -> Route {
         client: "CLIENT-MARKER-key-17".to_owned(),
         branch: branch.to_owned(),
         target: "branch-backend".to_owned(),
+        login: None,
     }
 }
 
@@ -425,7 +426,7 @@ async fn an_orphan_is_never_leased_until_routed() {
             .unwrap()
             .is_empty()
     );
-    let orphans = store.orphans(10).await.unwrap();
+    let orphans = store.orphans(None, 10).await.unwrap().found;
     assert_eq!(
         (orphans[0].id, orphans[0].request_id.as_str()),
         (id, "req-o")
@@ -447,6 +448,60 @@ async fn an_orphan_is_never_leased_until_routed() {
     );
     let leased = store.lease_due(2_000, LEASE, 10).await.unwrap();
     assert_eq!((leased[0].id, leased[0].route.branch.as_str()), (id, "b1"));
+}
+
+/// Orphans page in record order: each page starts after the last one's end, every orphan
+/// is seen once per pass however many wait (the sweep once saw only the oldest 512), and
+/// the page that reaches the newest says so (`next` is `None`), so a sweep wraps.
+#[tokio::test]
+async fn orphans_page_through_in_record_order_and_the_last_page_wraps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let puts = (0..25u64).map(|n| {
+        // Pairs share a receive time: the id orders them.
+        let ingest = ingest(&format!("req-page-{n}"), b"p", false);
+        store.put(ingest, 1_000 + n / 2)
+    });
+    for put in futures_util::future::join_all(puts).await {
+        stored(put.unwrap());
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = store.orphans(after, 10).await.unwrap();
+        pages += 1;
+        assert!(page.found.len() <= 10);
+        seen.extend(
+            page.found
+                .iter()
+                .map(|o| (o.cursor(), o.request_id.clone())),
+        );
+        match page.next {
+            Some(next) => {
+                assert_eq!(Some(next), page.found.last().map(|o| o.cursor()));
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 25);
+    let cursors: Vec<_> = seen.iter().map(|(cursor, _)| *cursor).collect();
+    assert!(
+        cursors.windows(2).all(|w| w[0] < w[1]),
+        "not in record order"
+    );
+    let mut ids: Vec<_> = seen.iter().map(|(_, id)| id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 25, "an orphan seen twice or never");
+    // The newest is on the last page, and a full last page still ends the pass.
+    assert_eq!(seen.last().unwrap().1, "req-page-24".to_owned());
+    let all = store.orphans(None, 25).await.unwrap();
+    assert_eq!(all.found.len(), 25);
+    let after_all = store.orphans(all.next, 25).await.unwrap();
+    assert!(after_all.found.is_empty() && after_all.next.is_none());
 }
 
 #[tokio::test]

@@ -9,8 +9,9 @@
 //!   `default_target`, else a target serving `["*"]`; with none, the route is pull-only
 //!   (target `""`) and the push worker holds the record for the pull side.
 //! - **Pull answers only its caller.** [`RelayDesk::pull`] returns a package only to the
-//!   client its route names (compared in constant time by the store); anyone else waits
-//!   out the same long poll and gets the same 404 as for "nothing yet".
+//!   client its route names, or to a caller whose session token this gateway issued for
+//!   the login the route names (compared in constant time by the store); anyone else
+//!   waits out the same long poll and gets the same 404 as for "nothing yet".
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +25,7 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use super::fleet::{Claim, FleetRoutes};
 use super::ingress::{ACTION_HEADER, TRACE_HEADER};
 use super::settings::{Branches, RelayAcquirer, RelaySettings};
-use super::{CallbackStore, Envelope, RecordId, Route, RouteOutcome, now_ms};
+use super::{CallbackStore, Envelope, Owner, RecordId, Route, RouteOutcome, now_ms};
 use crate::error::GatewayError;
 
 /// The longest a pull may wait for its package (`?wait=` is capped to it).
@@ -42,6 +43,14 @@ pub enum DeskError {
     Taken,
     /// The store failed, or too many pulls wait already.
     Unavailable,
+}
+
+/// What [`RelayDesk::record`] claimed in the fleet's Redis for one push (nothing without
+/// `[scaleout]`): kept by a reservation, so a push Diia does not accept gives back its
+/// fleet-wide claim as well as its local route ([`RelayDesk::release`]).
+#[derive(Debug, Default)]
+pub struct Recorded {
+    claims: Vec<Claim>,
 }
 
 /// A package handed to the pull side.
@@ -208,25 +217,38 @@ impl RelayDesk {
     /// With a fleet, the route is claimed in Redis first: a route held there for another
     /// client or branch refuses the push as a local one does, and a claim the local store
     /// then refuses is given back, so Redis and the store never name different owners
-    /// because of this push. Redis unavailable: the local route alone counts.
+    /// because of this push. Redis unavailable: the local route alone counts. What the push
+    /// claimed in Redis comes back in [`Recorded`], for [`RelayDesk::release`].
+    ///
+    /// The route names `owner`'s client and, when it has one, its login: a push retried
+    /// under a new session token of the same login is the same owner.
     pub async fn record(
         &self,
-        client: &str,
+        owner: &Owner,
         branch: &str,
         request_id: &str,
-    ) -> Result<(), DeskError> {
+    ) -> Result<Recorded, DeskError> {
+        let client = owner.client.as_str();
         let now = now_ms();
+        let mut recorded = Recorded::default();
         for acquirer in &self.settings.acquirers {
             let route = Route {
                 client: client.to_owned(),
                 branch: branch.to_owned(),
                 target: self.target_for(acquirer, branch),
+                login: owner.login.clone(),
             };
             let claim = match &self.fleet {
                 Some(fleet) => {
                     let ttl = self.settings.route_ttl;
                     match fleet.claim(&acquirer.name, request_id, &route, ttl).await {
-                        Claim::Taken => return Err(DeskError::Taken),
+                        Claim::Taken => {
+                            // Fresh claims this push made for earlier acquirers go back.
+                            for claim in recorded.claims {
+                                fleet.release(claim).await;
+                            }
+                            return Err(DeskError::Taken);
+                        }
                         claim => Some((fleet, claim)),
                     }
                 }
@@ -252,20 +274,27 @@ impl RelayDesk {
             };
             if let Some(refused) = refused {
                 if let Some((fleet, claim)) = claim {
-                    fleet.release(claim).await;
+                    for claim in recorded.claims.into_iter().chain([claim]) {
+                        fleet.release(claim).await;
+                    }
                 }
                 return Err(refused);
+            }
+            if let Some((_, claim)) = claim {
+                recorded.claims.push(claim);
             }
         }
         // A callback that arrived first (an orphan) is routed now: wake waiting pulls.
         self.arrivals.notify_waiters();
-        Ok(())
+        Ok(recorded)
     }
 
     /// Gives up `client`'s route of `request_id` (recorded before a push that Diia did not
-    /// accept), so a refused caller holds no requestId. Failures are logged: the route
+    /// accept), so a refused caller holds no requestId: the local route, and with a fleet
+    /// what [`RelayDesk::record`] claimed or refreshed in Redis (`recorded`), deleted only
+    /// while Redis still holds the value this push stored. Failures are logged: the route
     /// then expires after `route_ttl`.
-    pub async fn release(&self, client: &str, request_id: &str) {
+    pub async fn release(&self, client: &str, request_id: &str, recorded: Recorded) {
         for acquirer in &self.settings.acquirers {
             let released = self
                 .store
@@ -280,18 +309,24 @@ impl RelayDesk {
                 tracing::warn!(acquirer = %acquirer.name, %error, "relay: a refused push's route was not released");
             }
         }
+        if let Some(fleet) = &self.fleet {
+            for claim in recorded.claims {
+                fleet.give_back(claim).await;
+            }
+        }
     }
 
-    /// The caller's oldest undelivered package for `request_id`, waiting up to `wait`
-    /// for one to arrive; `None` when there is none for this caller (or none yet).
+    /// The caller's oldest undelivered package for `request_id` (of a route `owner` owns:
+    /// its client, or its login), waiting up to `wait` for one to arrive; `None` when
+    /// there is none for this caller (or none yet).
     pub async fn pull(
         &self,
-        client: &str,
+        owner: &Owner,
         request_id: &str,
         wait: Duration,
     ) -> Result<Option<Pulled>, DeskError> {
         // A package already there is answered without a waiting place.
-        if let Some(found) = self.take(client, request_id).await? {
+        if let Some(found) = self.take(owner, request_id).await? {
             return Ok(Some(found));
         }
         if wait.is_zero() {
@@ -305,7 +340,7 @@ impl RelayDesk {
             let arrived = self.arrivals.notified();
             let mut arrived = std::pin::pin!(arrived);
             arrived.as_mut().enable();
-            if let Some(found) = self.take(client, request_id).await? {
+            if let Some(found) = self.take(owner, request_id).await? {
                 return Ok(Some(found));
             }
             let now = tokio::time::Instant::now();
@@ -331,15 +366,11 @@ impl RelayDesk {
             .map_err(|_| DeskError::Unavailable)
     }
 
-    async fn take(&self, client: &str, request_id: &str) -> Result<Option<Pulled>, DeskError> {
+    async fn take(&self, owner: &Owner, request_id: &str) -> Result<Option<Pulled>, DeskError> {
         for acquirer in &self.settings.acquirers {
             let found = self
                 .store
-                .take_for(
-                    acquirer.name.clone(),
-                    request_id.to_owned(),
-                    client.to_owned(),
-                )
+                .take_for(acquirer.name.clone(), request_id.to_owned(), owner.clone())
                 .await
                 .map_err(|error| {
                     tracing::error!(acquirer = %acquirer.name, %error, "relay: pull failed");
@@ -356,13 +387,13 @@ impl RelayDesk {
     /// `false` when there is no such undelivered package for this caller.
     pub async fn acknowledge(
         &self,
-        client: &str,
+        owner: &Owner,
         request_id: &str,
         id: Option<RecordId>,
     ) -> Result<bool, DeskError> {
         let id = match id {
             Some(id) => id,
-            None => match self.take(client, request_id).await? {
+            None => match self.take(owner, request_id).await? {
                 Some(pulled) => pulled.id,
                 None => return Ok(false),
             },
@@ -373,7 +404,7 @@ impl RelayDesk {
                 .ack_pulled(
                     acquirer.name.clone(),
                     request_id.to_owned(),
-                    client.to_owned(),
+                    owner.clone(),
                     id,
                     now_ms(),
                 )

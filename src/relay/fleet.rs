@@ -15,20 +15,22 @@
 //! - **Either order.** Ingress adopts the fleet's route before storing a callback with no
 //!   local route ([`FleetRoutes::adopt`]); a callback that arrived before any instance had
 //!   recorded its route is an orphan, and [`FleetRoutes::sweep`] routes it once the route
-//!   shows up in Redis.
+//!   shows up in Redis. Each sweep looks up the next page of orphans in record order (a
+//!   cursor that wraps after the newest), so every orphan is looked up within
+//!   `ceil(orphans / SWEEP_BATCH)` sweeps however many wait.
 //!
 //! The pull side is not shared: it reads the store of the instance it reaches.
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
 use super::metrics::RelayMetrics;
-use super::{CallbackStore, Route, RouteOutcome, StoreResult, now_ms};
+use super::{CallbackStore, OrphanCursor, Route, RouteOutcome, StoreResult, now_ms};
 
 /// How often local orphans are looked up in Redis.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
@@ -67,14 +69,15 @@ pub trait SharedRoutes: Send + Sync {
         ttl: Duration,
     ) -> BoxFuture<'a, Option<Stored>>;
 
-    /// Replaces the stored value `held` with `plain` for `ttl`, only while it is still held.
+    /// Replaces the stored value `held` with `plain` for `ttl`, only while it is still held;
+    /// the value stored now (to give it back with), `None` when it was not replaced.
     fn refresh<'a>(
         &'a self,
         key: &'a str,
         held: &'a [u8],
         plain: &'a [u8],
         ttl: Duration,
-    ) -> BoxFuture<'a, bool>;
+    ) -> BoxFuture<'a, Option<Vec<u8>>>;
 
     /// Deletes `key` only while it holds exactly `value` (a claim given back).
     fn release<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, ()>;
@@ -95,8 +98,9 @@ pub enum Claim {
     /// back if the local store refuses it.
     Claimed(String, Vec<u8>),
     /// The fleet holds the same client and branch already (a retried push): its life is
-    /// extended.
-    Same,
+    /// extended, and the value stored now is the refresh's (its key and value; `None`
+    /// when the refresh did not take).
+    Same(Option<(String, Vec<u8>)>),
     /// The fleet holds a route naming another client or branch: refuse the push.
     Taken,
     /// Redis down, slow, or holding a value that does not open: the local route alone
@@ -108,6 +112,9 @@ pub enum Claim {
 pub struct FleetRoutes {
     fleet: Arc<dyn SharedRoutes>,
     metrics: Arc<RelayMetrics>,
+    /// Where the next sweep's page of orphans starts (`None`: the oldest). A plain mutex:
+    /// read and written between awaits, never held across one.
+    sweep_from: Mutex<Option<OrphanCursor>>,
 }
 
 impl std::fmt::Debug for FleetRoutes {
@@ -120,7 +127,11 @@ impl FleetRoutes {
     /// The relay's routes over `fleet`.
     #[must_use]
     pub fn new(fleet: Arc<dyn SharedRoutes>, metrics: Arc<RelayMetrics>) -> Self {
-        Self { fleet, metrics }
+        Self {
+            fleet,
+            metrics,
+            sweep_from: Mutex::new(None),
+        }
     }
 
     /// Claims `(acquirer, request_id)` for `route` fleet-wide for `ttl` (one round trip,
@@ -144,8 +155,8 @@ impl FleetRoutes {
             Some(Stored::Held { plain: held, value }) => match Route::decode(&held) {
                 Some(held) if same_owner(&held, route) => {
                     self.metrics.route_copy("same");
-                    self.fleet.refresh(&key, &value, &plain, ttl).await;
-                    Claim::Same
+                    let stored = self.fleet.refresh(&key, &value, &plain, ttl).await;
+                    Claim::Same(stored.map(|stored| (key, stored)))
                 }
                 Some(_) => {
                     self.metrics.route_copy("taken");
@@ -171,10 +182,24 @@ impl FleetRoutes {
         Claim::Failed
     }
 
-    /// Gives back a claim the local store refused (best effort; it expires otherwise).
+    /// Gives back a claim the local store refused (best effort; it expires otherwise). A
+    /// [`Claim::Same`] is kept: the route was the caller's before this push.
     pub async fn release(&self, claim: Claim) {
         if let Claim::Claimed(key, value) = claim {
             self.fleet.release(&key, &value).await;
+        }
+    }
+
+    /// Gives back what a reservation's push claimed or refreshed (Diia did not accept the
+    /// push), compare-and-delete: only while Redis still holds the value this push stored,
+    /// so a route stored since by anyone else stays. Best effort: on failure the claim
+    /// expires after `route_ttl`.
+    pub async fn give_back(&self, claim: Claim) {
+        match claim {
+            Claim::Claimed(key, value) | Claim::Same(Some((key, value))) => {
+                self.fleet.release(&key, &value).await;
+            }
+            Claim::Same(None) | Claim::Taken | Claim::Failed => {}
         }
     }
 
@@ -229,12 +254,19 @@ impl FleetRoutes {
         }
     }
 
-    /// One sweep: up to `limit` local orphans looked up in Redis (one round trip); those whose
-    /// route is found become `pending`. Returns how many records were routed.
+    /// One sweep: the next page of up to `limit` local orphans (after the last sweep's, from
+    /// the oldest again once a page reached the newest) looked up in Redis (one round
+    /// trip); those whose route is found become `pending`. Returns how many records were
+    /// routed.
     pub async fn sweep_once(&self, store: &dyn CallbackStore, limit: usize) -> StoreResult<usize> {
-        let orphans = store.orphans(limit.min(SWEEP_BATCH)).await?;
+        let from = self.sweep_from.lock().map_or(None, |from| *from);
+        let page = store.orphans(from, limit.min(SWEEP_BATCH)).await?;
+        if let Ok(mut from) = self.sweep_from.lock() {
+            *from = page.next;
+        }
         let mut seen = HashSet::new();
-        let requests: Vec<(String, String)> = orphans
+        let requests: Vec<(String, String)> = page
+            .found
             .into_iter()
             .map(|orphan| (orphan.acquirer, orphan.request_id))
             .filter(|request| seen.insert(request.clone()))
@@ -295,10 +327,10 @@ impl FleetRoutes {
     }
 }
 
-/// Whether `held` names the same client and branch as `ours` (the client compared in
-/// constant time): the same owner, as the local store decides it.
+/// Whether `held` has the same owner as `ours` (the same branch, and the same client or
+/// login, compared in constant time): as the local store decides it.
 fn same_owner(held: &Route, ours: &Route) -> bool {
-    held.names_client(&ours.client) && held.branch == ours.branch
+    held.same_owner(ours)
 }
 
 #[cfg(test)]
@@ -327,8 +359,8 @@ mod tests {
             _: &'a [u8],
             _: &'a [u8],
             _: Duration,
-        ) -> BoxFuture<'a, bool> {
-            Box::pin(async { false })
+        ) -> BoxFuture<'a, Option<Vec<u8>>> {
+            Box::pin(async { None })
         }
         fn release<'a>(&'a self, _: &'a str, _: &'a [u8]) -> BoxFuture<'a, ()> {
             Box::pin(async {})
@@ -358,6 +390,7 @@ mod tests {
             client: "key:abc".into(),
             branch: "b-1".into(),
             target: "t".into(),
+            login: None,
         };
         let started = std::time::Instant::now();
         let claim = routes
@@ -374,6 +407,7 @@ mod tests {
             client: "key:abc".into(),
             branch: "b-1".into(),
             target: "t".into(),
+            login: None,
         };
         let pull = Route {
             target: String::new(),

@@ -16,7 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
@@ -138,6 +138,7 @@ pub struct RelayMetrics {
     store: Arc<StoreCollector>,
     route_copies: Family<ResultLabel, Counter>,
     route_lookups: Family<ResultLabel, Counter>,
+    config_mismatch: Gauge,
 }
 
 /// Reads the store's writer counters, the last stats and the delivery counters at scrape
@@ -200,6 +201,12 @@ impl RelayMetrics {
             "Routes looked up in the fleet's Redis for callbacks without a local route, by result (found, missing, failed)",
             route_lookups.clone(),
         );
+        let config_mismatch = Gauge::default();
+        registry.register(
+            "relay_config_mismatch",
+            "1 while another live fleet instance publishes a different relay routing config (acquirer names, path_prefix, targets and their branch_ids), else 0",
+            config_mismatch.clone(),
+        );
         Self {
             ingest,
             ack_seconds,
@@ -207,6 +214,7 @@ impl RelayMetrics {
             store,
             route_copies,
             route_lookups,
+            config_mismatch,
         }
     }
 
@@ -264,6 +272,12 @@ impl RelayMetrics {
         self.route_lookups
             .get_or_create(&[("result", result)])
             .inc_by(n);
+    }
+
+    /// Whether another live fleet instance's relay routing config differs from this one's
+    /// (`scaleout::relay_config`).
+    pub fn config_mismatch(&self, mismatch: bool) {
+        self.config_mismatch.set(i64::from(mismatch));
     }
 
     /// Makes the store's commit counters visible (once; later calls change nothing), and

@@ -31,7 +31,7 @@
 //! transaction as the route. So a route and its callback may arrive in either order.
 //! The pull side takes a record with [`CallbackStore::take_for`] and settles it with
 //! [`CallbackStore::ack_pulled`] (pending or delivering → delivered), both only for the
-//! caller its route names.
+//! caller its route names (or the login its route names, [`Route::login`]).
 //! With `[scaleout]` on, routes are also copied to Redis ([`fleet`]), so an instance
 //! that receives a callback finds the route another instance recorded.
 //!
@@ -96,7 +96,7 @@ pub mod seal;
 pub mod settings;
 pub mod sqlite;
 
-pub use record::{Envelope, Route};
+pub use record::{Envelope, Owner, Route};
 pub use seal::{KeyFileError, Keyring};
 pub use sqlite::{Fsync, Options, SqliteStore};
 
@@ -327,6 +327,38 @@ pub struct Orphan {
     pub received_ms: u64,
 }
 
+impl Orphan {
+    /// Where this orphan sits in record order, for [`CallbackStore::orphans`] paging.
+    #[must_use]
+    pub fn cursor(&self) -> OrphanCursor {
+        OrphanCursor {
+            received_ms: self.received_ms,
+            id: self.id,
+        }
+    }
+}
+
+/// A place in record order (received, then id) among the orphans: a page of
+/// [`CallbackStore::orphans`] starts after it. Stable while orphans come and go, so a
+/// reader that pages through advances past the ones it has seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OrphanCursor {
+    /// When the record was received (ms since the epoch).
+    pub received_ms: u64,
+    /// The record.
+    pub id: RecordId,
+}
+
+/// One page of orphans.
+#[derive(Clone, Debug, Default)]
+pub struct Orphans {
+    /// The page's orphans that open, in record order.
+    pub found: Vec<Orphan>,
+    /// Where the next page starts (the page's last row, whether it opened or not); `None`
+    /// when this page reached the newest orphan (start over from the oldest).
+    pub next: Option<OrphanCursor>,
+}
+
 /// How long settled records are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {
@@ -462,30 +494,38 @@ pub trait CallbackStore: Send + Sync {
     ) -> BoxFuture<'static, StoreResult<Option<Route>>>;
 
     /// The pull side: the request's oldest routed, undelivered record (pending or
-    /// delivering) whose route names `client` (compared as MACs in constant time), opened.
-    /// `None` for another caller, as for no record: the pull side answers 404 alike.
-    /// Changes nothing; [`CallbackStore::ack_pulled`] settles.
+    /// delivering) whose route `owner` owns (its client, or its login: compared as MACs in
+    /// constant time, see [`Route::owned_by`]), opened. `None` for another caller, as for
+    /// no record: the pull side answers 404 alike. Changes nothing;
+    /// [`CallbackStore::ack_pulled`] settles.
     fn take_for(
         &self,
         acquirer: String,
         request_id: String,
-        client: String,
+        owner: Owner,
     ) -> BoxFuture<'static, StoreResult<Option<(RecordId, Envelope)>>>;
 
-    /// The pull side's acknowledgement: record `id` of the request, if its route names
-    /// `client` and it is not delivered yet, becomes a tombstone (payload and route gone)
-    /// as a push delivery would; `false` (nothing changed) otherwise.
+    /// The pull side's acknowledgement: record `id` of the request, if `owner` owns its
+    /// route (as for [`CallbackStore::take_for`]) and it is not delivered yet, becomes a
+    /// tombstone (payload and route gone) as a push delivery would; `false` (nothing
+    /// changed) otherwise.
     fn ack_pulled(
         &self,
         acquirer: String,
         request_id: String,
-        client: String,
+        owner: Owner,
         id: RecordId,
         now_ms: u64,
     ) -> BoxFuture<'static, StoreResult<bool>>;
 
-    /// Up to `limit` orphans, oldest first, with their requestIds (to look routes up).
-    fn orphans(&self, limit: usize) -> BoxFuture<'static, StoreResult<Vec<Orphan>>>;
+    /// Up to `limit` orphans in record order (received, then id) after `after` (from the
+    /// oldest when `None`), with their requestIds (to look routes up), and where the next
+    /// page starts.
+    fn orphans(
+        &self,
+        after: Option<OrphanCursor>,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Orphans>>;
 
     /// Metadata of up to `limit` records in `state`, by id, after `after` (paging).
     fn list(

@@ -48,6 +48,60 @@ pub struct RelaySettings {
     pub targets: Vec<Arc<Target>>,
 }
 
+impl RelaySettings {
+    /// What routes mean, as canonical bytes: the ingress path prefix, each acquirer's name
+    /// and default target (sorted by name: their order changes nothing), and the targets in
+    /// order (the first that lists a branch wins) with the branches each serves (sorted).
+    /// Instances of one fleet must agree on these (a route recorded on one is delivered by
+    /// another); the fleet compares keyed fingerprints of them, never the values.
+    /// Secrets (path tokens, seal keys, signing secrets) and per-instance values (listen
+    /// address, data dir, URLs) are left out.
+    #[must_use]
+    pub fn routing_config(&self) -> Vec<u8> {
+        fn put(out: &mut Vec<u8>, field: &str) {
+            out.extend_from_slice(&(field.len() as u64).to_be_bytes());
+            out.extend_from_slice(field.as_bytes());
+        }
+        let mut out = b"relay routing v1".to_vec();
+        put(&mut out, &self.path_prefix);
+        let mut acquirers: Vec<(&str, Option<&str>)> = self
+            .acquirers
+            .iter()
+            .map(|a| (a.name.as_str(), a.default_target.as_deref()))
+            .collect();
+        acquirers.sort_unstable();
+        out.extend_from_slice(&(acquirers.len() as u64).to_be_bytes());
+        for (name, default_target) in acquirers {
+            put(&mut out, name);
+            match default_target {
+                Some(target) => {
+                    out.push(1);
+                    put(&mut out, target);
+                }
+                None => out.push(0),
+            }
+        }
+        out.extend_from_slice(&(self.targets.len() as u64).to_be_bytes());
+        for target in &self.targets {
+            put(&mut out, &target.name);
+            match &target.branches {
+                Branches::All => out.push(0),
+                Branches::Listed(ids) => {
+                    out.push(1);
+                    let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    out.extend_from_slice(&(ids.len() as u64).to_be_bytes());
+                    for id in ids {
+                        put(&mut out, id);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// One acquirer's ingress: its secret path token and the certificate its packages are
 /// encrypted to.
 pub struct RelayAcquirer {

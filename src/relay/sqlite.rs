@@ -26,9 +26,9 @@ mod rows;
 mod writer;
 
 use super::{
-    CallbackStore, Envelope, Ingest, LeaseToken, Leased, Opened, Orphan, Purged, PutOutcome,
-    RecordId, RecordMeta, Retention, Route, RouteOutcome, Settle, State, Stats, StoreError,
-    StoreResult,
+    CallbackStore, Envelope, Ingest, LeaseToken, Leased, Opened, Orphan, OrphanCursor, Orphans,
+    Owner, Purged, PutOutcome, RecordId, RecordMeta, Retention, Route, RouteOutcome, Settle, State,
+    Stats, StoreError, StoreResult,
 };
 use routes::{ROUTES_SCHEMA, request_macs};
 use rows::{lease_rows, meta, open_lease, put_sealed, seal_ingest, settle_row};
@@ -467,11 +467,11 @@ impl CallbackStore for SqliteStore {
         &self,
         acquirer: String,
         request_id: String,
-        client: String,
+        owner: Owner,
     ) -> BoxFuture<'static, StoreResult<Option<(RecordId, Envelope)>>> {
         self.read(move |conn, keys| {
             let macs = request_macs(keys, &acquirer, &request_id);
-            routes::take_for(conn, keys, &acquirer, &macs, &client)
+            routes::take_for(conn, keys, &acquirer, &macs, &owner)
         })
     }
 
@@ -479,41 +479,62 @@ impl CallbackStore for SqliteStore {
         &self,
         acquirer: String,
         request_id: String,
-        client: String,
+        owner: Owner,
         id: RecordId,
         now_ms: u64,
     ) -> BoxFuture<'static, StoreResult<bool>> {
         self.write(move |conn, keys| {
             let macs = request_macs(keys, &acquirer, &request_id);
-            routes::ack_pulled(conn, keys, &acquirer, &macs, &client, id, ms(now_ms))
+            routes::ack_pulled(conn, keys, &acquirer, &macs, &owner, id, ms(now_ms))
         })
     }
 
-    fn orphans(&self, limit: usize) -> BoxFuture<'static, StoreResult<Vec<Orphan>>> {
+    fn orphans(
+        &self,
+        after: Option<OrphanCursor>,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Orphans>> {
+        let wanted = limit;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Before every row: a time no record has, and the empty blob (below any id).
+        let (after_ms, after_id) = after.map_or((-1, Vec::new()), |cursor| {
+            (ms(cursor.received_ms), cursor.id.0.to_vec())
+        });
         self.read(move |conn, keys| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, acquirer, request, received_ms FROM records WHERE state = ?1
-                 ORDER BY received_ms LIMIT ?2",
+                   AND (received_ms, id) > (?2, ?3)
+                 ORDER BY received_ms, id LIMIT ?4",
             )?;
             let rows = stmt
-                .query_map(params![State::Orphan.code(), limit], |r| {
-                    let id: Vec<u8> = r.get(0)?;
-                    Ok((
-                        RecordId(id.try_into().unwrap_or([0; 16])),
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Option<Vec<u8>>>(2)?,
-                        unms(r.get(3)?),
-                    ))
-                })?
+                .query_map(
+                    params![State::Orphan.code(), after_ms, after_id, limit],
+                    |r| {
+                        let id: Vec<u8> = r.get(0)?;
+                        Ok((
+                            RecordId(id.try_into().unwrap_or([0; 16])),
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Option<Vec<u8>>>(2)?,
+                            unms(r.get(3)?),
+                        ))
+                    },
+                )?
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut out = Vec::with_capacity(rows.len());
+            let next = if rows.len() < wanted {
+                None
+            } else {
+                rows.last().map(|(id, _, _, received_ms)| OrphanCursor {
+                    received_ms: *received_ms,
+                    id: *id,
+                })
+            };
+            let mut found = Vec::with_capacity(rows.len());
             for (id, acquirer, request, received_ms) in rows {
                 let request_id = request
                     .and_then(|r| keys.open(id, &acquirer, FIELD_REQUEST, &r))
                     .and_then(|p| String::from_utf8(p).ok());
                 match request_id {
-                    Some(request_id) => out.push(Orphan {
+                    Some(request_id) => found.push(Orphan {
                         id,
                         acquirer,
                         request_id,
@@ -522,7 +543,7 @@ impl CallbackStore for SqliteStore {
                     None => tracing::error!(record = %id, "relay orphan does not open under the listed keys"),
                 }
             }
-            Ok(out)
+            Ok(Orphans { found, next })
         })
     }
 

@@ -28,11 +28,13 @@
 //! lookup, the lease and the waiters: [`Scaleout::fetch`]), `sealed` (key names and sealed
 //! values), [`link`] (the Redis connections), [`secret`] (subkeys, seals, signed members),
 //! `scripts` (the Lua scripts), [`relay_routes`] (the callback relay's routes, so a callback
-//! reaching one instance finds the route another recorded).
+//! reaching one instance finds the route another recorded), [`relay_config`] (whether the
+//! instances agree on what those routes mean).
 
 mod budget;
 pub mod link;
 mod membership;
+pub mod relay_config;
 pub mod relay_routes;
 mod scripts;
 mod sealed;
@@ -48,6 +50,7 @@ use crate::metrics::Metrics;
 pub use budget::BudgetValues;
 pub use link::{LinkError, RedisLink};
 pub use membership::join_fleet;
+pub use relay_config::{ConfigAgreement, ConfigFingerprint, watch_relay_config};
 pub use relay_routes::{FoundRoute, MAX_ROUTE_BATCH, RouteClaim, RouteKey};
 pub use secret::{FleetSecret, Members, Sealer};
 pub use shared_cache::Shape;
@@ -86,6 +89,10 @@ pub struct Scaleout {
     members: Members,
     /// Names the callback relay's routes ([`relay_routes`]).
     route_mac: ring::hmac::Key,
+    /// Fingerprints and signs the relay's routing config ([`relay_config`]).
+    relay_config: relay_config::ConfigKeys,
+    /// `scaleout.heartbeat_interval`: how often the relay config entry is refreshed.
+    heartbeat_interval: Duration,
     lease: Duration,
     sharing_wait: Duration,
     instance: String,
@@ -123,6 +130,8 @@ impl Scaleout {
             sealer: settings.secret.sealer(),
             members: settings.secret.members(),
             route_mac: relay_routes::route_mac_key(&settings.secret),
+            relay_config: relay_config::ConfigKeys::new(&settings.secret),
+            heartbeat_interval: settings.heartbeat_interval,
             lease: settings.lease,
             sharing_wait: settings.sharing_wait,
             instance: format!("{:016x}", fastrand::u64(..)),

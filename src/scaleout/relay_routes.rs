@@ -154,11 +154,17 @@ impl Scaleout {
     }
 
     /// A retried push's refresh: `plain` for `ttl` from now replaces the stored value while
-    /// it is still `held`; `false` when it is not (or Redis did not answer).
-    pub async fn refresh_route(&self, key: &str, held: &[u8], plain: &[u8], ttl: Duration) -> bool {
-        let Some(sealed) = self.seal_route(key, plain, ttl) else {
-            return false;
-        };
+    /// it is still `held`; the sealed value stored now (to give back with
+    /// [`Scaleout::release_route`]), `None` when it was not replaced (or Redis did not
+    /// answer).
+    pub async fn refresh_route(
+        &self,
+        key: &str,
+        held: &[u8],
+        plain: &[u8],
+        ttl: Duration,
+    ) -> Option<Vec<u8>> {
+        let sealed = self.seal_route(key, plain, ttl)?;
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let swapped: Option<i64> = self
             .link
@@ -175,7 +181,7 @@ impl Scaleout {
                 }
             })
             .await;
-        swapped == Some(1)
+        (swapped == Some(1)).then_some(sealed)
     }
 
     /// Gives back a claim (the value [`RouteClaim::Claimed`] carried): deleted only while

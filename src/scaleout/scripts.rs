@@ -178,7 +178,8 @@ pub static PAUSE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// Heartbeat: this instance is alive. Keys: fleet. Args: this instance's signed member,
+/// Heartbeat: this instance is alive. Keys: fleet (or `{dg}:relay-config`, whose members
+/// are config entries, signed alike). Args: this instance's signed member,
 /// its previous one ('' when none), instance ttl ms. Returns `{now_ms, members}`: Redis's
 /// clock and the members heard from within the ttl (at most 1024; the instance counts only
 /// those signed under the fleet secret). A fleet key of another type is replaced.

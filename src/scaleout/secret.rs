@@ -122,6 +122,18 @@ impl FleetSecret {
     }
 }
 
+impl FleetSecret {
+    /// The key that signs relay config entries (`{dg}:relay-config`): a subkey of its own,
+    /// so an entry never counts as a fleet member, nor a member as an entry.
+    #[must_use]
+    pub fn relay_config_members(&self) -> Members {
+        let key: [u8; 32] = self.subkey("relay config entry");
+        Members {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &key),
+        }
+    }
+}
+
 /// Signs and checks the fleet set's members: `instance.stamp_ms.mac`, the stamp a time on
 /// Redis's clock, the MAC over both under the fleet secret.
 pub struct Members {

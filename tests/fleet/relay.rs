@@ -14,8 +14,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use diia_gateway::RunningGateway;
-use diia_gateway::config::{RelayAcquirerConfig, RelayTargetConfig};
-use diia_gateway::relay::{CallbackStore, State};
+use diia_gateway::config::{CallbackRelayConfig, RelayAcquirerConfig, RelayTargetConfig};
+use diia_gateway::relay::{CallbackStore, Envelope, Ingest, State};
 use diia_gateway_testkit::{HttpClient, Reply, client, gateway_config, send, start_gateway};
 use diia_gateway_testkit::{OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN};
 use diia_sim::{DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN, SimHandle};
@@ -105,13 +105,15 @@ impl Shared {
     }
 }
 
-/// One fleet instance with the relay on; `data` is its own store's directory.
+/// One fleet instance with the relay on; `data` is its own store's directory; `tweak`
+/// changes its relay config.
 async fn instance(
     sim: &SimHandle,
     redis: &Redis,
     shared: &Shared,
     target: SocketAddr,
     data: &TempDir,
+    tweak: impl FnOnce(&mut CallbackRelayConfig),
 ) -> RunningGateway {
     let mut config = gateway_config(&sim.base_url());
     let fleet = &mut config.scaleout;
@@ -140,6 +142,7 @@ async fn instance(
         signing_secret_file: shared.path("whsec"),
         branch_ids: vec![BRANCH.into()],
     }];
+    tweak(relay);
     start_gateway(config).await
 }
 
@@ -159,6 +162,11 @@ struct World {
 
 impl World {
     async fn start() -> Option<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// As [`World::start`], with B's relay config changed by `tweak_b`.
+    async fn start_with(tweak_b: impl FnOnce(&mut CallbackRelayConfig)) -> Option<Self> {
         let serial = SERIAL.lock().await;
         if !redis_available() {
             return None;
@@ -169,8 +177,8 @@ impl World {
         let shared = Shared::new();
         let (target, received) = branch_backend().await;
         let dirs = (TempDir::new().unwrap(), TempDir::new().unwrap());
-        let a = instance(&sim, &redis, &shared, target, &dirs.0).await;
-        let b = instance(&sim, &redis, &shared, target, &dirs.1).await;
+        let a = instance(&sim, &redis, &shared, target, &dirs.0, |_| {}).await;
+        let b = instance(&sim, &redis, &shared, target, &dirs.1, tweak_b).await;
         let world = Self {
             redis,
             _sim: sim,
@@ -467,4 +475,198 @@ async fn a_request_id_routed_through_one_instance_is_409_through_another_for_ano
     );
     world.wait_for(&world.b, State::Delivered, 1).await;
     assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+}
+
+/// A junk session token's push through A reserves the requestId fleet-wide while it is
+/// under way; Diia refuses it, and the reservation goes from Redis as well as from A's
+/// store, so the legitimate caller's push of the same requestId through B is accepted and
+/// the package reaches its branch (before the fix, B found A's claim and answered 409
+/// until `route_ttl`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_junk_push_leaves_no_fleet_claim_behind() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    let request_id = "fleet-relay-junk-9e41";
+    let junk = format!("junk-session-token-{}", fastrand::u64(..));
+    let refused = world
+        .push(&world.a, &junk, &fresh_barcode(), request_id)
+        .await;
+    assert!(
+        matches!(
+            refused.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        world
+            .metric(
+                &world.a,
+                "diia_gateway_relay_route_copies_total{result=\"stored\"}"
+            )
+            .await,
+        1.0,
+        "the junk push's route was not claimed in Redis at all"
+    );
+    let keys = world.redis.keys().await;
+    assert!(
+        !keys.iter().any(|k| k.starts_with("{dg}:relay-route:")),
+        "the refused push's claim is still in Redis: {keys:?}"
+    );
+
+    let token = world
+        .session_token(&world.b, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let pushed = world
+        .push(&world.b, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    let body = world.package(6);
+    assert_eq!(
+        world.callback(&world.a, request_id, &body).await.status,
+        StatusCode::OK
+    );
+    world.wait_for(&world.a, State::Delivered, 1).await;
+    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+}
+
+/// More orphans wait on B than one sweep looks up (512), none of them with a route in
+/// Redis; then the newest one's push goes through A. B's sweeps page through its orphans
+/// (a cursor that wraps), so the newest is routed and delivered within a couple of sweeps
+/// (before the fix, every sweep took the oldest 512 and never looked the newest up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_of_more_orphans_than_one_sweep_takes_is_still_routed() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    let b_store = world.b.relay_store().unwrap();
+    // Received in the minute before, so the real callback below is the newest.
+    let base = diia_gateway::relay::now_ms();
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let puts = (0..600u64).map(|n| {
+        let ingest = Ingest {
+            acquirer: "acquirer-1".into(),
+            envelope: Envelope {
+                request_id: format!("fleet-relay-unrouted-{n}"),
+                action: None,
+                content_type: content_type.clone(),
+                body: Bytes::from_static(b"never routed"),
+            },
+            route: None,
+        };
+        b_store.put(ingest, base - 60_000 + n)
+    });
+    for put in futures_util::future::join_all(puts).await {
+        put.unwrap();
+    }
+    let request_id = "fleet-relay-newest-orphan-2a7c";
+    let body = world.package(7);
+    assert_eq!(
+        world.callback(&world.b, request_id, &body).await.status,
+        StatusCode::OK
+    );
+    world.wait_for(&world.b, State::Orphan, 601).await;
+
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    // Sweeps run every 2 s; two cover 601 orphans (512 + 89), three leave room for one
+    // that was under way when the route appeared.
+    let started = Instant::now();
+    world.wait_for(&world.b, State::Delivered, 1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "routed only after {:?}",
+        started.elapsed()
+    );
+    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+    world.wait_for(&world.b, State::Orphan, 600).await;
+}
+
+const MISMATCH: &str = "diia_gateway_relay_config_mismatch";
+
+/// Waits (10 s at most: heartbeats are 1 s) until `gateway`'s `relay_config_mismatch` is
+/// `value`.
+async fn wait_for_mismatch(world: &World, gateway: &RunningGateway, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = world.metric(gateway, MISMATCH).await;
+        if seen == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{MISMATCH} stayed {seen}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// B's target serves another branch than A's: both instances report the disagreement
+/// (without refusing anything: a push through either still works), and Redis holds only
+/// keyed fingerprints, never the branch or target names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_whose_targets_differ_both_report_a_config_mismatch() {
+    let Some(world) = World::start_with(|relay| {
+        relay.target[0].branch_ids = vec!["branch-fleet-other-5150".into()];
+    })
+    .await
+    else {
+        return;
+    };
+    wait_for_mismatch(&world, &world.a, 1.0).await;
+    wait_for_mismatch(&world, &world.b, 1.0).await;
+    // Reported, not refused.
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), "fleet-relay-mismatch-1")
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+
+    let entries = world
+        .redis
+        .reply(&["ZRANGE", "{dg}:relay-config", "0", "-1"])
+        .await
+        .unwrap();
+    for secret in [
+        BRANCH,
+        "branch-fleet-other-5150",
+        "backoffice",
+        "acquirer-1",
+        "/diia/callback",
+    ] {
+        assert!(!entries.contains(secret), "{secret} in Redis: {entries}");
+    }
+}
+
+/// The same config on both: after each has compared with the other (a few heartbeats),
+/// neither reports a mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_with_the_same_config_report_no_mismatch() {
+    let Some(world) = World::start().await else {
+        return;
+    };
+    // Both entries are in Redis, so each instance's next heartbeat compares with the other.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while world
+        .redis
+        .command(&["ZCARD", "{dg}:relay-config"])
+        .await
+        .as_deref()
+        != Some(":2")
+    {
+        assert!(Instant::now() < deadline, "no two config entries in Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for gateway in [&world.a, &world.b] {
+        assert_eq!(world.metric(gateway, MISMATCH).await, 0.0);
+    }
 }

@@ -308,6 +308,7 @@ async fn relay_alerts_fire_and_every_relay_dashboard_query_returns_data() {
         client: "client-1".into(),
         branch: "branch-1".into(),
         target: "target-1".into(),
+        login: None,
     };
     store
         .record_route(

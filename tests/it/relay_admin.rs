@@ -322,6 +322,7 @@ async fn queue_depth_age_delivery_attempts_and_store_errors_are_exported() {
         client: "client-1".into(),
         branch: "branch-1".into(),
         target: String::new(),
+        login: None,
     };
     store
         .record_route(
@@ -354,6 +355,7 @@ async fn queue_depth_age_delivery_attempts_and_store_errors_are_exported() {
                 client: "client-1".into(),
                 branch: "branch-1".into(),
                 target: "no-such-target".into(),
+                login: None,
             },
             Duration::from_secs(600),
             now,

@@ -184,7 +184,7 @@ async fn junk_long_polls_cannot_keep_a_branch_from_its_package() {
 
 /// A session token straight from Diia (the simulator), never seen by the gateway: what a
 /// branch holds after a restart of the gateway, or when another instance exchanged it.
-async fn token_from_diia(h: &Harness) -> String {
+pub(crate) async fn token_from_diia(h: &Harness) -> String {
     let url = format!(
         "{}/api/v1/auth/acquirer/{DEMO_ACQUIRER_TOKEN}",
         h.sim.base_url()

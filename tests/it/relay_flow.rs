@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use crate::relay_ingress::{
-    Acquirer, BOUNDARY, callback, ingress_path, package_of, records, start, start_with,
+    Acquirer, BOUNDARY, callback, ingress_path, package_of, records, relay_on, start, start_with,
 };
 use crate::support::{Harness, OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN, Reply};
 
@@ -199,6 +199,72 @@ async fn a_request_id_routed_for_one_caller_is_409_for_another_and_never_pushed(
     let retry = h.share(&token, BRANCH, &first, request_id).await;
     assert_eq!(retry.status, StatusCode::OK, "{:?}", retry.body);
     assert_eq!(h.sim_calls("document_request").await, pushes);
+}
+
+/// Pass-through: the branch's SDK routes a push with session token T1, then logs in again
+/// before it pulls and gets T2 for the same acquirer token (the gateway drops a token
+/// from its cache before Diia's expiry). The route also names the login T1 was issued for,
+/// so T2 pulls and acknowledges the package, byte for byte (before, the route named T1's
+/// digest alone and T2 got 404). A token for another acquirer token, and a token Diia
+/// issued without this gateway's exchange (its login unknown here), still get 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_login_for_the_same_acquirer_token_pulls_the_package_routed_before_it() {
+    let acquirer = Acquirer::new();
+    // Simulated tokens live 4 s; with a 2.5 s margin the gateway hands out a new one
+    // within 1.5 s.
+    let h = Harness::with(
+        |sim| sim.session_ttl = Duration::from_secs(4),
+        |config| {
+            relay_on(config, &acquirer);
+            config.tokens.refresh_margin = Duration::from_millis(2500);
+        },
+    )
+    .await;
+    let first = h.session_token().await;
+    let request_id = "flow-relogin-1";
+    push_consent(&h, &first, request_id).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        let token = h.session_token().await;
+        if token != first {
+            break token;
+        }
+        assert!(Instant::now() < deadline, "no new session token in time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let body = package_of(&acquirer, 6, 64 * 1024);
+    let stored = callback(&h, &ingress_path(), Some(request_id), body.clone()).await;
+    assert_eq!(stored.status, StatusCode::OK);
+    assert_eq!(records(&h).await[State::Pending.code() as usize], 1);
+
+    let other = h
+        .session_token_for(OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN)
+        .await;
+    let refused = pull(&h, &other, request_id, "").await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    assert_eq!(refused.gateway_code(), "callback_not_found");
+    let unknown = crate::relay_attack::token_from_diia(&h).await;
+    assert_eq!(
+        pull(&h, &unknown, request_id, "").await.status,
+        StatusCode::NOT_FOUND,
+        "a token this gateway did not issue has no login here"
+    );
+
+    let pulled = pull(&h, &second, request_id, "").await;
+    assert_eq!(pulled.status, StatusCode::OK, "{:?}", pulled.body);
+    assert!(
+        pulled.body.as_ref() == body.as_bytes(),
+        "body changed on the way"
+    );
+    assert_eq!(
+        pulled.header("content-type").unwrap(),
+        format!("multipart/form-data; boundary={BOUNDARY}")
+    );
+    let id = pulled.header("x-relay-record-id").unwrap().to_owned();
+    let acked = acknowledge(&h, &second, request_id, &format!("?id={id}")).await;
+    assert_eq!(acked.status, StatusCode::NO_CONTENT);
+    assert_eq!(records(&h).await[State::Delivered.code() as usize], 1);
 }
 
 #[tokio::test]

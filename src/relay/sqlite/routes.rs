@@ -7,9 +7,11 @@
 //! the times are clear.
 
 use rusqlite::{Connection, OptionalExtension, params};
-use subtle::ConstantTimeEq;
+use subtle::{Choice, ConstantTimeEq};
 
-use super::super::{Envelope, RecordId, Route, RouteOutcome, State, StoreError, StoreResult};
+use super::super::{
+    Envelope, Owner, RecordId, Route, RouteOutcome, State, StoreError, StoreResult,
+};
 use super::{FIELD_ENVELOPE, FIELD_ROUTE, Keyring, MAC_REQUEST, Mac, Macs, ms};
 
 /// The `routes` table (schema version 2).
@@ -48,6 +50,18 @@ fn same_client(keys: &Keyring, route: &Route, client: &str) -> bool {
     let ours = keys.mac(MAC_CLIENT, &[route.client.as_bytes()]);
     let theirs = keys.mac(MAC_CLIENT, &[client.as_bytes()]);
     ours.ct_eq(&theirs).into()
+}
+
+/// Whether `owner` owns the route: its client is the route's caller, or both carry a
+/// login and it is the route's. Both compared as MACs in constant time, whatever the
+/// first gives.
+fn owned_by(keys: &Keyring, route: &Route, owner: &Owner) -> bool {
+    let mac = |text: &str| keys.mac(MAC_CLIENT, &[text.as_bytes()]);
+    let client = mac(&route.client).ct_eq(&mac(&owner.client));
+    let both = Choice::from(u8::from(route.login.is_some() && owner.login.is_some()));
+    let login = mac(route.login.as_deref().unwrap_or_default())
+        .ct_eq(&mac(owner.login.as_deref().unwrap_or_default()));
+    (client | (both & login)).into()
 }
 
 /// The live route (expiring after `now`) for the request, under whichever listed key wrote it.
@@ -114,7 +128,9 @@ pub(super) fn record_route(
     expires: i64,
 ) -> StoreResult<RouteOutcome> {
     if let Some(found) = live_route(conn, keys, acquirer, macs, created)? {
-        if found.client != route.client || found.branch != route.branch {
+        // The same branch, and the same client or login (a push retried after the caller
+        // logged in again): the first route is kept.
+        if !found.same_owner(route) {
             return Ok(RouteOutcome::Taken);
         }
         // A retried push: the callback may come later than the first push's TTL.
@@ -229,20 +245,20 @@ fn candidates(conn: &Connection, acquirer: &str, macs: &Macs) -> StoreResult<Vec
     Ok(out)
 }
 
-/// The oldest routed, undelivered record of the request whose route names `client`.
+/// The oldest routed, undelivered record of the request whose route `owner` owns.
 pub(super) fn take_for(
     conn: &Connection,
     keys: &Keyring,
     acquirer: &str,
     macs: &Macs,
-    client: &str,
+    owner: &Owner,
 ) -> StoreResult<Option<(RecordId, Envelope)>> {
     for c in candidates(conn, acquirer, macs)? {
         let route = keys
             .open(c.id, acquirer, FIELD_ROUTE, &c.route)
             .and_then(|p| Route::decode(&p))
             .ok_or(StoreError::Unreadable(c.id))?;
-        if !same_client(keys, &route, client) {
+        if !owned_by(keys, &route, owner) {
             continue;
         }
         let envelope = keys
@@ -254,13 +270,13 @@ pub(super) fn take_for(
     Ok(None)
 }
 
-/// Marks a pulled record delivered (a tombstone), if it is the request's and `client`'s.
+/// Marks a pulled record delivered (a tombstone), if it is the request's and `owner`'s.
 pub(super) fn ack_pulled(
     conn: &Connection,
     keys: &Keyring,
     acquirer: &str,
     macs: &Macs,
-    client: &str,
+    owner: &Owner,
     id: RecordId,
     now: i64,
 ) -> StoreResult<bool> {
@@ -274,7 +290,7 @@ pub(super) fn ack_pulled(
         .open(c.id, acquirer, FIELD_ROUTE, &c.route)
         .and_then(|p| Route::decode(&p))
         .ok_or(StoreError::Unreadable(c.id))?;
-    if !same_client(keys, &route, client) {
+    if !owned_by(keys, &route, owner) {
         return Ok(false);
     }
     let changed = conn.execute(
