@@ -15,6 +15,7 @@ use crate::gateway::Gateway;
 use crate::relay::deliver::{Deliverer, DeliveryOptions};
 use crate::relay::desk::RelayDesk;
 use crate::relay::fleet::{FleetRoutes, SharedRoutes, Stored};
+use crate::relay::fleet_pulls::{FleetPulls, PULL_COPY_MAX, SharedPulls};
 use crate::relay::ingress::{self, Ingress};
 use crate::relay::metrics::spawn_stats_refresh;
 use crate::relay::settings::RelaySettings;
@@ -272,6 +273,17 @@ async fn start_relay(
         let shared: Arc<dyn SharedRoutes> = Arc::new(RedisRoutes(Arc::clone(fleet)));
         Arc::new(FleetRoutes::new(shared, Arc::clone(&metrics)))
     });
+    // And packages held for pull-only branches, so a pull reaching any instance finds them.
+    let pulls = gateway.scaleout().map(|fleet| {
+        let shared: Arc<dyn SharedPulls> = Arc::new(RedisPulls(Arc::clone(fleet)));
+        let max_copy = relay.max_body.min(PULL_COPY_MAX);
+        Arc::new(FleetPulls::new(
+            shared,
+            Arc::clone(&metrics),
+            relay.max_age,
+            max_copy,
+        ))
+    });
     let mut desk = RelayDesk::new(Arc::clone(relay), Arc::clone(&shared));
     let mut ingress = Ingress::new(
         Arc::clone(relay),
@@ -282,6 +294,9 @@ async fn start_relay(
     if let Some(fleet) = &fleet {
         desk = desk.with_fleet(Arc::clone(fleet));
         ingress = ingress.with_fleet(Arc::clone(fleet));
+    }
+    if let Some(pulls) = &pulls {
+        desk = desk.with_fleet_pulls(Arc::clone(pulls));
     }
     let (desk, ingress) = (Arc::new(desk), Arc::new(ingress));
     gateway.attach_relay(Arc::clone(&desk));
@@ -294,6 +309,9 @@ async fn start_relay(
         .metrics()
         .relay
         .attach_delivery(deliverer.counters());
+    if let Some(pulls) = &pulls {
+        deliverer.attach_pull_copies(Arc::clone(pulls));
+    }
     let mut tasks = vec![
         tokio::spawn(ingress::serve(
             listener,
@@ -315,6 +333,11 @@ async fn start_relay(
             desk.arrivals(),
             until_closing(closing),
         )));
+    }
+    if let Some(pulls) = pulls {
+        tasks.push(tokio::spawn(
+            pulls.settle(Arc::clone(&shared), until_closing(closing)),
+        ));
     }
     tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), targets = relay.targets.len(), "callback relay listening");
     Ok((tasks, addr, store))
@@ -375,6 +398,42 @@ impl SharedRoutes for RedisRoutes {
                     .collect(),
             )
         })
+    }
+}
+
+/// The relay's pull copies over the fleet's Redis: the glue between `relay::fleet_pulls`
+/// and `scaleout::relay_pulls`, as [`RedisRoutes`] is for the routes.
+struct RedisPulls(Arc<Scaleout>);
+
+impl SharedPulls for RedisPulls {
+    fn key(&self, acquirer: &str, request_id: &str) -> String {
+        self.0.pull_key(acquirer, request_id)
+    }
+
+    fn field(&self, id: crate::relay::RecordId) -> String {
+        self.0.pull_field(&id.0)
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        field: &'a str,
+        plain: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(self.0.put_pull(key, field, plain, ttl))
+    }
+
+    fn list<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Vec<(String, Vec<u8>)>>> {
+        Box::pin(self.0.list_pulls(key))
+    }
+
+    fn ack<'a>(&'a self, key: &'a str, field: &'a str, ttl: Duration) -> BoxFuture<'a, bool> {
+        Box::pin(self.0.ack_pull(key, field, ttl))
+    }
+
+    fn acked<'a>(&'a self, fields: &'a [String]) -> BoxFuture<'a, Option<Vec<bool>>> {
+        Box::pin(self.0.pulls_acked(fields))
     }
 }
 

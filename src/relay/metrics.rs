@@ -138,6 +138,8 @@ pub struct RelayMetrics {
     store: Arc<StoreCollector>,
     route_copies: Family<ResultLabel, Counter>,
     route_lookups: Family<ResultLabel, Counter>,
+    pull_copies: Family<ResultLabel, Counter>,
+    remote_pulls: Family<ResultLabel, Counter>,
 }
 
 /// Reads the store's writer counters, the last stats and the delivery counters at scrape
@@ -200,6 +202,18 @@ impl RelayMetrics {
             "Routes looked up in the fleet's Redis for callbacks without a local route, by result (found, missing, failed)",
             route_lookups.clone(),
         );
+        let pull_copies = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "relay_pull_copies",
+            "Packages held for pull-only branches copied to the fleet's Redis, by result (stored, skipped, failed)",
+            pull_copies.clone(),
+        );
+        let remote_pulls = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "relay_remote_pulls",
+            "Pull-side work through the fleet's Redis, by result (served: a package from another instance's copy; acked: such a package acknowledged; settled: a local record settled by an acknowledgement made elsewhere; failed: Redis did not answer)",
+            remote_pulls.clone(),
+        );
         Self {
             ingest,
             ack_seconds,
@@ -207,6 +221,8 @@ impl RelayMetrics {
             store,
             route_copies,
             route_lookups,
+            pull_copies,
+            remote_pulls,
         }
     }
 
@@ -264,6 +280,26 @@ impl RelayMetrics {
         self.route_lookups
             .get_or_create(&[("result", result)])
             .inc_by(n);
+    }
+
+    /// Counts one package copied (or not) to the fleet's Redis (`relay::fleet_pulls`).
+    pub fn pull_copy(&self, result: &'static str) {
+        self.pull_copies.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Packages counted with `result` by [`RelayMetrics::pull_copy`] so far (tests).
+    #[must_use]
+    pub fn pull_copies(&self, result: &'static str) -> u64 {
+        self.pull_copies.get_or_create(&[("result", result)]).get()
+    }
+
+    /// Counts pull-side work through the fleet's Redis (`relay::fleet_pulls`).
+    pub fn remote_pull(&self, result: &'static str, n: u64) {
+        if n > 0 {
+            self.remote_pulls
+                .get_or_create(&[("result", result)])
+                .inc_by(n);
+        }
     }
 
     /// Makes the store's commit counters visible (once; later calls change nothing), and

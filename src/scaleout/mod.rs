@@ -28,11 +28,14 @@
 //! lookup, the lease and the waiters: [`Scaleout::fetch`]), `sealed` (key names and sealed
 //! values), [`link`] (the Redis connections), [`secret`] (subkeys, seals, signed members),
 //! `scripts` (the Lua scripts), [`relay_routes`] (the callback relay's routes, so a callback
-//! reaching one instance finds the route another recorded).
+//! reaching one instance finds the route another recorded), [`relay_pulls`] (the packages
+//! held for pull-only branches and their acknowledgements, so a pull reaching any instance
+//! finds them).
 
 mod budget;
 pub mod link;
 mod membership;
+pub mod relay_pulls;
 pub mod relay_routes;
 mod scripts;
 mod sealed;
@@ -86,6 +89,8 @@ pub struct Scaleout {
     members: Members,
     /// Names the callback relay's routes ([`relay_routes`]).
     route_mac: ring::hmac::Key,
+    /// Names the callback relay's pull copies ([`relay_pulls`]).
+    pull_mac: ring::hmac::Key,
     lease: Duration,
     sharing_wait: Duration,
     instance: String,
@@ -123,6 +128,7 @@ impl Scaleout {
             sealer: settings.secret.sealer(),
             members: settings.secret.members(),
             route_mac: relay_routes::route_mac_key(&settings.secret),
+            pull_mac: relay_pulls::pull_mac_key(&settings.secret),
             lease: settings.lease,
             sharing_wait: settings.sharing_wait,
             instance: format!("{:016x}", fastrand::u64(..)),
