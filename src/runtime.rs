@@ -15,9 +15,9 @@ use crate::gateway::Gateway;
 use crate::relay::deliver::{Deliverer, DeliveryOptions};
 use crate::relay::desk::RelayDesk;
 use crate::relay::fleet::{FleetRoutes, SharedRoutes, Stored};
-use crate::relay::fleet_pulls::{FleetPulls, PULL_COPY_MAX, SharedPulls};
+use crate::relay::fleet_pulls::{FleetPulls, Listed, PULL_COPY_MAX, SharedPulls};
 use crate::relay::ingress::{self, Ingress};
-use crate::relay::metrics::spawn_stats_refresh;
+use crate::relay::metrics::{RelayMetrics, spawn_stats_refresh};
 use crate::relay::settings::RelaySettings;
 use crate::relay::{self, CallbackStore, Options, Retention, SqliteStore};
 use crate::reload::Reloader;
@@ -268,22 +268,7 @@ async fn start_relay(
     let metrics = Arc::clone(&gateway.metrics().relay);
     metrics.attach_store(&store);
     let shared: Arc<dyn CallbackStore> = Arc::new(store.clone());
-    // With `[scaleout]`, routes are copied to Redis so any instance can route a callback.
-    let fleet = gateway.scaleout().map(|fleet| {
-        let shared: Arc<dyn SharedRoutes> = Arc::new(RedisRoutes(Arc::clone(fleet)));
-        Arc::new(FleetRoutes::new(shared, Arc::clone(&metrics)))
-    });
-    // And packages held for pull-only branches, so a pull reaching any instance finds them.
-    let pulls = gateway.scaleout().map(|fleet| {
-        let shared: Arc<dyn SharedPulls> = Arc::new(RedisPulls(Arc::clone(fleet)));
-        let max_copy = relay.max_body.min(PULL_COPY_MAX);
-        Arc::new(FleetPulls::new(
-            shared,
-            Arc::clone(&metrics),
-            relay.max_age,
-            max_copy,
-        ))
-    });
+    let (fleet, pulls) = relay_fleet(relay, gateway, &metrics);
     let mut desk = RelayDesk::new(Arc::clone(relay), Arc::clone(&shared));
     let mut ingress = Ingress::new(
         Arc::clone(relay),
@@ -295,8 +280,10 @@ async fn start_relay(
         desk = desk.with_fleet(Arc::clone(fleet));
         ingress = ingress.with_fleet(Arc::clone(fleet));
     }
+    let deliverer = Deliverer::new(Arc::clone(&shared), relay, DeliveryOptions::default())?;
     if let Some(pulls) = &pulls {
         desk = desk.with_fleet_pulls(Arc::clone(pulls));
+        deliverer.attach_pull_copies(Arc::clone(pulls));
     }
     let (desk, ingress) = (Arc::new(desk), Arc::new(ingress));
     gateway.attach_relay(Arc::clone(&desk));
@@ -304,14 +291,10 @@ async fn start_relay(
         let closing = closing.clone();
         async move { closing.wait().await }
     };
-    let deliverer = Deliverer::new(Arc::clone(&shared), relay, DeliveryOptions::default())?;
     gateway
         .metrics()
         .relay
         .attach_delivery(deliverer.counters());
-    if let Some(pulls) = &pulls {
-        deliverer.attach_pull_copies(Arc::clone(pulls));
-    }
     let mut tasks = vec![
         tokio::spawn(ingress::serve(
             listener,
@@ -327,20 +310,43 @@ async fn start_relay(
             until_closing(closing),
         )),
     ];
-    if let Some(fleet) = fleet {
+    if let (Some(fleet), Some(pulls)) = (fleet, pulls) {
+        let (store, arrivals) = (Arc::clone(&shared), desk.arrivals());
         tasks.push(tokio::spawn(fleet.sweep(
-            Arc::clone(&shared),
-            desk.arrivals(),
+            store,
+            arrivals,
             until_closing(closing),
         )));
-    }
-    if let Some(pulls) = pulls {
-        tasks.push(tokio::spawn(
-            pulls.settle(Arc::clone(&shared), until_closing(closing)),
-        ));
+        let settle = pulls.settle(Arc::clone(&shared), until_closing(closing));
+        tasks.push(tokio::spawn(settle));
     }
     tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), targets = relay.targets.len(), "callback relay listening");
     Ok((tasks, addr, store))
+}
+
+/// With `[scaleout]`, the relay's fleet side over Redis: routes, so any instance can route
+/// a callback, and packages held for pull-only branches, so a pull reaching any instance
+/// finds them.
+fn relay_fleet(
+    relay: &RelaySettings,
+    gateway: &Gateway,
+    metrics: &Arc<RelayMetrics>,
+) -> (Option<Arc<FleetRoutes>>, Option<Arc<FleetPulls>>) {
+    let Some(fleet) = gateway.scaleout() else {
+        return (None, None);
+    };
+    let routes: Arc<dyn SharedRoutes> = Arc::new(RedisRoutes(Arc::clone(fleet)));
+    let pulls: Arc<dyn SharedPulls> = Arc::new(RedisPulls(Arc::clone(fleet)));
+    let max_copy = relay.max_body.min(PULL_COPY_MAX);
+    (
+        Some(Arc::new(FleetRoutes::new(routes, Arc::clone(metrics)))),
+        Some(Arc::new(FleetPulls::new(
+            pulls,
+            Arc::clone(metrics),
+            relay.max_age,
+            max_copy,
+        ))),
+    )
 }
 
 /// The relay's shared routes over the fleet's Redis: the glue between `relay::fleet` (which
@@ -424,7 +430,7 @@ impl SharedPulls for RedisPulls {
         Box::pin(self.0.put_pull(key, field, plain, ttl))
     }
 
-    fn list<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Vec<(String, Vec<u8>)>>> {
+    fn list<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Listed>> {
         Box::pin(self.0.list_pulls(key))
     }
 

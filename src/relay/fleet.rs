@@ -17,7 +17,7 @@
 //!   recorded its route is an orphan, and [`FleetRoutes::sweep`] routes it once the route
 //!   shows up in Redis.
 //!
-//! The pull side is not shared: it reads the store of the instance it reaches.
+//! The pull side is shared by `super::fleet_pulls` (pull-only packages copied to Redis).
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -49,6 +49,9 @@ pub const MARK_BATCH: usize = 512;
 /// settled by its marker only when a local pull or the delivery worker meets it.
 const MAX_HELD: usize = 100_000;
 
+/// A request's copies as listed: `(field, plain)` for each value that opened.
+pub type Listed = Vec<(String, Vec<u8>)>;
+
 /// The fleet's store of pull copies, as the relay uses it: plain bytes in, sealed values
 /// and keyed names kept inside. Implemented over Redis by the runtime
 /// (`crate::scaleout`'s relay pulls), so the relay does not depend on the fleet's modules.
@@ -70,7 +73,7 @@ pub trait SharedPulls: Send + Sync {
     ) -> BoxFuture<'a, bool>;
 
     /// The records of `key` that open, as `(field, plain)`; `None`: Redis did not answer.
-    fn list<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Vec<(String, Vec<u8>)>>>;
+    fn list<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Listed>>;
 
     /// Removes record `field` of `key` and sets its marker for `ttl`; `false` when Redis
     /// did not answer.
@@ -470,7 +473,7 @@ mod tests {
         ) -> BoxFuture<'a, bool> {
             Box::pin(async { false })
         }
-        fn list<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<Vec<(String, Vec<u8>)>>> {
+        fn list<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<Listed>> {
             Box::pin(async { None })
         }
         fn ack<'a>(&'a self, _: &'a str, _: &'a str, _: Duration) -> BoxFuture<'a, bool> {
