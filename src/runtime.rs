@@ -15,8 +15,9 @@ use crate::gateway::Gateway;
 use crate::relay::deliver::{Deliverer, DeliveryOptions};
 use crate::relay::desk::RelayDesk;
 use crate::relay::fleet::{FleetRoutes, SharedRoutes, Stored};
+use crate::relay::fleet_pulls::{FleetPulls, Listed, PULL_COPY_MAX, SharedPulls};
 use crate::relay::ingress::{self, Ingress};
-use crate::relay::metrics::spawn_stats_refresh;
+use crate::relay::metrics::{RelayMetrics, spawn_stats_refresh};
 use crate::relay::settings::RelaySettings;
 use crate::relay::{self, CallbackStore, Options, Retention, SqliteStore};
 use crate::reload::Reloader;
@@ -243,20 +244,7 @@ async fn start_relay(
     closing: &Shutdown,
     drain_timeout: Duration,
 ) -> std::io::Result<(Vec<JoinHandle<()>>, SocketAddr, SqliteStore)> {
-    let (dir, keys) = (relay.data_dir.clone(), Arc::clone(&relay.keys));
-    let options = Options {
-        fsync: relay.fsync,
-        max_db_bytes: relay.max_db_bytes,
-    };
-    let opened = tokio::task::spawn_blocking(move || SqliteStore::open_with(&dir, keys, options))
-        .await
-        .map_err(std::io::Error::other)?;
-    let store = opened.map_err(|error| {
-        std::io::Error::other(format!(
-            "callback_relay.data_dir {}: cannot open the relay store: {error}",
-            relay.data_dir.display()
-        ))
-    })?;
+    let store = open_relay_store(relay).await?;
     let listener = TcpListener::bind(relay.listen).await.map_err(|error| {
         std::io::Error::new(
             error.kind(),
@@ -267,11 +255,7 @@ async fn start_relay(
     let metrics = Arc::clone(&gateway.metrics().relay);
     metrics.attach_store(&store);
     let shared: Arc<dyn CallbackStore> = Arc::new(store.clone());
-    // With `[scaleout]`, routes are copied to Redis so any instance can route a callback.
-    let fleet = gateway.scaleout().map(|fleet| {
-        let shared: Arc<dyn SharedRoutes> = Arc::new(RedisRoutes(Arc::clone(fleet)));
-        Arc::new(FleetRoutes::new(shared, Arc::clone(&metrics)))
-    });
+    let (fleet, pulls) = relay_fleet(relay, gateway, &metrics);
     let mut desk = RelayDesk::new(Arc::clone(relay), Arc::clone(&shared));
     let mut ingress = Ingress::new(
         Arc::clone(relay),
@@ -283,13 +267,17 @@ async fn start_relay(
         desk = desk.with_fleet(Arc::clone(fleet));
         ingress = ingress.with_fleet(Arc::clone(fleet));
     }
+    let deliverer = Deliverer::new(Arc::clone(&shared), relay, DeliveryOptions::default())?;
+    if let Some(pulls) = &pulls {
+        desk = desk.with_fleet_pulls(Arc::clone(pulls));
+        deliverer.attach_pull_copies(Arc::clone(pulls));
+    }
     let (desk, ingress) = (Arc::new(desk), Arc::new(ingress));
     gateway.attach_relay(Arc::clone(&desk));
     let until_closing = |closing: &Shutdown| {
         let closing = closing.clone();
         async move { closing.wait().await }
     };
-    let deliverer = Deliverer::new(Arc::clone(&shared), relay, DeliveryOptions::default())?;
     gateway
         .metrics()
         .relay
@@ -310,15 +298,37 @@ async fn start_relay(
         )),
     ];
     tasks.extend(watch_relay_config(relay, gateway, until_closing(closing)));
-    if let Some(fleet) = fleet {
+    if let (Some(fleet), Some(pulls)) = (fleet, pulls) {
+        let (store, arrivals) = (Arc::clone(&shared), desk.arrivals());
         tasks.push(tokio::spawn(fleet.sweep(
-            Arc::clone(&shared),
-            desk.arrivals(),
+            store,
+            arrivals,
             until_closing(closing),
         )));
+        let settle = pulls.settle(Arc::clone(&shared), until_closing(closing));
+        tasks.push(tokio::spawn(settle));
     }
     tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), targets = relay.targets.len(), "callback relay listening");
     Ok((tasks, addr, store))
+}
+
+/// The relay's store, opened off the runtime's threads (it may create the file and run
+/// the schema); an error names `callback_relay.data_dir`.
+async fn open_relay_store(relay: &RelaySettings) -> std::io::Result<SqliteStore> {
+    let (dir, keys) = (relay.data_dir.clone(), Arc::clone(&relay.keys));
+    let options = Options {
+        fsync: relay.fsync,
+        max_db_bytes: relay.max_db_bytes,
+    };
+    let opened = tokio::task::spawn_blocking(move || SqliteStore::open_with(&dir, keys, options))
+        .await
+        .map_err(std::io::Error::other)?;
+    opened.map_err(|error| {
+        std::io::Error::other(format!(
+            "callback_relay.data_dir {}: cannot open the relay store: {error}",
+            relay.data_dir.display()
+        ))
+    })
 }
 
 /// With `[scaleout]`: compares this instance's relay routing config with the fleet's on
@@ -338,6 +348,31 @@ fn watch_relay_config(
         closing,
         move |agreement| metrics.config_mismatch(agreement.mismatch()),
     ))
+}
+
+/// With `[scaleout]`, the relay's fleet side over Redis: routes, so any instance can route
+/// a callback, and packages held for pull-only branches, so a pull reaching any instance
+/// finds them.
+fn relay_fleet(
+    relay: &RelaySettings,
+    gateway: &Gateway,
+    metrics: &Arc<RelayMetrics>,
+) -> (Option<Arc<FleetRoutes>>, Option<Arc<FleetPulls>>) {
+    let Some(fleet) = gateway.scaleout() else {
+        return (None, None);
+    };
+    let routes: Arc<dyn SharedRoutes> = Arc::new(RedisRoutes(Arc::clone(fleet)));
+    let pulls: Arc<dyn SharedPulls> = Arc::new(RedisPulls(Arc::clone(fleet)));
+    let max_copy = relay.max_body.min(PULL_COPY_MAX);
+    (
+        Some(Arc::new(FleetRoutes::new(routes, Arc::clone(metrics)))),
+        Some(Arc::new(FleetPulls::new(
+            pulls,
+            Arc::clone(metrics),
+            relay.max_age,
+            max_copy,
+        ))),
+    )
 }
 
 /// The relay's shared routes over the fleet's Redis: the glue between `relay::fleet` (which
@@ -395,6 +430,42 @@ impl SharedRoutes for RedisRoutes {
                     .collect(),
             )
         })
+    }
+}
+
+/// The relay's pull copies over the fleet's Redis: the glue between `relay::fleet_pulls`
+/// and `scaleout::relay_pulls`, as [`RedisRoutes`] is for the routes.
+struct RedisPulls(Arc<Scaleout>);
+
+impl SharedPulls for RedisPulls {
+    fn key(&self, acquirer: &str, request_id: &str) -> String {
+        self.0.pull_key(acquirer, request_id)
+    }
+
+    fn field(&self, id: crate::relay::RecordId) -> String {
+        self.0.pull_field(&id.0)
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        field: &'a str,
+        plain: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(self.0.put_pull(key, field, plain, ttl))
+    }
+
+    fn list<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Listed>> {
+        Box::pin(self.0.list_pulls(key))
+    }
+
+    fn ack<'a>(&'a self, key: &'a str, field: &'a str, ttl: Duration) -> BoxFuture<'a, bool> {
+        Box::pin(self.0.ack_pull(key, field, ttl))
+    }
+
+    fn acked<'a>(&'a self, fields: &'a [String]) -> BoxFuture<'a, Option<Vec<bool>>> {
+        Box::pin(self.0.pulls_acked(fields))
     }
 }
 

@@ -20,8 +20,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -35,6 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::fleet_pulls::FleetPulls;
 use super::settings::{RelaySettings, Target};
 use super::{CallbackStore, Leased, Settle, now_ms};
 use crate::breaker::Breaker;
@@ -218,6 +219,8 @@ struct Inner {
     slots: Arc<Semaphore>,
     options: DeliveryOptions,
     counters: Arc<DeliveryCounters>,
+    /// The fleet's pull copies (`[scaleout]` on), attached once before the worker runs.
+    pulls: OnceLock<Arc<FleetPulls>>,
 }
 
 impl Deliverer {
@@ -257,8 +260,16 @@ impl Deliverer {
                 slots: Arc::new(Semaphore::new(slots)),
                 counters: Arc::new(DeliveryCounters::default()),
                 options,
+                pulls: OnceLock::new(),
             }),
         })
+    }
+
+    /// With a fleet: a pull-only record held for the pull side is also copied to Redis,
+    /// and one acknowledged on another instance is settled delivered when held again
+    /// (once; later calls change nothing).
+    pub fn attach_pull_copies(&self, pulls: Arc<FleetPulls>) {
+        let _ = self.inner.pulls.set(pulls);
     }
 
     /// The counters this worker adds to.
@@ -374,7 +385,7 @@ impl Inner {
 
     async fn attempt(&self, record: &Leased) -> Settle {
         if record.route.is_pull() {
-            return self.hold_for_pull(record);
+            return self.hold_pull(record).await;
         }
         let Some(lane) = self.lanes.get(&record.route.target) else {
             self.counters.add(Counted::UnknownTarget);
@@ -422,6 +433,24 @@ impl Inner {
                 self.later(record, self.options.jitter.apply(pause), false)
             }
         }
+    }
+
+    /// [`Inner::hold_for_pull`], and with a fleet: a record leased again (after a restart,
+    /// or at `max_age`) that was acknowledged on another instance is delivered; a record
+    /// held is copied to Redis for as long as it is held.
+    async fn hold_pull(&self, record: &Leased) -> Settle {
+        let Some(pulls) = self.pulls.get() else {
+            return self.hold_for_pull(record);
+        };
+        if record.attempts > 1 && pulls.acked_elsewhere(record.id).await {
+            tracing::info!(record = %record.id, acquirer = %record.acquirer, "relay: pulled package acknowledged on another instance; settled");
+            return Settle::Delivered;
+        }
+        let settle = self.hold_for_pull(record);
+        if let Settle::RetryAt(until) = settle {
+            pulls.copy(record, until).await;
+        }
+        settle
     }
 
     /// A pull-only record is held for the pull side until `max_age` from its arrival, then

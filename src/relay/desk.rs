@@ -12,6 +12,10 @@
 //!   client its route names, or to a caller whose session token this gateway issued for
 //!   the login the route names (compared in constant time by the store); anyone else
 //!   waits out the same long poll and gets the same 404 as for "nothing yet".
+//! - **Any instance answers a pull** (`[scaleout]` on): a package this instance does not
+//!   hold is looked up among the fleet's copies ([`FleetPulls`]) with the same owner check,
+//!   rechecked every 500 ms while a pull waits; an acknowledgement reaches the copy and the
+//!   holding instance alike, and a local package acknowledged elsewhere is not served again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +27,7 @@ use percent_encoding::percent_decode_str;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use super::fleet::{Claim, FleetRoutes};
+use super::fleet_pulls::FleetPulls;
 use super::ingress::{ACTION_HEADER, TRACE_HEADER};
 use super::settings::{Branches, RelayAcquirer, RelaySettings};
 use super::{CallbackStore, Envelope, Owner, RecordId, Route, RouteOutcome, now_ms};
@@ -164,6 +169,8 @@ pub struct RelayDesk {
     waiters: Semaphore,
     /// The fleet's copy of the routes (`[scaleout]` on).
     fleet: Option<Arc<FleetRoutes>>,
+    /// The fleet's pull copies (`[scaleout]` on).
+    pulls: Option<Arc<FleetPulls>>,
 }
 
 impl RelayDesk {
@@ -176,7 +183,16 @@ impl RelayDesk {
             arrivals: Arc::new(Notify::new()),
             waiters: Semaphore::new(MAX_PULL_WAITERS),
             fleet: None,
+            pulls: None,
         }
+    }
+
+    /// Pulls and acknowledgements also reach the fleet's copies of packages held by other
+    /// instances.
+    #[must_use]
+    pub fn with_fleet_pulls(mut self, pulls: Arc<FleetPulls>) -> Self {
+        self.pulls = Some(pulls);
+        self
     }
 
     /// Routes are also claimed fleet-wide in Redis before they are recorded locally.
@@ -377,10 +393,100 @@ impl RelayDesk {
                     DeskError::Unavailable
                 })?;
             if let Some((id, envelope)) = found {
+                if self
+                    .settled_elsewhere(&acquirer.name, owner, request_id, id)
+                    .await
+                {
+                    // Acknowledged through another instance: settled now; any other
+                    // package of the request is found by the next look.
+                    continue;
+                }
+                return Ok(Some(Pulled { id, envelope }));
+            }
+        }
+        self.take_from_fleet(owner, request_id).await
+    }
+
+    /// With a fleet: whether local record `id` was acknowledged through another instance,
+    /// in which case it is settled here now (so it is not served twice).
+    async fn settled_elsewhere(
+        &self,
+        acquirer: &str,
+        owner: &Owner,
+        request_id: &str,
+        id: RecordId,
+    ) -> bool {
+        let Some(pulls) = &self.pulls else {
+            return false;
+        };
+        if !pulls.acked_elsewhere(id).await {
+            return false;
+        }
+        let acked = self
+            .store
+            .ack_pulled(
+                acquirer.to_owned(),
+                request_id.to_owned(),
+                owner.clone(),
+                id,
+                now_ms(),
+            )
+            .await;
+        if let Err(error) = acked {
+            tracing::warn!(%acquirer, %error, "relay: a package acknowledged elsewhere was not settled");
+        }
+        true
+    }
+
+    /// With a fleet: the caller's oldest package among the copies other instances hold.
+    async fn take_from_fleet(
+        &self,
+        owner: &Owner,
+        request_id: &str,
+    ) -> Result<Option<Pulled>, DeskError> {
+        let Some(pulls) = &self.pulls else {
+            return Ok(None);
+        };
+        for acquirer in &self.settings.acquirers {
+            if let Some((id, envelope)) = pulls.take(&acquirer.name, request_id, owner).await {
                 return Ok(Some(Pulled { id, envelope }));
             }
         }
         Ok(None)
+    }
+
+    /// With a fleet, after a local acknowledgement: the record's copy removed. Without a
+    /// local one: the caller's copy acknowledged in Redis (`Unavailable` when Redis did
+    /// not answer, so the branch retries rather than taking a 404 for an answer).
+    async fn acknowledge_in_fleet(
+        &self,
+        owner: &Owner,
+        request_id: &str,
+        id: RecordId,
+        local: Option<&str>,
+    ) -> Result<bool, DeskError> {
+        let Some(pulls) = &self.pulls else {
+            return Ok(false);
+        };
+        if let Some(acquirer) = local {
+            pulls.forget(acquirer, request_id, id).await;
+            return Ok(true);
+        }
+        let mut unanswered = false;
+        for acquirer in &self.settings.acquirers {
+            match pulls.ack(&acquirer.name, request_id, owner, Some(id)).await {
+                Some(true) => {
+                    tracing::info!(record = %id, acquirer = %acquirer.name, "relay: pulled package acknowledged through the fleet");
+                    return Ok(true);
+                }
+                Some(false) => {}
+                None => unanswered = true,
+            }
+        }
+        if unanswered {
+            return Err(DeskError::Unavailable);
+        }
+        Ok(false)
     }
 
     /// Acknowledges a pulled package: record `id`, or the caller's oldest for the request.
@@ -415,10 +521,12 @@ impl RelayDesk {
                 })?;
             if acked {
                 tracing::info!(record = %id, acquirer = %acquirer.name, "relay: pulled package acknowledged");
+                self.acknowledge_in_fleet(owner, request_id, id, Some(&acquirer.name))
+                    .await?;
                 return Ok(true);
             }
         }
-        Ok(false)
+        self.acknowledge_in_fleet(owner, request_id, id, None).await
     }
 }
 

@@ -19,7 +19,7 @@
 //!   cursor that wraps after the newest), so every orphan is looked up within
 //!   `ceil(orphans / SWEEP_BATCH)` sweeps however many wait.
 //!
-//! The pull side is not shared: it reads the store of the instance it reaches.
+//! The pull side is shared by `super::fleet_pulls` (pull-only packages copied to Redis).
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -139,6 +139,8 @@ pub struct RelayMetrics {
     route_copies: Family<ResultLabel, Counter>,
     route_lookups: Family<ResultLabel, Counter>,
     config_mismatch: Gauge,
+    pull_copies: Family<ResultLabel, Counter>,
+    remote_pulls: Family<ResultLabel, Counter>,
 }
 
 /// Reads the store's writer counters, the last stats and the delivery counters at scrape
@@ -207,6 +209,18 @@ impl RelayMetrics {
             "1 while another live fleet instance publishes a different relay routing config (acquirer names, path_prefix, targets and their branch_ids), else 0",
             config_mismatch.clone(),
         );
+        let pull_copies = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "relay_pull_copies",
+            "Packages held for pull-only branches copied to the fleet's Redis, by result (stored, skipped, failed)",
+            pull_copies.clone(),
+        );
+        let remote_pulls = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "relay_remote_pulls",
+            "Pull-side work through the fleet's Redis, by result (served: a package from another instance's copy; acked: such a package acknowledged; settled: a local record settled by an acknowledgement made elsewhere; failed: Redis did not answer)",
+            remote_pulls.clone(),
+        );
         Self {
             ingest,
             ack_seconds,
@@ -215,6 +229,8 @@ impl RelayMetrics {
             route_copies,
             route_lookups,
             config_mismatch,
+            pull_copies,
+            remote_pulls,
         }
     }
 
@@ -278,6 +294,26 @@ impl RelayMetrics {
     /// (`scaleout::relay_config`).
     pub fn config_mismatch(&self, mismatch: bool) {
         self.config_mismatch.set(i64::from(mismatch));
+    }
+
+    /// Counts one package copied (or not) to the fleet's Redis (`relay::fleet_pulls`).
+    pub fn pull_copy(&self, result: &'static str) {
+        self.pull_copies.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Packages counted with `result` by [`RelayMetrics::pull_copy`] so far (tests).
+    #[must_use]
+    pub fn pull_copies(&self, result: &'static str) -> u64 {
+        self.pull_copies.get_or_create(&[("result", result)]).get()
+    }
+
+    /// Counts pull-side work through the fleet's Redis (`relay::fleet_pulls`).
+    pub fn remote_pull(&self, result: &'static str, n: u64) {
+        if n > 0 {
+            self.remote_pulls
+                .get_or_create(&[("result", result)])
+                .inc_by(n);
+        }
     }
 
     /// Makes the store's commit counters visible (once; later calls change nothing), and

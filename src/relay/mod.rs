@@ -33,7 +33,9 @@
 //! [`CallbackStore::ack_pulled`] (pending or delivering → delivered), both only for the
 //! caller its route names (or the login its route names, [`Route::login`]).
 //! With `[scaleout]` on, routes are also copied to Redis ([`fleet`]), so an instance
-//! that receives a callback finds the route another instance recorded.
+//! that receives a callback finds the route another instance recorded, and packages held
+//! for pull-only branches are copied there too ([`fleet_pulls`]), so a pull reaching any
+//! instance finds them.
 //!
 //! # Schema (SQLite, `{data_dir}/relay.db`, WAL)
 //! ```sql
@@ -89,6 +91,7 @@ pub mod cms;
 pub mod deliver;
 pub mod desk;
 pub mod fleet;
+pub mod fleet_pulls;
 pub mod ingress;
 pub mod metrics;
 pub mod record;

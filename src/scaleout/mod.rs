@@ -29,12 +29,15 @@
 //! values), [`link`] (the Redis connections), [`secret`] (subkeys, seals, signed members),
 //! `scripts` (the Lua scripts), [`relay_routes`] (the callback relay's routes, so a callback
 //! reaching one instance finds the route another recorded), [`relay_config`] (whether the
-//! instances agree on what those routes mean).
+//! instances agree on what those routes mean), [`relay_pulls`] (the packages held for
+//! pull-only branches and their acknowledgements, so a pull reaching any instance finds
+//! them).
 
 mod budget;
 pub mod link;
 mod membership;
 pub mod relay_config;
+pub mod relay_pulls;
 pub mod relay_routes;
 mod scripts;
 mod sealed;
@@ -93,6 +96,8 @@ pub struct Scaleout {
     relay_config: relay_config::ConfigKeys,
     /// `scaleout.heartbeat_interval`: how often the relay config entry is refreshed.
     heartbeat_interval: Duration,
+    /// Names the callback relay's pull copies ([`relay_pulls`]).
+    pull_mac: ring::hmac::Key,
     lease: Duration,
     sharing_wait: Duration,
     instance: String,
@@ -132,6 +137,7 @@ impl Scaleout {
             route_mac: relay_routes::route_mac_key(&settings.secret),
             relay_config: relay_config::ConfigKeys::new(&settings.secret),
             heartbeat_interval: settings.heartbeat_interval,
+            pull_mac: relay_pulls::pull_mac_key(&settings.secret),
             lease: settings.lease,
             sharing_wait: settings.sharing_wait,
             instance: format!("{:016x}", fastrand::u64(..)),

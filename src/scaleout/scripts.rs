@@ -250,3 +250,51 @@ return found
 ",
     )
 });
+
+/// A relay pull copy stored (`relay_pulls`): `ARGV[2]` as field `ARGV[1]` of the hash
+/// `KEYS[1]`, whose life is raised to `ARGV[3]` ms if shorter (the hash lives as long as
+/// its longest-lived record; each record's own life is sealed in it). A key of another
+/// type (a Redis writer's) is replaced.
+pub static PULL_PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if type(redis.pcall('HSET', KEYS[1], ARGV[1], ARGV[2])) == 'table' then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+",
+    )
+});
+
+/// A request's relay pull copies: the hash `KEYS[1]` as field, value, field, value … (at
+/// most `ARGV[1]` records; an empty list for a missing key or one of another type).
+pub static PULL_LIST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local all = redis.pcall('HGETALL', KEYS[1])
+if type(all) ~= 'table' or all.err then return {} end
+local most = tonumber(ARGV[1]) * 2
+if #all <= most then return all end
+local cut = {}
+for i = 1, most do cut[i] = all[i] end
+return cut
+",
+    )
+});
+
+/// A relay pull copy taken: field `ARGV[1]` removed from the hash `KEYS[1]` and the
+/// acknowledgement marker `KEYS[2]` set to `ARGV[2]` for `ARGV[3]` ms, in one step, so the
+/// instance holding the record never misses an acknowledgement whose copy is gone.
+pub static PULL_ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.pcall('HDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+",
+    )
+});

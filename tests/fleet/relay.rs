@@ -3,6 +3,8 @@
 //! target). A callback that reaches B for a consent push that went through A is delivered,
 //! once, byte for byte, whichever arrives first; a requestId routed through A cannot be
 //! taken through B; and Redis holds neither the requestId nor the branch in clear.
+//! Without a push target (the branch pulls), a package that reached B is pulled and
+//! acknowledged through A, B's record settles, and only the route's caller gets it.
 
 use diia_gateway_testkit::cms::enveloped_for;
 use std::net::SocketAddr;
@@ -106,12 +108,12 @@ impl Shared {
 }
 
 /// One fleet instance with the relay on; `data` is its own store's directory; `tweak`
-/// changes its relay config.
+/// changes its relay config. Without a `target`, the branch pulls its packages.
 async fn instance(
     sim: &SimHandle,
     redis: &Redis,
     shared: &Shared,
-    target: SocketAddr,
+    target: Option<SocketAddr>,
     data: &TempDir,
     tweak: impl FnOnce(&mut CallbackRelayConfig),
 ) -> RunningGateway {
@@ -136,12 +138,15 @@ async fn instance(
         recipient_cert_file: shared.path("cert.pem"),
         default_target: None,
     }];
-    relay.target = vec![RelayTargetConfig {
-        name: "backoffice".into(),
-        url: format!("http://{target}/diia/documents"),
-        signing_secret_file: shared.path("whsec"),
-        branch_ids: vec![BRANCH.into()],
-    }];
+    relay.target = target
+        .map(|target| RelayTargetConfig {
+            name: "backoffice".into(),
+            url: format!("http://{target}/diia/documents"),
+            signing_secret_file: shared.path("whsec"),
+            branch_ids: vec![BRANCH.into()],
+        })
+        .into_iter()
+        .collect();
     tweak(relay);
     start_gateway(config).await
 }
@@ -162,11 +167,19 @@ struct World {
 
 impl World {
     async fn start() -> Option<Self> {
-        Self::start_with(|_| {}).await
+        Self::start_with(true, |_| {}).await
     }
 
-    /// As [`World::start`], with B's relay config changed by `tweak_b`.
-    async fn start_with(tweak_b: impl FnOnce(&mut CallbackRelayConfig)) -> Option<Self> {
+    /// Pull-only: no target serves the branch.
+    async fn start_pull() -> Option<Self> {
+        Self::start_with(false, |_| {}).await
+    }
+
+    /// Pushing to the target (or pull-only), with B's relay config changed by `tweak_b`.
+    async fn start_with(
+        push: bool,
+        tweak_b: impl FnOnce(&mut CallbackRelayConfig),
+    ) -> Option<Self> {
         let serial = SERIAL.lock().await;
         if !redis_available() {
             return None;
@@ -177,6 +190,7 @@ impl World {
         let shared = Shared::new();
         let (target, received) = branch_backend().await;
         let dirs = (TempDir::new().unwrap(), TempDir::new().unwrap());
+        let target = push.then_some(target);
         let a = instance(&sim, &redis, &shared, target, &dirs.0, |_| {}).await;
         let b = instance(&sim, &redis, &shared, target, &dirs.1, tweak_b).await;
         let world = Self {
@@ -266,6 +280,44 @@ impl World {
             body.to_owned(),
         )
         .await
+    }
+
+    /// The branch's pull (`GET`, waiting up to `wait`) or acknowledgement (`DELETE`) of
+    /// `request_id` through `gateway`'s branch listener.
+    async fn pull(
+        &self,
+        gateway: &RunningGateway,
+        method: Method,
+        token: &str,
+        request_id: &str,
+        query: &str,
+    ) -> Reply {
+        let url = format!(
+            "http://{}/relay/v1/callbacks/{request_id}{query}",
+            gateway.addr()
+        );
+        let bearer = format!("Bearer {token}");
+        send(
+            &self.http,
+            method,
+            &url,
+            &[("authorization", bearer.as_str())],
+            String::new(),
+        )
+        .await
+    }
+
+    /// Waits (10 s at most) until `gateway`'s metric `name` reaches `value`.
+    async fn wait_metric(&self, gateway: &RunningGateway, name: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.metric(gateway, name).await;
+            if now >= value {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} is {now}, not {value}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A package for the shared acquirer certificate.
@@ -612,7 +664,7 @@ async fn wait_for_mismatch(world: &World, gateway: &RunningGateway, value: f64) 
 /// keyed fingerprints, never the branch or target names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_whose_targets_differ_both_report_a_config_mismatch() {
-    let Some(world) = World::start_with(|relay| {
+    let Some(world) = World::start_with(true, |relay| {
         relay.target[0].branch_ids = vec!["branch-fleet-other-5150".into()];
     })
     .await
@@ -669,4 +721,238 @@ async fn instances_with_the_same_config_report_no_mismatch() {
     for gateway in [&world.a, &world.b] {
         assert_eq!(world.metric(gateway, MISMATCH).await, 0.0);
     }
+}
+
+/// SHA-256 of a reply's body and `Content-Type`: what the branch must get byte for byte.
+fn package_digest(body: &[u8], content_type: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(body);
+    hash.update(b"\n");
+    hash.update(content_type.as_bytes());
+    hash.finalize().into()
+}
+
+const COPIES_STORED: &str = "diia_gateway_relay_pull_copies_total{result=\"stored\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_that_reached_another_instance_is_pulled_and_acknowledged_through_any() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-pull-req-9e31d0";
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+
+    // The branch waits on A; Diia's callback reaches B: A's long poll finds B's copy.
+    let waiting = {
+        let (http, addr, token) = (world.http.clone(), world.a.addr(), token.clone());
+        tokio::spawn(async move {
+            let url = format!("http://{addr}/relay/v1/callbacks/{request_id}?wait=15s");
+            let bearer = format!("Bearer {token}");
+            send(
+                &http,
+                Method::GET,
+                &url,
+                &[("authorization", bearer.as_str())],
+                String::new(),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = world.package(6);
+    let stored = world.callback(&world.b, request_id, &body).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    let pulled = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the long poll answers")
+        .unwrap();
+    assert_eq!(pulled.status, StatusCode::OK, "{pulled:?}");
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    assert_eq!(
+        package_digest(&pulled.body, pulled.header("content-type").unwrap()),
+        package_digest(body.as_bytes(), &content_type),
+        "the package changed on the way"
+    );
+    assert_eq!(
+        pulled.header("x-document-request-trace-id"),
+        Some(request_id)
+    );
+    let id = pulled.header("x-relay-record-id").unwrap().to_owned();
+    assert_eq!(world.metric(&world.b, COPIES_STORED).await, 1.0);
+    assert_eq!(
+        world
+            .metric(
+                &world.a,
+                "diia_gateway_relay_remote_pulls_total{result=\"served\"}"
+            )
+            .await,
+        1.0
+    );
+    // A holds the route only; B holds the package, pending for the pull side.
+    let a_store = world.a.relay_store().unwrap();
+    let counts = a_store.stats(diia_gateway::relay::now_ms()).await.unwrap();
+    assert_eq!(counts.counts, [0; 5]);
+    world.wait_for(&world.b, State::Pending, 1).await;
+
+    // Nothing in clear in Redis while the copy is held: key names and a dump.
+    let keys = world.redis.keys().await;
+    assert!(
+        keys.iter().any(|k| k.starts_with("{dg}:relay-pull:")),
+        "no copy: {keys:?}"
+    );
+    assert_eq!(world.redis.command(&["SAVE"]).await.as_deref(), Some("+OK"));
+    let dump = std::fs::read(world.redis.dir().join("dump.rdb")).unwrap();
+    let dump = String::from_utf8_lossy(&dump);
+    assert!(dump.contains("{dg}:relay-pull:"), "the dump holds no copy");
+    for secret in [
+        request_id,
+        BRANCH,
+        token.as_str(),
+        BOUNDARY,
+        "encryptedFileName",
+        &body[body.len() / 2..body.len() / 2 + 40],
+        id.as_str(),
+    ] {
+        assert!(!dump.contains(secret), "{secret} is in the Redis dump");
+        for key in &keys {
+            assert!(!key.contains(secret), "{secret} in a key name");
+        }
+    }
+
+    // Acknowledged through A: B's record settles delivered (its sweep, every 2 s), the
+    // copy is gone, and a second pull through either instance is a 404.
+    let acked = world
+        .pull(
+            &world.a,
+            Method::DELETE,
+            &token,
+            request_id,
+            &format!("?id={id}"),
+        )
+        .await;
+    assert_eq!(acked.status, StatusCode::NO_CONTENT, "{acked:?}");
+    world.wait_for(&world.b, State::Delivered, 1).await;
+    world
+        .wait_metric(
+            &world.b,
+            "diia_gateway_relay_remote_pulls_total{result=\"settled\"}",
+            1.0,
+        )
+        .await;
+    for gateway in [&world.a, &world.b] {
+        let again = world
+            .pull(gateway, Method::GET, &token, request_id, "")
+            .await;
+        assert_eq!(again.status, StatusCode::NOT_FOUND, "{again:?}");
+    }
+    let keys = world.redis.keys().await;
+    assert!(
+        !keys.iter().any(|k| k.starts_with("{dg}:relay-pull:")),
+        "the copy outlived its acknowledgement: {keys:?}"
+    );
+    assert!(keys.iter().any(|k| k.starts_with("{dg}:relay-pull-ack:")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_caller_pulling_through_another_instance_gets_404_never_the_package() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let other = world
+        .session_token(&world.a, OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-pull-other-51a7";
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    let body = world.package(7);
+    let stored = world.callback(&world.b, request_id, &body).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_metric(&world.b, COPIES_STORED, 1.0).await;
+
+    // Through A (the copy) and B (the record): the same 404 as for "nothing yet".
+    for gateway in [&world.a, &world.b] {
+        let stolen = world
+            .pull(gateway, Method::GET, &other, request_id, "")
+            .await;
+        assert_eq!(stolen.status, StatusCode::NOT_FOUND, "{stolen:?}");
+        let piece = &body.as_bytes()[body.len() / 2..body.len() / 2 + 40];
+        assert!(!stolen.body.windows(piece.len()).any(|w| w == piece));
+        assert_eq!(stolen.gateway_code(), "callback_not_found");
+        let acked = world
+            .pull(gateway, Method::DELETE, &other, request_id, "")
+            .await;
+        assert_eq!(acked.status, StatusCode::NOT_FOUND, "{acked:?}");
+    }
+    assert_eq!(
+        world
+            .metric(
+                &world.a,
+                "diia_gateway_relay_remote_pulls_total{result=\"served\"}"
+            )
+            .await,
+        0.0
+    );
+    // The owner still gets it, through A.
+    let pulled = world
+        .pull(&world.a, Method::GET, &token, request_id, "")
+        .await;
+    assert_eq!(pulled.status, StatusCode::OK, "{pulled:?}");
+    assert!(pulled.body.as_ref() == body.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_the_holding_instance_still_serves_and_acknowledges_its_package() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-pull-down-0c44";
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    let body = world.package(8);
+    let stored = world.callback(&world.b, request_id, &body).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_metric(&world.b, COPIES_STORED, 1.0).await;
+
+    world.redis.stop();
+    let started = Instant::now();
+    let pulled = world
+        .pull(&world.b, Method::GET, &token, request_id, "")
+        .await;
+    assert_eq!(pulled.status, StatusCode::OK, "{pulled:?}");
+    assert!(pulled.body.as_ref() == body.as_bytes());
+    let id = pulled.header("x-relay-record-id").unwrap().to_owned();
+    let acked = world
+        .pull(
+            &world.b,
+            Method::DELETE,
+            &token,
+            request_id,
+            &format!("?id={id}"),
+        )
+        .await;
+    assert_eq!(acked.status, StatusCode::NO_CONTENT, "{acked:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "Redis held the local pull back: {:?}",
+        started.elapsed()
+    );
+    world.wait_for(&world.b, State::Delivered, 1).await;
+    world.redis.resume();
 }
