@@ -15,17 +15,27 @@ use crate::gateway::Gateway;
 use crate::head::RequestHead;
 use crate::relay::CallbackStore;
 use crate::relay::admin::{self as relay_admin, AdminError};
+use crate::relay::fleet_pulls::FleetPulls;
 use crate::reload::Reloader;
 use crate::service::{Handler, HttpResponse, Reply, RequestBody, Shutdown};
+
+/// What the relay's admin endpoints work on: its store and, in a fleet, the pull-only
+/// copies in Redis (purge and erase reach them too).
+pub struct RelayAdmin {
+    /// The relay's store.
+    pub store: Arc<dyn CallbackStore>,
+    /// The fleet's pull copies (`[scaleout]` on).
+    pub pulls: Option<Arc<FleetPulls>>,
+}
 
 /// Admin endpoints over the gateway's state.
 pub struct Admin {
     gateway: Arc<Gateway>,
     shutdown: Shutdown,
     reloader: Option<Arc<Reloader>>,
-    /// The relay's store, attached once the relay has started (it starts after the admin
+    /// The relay's parts, attached once the relay has started (it starts after the admin
     /// handler is built); unset, `/relay/` answers `404 relay_off`.
-    relay: OnceLock<Arc<dyn CallbackStore>>,
+    relay: OnceLock<RelayAdmin>,
 }
 
 impl Admin {
@@ -40,19 +50,20 @@ impl Admin {
         }
     }
 
-    /// Serves the relay's record endpoints over `store` from now on (once; later calls
-    /// change nothing). Without it they answer `404 relay_off`.
-    pub fn attach_relay(&self, store: Arc<dyn CallbackStore>) {
-        let _ = self.relay.set(store);
+    /// Serves the relay's record endpoints from now on (once; later calls change
+    /// nothing). Without it they answer `404 relay_off`.
+    pub fn attach_relay(&self, relay: RelayAdmin) {
+        let _ = self.relay.set(relay);
     }
 
     /// A request under `/relay/`: the relay's admin module answers, or `relay_off`.
     async fn relay(&self, head: &RequestHead, body: RequestBody) -> HttpResponse {
         let (status, body) = match self.relay.get() {
-            Some(store) => {
+            Some(relay) => {
                 let metrics = &self.gateway.metrics().relay;
                 relay_admin::answer(
-                    store.as_ref(),
+                    relay.store.as_ref(),
+                    relay.pulls.as_deref(),
                     metrics,
                     &head.method,
                     head.uri.path(),

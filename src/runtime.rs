@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, RelayAdmin};
 use crate::gateway::Gateway;
 use crate::relay::deliver::{Deliverer, DeliveryOptions};
 use crate::relay::desk::RelayDesk;
@@ -200,16 +200,8 @@ pub async fn start_from_file(
     let relay = match &settings.relay {
         Some(relay) => {
             let drain = settings.cold.drain_timeout;
-            let (relay_tasks, addr, store) = start_relay(relay, &gateway, &closing, drain).await?;
-            tasks.extend(relay_tasks);
-            admin.attach_relay(Arc::new(store.clone()));
-            let (metrics, closed) = (Arc::clone(&gateway.metrics().relay), closing.clone());
-            tasks.push(spawn_stats_refresh(
-                Arc::new(store.clone()),
-                metrics,
-                async move { closed.wait().await },
-            ));
-            Some((addr, store))
+            let started = start_relay(relay, &gateway, &closing, drain).await?;
+            Some(serve_relay(started, &gateway, &admin, &closing, &mut tasks))
         }
         None => None,
     };
@@ -243,7 +235,7 @@ async fn start_relay(
     gateway: &Arc<Gateway>,
     closing: &Shutdown,
     drain_timeout: Duration,
-) -> std::io::Result<(Vec<JoinHandle<()>>, SocketAddr, SqliteStore)> {
+) -> std::io::Result<StartedRelay> {
     let store = open_relay_store(relay).await?;
     let listener = TcpListener::bind(relay.listen).await.map_err(|error| {
         std::io::Error::new(
@@ -298,7 +290,7 @@ async fn start_relay(
         )),
     ];
     tasks.extend(watch_relay_config(relay, gateway, until_closing(closing)));
-    if let (Some(fleet), Some(pulls)) = (fleet, pulls) {
+    if let (Some(fleet), Some(pulls)) = (fleet, pulls.clone()) {
         let (store, arrivals) = (Arc::clone(&shared), desk.arrivals());
         tasks.push(tokio::spawn(fleet.sweep(
             store,
@@ -309,7 +301,51 @@ async fn start_relay(
         tasks.push(tokio::spawn(settle));
     }
     tracing::info!(relay_addr = %addr, acquirers = relay.acquirers.len(), targets = relay.targets.len(), "callback relay listening");
-    Ok((tasks, addr, store))
+    Ok(StartedRelay {
+        tasks,
+        addr,
+        store,
+        pulls,
+    })
+}
+
+/// Hands a started relay's tasks to the runtime's, its store (and fleet pull copies) to
+/// the admin listener, and keeps the store's gauges fresh; the ingress address and the
+/// store are the running gateway's.
+fn serve_relay(
+    started: StartedRelay,
+    gateway: &Arc<Gateway>,
+    admin: &Admin,
+    closing: &Shutdown,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> (SocketAddr, SqliteStore) {
+    let StartedRelay {
+        tasks: relay_tasks,
+        addr,
+        store,
+        pulls,
+    } = started;
+    tasks.extend(relay_tasks);
+    admin.attach_relay(RelayAdmin {
+        store: Arc::new(store.clone()),
+        pulls,
+    });
+    let (metrics, closed) = (Arc::clone(&gateway.metrics().relay), closing.clone());
+    tasks.push(spawn_stats_refresh(
+        Arc::new(store.clone()),
+        metrics,
+        async move { closed.wait().await },
+    ));
+    (addr, store)
+}
+
+/// What [`start_relay`] started: its tasks, the ingress address, the store, and with
+/// `[scaleout]` the fleet's pull copies (the admin's erase and purge reach them too).
+struct StartedRelay {
+    tasks: Vec<JoinHandle<()>>,
+    addr: SocketAddr,
+    store: SqliteStore,
+    pulls: Option<Arc<FleetPulls>>,
 }
 
 /// The relay's store, opened off the runtime's threads (it may create the file and run
@@ -364,6 +400,7 @@ fn relay_fleet(
     let routes: Arc<dyn SharedRoutes> = Arc::new(RedisRoutes(Arc::clone(fleet)));
     let pulls: Arc<dyn SharedPulls> = Arc::new(RedisPulls(Arc::clone(fleet)));
     let max_copy = relay.max_body.min(PULL_COPY_MAX);
+    let names = relay.acquirers.iter().map(|a| a.name.clone()).collect();
     (
         Some(Arc::new(FleetRoutes::new(routes, Arc::clone(metrics)))),
         Some(Arc::new(FleetPulls::new(
@@ -371,6 +408,7 @@ fn relay_fleet(
             Arc::clone(metrics),
             relay.max_age,
             max_copy,
+            names,
         ))),
     )
 }

@@ -14,9 +14,14 @@
 //! | `DELETE /relay/records/{id}` | `200 {"purged":ID}`; `404` unknown |
 //! | `POST /relay/erase` `{"requestId":"…","acquirer":"…"?}` | `200 {"erased":n}` |
 //!
+//! In a fleet, purge and erase also reach the pull-only copies in Redis
+//! ([`FleetPulls`]): each is removed and marked acknowledged, so the instance holding its
+//! record settles it too. When Redis does not answer, the local part is done and the
+//! answer is `503 fleet_unavailable` (the operator retries; both are idempotent).
+//!
 //! Every refusal is JSON `{"error":code,"message":text}` with the status [`AdminError`]
 //! picks: bad input 400, unknown record or path 404, wrong method 405, not dead 409,
-//! store failure 503.
+//! store or fleet failure 503.
 
 use std::time::Duration;
 
@@ -26,6 +31,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Body;
 use serde::{Deserialize, Serialize};
 
+use super::fleet_pulls::FleetPulls;
 use super::metrics::{RelayMetrics, StoreOp};
 use super::{CallbackStore, RecordId, RecordMeta, State, StoreError, now_ms};
 
@@ -68,6 +74,8 @@ pub enum AdminError {
     NotDead,
     /// The store failed; nothing was changed by this request.
     Store,
+    /// Purged or erased here, but Redis did not answer for the fleet's pull copies.
+    FleetUnavailable,
 }
 
 impl AdminError {
@@ -84,7 +92,7 @@ impl AdminError {
             | Self::BadId
             | Self::BadBody => StatusCode::BAD_REQUEST,
             Self::NotDead => StatusCode::CONFLICT,
-            Self::Store => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store | Self::FleetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -104,6 +112,7 @@ impl AdminError {
             Self::UnknownRecord => "record_not_found",
             Self::NotDead => "not_dead",
             Self::Store => "store_unavailable",
+            Self::FleetUnavailable => "fleet_unavailable",
         }
     }
 
@@ -129,6 +138,9 @@ impl AdminError {
             Self::UnknownRecord => "no record has this id",
             Self::NotDead => "only a dead record can be redelivered",
             Self::Store => "the relay store failed; nothing was changed, try again",
+            Self::FleetUnavailable => {
+                "done on this instance, but Redis did not answer for the fleet's pull copies: try again"
+            }
         }
     }
 
@@ -163,6 +175,7 @@ pub fn is_relay_path(path: &str) -> bool {
 /// (`relay_store_errors_total{op="admin"}`) and logged here.
 pub async fn answer<B>(
     store: &dyn CallbackStore,
+    pulls: Option<&FleetPulls>,
     metrics: &RelayMetrics,
     method: &Method,
     path: &str,
@@ -174,7 +187,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let result = match parse(method, path, query) {
-        Ok(command) => run(store, command, body).await,
+        Ok(command) => run(store, pulls, command, body).await,
         Err(error) => Err(error),
     };
     match result {
@@ -303,7 +316,12 @@ fn store_failed(what: &'static str, error: &StoreError) -> AdminError {
     AdminError::Store
 }
 
-async fn run<B>(store: &dyn CallbackStore, command: Command, body: B) -> Result<String, AdminError>
+async fn run<B>(
+    store: &dyn CallbackStore,
+    pulls: Option<&FleetPulls>,
+    command: Command,
+    body: B,
+) -> Result<String, AdminError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -345,20 +363,33 @@ where
             }
         }
         Command::Purge(id) => {
-            if store
+            // What names its fleet copy, read before the record goes (a record that no
+            // longer opens has none this instance could name).
+            let copy =
+                match pulls {
+                    Some(_) => store.fetch(id).await.ok().flatten().and_then(|opened| {
+                        Some((opened.meta.acquirer, opened.envelope?.request_id))
+                    }),
+                    None => None,
+                };
+            if !store
                 .purge(id)
                 .await
                 .map_err(|e| store_failed("purge", &e))?
             {
-                tracing::info!(record = %id, "relay admin: record purged");
-                Ok(serde_json::json!({"purged": id.to_string()}).to_string())
-            } else {
-                Err(AdminError::UnknownRecord)
+                return Err(AdminError::UnknownRecord);
             }
+            tracing::info!(record = %id, "relay admin: record purged");
+            if let (Some(pulls), Some((acquirer, request_id))) = (pulls, copy)
+                && !pulls.forget(&acquirer, &request_id, id).await
+            {
+                return Err(AdminError::FleetUnavailable);
+            }
+            Ok(serde_json::json!({"purged": id.to_string()}).to_string())
         }
         Command::Erase => {
             let erase = erase_body(body).await?;
-            let acquirer = erase.acquirer.clone();
+            let (acquirer, request_id) = (erase.acquirer.clone(), erase.request_id.clone());
             let erased = store
                 .erase(erase.acquirer, erase.request_id)
                 .await
@@ -368,6 +399,11 @@ where
                 erased,
                 "relay admin: records erased for a requestId"
             );
+            if let Some(pulls) = pulls
+                && !pulls.erase(acquirer.as_deref(), &request_id).await
+            {
+                return Err(AdminError::FleetUnavailable);
+            }
             Ok(serde_json::json!({ "erased": erased }).to_string())
         }
     }

@@ -177,6 +177,8 @@ pub struct FleetPulls {
     /// Records copied and held here, by id, and where the last sweep stopped. A `Mutex`
     /// held only to insert, remove or copy out one batch, never across an await.
     held: Mutex<(BTreeMap<RecordId, Held>, Option<RecordId>)>,
+    /// The configured acquirers' names: an erase without one covers them all.
+    acquirers: Vec<String>,
 }
 
 impl std::fmt::Debug for FleetPulls {
@@ -194,12 +196,14 @@ impl FleetPulls {
         metrics: Arc<RelayMetrics>,
         max_age: Duration,
         max_copy: usize,
+        acquirers: Vec<String>,
     ) -> Self {
         Self {
             shared,
             metrics,
             max_age,
             max_copy,
+            acquirers,
             held: Mutex::new((BTreeMap::new(), None)),
         }
     }
@@ -307,17 +311,47 @@ impl FleetPulls {
         Some(true)
     }
 
-    /// After a local acknowledgement on the holding instance: its copy removed (and its
-    /// marker set, harmless here), best effort; the record is no longer watched.
-    pub async fn forget(&self, acquirer: &str, request_id: &str, id: RecordId) {
+    /// Erase by requestId (the admin's `POST /relay/erase`), for `acquirer` or every
+    /// acquirer: each copy of the request is removed and marked acknowledged, so the
+    /// instance holding its record settles it (its payload deleted) at its next sweep.
+    /// `false` when Redis did not answer for one of them (the operator retries).
+    pub async fn erase(&self, acquirer: Option<&str>, request_id: &str) -> bool {
+        let names: Vec<&str> = match acquirer {
+            Some(name) => vec![name],
+            None => self.acquirers.iter().map(String::as_str).collect(),
+        };
+        let mut all = true;
+        for name in names {
+            if let Ok(mut held) = self.held.lock() {
+                held.0
+                    .retain(|_, h| !(h.acquirer == name && h.request_id == request_id));
+            }
+            let key = self.shared.key(name, request_id);
+            let Some(listed) = self.shared.list(&key).await else {
+                all = false;
+                continue;
+            };
+            for (field, _) in listed {
+                all &= self.shared.ack(&key, &field, self.max_age).await;
+            }
+        }
+        all
+    }
+
+    /// After a local acknowledgement or purge of record `id`: its copy removed and its
+    /// marker set (so an instance holding it settles it), best effort; the record is no
+    /// longer watched. `false` when Redis did not answer.
+    pub async fn forget(&self, acquirer: &str, request_id: &str, id: RecordId) -> bool {
         if let Ok(mut held) = self.held.lock() {
             held.0.remove(&id);
         }
         let key = self.shared.key(acquirer, request_id);
         let field = self.shared.field(id);
-        if !self.shared.ack(&key, &field, self.max_age).await {
-            tracing::warn!(%acquirer, "relay: a pulled package's fleet copy was not removed; it expires with max_age");
+        let removed = self.shared.ack(&key, &field, self.max_age).await;
+        if !removed {
+            tracing::warn!(%acquirer, "relay: a package's fleet copy was not removed; it expires with max_age");
         }
+        removed
     }
 
     /// The caller's copy `id`, or its oldest when `id` is `None`; `Some(None)` for none,
@@ -555,6 +589,7 @@ mod tests {
             Arc::clone(&metrics),
             Duration::from_secs(60),
             16,
+            vec!["acquirer-1".into()],
         );
         let record = leased("key:abc", b"small");
         pulls.copy(&record, now_ms() + 60_000).await;
@@ -576,6 +611,10 @@ mod tests {
             None
         );
         assert!(!pulls.acked_elsewhere(record.id).await);
+        assert!(
+            !pulls.erase(None, "req-1").await,
+            "an erase Redis did not answer"
+        );
         assert!(pulls.held.lock().unwrap().0.is_empty());
     }
 }

@@ -956,3 +956,103 @@ async fn redis_stopped_the_holding_instance_still_serves_and_acknowledges_its_pa
     world.wait_for(&world.b, State::Delivered, 1).await;
     world.redis.resume();
 }
+
+/// Right to erasure in a fleet: a pull-only package reached B and was copied to Redis;
+/// an erase by requestId on A (which holds no record of it) removes the copy and marks
+/// it, so B settles its record (the payload deleted) and no instance serves it again.
+/// Then a purge on the holding instance removes that record's copy as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erase_or_purge_on_any_instance_reaches_the_fleet_s_pull_copies() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let admin = |gateway: &RunningGateway, method: Method, path: &str, body: String| {
+        let url = format!("http://{}{path}", gateway.admin_addr());
+        let http = world.http.clone();
+        async move {
+            send(
+                &http,
+                method,
+                &url,
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await
+        }
+    };
+    let copies = || async {
+        world
+            .redis
+            .keys()
+            .await
+            .into_iter()
+            .filter(|k| k.starts_with("{dg}:relay-pull:"))
+            .count()
+    };
+
+    let erased_id = "fleet-pull-erase-4d21";
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), erased_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    let body = world.package(9);
+    let stored = world.callback(&world.b, erased_id, &body).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_metric(&world.b, COPIES_STORED, 1.0).await;
+    assert_eq!(copies().await, 1);
+
+    let erased = admin(
+        &world.a,
+        Method::POST,
+        "/relay/erase",
+        format!(r#"{{"requestId":"{erased_id}"}}"#),
+    )
+    .await;
+    assert_eq!(erased.status, StatusCode::OK, "{erased:?}");
+    assert_eq!(copies().await, 0, "the copy outlived the erase");
+    // B's sweep (every 2 s) settles its record by the marker: payload gone there too.
+    world.wait_for(&world.b, State::Delivered, 1).await;
+    for gateway in [&world.a, &world.b] {
+        let again = world
+            .pull(gateway, Method::GET, &token, erased_id, "")
+            .await;
+        assert_eq!(again.status, StatusCode::NOT_FOUND, "{again:?}");
+    }
+
+    // A purge on the holder (B) takes its copy along.
+    let purged_id = "fleet-pull-purge-8b02";
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), purged_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    let stored = world.callback(&world.b, purged_id, &body).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_metric(&world.b, COPIES_STORED, 2.0).await;
+    assert_eq!(copies().await, 1);
+    world.wait_for(&world.b, State::Pending, 1).await;
+    let listed = admin(
+        &world.b,
+        Method::GET,
+        "/relay/records?state=pending",
+        String::new(),
+    )
+    .await;
+    let listed: serde_json::Value = serde_json::from_slice(&listed.body).unwrap();
+    let id = listed["records"][0]["id"].as_str().unwrap().to_owned();
+    let purged = admin(
+        &world.b,
+        Method::DELETE,
+        &format!("/relay/records/{id}"),
+        String::new(),
+    )
+    .await;
+    assert_eq!(purged.status, StatusCode::OK, "{purged:?}");
+    assert_eq!(copies().await, 0, "the copy outlived the purge");
+    let again = world
+        .pull(&world.a, Method::GET, &token, purged_id, "")
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND, "{again:?}");
+}

@@ -1,7 +1,7 @@
 //! The callback relay attacked over real sockets: hostile clients of the relay listener,
 //! junk callers of the pull side, and a race between two callers' consent pushes. Each
-//! test is named after the promise it checks; the ones marked "FINDING n" fail on the
-//! code they were written against and reproduce a gap in that promise.
+//! test is named after the promise it checks and describes the attack it replays (each
+//! once broke that promise; see docs/threat-model.md).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -76,9 +76,9 @@ async fn assert_answered_while_held(
     );
 }
 
-// was finding 1 (fixed): the relay listener's protocol sniffing (hyper-util's `auto` builder reads the
-// first bytes with no timer) holds a connection slot for as long as a client sends
-// nothing, so 1024 silent sockets from anyone lock Diia out of the callback URL for good.
+/// The relay listener's protocol sniffing (hyper-util's `auto` builder reads the first
+/// bytes with no timer of its own) must not hold a connection slot for as long as a client
+/// sends nothing: 1024 silent sockets from anyone would lock Diia out of the callback URL.
 #[tokio::test]
 async fn silent_sockets_cannot_lock_diia_out_of_the_relay() {
     let acquirer = Acquirer::new();
@@ -90,9 +90,8 @@ async fn silent_sockets_cannot_lock_diia_out_of_the_relay() {
     assert_answered_while_held(&h, &acquirer, held, "silent sockets").await;
 }
 
-// was finding 2 (fixed): an HTTP/2 connection on the relay listener has no idle timeout (no keep-alive
-// ping, no header timer once the preface is in), so 1024 connections that sent the
-// preface and then nothing hold every slot forever.
+/// An HTTP/2 connection has no header timer once its preface is in: 1024 connections that
+/// sent the preface and then nothing must not hold every slot.
 #[tokio::test]
 async fn idle_http2_connections_cannot_lock_diia_out_of_the_relay() {
     let acquirer = Acquirer::new();
@@ -139,10 +138,9 @@ async fn junk_long_polls(
     polls
 }
 
-// was finding 3 (fixed): the pull side's waiter cap (4096) is shared by everyone, and a pull needs no
-// credential Diia ever accepted and passes no admission or per-client limit: made-up
-// bearer tokens long-polling made-up requestIds take every place, and the branch whose
-// package is stored gets `503 relay_unavailable` for its own long poll.
+/// The pull side's waiting places are shared, and a pull presents a credential Diia may
+/// never have accepted: made-up bearer tokens long-polling made-up requestIds must not take
+/// every place from the branch whose package is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_long_polls_cannot_keep_a_branch_from_its_package() {
     let acquirer = Acquirer::new();
@@ -201,14 +199,10 @@ pub(crate) async fn token_from_diia(h: &Harness) -> String {
     reply.json()["token"].as_str().unwrap().to_owned()
 }
 
-// was finding 4 (fixed): a caller Diia has not accepted yet only has its requestId checked before the
-// push leaves, and its route is recorded after Diia answers. Another caller that pushes
-// the same requestId in between records its own route first (no 409: nothing is recorded
-// yet); the first caller's push has left and is answered 200, its late route is refused
-// (`Taken`, logged only), and the package Diia sends for the first caller's customer is
-// handed to the other caller. The docs promise a requestId routed to another caller is
-// 409 and its push does not leave, and that a package goes only to the caller whose
-// consent push recorded its route.
+/// A race between two callers' pushes of one requestId while the first, a caller Diia has
+/// not accepted yet, waits for Diia: the second must get 409 (the first holds a
+/// reservation), never record its own route under the first's push, so the package Diia
+/// sends for the first caller's customer is never handed to the other caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_whose_route_lost_a_race_is_not_answered_200_and_its_package_stays_its_own() {
     let acquirer = Acquirer::new();
@@ -282,8 +276,8 @@ async fn a_push_whose_route_lost_a_race_is_not_answered_200_and_its_package_stay
 }
 
 // Held: a client that starts an HTTP/1.1 head and never finishes it is closed at the
-// relay's head timeout, so such sockets do not lock Diia out (the contrast to findings 1
-// and 2, where hyper never gets to apply that timer).
+// relay's head timeout, so such sockets do not lock Diia out (the contrast to the silent
+// and HTTP/2 sockets above, where hyper never gets to apply that timer).
 #[tokio::test]
 async fn unfinished_http1_heads_are_closed_at_the_head_timeout() {
     let acquirer = Acquirer::new();
