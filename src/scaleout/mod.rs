@@ -166,3 +166,35 @@ impl Scaleout {
             .saturating_add(age)
     }
 }
+
+/// An instance of a fleet whose Redis is never there (nothing listens on port 1), for the
+/// unit tests of what it names and seals; and two fleet secrets.
+#[cfg(test)]
+pub(crate) mod test_fleet {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{FleetSecret, Scaleout, ScaleoutSettings};
+    use crate::metrics::Metrics;
+
+    pub(crate) const ONE: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    pub(crate) const TWO: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
+
+    pub(crate) fn instance(secret: &str) -> Scaleout {
+        let settings = ScaleoutSettings {
+            redis_url: "redis://127.0.0.1:1".to_owned(),
+            redis_password: None,
+            redis_ca: None,
+            secret: FleetSecret::parse(secret, "1").unwrap(),
+            command_timeout: Duration::from_millis(25),
+            connect_timeout: Duration::from_millis(25),
+            probe_interval: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_secs(1),
+            instance_ttl: Duration::from_secs(5),
+            lease: Duration::from_secs(1),
+            sharing_wait: Duration::from_millis(500),
+        };
+        Scaleout::new(&settings, Arc::new(Metrics::with_fleet(true))).unwrap()
+    }
+}

@@ -233,30 +233,7 @@ impl Scaleout {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::sync::Arc;
-
-    use crate::metrics::Metrics;
-    use crate::scaleout::{FleetSecret, ScaleoutSettings};
-
-    fn instance(secret: &str) -> Scaleout {
-        let settings = ScaleoutSettings {
-            redis_url: "redis://127.0.0.1:1".to_owned(),
-            redis_password: None,
-            redis_ca: None,
-            secret: FleetSecret::parse(secret, "1").unwrap(),
-            command_timeout: Duration::from_millis(25),
-            connect_timeout: Duration::from_millis(25),
-            probe_interval: Duration::from_millis(500),
-            heartbeat_interval: Duration::from_secs(1),
-            instance_ttl: Duration::from_secs(5),
-            lease: Duration::from_secs(1),
-            sharing_wait: Duration::from_millis(500),
-        };
-        Scaleout::new(&settings, Arc::new(Metrics::with_fleet(true))).unwrap()
-    }
-
-    const ONE: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
-    const TWO: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
+    use crate::scaleout::test_fleet::{ONE, TWO, instance};
 
     #[tokio::test]
     async fn route_keys_follow_the_secret_and_name_nothing_in_clear() {

@@ -320,6 +320,27 @@ impl World {
         }
     }
 
+    /// A pull-only package for `request_id`: its consent push through A under `token`,
+    /// then Diia's callback (package `fill`) through B, which holds the record and copies
+    /// it to Redis (the `copies`-th copy). Returns the body posted.
+    async fn pushed_on_a_stored_on_b(
+        &self,
+        token: &str,
+        request_id: &str,
+        fill: u8,
+        copies: f64,
+    ) -> String {
+        let pushed = self
+            .push(&self.a, token, &fresh_barcode(), request_id)
+            .await;
+        assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+        let body = self.package(fill);
+        let stored = self.callback(&self.b, request_id, &body).await;
+        assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+        self.wait_metric(&self.b, COPIES_STORED, copies).await;
+        body
+    }
+
     /// A package for the shared acquirer certificate.
     fn package(&self, fill: u8) -> String {
         let file = enveloped_for(&self.shared.cert_der, &vec![fill; 32 * 1024]);
@@ -872,14 +893,9 @@ async fn another_caller_pulling_through_another_instance_gets_404_never_the_pack
         .session_token(&world.a, OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN)
         .await;
     let request_id = "fleet-pull-other-51a7";
-    let pushed = world
-        .push(&world.a, &token, &fresh_barcode(), request_id)
+    let body = world
+        .pushed_on_a_stored_on_b(&token, request_id, 7, 1.0)
         .await;
-    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
-    let body = world.package(7);
-    let stored = world.callback(&world.b, request_id, &body).await;
-    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
-    world.wait_metric(&world.b, COPIES_STORED, 1.0).await;
 
     // Through A (the copy) and B (the record): the same 404 as for "nothing yet".
     for gateway in [&world.a, &world.b] {
@@ -921,14 +937,9 @@ async fn redis_stopped_the_holding_instance_still_serves_and_acknowledges_its_pa
         .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
         .await;
     let request_id = "fleet-pull-down-0c44";
-    let pushed = world
-        .push(&world.a, &token, &fresh_barcode(), request_id)
+    let body = world
+        .pushed_on_a_stored_on_b(&token, request_id, 8, 1.0)
         .await;
-    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
-    let body = world.package(8);
-    let stored = world.callback(&world.b, request_id, &body).await;
-    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
-    world.wait_metric(&world.b, COPIES_STORED, 1.0).await;
 
     world.redis.stop();
     let started = Instant::now();
@@ -994,14 +1005,9 @@ async fn an_erase_or_purge_on_any_instance_reaches_the_fleet_s_pull_copies() {
     };
 
     let erased_id = "fleet-pull-erase-4d21";
-    let pushed = world
-        .push(&world.a, &token, &fresh_barcode(), erased_id)
+    world
+        .pushed_on_a_stored_on_b(&token, erased_id, 9, 1.0)
         .await;
-    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
-    let body = world.package(9);
-    let stored = world.callback(&world.b, erased_id, &body).await;
-    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
-    world.wait_metric(&world.b, COPIES_STORED, 1.0).await;
     assert_eq!(copies().await, 1);
 
     let erased = admin(
@@ -1024,13 +1030,9 @@ async fn an_erase_or_purge_on_any_instance_reaches_the_fleet_s_pull_copies() {
 
     // A purge on the holder (B) takes its copy along.
     let purged_id = "fleet-pull-purge-8b02";
-    let pushed = world
-        .push(&world.a, &token, &fresh_barcode(), purged_id)
+    world
+        .pushed_on_a_stored_on_b(&token, purged_id, 10, 2.0)
         .await;
-    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
-    let stored = world.callback(&world.b, purged_id, &body).await;
-    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
-    world.wait_metric(&world.b, COPIES_STORED, 2.0).await;
     assert_eq!(copies().await, 1);
     world.wait_for(&world.b, State::Pending, 1).await;
     let listed = admin(
