@@ -33,6 +33,34 @@ impl Scaleout {
             .unwrap_or_default()
     }
 
+    /// Replaces this instance's `previous` signed entry in the sorted set `key` with
+    /// `entry`, drops entries older than `ttl_ms`, and reads Redis's clock (ms) and every
+    /// entry left (one script: the fleet's membership and the relay config fingerprints
+    /// are kept alike). `None` when Redis is down or did not answer in time.
+    pub(super) async fn publish_entry(
+        &self,
+        op: &'static str,
+        key: &'static str,
+        entry: String,
+        previous: String,
+        ttl_ms: u64,
+    ) -> Option<(u64, Vec<Vec<u8>>)> {
+        self.link
+            .run(op, |mut c| {
+                let (entry, previous) = (entry.clone(), previous.clone());
+                async move {
+                    scripts::HEARTBEAT
+                        .key(key)
+                        .arg(entry)
+                        .arg(previous)
+                        .arg(ttl_ms)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await
+    }
+
     /// Says this instance is alive and reads the live count; `Some(n)` when it changed.
     /// Only members signed under the fleet secret and stamped within the instance ttl
     /// count: a Redis writer cannot divide every local limit by adding members.
@@ -40,18 +68,8 @@ impl Scaleout {
         let ttl = u64::try_from(self.instance_ttl.as_millis()).unwrap_or(u64::MAX);
         let member = self.members.sign(&self.instance, self.redis_now_ms());
         let previous = self.current_member();
-        let sent = member.clone();
-        let (now, members): (u64, Vec<Vec<u8>>) = self
-            .link
-            .run("heartbeat", |mut c| async move {
-                scripts::HEARTBEAT
-                    .key(FLEET_KEY)
-                    .arg(sent)
-                    .arg(previous)
-                    .arg(ttl)
-                    .invoke_async(&mut c)
-                    .await
-            })
+        let (now, members) = self
+            .publish_entry("heartbeat", FLEET_KEY, member.clone(), previous, ttl)
             .await?;
         let age = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.clock_offset

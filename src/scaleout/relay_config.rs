@@ -21,8 +21,8 @@ use std::sync::Arc;
 use ring::hmac;
 use tokio::task::JoinHandle;
 
+use super::Scaleout;
 use super::secret::{FleetSecret, Members};
-use super::{Scaleout, scripts};
 
 /// The sorted set of relay config entries (the `{dg}` hash tag and `~{dg}:*` cover it).
 pub const CONFIG_KEY: &str = "{dg}:relay-config";
@@ -108,18 +108,8 @@ impl Scaleout {
         let own = format!("{}.{}", self.instance, hex::encode(fingerprint.0));
         let entry = self.relay_config.entries.sign(&own, self.redis_now_ms());
         let previous = self.relay_config.last_entry();
-        let sent = entry.clone();
-        let (now, entries): (u64, Vec<Vec<u8>>) = self
-            .link
-            .run("relay_config", |mut c| async move {
-                scripts::HEARTBEAT
-                    .key(CONFIG_KEY)
-                    .arg(sent)
-                    .arg(previous)
-                    .arg(ttl)
-                    .invoke_async(&mut c)
-                    .await
-            })
+        let (now, entries) = self
+            .publish_entry("relay_config", CONFIG_KEY, entry.clone(), previous, ttl)
             .await?;
         if let Ok(mut last) = self.relay_config.entry.lock() {
             *last = Some(entry);

@@ -218,29 +218,11 @@ pub(super) fn tags_match(stored: &[u8], ours: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    use crate::metrics::Metrics;
-    use crate::scaleout::{FleetSecret, ScaleoutSettings};
-
-    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    use crate::scaleout::test_fleet::{ONE, instance as fleet_instance};
 
     /// An instance that never connects (the link is lazy).
     fn instance() -> Scaleout {
-        let settings = ScaleoutSettings {
-            redis_url: "redis://127.0.0.1:1".to_owned(),
-            redis_password: None,
-            redis_ca: None,
-            secret: FleetSecret::parse(HEX, "1").unwrap(),
-            command_timeout: Duration::from_millis(25),
-            connect_timeout: Duration::from_millis(25),
-            probe_interval: Duration::from_millis(500),
-            heartbeat_interval: Duration::from_secs(1),
-            instance_ttl: Duration::from_secs(5),
-            lease: Duration::from_secs(1),
-            sharing_wait: Duration::from_millis(500),
-        };
-        Scaleout::new(&settings, Arc::new(Metrics::with_fleet(true))).unwrap()
+        fleet_instance(ONE)
     }
 
     #[test]
