@@ -315,8 +315,12 @@ impl Ingress {
             Err(refusal) => {
                 // HTTP/2 answers the stream and resets it with NO_ERROR, which its sender
                 // reads as the end of its request: nothing to linger for, and lingering
-                // held up to 200 streams a connection, heads and all, for anyone.
-                if refusal != Refusal::TooLarge && head.version < http::Version::HTTP_2 {
+                // held up to 200 streams a connection, heads and all, for anyone. A sender
+                // waiting for `100 Continue` has sent no body: reading it would ask for it.
+                if refusal != Refusal::TooLarge
+                    && head.version < http::Version::HTTP_2
+                    && !expects_continue(&head.headers)
+                {
                     drop(head);
                     linger(body, self.settings.max_body).await;
                 }
@@ -377,6 +381,14 @@ fn decode_token(text: &str) -> Option<[u8; 32]> {
 fn header_text(headers: &HeaderMap, name: &HeaderName, max: usize) -> Option<String> {
     let value = headers.get(name)?.to_str().ok()?.trim();
     (!value.is_empty() && value.len() <= max).then(|| value.to_owned())
+}
+
+/// Whether the sender waits for `100 Continue` before its body (hyper sends it when the
+/// body is first read).
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// A callback whose head passed [`Ingress::admit`], holding its share of the budget.

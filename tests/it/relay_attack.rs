@@ -370,3 +370,80 @@ async fn refused_http2_streams_are_answered_at_once_not_held_for_their_bodies() 
          {slowest:?}; each stream was held until its body's linger ran out"
     );
 }
+
+/// The first answer on `stream` to a callback head that waits for `100 Continue` (its
+/// status line), `None` when nothing came within `bound`.
+async fn first_answer_to_expect(
+    addr: SocketAddr,
+    path: &str,
+    length: usize,
+    bound: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-type: multipart/form-data; boundary=x\r\n\
+         x-document-request-trace-id: {REQUEST_ID}\r\ncontent-length: {length}\r\n\
+         expect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(bound, stream.read(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&answer[..n]).into_owned())
+}
+
+// was finding 6 (fixed): a callback refused on its head that asked `Expect: 100-continue`
+// (curl does for any body over 1 MiB) was told `100 Continue` by the linger reading its
+// body, so the sender uploaded the whole body (up to `max_body`) to have it dropped: with
+// the budget taken, the relay invited the very bytes its 503 is there to shed, and a body
+// that took over 5 s still met the reset the linger was meant to spare it. Before the
+// linger, the refusal was the first and only answer.
+#[tokio::test]
+async fn a_callback_refused_on_its_head_is_not_asked_for_its_body() {
+    let acquirer = Acquirer::new();
+    let h = crate::relay_ingress::start_with(&acquirer, |relay| {
+        relay.max_in_flight_bytes = 256 * 1024;
+    })
+    .await;
+    let addr = h.gateway.relay_addr().unwrap();
+    let bound = Duration::from_secs(3);
+    let wrong = format!("/diia/callback/{}", "0".repeat(64));
+    let answer = first_answer_to_expect(addr, &wrong, 200 * 1024, bound).await;
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 404 ")),
+        "a made-up path token waiting for 100 Continue was answered {answer:?}"
+    );
+
+    // A slow callback takes the whole budget; the next one is refused busy.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: relay\r\ncontent-type: multipart/form-data; boundary=x\r\n\
+         x-document-request-trace-id: {REQUEST_ID}\r\ncontent-length: {}\r\n\r\n--x",
+        ingress_path(),
+        200 * 1024
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let body = package_of(&acquirer, 1, 80 * 1024);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), body.clone()).await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget was never taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = first_answer_to_expect(addr, &ingress_path(), body.len(), bound).await;
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 503 ") && a.contains("relay_busy")),
+        "a callback refused busy while it waited for 100 Continue was answered {answer:?}"
+    );
+    drop(slow);
+}
