@@ -313,7 +313,15 @@ impl Ingress {
         let admitted = match self.admit(&head) {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                if refusal != Refusal::TooLarge {
+                // HTTP/2 answers the stream and resets it with NO_ERROR, which its sender
+                // reads as the end of its request: nothing to linger for, and lingering
+                // held up to 200 streams a connection, heads and all, for anyone. A sender
+                // waiting for `100 Continue` has sent no body: reading it would ask for it.
+                if refusal != Refusal::TooLarge
+                    && head.version < http::Version::HTTP_2
+                    && !expects_continue(&head.headers)
+                {
+                    drop(head);
                     linger(body, self.settings.max_body).await;
                 }
                 return Err(refusal);
@@ -375,6 +383,14 @@ fn header_text(headers: &HeaderMap, name: &HeaderName, max: usize) -> Option<Str
     (!value.is_empty() && value.len() <= max).then(|| value.to_owned())
 }
 
+/// Whether the sender waits for `100 Continue` before its body (hyper sends it when the
+/// body is first read).
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// A callback whose head passed [`Ingress::admit`], holding its share of the budget.
 struct Admitted {
     acquirer: Arc<RelayAcquirer>,
@@ -410,10 +426,10 @@ async fn read_body(
     }
 }
 
-/// Reads and drops what is left of a callback refused on its head (at most `max_body`
-/// bytes, for at most [`LINGER`]): answered while its body is still arriving, the client
-/// would see the connection reset under the refusal instead of reading it. A body over
-/// `max_body` is not read (the 413 goes out and the connection closes).
+/// Reads and drops what is left of an HTTP/1.1 callback refused on its head (at most
+/// `max_body` bytes, for at most [`LINGER`]): answered while its body is still arriving,
+/// the client would see the connection reset under the refusal instead of reading it. A
+/// body over `max_body` is not read (the 413 goes out and the connection closes).
 async fn linger(body: Incoming, max_body: usize) {
     let _ = tokio::time::timeout(LINGER, async {
         let mut body = Limited::new(body, max_body);

@@ -287,3 +287,157 @@ async fn unfinished_http1_heads_are_closed_at_the_head_timeout() {
     tokio::time::sleep(PAST_HEAD_TIMEOUT).await;
     assert_answered_while_held(&h, &acquirer, held, "unfinished HTTP/1.1 heads").await;
 }
+
+/// Refused streams (a made-up path token) opened on one HTTP/2 connection, each declaring
+/// a 200 KB body and sending three bytes of it, kept open; returns when each was answered
+/// (`None`: not within `bound`) and the first answer's body.
+async fn refused_h2_streams(
+    addr: SocketAddr,
+    streams: usize,
+    bound: Duration,
+) -> Vec<Option<Duration>> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let started = Instant::now();
+    let mut bodies = Vec::with_capacity(streams);
+    let mut answers = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let mut client = client.clone().ready().await.unwrap();
+        let request =
+            http::Request::post(format!("http://{addr}/diia/callback/{}", "0".repeat(64)))
+                .header("content-type", "multipart/form-data; boundary=x")
+                .header("x-document-request-trace-id", REQUEST_ID)
+                .header("content-length", "200000")
+                .body(())
+                .unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"--x"), false)
+            .unwrap();
+        bodies.push(body);
+        answers.push(tokio::spawn(async move {
+            let response = tokio::time::timeout(bound, response).await.ok()?.ok()?;
+            let took = started.elapsed();
+            assert_eq!(response.status(), StatusCode::NOT_FOUND);
+            let mut body = response.into_body();
+            let mut read = Vec::new();
+            while let Some(Ok(chunk)) = tokio::time::timeout(bound, body.data()).await.ok()? {
+                read.extend_from_slice(&chunk);
+            }
+            assert!(
+                String::from_utf8_lossy(&read).contains("not_found"),
+                "{read:?}"
+            );
+            Some(took)
+        }));
+    }
+    let mut took = Vec::with_capacity(streams);
+    for answer in answers {
+        took.push(answer.await.unwrap());
+    }
+    drop(bodies);
+    connection.abort();
+    took
+}
+
+// was finding 5 (fixed): a callback refused on its head has its body read and dropped
+// for up to 5 s before the answer (`linger`), so that an HTTP/1.1 sender reads the refusal
+// instead of a reset. HTTP/2 has no such reset (the stream is answered, then reset with
+// NO_ERROR, and the connection lives on), yet its streams lingered too: anyone, with no
+// path token, could keep 200 streams per connection, each with its task and up to 16 KiB
+// of headers, for 5 s each, on all 1024 connections, outside any budget and past the
+// "~40 KiB per open connection" of `config/gateway.toml` (64 connections x 190 such
+// streams: the test process grew by 159 MiB with 14 KiB of headers each, 123 MiB
+// answered at once; the answers came after 5.3 s instead of 0.8 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_http2_streams_are_answered_at_once_not_held_for_their_bodies() {
+    let acquirer = Acquirer::new();
+    let h = start(&acquirer, 0).await;
+    let addr = h.gateway.relay_addr().unwrap();
+    let took = refused_h2_streams(addr, 150, Duration::from_secs(10)).await;
+    let slowest = took.iter().max().unwrap();
+    assert!(
+        slowest.is_some_and(|t| t < Duration::from_millis(2500)),
+        "150 refused HTTP/2 streams whose bodies stay open: the slowest 404 came after \
+         {slowest:?}; each stream was held until its body's linger ran out"
+    );
+}
+
+/// The first answer on `stream` to a callback head that waits for `100 Continue` (its
+/// status line), `None` when nothing came within `bound`.
+async fn first_answer_to_expect(
+    addr: SocketAddr,
+    path: &str,
+    length: usize,
+    bound: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-type: multipart/form-data; boundary=x\r\n\
+         x-document-request-trace-id: {REQUEST_ID}\r\ncontent-length: {length}\r\n\
+         expect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(bound, stream.read(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&answer[..n]).into_owned())
+}
+
+// was finding 6 (fixed): a callback refused on its head that asked `Expect: 100-continue`
+// (curl does for any body over 1 MiB) was told `100 Continue` by the linger reading its
+// body, so the sender uploaded the whole body (up to `max_body`) to have it dropped: with
+// the budget taken, the relay invited the very bytes its 503 is there to shed, and a body
+// that took over 5 s still met the reset the linger was meant to spare it. Before the
+// linger, the refusal was the first and only answer.
+#[tokio::test]
+async fn a_callback_refused_on_its_head_is_not_asked_for_its_body() {
+    let acquirer = Acquirer::new();
+    let h = crate::relay_ingress::start_with(&acquirer, |relay| {
+        relay.max_in_flight_bytes = 256 * 1024;
+    })
+    .await;
+    let addr = h.gateway.relay_addr().unwrap();
+    let bound = Duration::from_secs(3);
+    let wrong = format!("/diia/callback/{}", "0".repeat(64));
+    let answer = first_answer_to_expect(addr, &wrong, 200 * 1024, bound).await;
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 404 ")),
+        "a made-up path token waiting for 100 Continue was answered {answer:?}"
+    );
+
+    // A slow callback takes the whole budget; the next one is refused busy.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: relay\r\ncontent-type: multipart/form-data; boundary=x\r\n\
+         x-document-request-trace-id: {REQUEST_ID}\r\ncontent-length: {}\r\n\r\n--x",
+        ingress_path(),
+        200 * 1024
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let body = package_of(&acquirer, 1, 80 * 1024);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = callback(&h, &ingress_path(), Some(REQUEST_ID), body.clone()).await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget was never taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = first_answer_to_expect(addr, &ingress_path(), body.len(), bound).await;
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 503 ") && a.contains("relay_busy")),
+        "a callback refused busy while it waited for 100 Continue was answered {answer:?}"
+    );
+    drop(slow);
+}
