@@ -38,7 +38,7 @@ use subtle::ConstantTimeEq;
 
 use super::fleet::SWEEP_INTERVAL;
 use super::metrics::RelayMetrics;
-use super::{CallbackStore, Envelope, Leased, Owner, RecordId, now_ms};
+use super::{CallbackStore, Envelope, Leased, Owner, RecordId, State, now_ms};
 
 /// The largest body copied to Redis (a larger package is pulled from its instance only):
 /// Redis holds every copy in memory until it is acknowledged or `max_age` passes.
@@ -48,6 +48,8 @@ pub const MARK_BATCH: usize = 512;
 /// Most copied records an instance watches for acknowledgements; beyond, a record is
 /// settled by its marker only when a local pull or the delivery worker meets it.
 const MAX_HELD: usize = 100_000;
+/// Pending records listed per page when watching again after a start.
+const REWATCH_PAGE: usize = 500;
 
 /// A request's copies as listed: `(field, plain)` for each value that opened.
 pub type Listed = Vec<(String, Vec<u8>)>;
@@ -392,6 +394,62 @@ impl FleetPulls {
         Some(best)
     }
 
+    /// After a start: the pending pull-only records this instance holds are watched again
+    /// (the watch list lives in memory), so one acknowledged through another instance
+    /// before or after the restart is settled by its marker at the next sweep instead of
+    /// keeping its payload until `max_age`. Pages through the store's pending records
+    /// (metadata, then each record opened); a store error ends the pass, logged.
+    pub async fn rewatch(&self, store: &dyn CallbackStore) -> usize {
+        let mut after = None;
+        let mut watched = 0;
+        loop {
+            let page = match store.list(State::Pending, after, REWATCH_PAGE).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%error, "relay: pending pull-only records not watched again after the start");
+                    return watched;
+                }
+            };
+            for meta in &page {
+                let Ok(Some(opened)) = store.fetch(meta.id).await else {
+                    continue;
+                };
+                let (Some(envelope), Some(route)) = (opened.envelope, opened.route) else {
+                    continue;
+                };
+                if !route.is_pull() {
+                    continue;
+                }
+                let until_ms = meta
+                    .received_ms
+                    .saturating_add(u64::try_from(self.max_age.as_millis()).unwrap_or(u64::MAX));
+                let Ok(mut held) = self.held.lock() else {
+                    return watched;
+                };
+                if held.0.len() >= MAX_HELD {
+                    return watched;
+                }
+                held.0.insert(
+                    meta.id,
+                    Held {
+                        acquirer: meta.acquirer.clone(),
+                        request_id: envelope.request_id,
+                        owner: Owner {
+                            client: route.client,
+                            login: route.login,
+                        },
+                        until_ms,
+                    },
+                );
+                watched += 1;
+            }
+            if page.len() < REWATCH_PAGE {
+                return watched;
+            }
+            after = page.last().map(|meta| meta.id);
+        }
+    }
+
     /// One sweep on the holding instance: the markers of up to [`MARK_BATCH`] copied
     /// records (one round trip, continuing where the last sweep stopped); those
     /// acknowledged elsewhere are settled delivered. Returns how many were settled.
@@ -465,6 +523,13 @@ impl FleetPulls {
         closing: impl Future<Output = ()>,
     ) {
         let mut closing = std::pin::pin!(closing);
+        let watched = self.rewatch(store.as_ref()).await;
+        if watched > 0 {
+            tracing::info!(
+                watched,
+                "relay: pull-only records held here watched again for acknowledgements made elsewhere"
+            );
+        }
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

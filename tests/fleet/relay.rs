@@ -1058,3 +1058,65 @@ async fn an_erase_or_purge_on_any_instance_reaches_the_fleet_s_pull_copies() {
         .await;
     assert_eq!(again.status, StatusCode::NOT_FOUND, "{again:?}");
 }
+
+/// The holding instance restarts while its pull-only package waits: it watches the
+/// records it holds again, so an acknowledgement made through another instance after the
+/// restart settles its record (payload deleted) at its next sweep, not at `max_age`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_holder_settles_a_package_acknowledged_through_another_instance() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-pull-restart-61c9";
+    world
+        .pushed_on_a_stored_on_b(&token, request_id, 11, 1.0)
+        .await;
+
+    // B restarts on the same store: nothing in memory says it holds the copied record.
+    let World {
+        redis,
+        _sim: sim,
+        shared,
+        a,
+        b,
+        received,
+        http,
+        _dirs: dirs,
+        _serial,
+    } = world;
+    b.stop().await;
+    let b = instance(&sim, &redis, &shared, None, &dirs.1, |_| {}).await;
+    let world = World {
+        redis,
+        _sim: sim,
+        shared,
+        a,
+        b,
+        received,
+        http,
+        _dirs: dirs,
+        _serial,
+    };
+    world.wait_for(&world.b, State::Pending, 1).await;
+
+    let pulled = world
+        .pull(&world.a, Method::GET, &token, request_id, "")
+        .await;
+    assert_eq!(pulled.status, StatusCode::OK, "{pulled:?}");
+    let id = pulled.header("x-relay-record-id").unwrap().to_owned();
+    let acked = world
+        .pull(
+            &world.a,
+            Method::DELETE,
+            &token,
+            request_id,
+            &format!("?id={id}"),
+        )
+        .await;
+    assert_eq!(acked.status, StatusCode::NO_CONTENT, "{acked:?}");
+    // Sweeps run every 2 s.
+    world.wait_for(&world.b, State::Delivered, 1).await;
+}
