@@ -272,20 +272,23 @@ impl FleetPulls {
         acked
     }
 
-    /// The caller's oldest package among the request's copies; `None` for none, for
-    /// another caller's, and when Redis does not answer.
-    pub async fn take(
+    /// The caller's oldest package among the request's copies (those of this instance's
+    /// records included), as `(id, received_ms, envelope)`; `None` for none, for another
+    /// caller's, and when Redis does not answer. Count it with [`FleetPulls::served`] when
+    /// it is the one handed out.
+    pub async fn find(
         &self,
         acquirer: &str,
         request_id: &str,
         owner: &Owner,
-    ) -> Option<(RecordId, Envelope)> {
+    ) -> Option<(RecordId, u64, Envelope)> {
         let found = self.oldest(acquirer, request_id, owner, None).await?;
-        let found = found.map(|copy| (copy.id, copy.envelope));
-        if found.is_some() {
-            self.metrics.remote_pull("served", 1);
-        }
-        found
+        found.map(|copy| (copy.id, copy.received_ms, copy.envelope))
+    }
+
+    /// Counts a package served from its copy.
+    pub fn served(&self) {
+        self.metrics.remote_pull("served", 1);
     }
 
     /// Acknowledges the caller's copy `id` (or its oldest) of the request: the copy is
@@ -600,7 +603,7 @@ mod tests {
         assert_eq!(metrics.pull_copies("skipped"), 1);
         assert!(
             pulls
-                .take("acquirer-1", "req-1", &"key:abc".into())
+                .find("acquirer-1", "req-1", &"key:abc".into())
                 .await
                 .is_none()
         );

@@ -1058,3 +1058,88 @@ async fn an_erase_or_purge_on_any_instance_reaches_the_fleet_s_pull_copies() {
         .await;
     assert_eq!(again.status, StatusCode::NOT_FOUND, "{again:?}");
 }
+
+/// Diia's callback for `request_id` with action `action` (a second callback of one
+/// requestId is another record only under another action).
+async fn callback_as(
+    world: &World,
+    gateway: &RunningGateway,
+    request_id: &str,
+    action: &str,
+    body: &str,
+) -> Reply {
+    let addr = gateway.relay_addr().expect("relay listens");
+    let url = format!("http://{addr}/diia/callback/{PATH_TOKEN}");
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    send(
+        &world.http,
+        Method::POST,
+        &url,
+        &[
+            ("content-type", content_type.as_str()),
+            ("x-document-request-trace-id", request_id),
+            ("x-diia-id-action", action),
+        ],
+        body.to_owned(),
+    )
+    .await
+}
+
+/// Two packages of one requestId (two actions): the older reached A, the newer B, both
+/// copied. A pull through B is answered the caller's oldest (A's), as the contract says,
+/// and an acknowledgement without `?id=` through A (a load balancer need not send the
+/// `DELETE` where the `GET` went) takes what was served, so the package not yet pulled is
+/// the one left. Before the fix each instance answered its own record first: B served the
+/// newer, A's `DELETE` then acknowledged the older, never served, and it was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_package_is_served_and_acknowledged_whichever_instance_holds_it() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-pull-oldest-3f18";
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    let older = world.package(21);
+    let stored = callback_as(&world, &world.a, request_id, "hashedFilesSigning", &older).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_metric(&world.a, COPIES_STORED, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let newer = world.package(22);
+    let stored = callback_as(
+        &world,
+        &world.b,
+        request_id,
+        "documentIdentification",
+        &newer,
+    )
+    .await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_metric(&world.b, COPIES_STORED, 1.0).await;
+
+    let first = world
+        .pull(&world.b, Method::GET, &token, request_id, "")
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let acked = world
+        .pull(&world.a, Method::DELETE, &token, request_id, "")
+        .await;
+    assert_eq!(acked.status, StatusCode::NO_CONTENT, "{acked:?}");
+    let second = world
+        .pull(&world.b, Method::GET, &token, request_id, "")
+        .await;
+    assert_eq!(second.status, StatusCode::OK, "{second:?}");
+    assert!(
+        second.body != first.body,
+        "the package served first is served again: the acknowledgement took the other one"
+    );
+    assert!(
+        first.body.as_ref() == older.as_bytes(),
+        "not the oldest first"
+    );
+    assert!(second.body.as_ref() == newer.as_bytes());
+}
