@@ -1143,3 +1143,58 @@ async fn the_oldest_package_is_served_and_acknowledged_whichever_instance_holds_
     );
     assert!(second.body.as_ref() == newer.as_bytes());
 }
+
+/// An admin erase through A right after Diia's callback reached B, before B's delivery
+/// worker copied the package to Redis (it looks every 250 ms): the erase answers 200, and
+/// the package must not turn up afterwards through either instance, and B's record is
+/// settled. Three requestIds, so at least one erase lands before its copy. Before the fix
+/// the erase found no copy to mark, the copy came after it, and the erased package was
+/// served through both instances until `max_age`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erase_right_after_the_callback_is_not_undone_by_the_late_copy() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let ids = [
+        "fleet-pull-erase-race-1",
+        "fleet-pull-erase-race-2",
+        "fleet-pull-erase-race-3",
+    ];
+    for (n, request_id) in (30u8..).zip(ids) {
+        let pushed = world
+            .push(&world.a, &token, &fresh_barcode(), request_id)
+            .await;
+        assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+        let body = world.package(n);
+        let stored = world.callback(&world.b, request_id, &body).await;
+        assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+        let url = format!("http://{}/relay/erase", world.a.admin_addr());
+        let erased = send(
+            &world.http,
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            format!(r#"{{"requestId":"{request_id}"}}"#),
+        )
+        .await;
+        assert_eq!(erased.status, StatusCode::OK, "{erased:?}");
+    }
+    // B's worker has held (and copied) all of them by now, and its sweep has run.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    for request_id in ids {
+        for gateway in [&world.a, &world.b] {
+            let again = world
+                .pull(gateway, Method::GET, &token, request_id, "")
+                .await;
+            assert_eq!(
+                again.status,
+                StatusCode::NOT_FOUND,
+                "{request_id} served after its erase"
+            );
+        }
+    }
+    world.wait_for(&world.b, State::Pending, 0).await;
+}
