@@ -15,12 +15,13 @@ use crate::gateway::Gateway;
 use crate::relay::deliver::{Deliverer, DeliveryOptions};
 use crate::relay::desk::RelayDesk;
 use crate::relay::fleet::{FleetRoutes, SharedRoutes, Stored};
-use crate::relay::fleet_pulls::{FleetPulls, Listed, PULL_COPY_MAX, SharedPulls};
+use crate::relay::fleet_pulls::{FleetPulls, Listed, PULL_COPY_MAX, PullPut, SharedPulls};
 use crate::relay::ingress::{self, Ingress};
 use crate::relay::metrics::{RelayMetrics, spawn_stats_refresh};
 use crate::relay::settings::RelaySettings;
 use crate::relay::{self, CallbackStore, Options, Retention, SqliteStore};
 use crate::reload::Reloader;
+use crate::scaleout::relay_pulls::PullPut as Copied;
 use crate::scaleout::{RouteClaim, Scaleout};
 use crate::server::{ConnectionLimits, accept_loop};
 use crate::service::Shutdown;
@@ -490,8 +491,19 @@ impl SharedPulls for RedisPulls {
         field: &'a str,
         plain: &'a [u8],
         ttl: Duration,
-    ) -> BoxFuture<'a, bool> {
-        Box::pin(self.0.put_pull(key, field, plain, ttl))
+        received_ms: u64,
+    ) -> BoxFuture<'a, PullPut> {
+        Box::pin(async move {
+            match self.0.put_pull(key, field, plain, ttl, received_ms).await {
+                Copied::Stored => PullPut::Stored,
+                Copied::Failed => PullPut::Failed,
+                Copied::Erased => PullPut::Erased,
+            }
+        })
+    }
+
+    fn mark_erased<'a>(&'a self, key: &'a str, ttl: Duration) -> BoxFuture<'a, bool> {
+        Box::pin(self.0.erase_pulls(key, ttl))
     }
 
     fn list<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Listed>> {

@@ -447,8 +447,11 @@ impl Inner {
             return Settle::Delivered;
         }
         let settle = self.hold_for_pull(record);
-        if let Settle::RetryAt(until) = settle {
-            pulls.copy(record, until).await;
+        if let Settle::RetryAt(until) = settle
+            && pulls.copy(record, until).await
+        {
+            // Erased (an admin, on another instance) before it could be copied.
+            return Settle::Delivered;
         }
         settle
     }

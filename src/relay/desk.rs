@@ -12,10 +12,12 @@
 //!   client its route names, or to a caller whose session token this gateway issued for
 //!   the login the route names (compared in constant time by the store); anyone else
 //!   waits out the same long poll and gets the same 404 as for "nothing yet".
-//! - **Any instance answers a pull** (`[scaleout]` on): a package this instance does not
-//!   hold is looked up among the fleet's copies ([`FleetPulls`]) with the same owner check,
-//!   rechecked every 500 ms while a pull waits; an acknowledgement reaches the copy and the
-//!   holding instance alike, and a local package acknowledged elsewhere is not served again.
+//! - **Any instance answers a pull** (`[scaleout]` on): the fleet's copies
+//!   ([`FleetPulls`]) are looked up with the same owner check, rechecked every 500 ms while
+//!   a pull waits, and the caller's oldest package, local or copied, is served (so a `GET`
+//!   and a `DELETE` without `?id=` reaching different instances name the same one); an
+//!   acknowledgement reaches the copy and the holding instance alike, and a local package
+//!   acknowledged elsewhere is not served again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -382,6 +384,10 @@ impl RelayDesk {
             .map_err(|_| DeskError::Unavailable)
     }
 
+    /// The caller's oldest package of the request: per acquirer, this instance's oldest
+    /// or, with a fleet, an older one among the copies other instances hold (a pull and an
+    /// acknowledgement without `?id=` then name the same package whichever instance each
+    /// reaches).
     async fn take(&self, owner: &Owner, request_id: &str) -> Result<Option<Pulled>, DeskError> {
         for acquirer in &self.settings.acquirers {
             let found = self
@@ -392,7 +398,21 @@ impl RelayDesk {
                     tracing::error!(acquirer = %acquirer.name, %error, "relay: pull failed");
                     DeskError::Unavailable
                 })?;
+            let copy = match &self.pulls {
+                Some(pulls) => pulls.find(&acquirer.name, request_id, owner).await,
+                None => None,
+            };
             if let Some((id, envelope)) = found {
+                if let Some((copy_id, copy_received, copy_envelope)) = copy
+                    && copy_id != id
+                    && self.received_before(copy_received, copy_id, id).await
+                {
+                    self.served_from_fleet();
+                    return Ok(Some(Pulled {
+                        id: copy_id,
+                        envelope: copy_envelope,
+                    }));
+                }
                 if self
                     .settled_elsewhere(&acquirer.name, owner, request_id, id)
                     .await
@@ -403,8 +423,27 @@ impl RelayDesk {
                 }
                 return Ok(Some(Pulled { id, envelope }));
             }
+            if let Some((id, _, envelope)) = copy {
+                self.served_from_fleet();
+                return Ok(Some(Pulled { id, envelope }));
+            }
         }
-        self.take_from_fleet(owner, request_id).await
+        Ok(None)
+    }
+
+    /// Whether a copy received at `received_ms` (record `copy`) came before local record
+    /// `local` (the order the store serves in: arrival, then id).
+    async fn received_before(&self, received_ms: u64, copy: RecordId, local: RecordId) -> bool {
+        match self.store.fetch(local).await {
+            Ok(Some(opened)) => (received_ms, copy) < (opened.meta.received_ms, local),
+            _ => false,
+        }
+    }
+
+    fn served_from_fleet(&self) {
+        if let Some(pulls) = &self.pulls {
+            pulls.served();
+        }
     }
 
     /// With a fleet: whether local record `id` was acknowledged through another instance,
@@ -436,23 +475,6 @@ impl RelayDesk {
             tracing::warn!(%acquirer, %error, "relay: a package acknowledged elsewhere was not settled");
         }
         true
-    }
-
-    /// With a fleet: the caller's oldest package among the copies other instances hold.
-    async fn take_from_fleet(
-        &self,
-        owner: &Owner,
-        request_id: &str,
-    ) -> Result<Option<Pulled>, DeskError> {
-        let Some(pulls) = &self.pulls else {
-            return Ok(None);
-        };
-        for acquirer in &self.settings.acquirers {
-            if let Some((id, envelope)) = pulls.take(&acquirer.name, request_id, owner).await {
-                return Ok(Some(Pulled { id, envelope }));
-            }
-        }
-        Ok(None)
     }
 
     /// With a fleet, after a local acknowledgement: the record's copy removed. Without a

@@ -51,6 +51,17 @@ const MAX_HELD: usize = 100_000;
 /// Pending records listed per page when watching again after a start.
 const REWATCH_PAGE: usize = 500;
 
+/// What [`SharedPulls::put`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPut {
+    /// Stored.
+    Stored,
+    /// Not stored: Redis down or too slow, or the value could not be sealed.
+    Failed,
+    /// Not stored: the request was erased after the record arrived.
+    Erased,
+}
+
 /// A request's copies as listed: `(field, plain)` for each value that opened.
 pub type Listed = Vec<(String, Vec<u8>)>;
 
@@ -65,14 +76,20 @@ pub trait SharedPulls: Send + Sync {
     /// The name of record `id` among its request's copies and of its marker (a MAC).
     fn field(&self, id: RecordId) -> String;
 
-    /// Stores `plain` as record `field` of `key` for `ttl`; `false` when not stored.
+    /// Stores `plain` as record `field` of `key` for `ttl`, unless the request was erased
+    /// at or after `received_ms` ([`SharedPulls::mark_erased`]).
     fn put<'a>(
         &'a self,
         key: &'a str,
         field: &'a str,
         plain: &'a [u8],
         ttl: Duration,
-    ) -> BoxFuture<'a, bool>;
+        received_ms: u64,
+    ) -> BoxFuture<'a, PullPut>;
+
+    /// Marks the request of `key` erased now, for `ttl`: a later [`SharedPulls::put`] of a
+    /// record that arrived before is refused. `false` when Redis did not answer.
+    fn mark_erased<'a>(&'a self, key: &'a str, ttl: Duration) -> BoxFuture<'a, bool>;
 
     /// The records of `key` that open, as `(field, plain)`; `None`: Redis did not answer.
     fn list<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Listed>>;
@@ -213,32 +230,47 @@ impl FleetPulls {
     /// Copies a pull-only record the delivery worker holds until `until_ms` to Redis (one
     /// round trip, bounded by `scaleout.command_timeout`). Never fails the hold: a copy
     /// skipped or not stored is counted and logged, and the local record still serves.
-    pub async fn copy(&self, record: &Leased, until_ms: u64) {
+    /// `true` when the request was erased (on any instance) after the record arrived: not
+    /// copied, and the record is to be settled.
+    pub async fn copy(&self, record: &Leased, until_ms: u64) -> bool {
         let left = until_ms.saturating_sub(now_ms());
         if left == 0 {
-            return;
+            return false;
         }
         if record.envelope.body.len() > self.max_copy {
             self.metrics.pull_copy("skipped");
             tracing::info!(acquirer = %record.acquirer, size = record.envelope.body.len(), "relay: package too large to copy to the fleet; pulled from this instance only");
-            return;
+            return false;
         }
         let Some(plain) = Copy::encode(record) else {
             self.metrics.pull_copy("skipped");
-            return;
+            return false;
         };
         let key = self
             .shared
             .key(&record.acquirer, &record.envelope.request_id);
         let field = self.shared.field(record.id);
-        if !self
+        let put = self
             .shared
-            .put(&key, &field, &plain, Duration::from_millis(left))
-            .await
-        {
-            self.metrics.pull_copy("failed");
-            tracing::warn!(acquirer = %record.acquirer, "relay: package not copied to the fleet (Redis unavailable or too slow); pulled from this instance only");
-            return;
+            .put(
+                &key,
+                &field,
+                &plain,
+                Duration::from_millis(left),
+                record.received_ms,
+            )
+            .await;
+        match put {
+            PullPut::Stored => {}
+            PullPut::Erased => {
+                tracing::info!(record = %record.id, acquirer = %record.acquirer, "relay: package erased by an admin on another instance before it was copied; settled");
+                return true;
+            }
+            PullPut::Failed => {
+                self.metrics.pull_copy("failed");
+                tracing::warn!(acquirer = %record.acquirer, "relay: package not copied to the fleet (Redis unavailable or too slow); pulled from this instance only");
+                return false;
+            }
         }
         self.metrics.pull_copy("stored");
         if let Ok(mut held) = self.held.lock()
@@ -257,6 +289,7 @@ impl FleetPulls {
                 },
             );
         }
+        false
     }
 
     /// Whether record `id` was acknowledged on another instance (its marker is set);
@@ -274,20 +307,23 @@ impl FleetPulls {
         acked
     }
 
-    /// The caller's oldest package among the request's copies; `None` for none, for
-    /// another caller's, and when Redis does not answer.
-    pub async fn take(
+    /// The caller's oldest package among the request's copies (those of this instance's
+    /// records included), as `(id, received_ms, envelope)`; `None` for none, for another
+    /// caller's, and when Redis does not answer. Count it with [`FleetPulls::served`] when
+    /// it is the one handed out.
+    pub async fn find(
         &self,
         acquirer: &str,
         request_id: &str,
         owner: &Owner,
-    ) -> Option<(RecordId, Envelope)> {
+    ) -> Option<(RecordId, u64, Envelope)> {
         let found = self.oldest(acquirer, request_id, owner, None).await?;
-        let found = found.map(|copy| (copy.id, copy.envelope));
-        if found.is_some() {
-            self.metrics.remote_pull("served", 1);
-        }
-        found
+        found.map(|copy| (copy.id, copy.received_ms, copy.envelope))
+    }
+
+    /// Counts a package served from its copy.
+    pub fn served(&self) {
+        self.metrics.remote_pull("served", 1);
     }
 
     /// Acknowledges the caller's copy `id` (or its oldest) of the request: the copy is
@@ -314,9 +350,11 @@ impl FleetPulls {
     }
 
     /// Erase by requestId (the admin's `POST /relay/erase`), for `acquirer` or every
-    /// acquirer: each copy of the request is removed and marked acknowledged, so the
-    /// instance holding its record settles it (its payload deleted) at its next sweep.
-    /// `false` when Redis did not answer for one of them (the operator retries).
+    /// acquirer: the request is marked erased (for `max_age`), so an instance that copies
+    /// one of its records later settles the record instead, then each copy of the request
+    /// is removed and marked acknowledged, so the instance holding its record settles it
+    /// (its payload deleted) at its next sweep. `false` when Redis did not answer for one
+    /// of them (the operator retries).
     pub async fn erase(&self, acquirer: Option<&str>, request_id: &str) -> bool {
         let names: Vec<&str> = match acquirer {
             Some(name) => vec![name],
@@ -329,6 +367,10 @@ impl FleetPulls {
                     .retain(|_, h| !(h.acquirer == name && h.request_id == request_id));
             }
             let key = self.shared.key(name, request_id);
+            if !self.shared.mark_erased(&key, self.max_age).await {
+                all = false;
+                continue;
+            }
             let Some(listed) = self.shared.list(&key).await else {
                 all = false;
                 continue;
@@ -630,7 +672,11 @@ mod tests {
             _: &'a str,
             _: &'a [u8],
             _: Duration,
-        ) -> BoxFuture<'a, bool> {
+            _: u64,
+        ) -> BoxFuture<'a, PullPut> {
+            Box::pin(async { PullPut::Failed })
+        }
+        fn mark_erased<'a>(&'a self, _: &'a str, _: Duration) -> BoxFuture<'a, bool> {
             Box::pin(async { false })
         }
         fn list<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<Listed>> {
@@ -657,7 +703,7 @@ mod tests {
             vec!["acquirer-1".into()],
         );
         let record = leased("key:abc", b"small");
-        pulls.copy(&record, now_ms() + 60_000).await;
+        assert!(!pulls.copy(&record, now_ms() + 60_000).await);
         assert_eq!(metrics.pull_copies("failed"), 1);
         pulls
             .copy(&leased("key:abc", &[0; 17]), now_ms() + 60_000)
@@ -665,7 +711,7 @@ mod tests {
         assert_eq!(metrics.pull_copies("skipped"), 1);
         assert!(
             pulls
-                .take("acquirer-1", "req-1", &"key:abc".into())
+                .find("acquirer-1", "req-1", &"key:abc".into())
                 .await
                 .is_none()
         );

@@ -33,6 +33,21 @@ pub const MAX_PULL_RECORDS: usize = 64;
 pub const MAX_MARK_BATCH: usize = 512;
 /// What an acknowledgement marker seals (with its expiry ahead of it).
 const ACK_MARK: &[u8] = b"acked";
+/// Every erase marker starts so (then the hex of its request's copies' name).
+pub const PULL_ERASED_PREFIX: &str = "{dg}:relay-pull-erased:";
+/// What an erase marker seals (then the erase's time, ms on Redis's clock).
+const ERASED_MARK: &[u8] = b"erased";
+
+/// What [`Scaleout::put_pull`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPut {
+    /// Stored.
+    Stored,
+    /// Not stored: Redis down, too slow, or the value could not be sealed.
+    Failed,
+    /// Not stored: the request was erased after the record arrived.
+    Erased,
+}
 
 /// The HMAC key that names pull copies and their records.
 pub(super) fn pull_mac_key(secret: &super::FleetSecret) -> hmac::Key {
@@ -84,6 +99,23 @@ impl Scaleout {
         name
     }
 
+    /// The erase marker of the copies under `key`.
+    fn erased_key(key: &str) -> String {
+        let suffix = key.strip_prefix(PULL_PREFIX).unwrap_or(key);
+        let mut name = String::with_capacity(PULL_ERASED_PREFIX.len() + suffix.len());
+        name.push_str(PULL_ERASED_PREFIX);
+        name.push_str(suffix);
+        name
+    }
+
+    /// When the request of `key` was erased, as its sealed erase marker `sealed` says;
+    /// `None` when it does not open (a Redis writer's) or has expired.
+    fn erased_at(&self, marker: &str, sealed: &[u8]) -> Option<u64> {
+        let plain = self.open_expiring(marker.as_bytes(), sealed)?;
+        let at = plain.strip_prefix(ERASED_MARK)?;
+        Some(u64::from_be_bytes(at.try_into().ok()?))
+    }
+
     fn pull_context(key: &str, field: &str) -> Vec<u8> {
         let mut context = Vec::with_capacity(key.len() + 1 + field.len());
         context.extend_from_slice(key.as_bytes());
@@ -111,30 +143,85 @@ impl Scaleout {
     }
 
     /// Stores `plain` as record `field` of the copies under `key` for `ttl` (the hash lives
-    /// as long as its longest-lived record). One round trip under
-    /// `scaleout.command_timeout`; `false` when Redis is down, did not answer in time, or
-    /// the value could not be sealed.
-    pub async fn put_pull(&self, key: &str, field: &str, plain: &[u8], ttl: Duration) -> bool {
+    /// as long as its longest-lived record), unless the request was erased (a valid erase
+    /// marker, [`Scaleout::erase_pulls`]) at or after `received_ms`: then
+    /// [`PullPut::Erased`]. An erase marker that does not open is ignored. One round trip
+    /// (two after an erase) under `scaleout.command_timeout`.
+    pub async fn put_pull(
+        &self,
+        key: &str,
+        field: &str,
+        plain: &[u8],
+        ttl: Duration,
+        received_ms: u64,
+    ) -> PullPut {
         let Some(sealed) = self.seal_expiring(&Self::pull_context(key, field), plain, ttl) else {
+            return PullPut::Failed;
+        };
+        let marker = Self::erased_key(key);
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        for force in [false, true] {
+            let reply: Option<Value> = self
+                .link
+                .run("relay_pull", |mut c| {
+                    let (sealed, marker) = (&sealed, &marker);
+                    async move {
+                        scripts::PULL_PUT
+                            .key(key)
+                            .key(marker.as_str())
+                            .arg(field)
+                            .arg(sealed.as_slice())
+                            .arg(ttl_ms)
+                            .arg(if force { "1" } else { "0" })
+                            .invoke_async(&mut c)
+                            .await
+                    }
+                })
+                .await;
+            match reply {
+                Some(Value::Int(1)) => return PullPut::Stored,
+                Some(Value::BulkString(mark)) if !force => {
+                    if self
+                        .erased_at(&marker, &mark)
+                        .is_some_and(|at| at >= received_ms)
+                    {
+                        return PullPut::Erased;
+                    }
+                    // Erased before this record arrived, or not an erase: stored anyway.
+                }
+                _ => return PullPut::Failed,
+            }
+        }
+        PullPut::Failed
+    }
+
+    /// Marks the request of `key` erased now for `ttl` (sealed to its name), so a copy an
+    /// instance makes later of a record that arrived before is refused
+    /// ([`Scaleout::put_pull`]). `false` when Redis did not answer.
+    pub async fn erase_pulls(&self, key: &str, ttl: Duration) -> bool {
+        let marker = Self::erased_key(key);
+        let mut plain = ERASED_MARK.to_vec();
+        plain.extend_from_slice(&self.redis_now_ms().to_be_bytes());
+        let Some(sealed) = self.seal_expiring(marker.as_bytes(), &plain, ttl) else {
             return false;
         };
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let stored: Option<i64> = self
+        let done: Option<()> = self
             .link
             .run("relay_pull", |mut c| {
-                let sealed = &sealed;
+                let (marker, sealed) = (&marker, &sealed);
                 async move {
-                    scripts::PULL_PUT
-                        .key(key)
-                        .arg(field)
+                    redis::cmd("SET")
+                        .arg(marker.as_str())
                         .arg(sealed.as_slice())
+                        .arg("PX")
                         .arg(ttl_ms)
-                        .invoke_async(&mut c)
+                        .query_async(&mut c)
                         .await
                 }
             })
             .await;
-        stored == Some(1)
+        done.is_some()
     }
 
     /// The records stored under `key` that open (at most [`MAX_PULL_RECORDS`]), as
@@ -289,10 +376,12 @@ mod tests {
         let started = std::time::Instant::now();
         let key = one.pull_key("a", "r");
         let field = one.pull_field(&[1; 16]);
-        assert!(
-            !one.put_pull(&key, &field, b"p", Duration::from_secs(5))
-                .await
+        assert_eq!(
+            one.put_pull(&key, &field, b"p", Duration::from_secs(5), 0)
+                .await,
+            PullPut::Failed
         );
+        assert!(!one.erase_pulls(&key, Duration::from_secs(5)).await);
         assert!(one.list_pulls(&key).await.is_none());
         assert!(!one.ack_pull(&key, &field, Duration::from_secs(5)).await);
         assert!(one.pulls_acked(&[field]).await.is_none());

@@ -254,10 +254,16 @@ return found
 /// A relay pull copy stored (`relay_pulls`): `ARGV[2]` as field `ARGV[1]` of the hash
 /// `KEYS[1]`, whose life is raised to `ARGV[3]` ms if shorter (the hash lives as long as
 /// its longest-lived record; each record's own life is sealed in it). A key of another
-/// type (a Redis writer's) is replaced.
+/// type (a Redis writer's) is replaced. Unless `ARGV[4]` is `1`, nothing is stored while
+/// the request's erase marker `KEYS[2]` is set: its value is returned instead (the caller
+/// opens it and decides), so a copy and an erase never pass each other.
 pub static PULL_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if ARGV[4] ~= '1' then
+  local erased = redis.pcall('GET', KEYS[2])
+  if type(erased) == 'string' then return erased end
+end
 if type(redis.pcall('HSET', KEYS[1], ARGV[1], ARGV[2])) == 'table' then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

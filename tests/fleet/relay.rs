@@ -1120,3 +1120,143 @@ async fn a_restarted_holder_settles_a_package_acknowledged_through_another_insta
     // Sweeps run every 2 s.
     world.wait_for(&world.b, State::Delivered, 1).await;
 }
+
+/// Diia's callback for `request_id` with action `action` (a second callback of one
+/// requestId is another record only under another action).
+async fn callback_as(
+    world: &World,
+    gateway: &RunningGateway,
+    request_id: &str,
+    action: &str,
+    body: &str,
+) -> Reply {
+    let addr = gateway.relay_addr().expect("relay listens");
+    let url = format!("http://{addr}/diia/callback/{PATH_TOKEN}");
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    send(
+        &world.http,
+        Method::POST,
+        &url,
+        &[
+            ("content-type", content_type.as_str()),
+            ("x-document-request-trace-id", request_id),
+            ("x-diia-id-action", action),
+        ],
+        body.to_owned(),
+    )
+    .await
+}
+
+/// Two packages of one requestId (two actions): the older reached A, the newer B, both
+/// copied. A pull through B is answered the caller's oldest (A's), as the contract says,
+/// and an acknowledgement without `?id=` through A (a load balancer need not send the
+/// `DELETE` where the `GET` went) takes what was served, so the package not yet pulled is
+/// the one left. Before the fix each instance answered its own record first: B served the
+/// newer, A's `DELETE` then acknowledged the older, never served, and it was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_package_is_served_and_acknowledged_whichever_instance_holds_it() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let request_id = "fleet-pull-oldest-3f18";
+    let pushed = world
+        .push(&world.a, &token, &fresh_barcode(), request_id)
+        .await;
+    assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+    let older = world.package(21);
+    let stored = callback_as(&world, &world.a, request_id, "hashedFilesSigning", &older).await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_metric(&world.a, COPIES_STORED, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let newer = world.package(22);
+    let stored = callback_as(
+        &world,
+        &world.b,
+        request_id,
+        "documentIdentification",
+        &newer,
+    )
+    .await;
+    assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+    world.wait_metric(&world.b, COPIES_STORED, 1.0).await;
+
+    let first = world
+        .pull(&world.b, Method::GET, &token, request_id, "")
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let acked = world
+        .pull(&world.a, Method::DELETE, &token, request_id, "")
+        .await;
+    assert_eq!(acked.status, StatusCode::NO_CONTENT, "{acked:?}");
+    let second = world
+        .pull(&world.b, Method::GET, &token, request_id, "")
+        .await;
+    assert_eq!(second.status, StatusCode::OK, "{second:?}");
+    assert!(
+        second.body != first.body,
+        "the package served first is served again: the acknowledgement took the other one"
+    );
+    assert!(
+        first.body.as_ref() == older.as_bytes(),
+        "not the oldest first"
+    );
+    assert!(second.body.as_ref() == newer.as_bytes());
+}
+
+/// An admin erase through A right after Diia's callback reached B, before B's delivery
+/// worker copied the package to Redis (it looks every 250 ms): the erase answers 200, and
+/// the package must not turn up afterwards through either instance, and B's record is
+/// settled. Three requestIds, so at least one erase lands before its copy. Before the fix
+/// the erase found no copy to mark, the copy came after it, and the erased package was
+/// served through both instances until `max_age`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erase_right_after_the_callback_is_not_undone_by_the_late_copy() {
+    let Some(world) = World::start_pull().await else {
+        return;
+    };
+    let token = world
+        .session_token(&world.a, DEMO_ACQUIRER_TOKEN, DEMO_AUTH_TOKEN)
+        .await;
+    let ids = [
+        "fleet-pull-erase-race-1",
+        "fleet-pull-erase-race-2",
+        "fleet-pull-erase-race-3",
+    ];
+    for (n, request_id) in (30u8..).zip(ids) {
+        let pushed = world
+            .push(&world.a, &token, &fresh_barcode(), request_id)
+            .await;
+        assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
+        let body = world.package(n);
+        let stored = world.callback(&world.b, request_id, &body).await;
+        assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+        let url = format!("http://{}/relay/erase", world.a.admin_addr());
+        let erased = send(
+            &world.http,
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            format!(r#"{{"requestId":"{request_id}"}}"#),
+        )
+        .await;
+        assert_eq!(erased.status, StatusCode::OK, "{erased:?}");
+    }
+    // B's worker has held (and copied) all of them by now, and its sweep has run.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    for request_id in ids {
+        for gateway in [&world.a, &world.b] {
+            let again = world
+                .pull(gateway, Method::GET, &token, request_id, "")
+                .await;
+            assert_eq!(
+                again.status,
+                StatusCode::NOT_FOUND,
+                "{request_id} served after its erase"
+            );
+        }
+    }
+    world.wait_for(&world.b, State::Pending, 0).await;
+}
