@@ -341,6 +341,16 @@ impl World {
         body
     }
 
+    /// Diia's callback (package `fill`) for `request_id` through `gateway`: acknowledged,
+    /// then delivered by that instance to the branch's target, once, byte for byte.
+    async fn callback_is_delivered(&self, gateway: &RunningGateway, request_id: &str, fill: u8) {
+        let body = self.package(fill);
+        let stored = self.callback(gateway, request_id, &body).await;
+        assert_eq!(stored.status, StatusCode::OK, "{stored:?}");
+        self.wait_for(gateway, State::Delivered, 1).await;
+        assert_byte_for_byte(&self.delivered(1).await, &body, request_id);
+    }
+
     /// A package for the shared acquirer certificate.
     fn package(&self, fill: u8) -> String {
         let file = enveloped_for(&self.shared.cert_der, &vec![fill; 32 * 1024]);
@@ -541,13 +551,7 @@ async fn a_request_id_routed_through_one_instance_is_409_through_another_for_ano
     // The owner's retry through B is accepted (the fleet's route is the same).
     let retry = world.push(&world.b, &token, &barcode, request_id).await;
     assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
-    let body = world.package(5);
-    assert_eq!(
-        world.callback(&world.b, request_id, &body).await.status,
-        StatusCode::OK
-    );
-    world.wait_for(&world.b, State::Delivered, 1).await;
-    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+    world.callback_is_delivered(&world.b, request_id, 5).await;
 }
 
 /// A junk session token's push through A reserves the requestId fleet-wide while it is
@@ -595,13 +599,7 @@ async fn a_refused_junk_push_leaves_no_fleet_claim_behind() {
         .push(&world.b, &token, &fresh_barcode(), request_id)
         .await;
     assert_eq!(pushed.status, StatusCode::OK, "{pushed:?}");
-    let body = world.package(6);
-    assert_eq!(
-        world.callback(&world.a, request_id, &body).await.status,
-        StatusCode::OK
-    );
-    world.wait_for(&world.a, State::Delivered, 1).await;
-    assert_byte_for_byte(&world.delivered(1).await, &body, request_id);
+    world.callback_is_delivered(&world.a, request_id, 6).await;
 }
 
 /// More orphans wait on B than one sweep looks up (512), none of them with a route in
