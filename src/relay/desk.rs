@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use percent_encoding::percent_decode_str;
-use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use super::fleet::{Claim, FleetRoutes};
 use super::fleet_pulls::FleetPulls;
@@ -173,13 +173,38 @@ pub struct RelayDesk {
     fleet: Option<Arc<FleetRoutes>>,
     /// The fleet's pull copies (`[scaleout]` on).
     pulls: Option<Arc<FleetPulls>>,
+    /// Bytes of pull answers not yet sent, in [`ANSWER_UNIT`]s (`max_in_flight_bytes`):
+    /// each answer holds its own copy of a package until hyper has written it.
+    answers: Arc<Semaphore>,
+    answer_units: u32,
+}
+
+/// The pull answers' budget is counted in KiB (a semaphore counts in `u32`).
+const ANSWER_UNIT: usize = 1024;
+
+/// A package's bytes together with their share of the answers' budget: the share is
+/// given back when the last handle on the bytes goes (hyper drops the body once written,
+/// or with the connection at `send_timeout`).
+struct Charged {
+    body: Bytes,
+    _share: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
 }
 
 impl RelayDesk {
     /// A desk over the relay's store and settings.
     #[must_use]
     pub fn new(settings: Arc<RelaySettings>, store: Arc<dyn CallbackStore>) -> Self {
+        let units = (settings.max_in_flight_bytes / ANSWER_UNIT)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         Self {
+            answers: Arc::new(Semaphore::new(units)),
+            answer_units: u32::try_from(units).unwrap_or(u32::MAX),
             settings,
             store,
             arrivals: Arc::new(Notify::new()),
@@ -345,7 +370,7 @@ impl RelayDesk {
     ) -> Result<Option<Pulled>, DeskError> {
         // A package already there is answered without a waiting place.
         if let Some(found) = self.take(owner, request_id).await? {
-            return Ok(Some(found));
+            return self.charged(found).map(Some);
         }
         if wait.is_zero() {
             return Ok(None);
@@ -359,7 +384,7 @@ impl RelayDesk {
             let mut arrived = std::pin::pin!(arrived);
             arrived.as_mut().enable();
             if let Some(found) = self.take(owner, request_id).await? {
-                return Ok(Some(found));
+                return self.charged(found).map(Some);
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -371,6 +396,28 @@ impl RelayDesk {
                 () = tokio::time::sleep_until(recheck) => {}
             }
         }
+    }
+
+    /// The package with its body charged to the answers' budget until it is sent (one
+    /// package always fits: its share is at most the whole budget); `Unavailable`
+    /// (503 + `Retry-After`) while answers not yet sent hold the budget, so a caller that
+    /// pulls its package many times at once without reading cannot hold a copy per answer.
+    fn charged(&self, pulled: Pulled) -> Result<Pulled, DeskError> {
+        let Pulled { id, mut envelope } = pulled;
+        let units = u32::try_from(envelope.body.len().div_ceil(ANSWER_UNIT).max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.answer_units);
+        let share = Arc::clone(&self.answers)
+            .try_acquire_many_owned(units)
+            .map_err(|_| {
+                tracing::warn!(record = %id, "relay: pull answers not yet sent hold max_in_flight_bytes; answered 503");
+                DeskError::Unavailable
+            })?;
+        envelope.body = Bytes::from_owner(Charged {
+            body: envelope.body,
+            _share: share,
+        });
+        Ok(Pulled { id, envelope })
     }
 
     /// A place among the waiting pulls (none needed for a pull that does not wait).

@@ -441,3 +441,80 @@ async fn a_callback_refused_on_its_head_is_not_asked_for_its_body() {
     );
     drop(slow);
 }
+
+/// A caller pulls its own package again and again on HTTP/2 streams whose window it never
+/// opens: each answer holds a copy of the package until sent. The pull answers share a
+/// budget (`max_in_flight_bytes`), so past it the caller gets `503 relay_unavailable` +
+/// `Retry-After` instead of another copy held, and once the stalled streams go the
+/// package is served again, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_answers_not_yet_read_are_bounded_by_the_byte_budget() {
+    use bytes::Bytes;
+    use sha2::{Digest, Sha256};
+
+    let acquirer = Acquirer::new();
+    // One package fits, a second copy beside it does not.
+    let h = crate::relay_ingress::start_with(&acquirer, |relay| {
+        relay.max_in_flight_bytes = 256 * 1024;
+    })
+    .await;
+    let token = h.session_token().await;
+    let request_id = "attack-pull-copies-1";
+    crate::relay_flow::push_consent(&h, &token, request_id).await;
+    let body = package_of(&acquirer, 4, 150 * 1024);
+    let stored = callback(&h, &ingress_path(), Some(request_id), body.clone()).await;
+    assert_eq!(stored.status, StatusCode::OK);
+
+    // An h2c peer with a zero window: the answer's head arrives, its body cannot.
+    let tcp = TcpStream::connect(h.gateway.addr()).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::get(format!(
+        "http://{}/relay/v1/callbacks/{request_id}",
+        h.gateway.addr()
+    ))
+    .header("authorization", format!("Bearer {token}"))
+    .body(())
+    .unwrap();
+    let (stalled, _) = client.send_request(request, true).unwrap();
+    let stalled = tokio::time::timeout(Duration::from_secs(10), stalled)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stalled.status(), StatusCode::OK);
+
+    let bearer = format!("Bearer {token}");
+    let path = format!("/relay/v1/callbacks/{request_id}");
+    let headers = [("authorization", bearer.as_str())];
+    let pull = || h.send(Method::GET, &path, &headers, "");
+    let refused = pull().await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{refused:?}"
+    );
+    assert_eq!(refused.gateway_code(), "relay_unavailable");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+
+    // The stalled stream goes: its share is given back.
+    drop((stalled, client));
+    connection.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        let reply = pull().await;
+        if reply.status == StatusCode::OK || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(served.status, StatusCode::OK, "{served:?}");
+    assert_eq!(
+        Sha256::digest(&served.body),
+        Sha256::digest(body.as_bytes())
+    );
+}
