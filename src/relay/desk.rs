@@ -19,7 +19,8 @@
 //!   acknowledgement reaches the copy and the holding instance alike, and a local package
 //!   acknowledged elsewhere is not served again.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -177,7 +178,15 @@ pub struct RelayDesk {
     /// each answer holds its own copy of a package until hyper has written it.
     answers: Arc<Semaphore>,
     answer_units: u32,
+    /// Bytes of unsent answers per caller (its login when it has one, else its client):
+    /// one caller holds at most [`CALLER_SHARE`] of the budget, so stalling its own
+    /// answers cannot refuse everyone else's pulls.
+    by_caller: Arc<Mutex<HashMap<String, usize>>>,
+    caller_cap: usize,
 }
+
+/// The part of the pull answers' budget one caller may hold (one package always fits).
+const CALLER_SHARE: usize = 8;
 
 /// The pull answers' budget is counted in KiB (a semaphore counts in `u32`).
 const ANSWER_UNIT: usize = 1024;
@@ -188,6 +197,27 @@ const ANSWER_UNIT: usize = 1024;
 struct Charged {
     body: Bytes,
     _share: OwnedSemaphorePermit,
+    _caller: CallerShare,
+}
+
+/// A caller's bytes of one unsent answer, given back when dropped.
+struct CallerShare {
+    table: Arc<Mutex<HashMap<String, usize>>>,
+    caller: String,
+    bytes: usize,
+}
+
+impl Drop for CallerShare {
+    fn drop(&mut self) {
+        if let Ok(mut table) = self.table.lock()
+            && let Some(held) = table.get_mut(&self.caller)
+        {
+            *held = held.saturating_sub(self.bytes);
+            if *held == 0 {
+                table.remove(&self.caller);
+            }
+        }
+    }
 }
 
 impl AsRef<[u8]> for Charged {
@@ -202,9 +232,12 @@ impl RelayDesk {
     pub fn new(settings: Arc<RelaySettings>, store: Arc<dyn CallbackStore>) -> Self {
         let units = (settings.max_in_flight_bytes / ANSWER_UNIT)
             .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let caller_cap = (settings.max_in_flight_bytes / CALLER_SHARE).max(settings.max_body);
         Self {
             answers: Arc::new(Semaphore::new(units)),
             answer_units: u32::try_from(units).unwrap_or(u32::MAX),
+            by_caller: Arc::new(Mutex::new(HashMap::new())),
+            caller_cap,
             settings,
             store,
             arrivals: Arc::new(Notify::new()),
@@ -370,7 +403,7 @@ impl RelayDesk {
     ) -> Result<Option<Pulled>, DeskError> {
         // A package already there is answered without a waiting place.
         if let Some(found) = self.take(owner, request_id).await? {
-            return self.charged(found).map(Some);
+            return self.charged(owner, found).map(Some);
         }
         if wait.is_zero() {
             return Ok(None);
@@ -384,7 +417,7 @@ impl RelayDesk {
             let mut arrived = std::pin::pin!(arrived);
             arrived.as_mut().enable();
             if let Some(found) = self.take(owner, request_id).await? {
-                return self.charged(found).map(Some);
+                return self.charged(owner, found).map(Some);
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -400,10 +433,15 @@ impl RelayDesk {
 
     /// The package with its body charged to the answers' budget until it is sent (one
     /// package always fits: its share is at most the whole budget); `Unavailable`
-    /// (503 + `Retry-After`) while answers not yet sent hold the budget, so a caller that
-    /// pulls its package many times at once without reading cannot hold a copy per answer.
-    fn charged(&self, pulled: Pulled) -> Result<Pulled, DeskError> {
+    /// (503 + `Retry-After`) while answers not yet sent hold the budget, or this caller's
+    /// part of it, so a caller that pulls its package many times at once without reading
+    /// holds neither a copy per answer nor everyone else's pulls.
+    fn charged(&self, owner: &Owner, pulled: Pulled) -> Result<Pulled, DeskError> {
         let Pulled { id, mut envelope } = pulled;
+        let caller = self.caller_share(owner, envelope.body.len()).ok_or_else(|| {
+            tracing::warn!(record = %id, "relay: this caller's pull answers not yet sent hold its part of max_in_flight_bytes; answered 503");
+            DeskError::Unavailable
+        })?;
         let units = u32::try_from(envelope.body.len().div_ceil(ANSWER_UNIT).max(1))
             .unwrap_or(u32::MAX)
             .min(self.answer_units);
@@ -416,8 +454,26 @@ impl RelayDesk {
         envelope.body = Bytes::from_owner(Charged {
             body: envelope.body,
             _share: share,
+            _caller: caller,
         });
         Ok(Pulled { id, envelope })
+    }
+
+    /// `bytes` more of `owner`'s unsent answers, unless that passes its cap.
+    fn caller_share(&self, owner: &Owner, bytes: usize) -> Option<CallerShare> {
+        let caller = owner.login.as_ref().unwrap_or(&owner.client).clone();
+        let mut table = self.by_caller.lock().ok()?;
+        let held = table.entry(caller.clone()).or_insert(0);
+        if *held > 0 && held.saturating_add(bytes) > self.caller_cap {
+            return None;
+        }
+        *held = held.saturating_add(bytes);
+        drop(table);
+        Some(CallerShare {
+            table: Arc::clone(&self.by_caller),
+            caller,
+            bytes,
+        })
     }
 
     /// A place among the waiting pulls (none needed for a pull that does not wait).

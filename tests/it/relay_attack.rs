@@ -442,6 +442,55 @@ async fn a_callback_refused_on_its_head_is_not_asked_for_its_body() {
     drop(slow);
 }
 
+/// An h2c connection with a zero window that pulls `request_id` as `token` on one stream
+/// after another, keeping each, until an answer is not 200 or `most` are held: each 200's
+/// body can never be sent. Returns the connection (drop it to let the answers go) and how
+/// many 200s it holds.
+async fn stall_pulls(
+    h: &Harness,
+    token: &str,
+    request_id: &str,
+    most: usize,
+) -> (tokio::task::JoinHandle<()>, usize) {
+    use bytes::Bytes;
+    let tcp = TcpStream::connect(h.gateway.addr()).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut held = Vec::new();
+    for _ in 0..most {
+        let mut client = client.clone().ready().await.unwrap();
+        let request = http::Request::get(format!(
+            "http://{}/relay/v1/callbacks/{request_id}",
+            h.gateway.addr()
+        ))
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+        let (answer, _) = client.send_request(request, true).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .unwrap()
+            .unwrap();
+        if answer.status() != StatusCode::OK {
+            break;
+        }
+        held.push(answer);
+    }
+    let count = held.len();
+    // The answers stay held as long as the connection runs.
+    let keeper = tokio::spawn(async move {
+        let _keep = (client, held);
+        let _ = connection.await;
+    });
+    (keeper, count)
+}
+
 /// A caller pulls its own package again and again on HTTP/2 streams whose window it never
 /// opens: each answer holds a copy of the package until sent. The pull answers share a
 /// budget (`max_in_flight_bytes`), so past it the caller gets `503 relay_unavailable` +
@@ -449,7 +498,6 @@ async fn a_callback_refused_on_its_head_is_not_asked_for_its_body() {
 /// package is served again, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_answers_not_yet_read_are_bounded_by_the_byte_budget() {
-    use bytes::Bytes;
     use sha2::{Digest, Sha256};
 
     let acquirer = Acquirer::new();
@@ -465,29 +513,11 @@ async fn pull_answers_not_yet_read_are_bounded_by_the_byte_budget() {
     let stored = callback(&h, &ingress_path(), Some(request_id), body.clone()).await;
     assert_eq!(stored.status, StatusCode::OK);
 
-    // An h2c peer with a zero window: the answer's head arrives, its body cannot.
-    let tcp = TcpStream::connect(h.gateway.addr()).await.unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    let connection = tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
-    let request = http::Request::get(format!(
-        "http://{}/relay/v1/callbacks/{request_id}",
-        h.gateway.addr()
-    ))
-    .header("authorization", format!("Bearer {token}"))
-    .body(())
-    .unwrap();
-    let (stalled, _) = client.send_request(request, true).unwrap();
-    let stalled = tokio::time::timeout(Duration::from_secs(10), stalled)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stalled.status(), StatusCode::OK);
-
+    let (stalled, held) = stall_pulls(&h, &token, request_id, 8).await;
+    assert_eq!(
+        held, 1,
+        "more than one unsent copy of a 150 KiB package in 256 KiB"
+    );
     let bearer = format!("Bearer {token}");
     let path = format!("/relay/v1/callbacks/{request_id}");
     let headers = [("authorization", bearer.as_str())];
@@ -501,9 +531,8 @@ async fn pull_answers_not_yet_read_are_bounded_by_the_byte_budget() {
     assert_eq!(refused.gateway_code(), "relay_unavailable");
     assert_eq!(refused.header("retry-after"), Some("1"));
 
-    // The stalled stream goes: its share is given back.
-    drop((stalled, client));
-    connection.abort();
+    // The stalled streams go: their shares are given back.
+    stalled.abort();
     let deadline = Instant::now() + Duration::from_secs(10);
     let served = loop {
         let reply = pull().await;
@@ -517,4 +546,47 @@ async fn pull_answers_not_yet_read_are_bounded_by_the_byte_budget() {
         Sha256::digest(&served.body),
         Sha256::digest(body.as_bytes())
     );
+}
+
+/// One caller stalls as many answers of its own package as it is given; another caller's
+/// pull is still served: a caller holds at most an eighth of the pull budget (or one
+/// package), never all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_stalling_its_pulls_does_not_refuse_another_caller_s() {
+    let acquirer = Acquirer::new();
+    // 2 MiB: thirteen 150 KiB answers without a per-caller cap.
+    let h = crate::relay_ingress::start_with(&acquirer, |relay| {
+        relay.max_in_flight_bytes = 2 * 1024 * 1024;
+    })
+    .await;
+    let hog = h.session_token().await;
+    let other = h
+        .session_token_for(OTHER_ACQUIRER_TOKEN, OTHER_AUTH_TOKEN)
+        .await;
+    for (token, request_id, fill) in [
+        (&hog, "attack-pull-hog", 5),
+        (&other, "attack-pull-other", 6),
+    ] {
+        crate::relay_flow::push_consent(&h, token, request_id).await;
+        let body = package_of(&acquirer, fill, 150 * 1024);
+        let stored = callback(&h, &ingress_path(), Some(request_id), body).await;
+        assert_eq!(stored.status, StatusCode::OK);
+    }
+
+    let (stalled, held) = stall_pulls(&h, &hog, "attack-pull-hog", 16).await;
+    assert!(
+        (1..13).contains(&held),
+        "the hog holds {held} unsent answers"
+    );
+    let bearer = format!("Bearer {other}");
+    let served = h
+        .send(
+            Method::GET,
+            "/relay/v1/callbacks/attack-pull-other",
+            &[("authorization", bearer.as_str())],
+            "",
+        )
+        .await;
+    assert_eq!(served.status, StatusCode::OK, "{served:?}");
+    stalled.abort();
 }
