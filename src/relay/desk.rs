@@ -29,6 +29,7 @@ use http_body_util::Full;
 use percent_encoding::percent_decode_str;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
+use super::budget::ByteBudget;
 use super::fleet::{Claim, FleetRoutes};
 use super::fleet_pulls::FleetPulls;
 use super::ingress::{ACTION_HEADER, TRACE_HEADER};
@@ -174,10 +175,9 @@ pub struct RelayDesk {
     fleet: Option<Arc<FleetRoutes>>,
     /// The fleet's pull copies (`[scaleout]` on).
     pulls: Option<Arc<FleetPulls>>,
-    /// Bytes of pull answers not yet sent, in [`ANSWER_UNIT`]s (`max_in_flight_bytes`):
-    /// each answer holds its own copy of a package until hyper has written it.
-    answers: Arc<Semaphore>,
-    answer_units: u32,
+    /// Bytes of pull answers not yet sent (`max_in_flight_bytes`): each answer holds its
+    /// own copy of a package until hyper has written it.
+    answers: ByteBudget,
     /// Bytes of unsent answers per caller (its login when it has one, else its client):
     /// one caller holds at most [`CALLER_SHARE`] of the budget, so stalling its own
     /// answers cannot refuse everyone else's pulls.
@@ -187,9 +187,6 @@ pub struct RelayDesk {
 
 /// The part of the pull answers' budget one caller may hold (one package always fits).
 const CALLER_SHARE: usize = 8;
-
-/// The pull answers' budget is counted in KiB (a semaphore counts in `u32`).
-const ANSWER_UNIT: usize = 1024;
 
 /// A package's bytes together with their share of the answers' budget: the share is
 /// given back when the last handle on the bytes goes (hyper drops the body once written,
@@ -230,12 +227,9 @@ impl RelayDesk {
     /// A desk over the relay's store and settings.
     #[must_use]
     pub fn new(settings: Arc<RelaySettings>, store: Arc<dyn CallbackStore>) -> Self {
-        let units = (settings.max_in_flight_bytes / ANSWER_UNIT)
-            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let caller_cap = (settings.max_in_flight_bytes / CALLER_SHARE).max(settings.max_body);
         Self {
-            answers: Arc::new(Semaphore::new(units)),
-            answer_units: u32::try_from(units).unwrap_or(u32::MAX),
+            answers: ByteBudget::new(settings.max_in_flight_bytes),
             by_caller: Arc::new(Mutex::new(HashMap::new())),
             caller_cap,
             settings,
@@ -442,15 +436,10 @@ impl RelayDesk {
             tracing::warn!(record = %id, "relay: this caller's pull answers not yet sent hold its part of max_in_flight_bytes; answered 503");
             DeskError::Unavailable
         })?;
-        let units = u32::try_from(envelope.body.len().div_ceil(ANSWER_UNIT).max(1))
-            .unwrap_or(u32::MAX)
-            .min(self.answer_units);
-        let share = Arc::clone(&self.answers)
-            .try_acquire_many_owned(units)
-            .map_err(|_| {
-                tracing::warn!(record = %id, "relay: pull answers not yet sent hold max_in_flight_bytes; answered 503");
-                DeskError::Unavailable
-            })?;
+        let share = self.answers.try_take(envelope.body.len()).ok_or_else(|| {
+            tracing::warn!(record = %id, "relay: pull answers not yet sent hold max_in_flight_bytes; answered 503");
+            DeskError::Unavailable
+        })?;
         envelope.body = Bytes::from_owner(Charged {
             body: envelope.body,
             _share: share,

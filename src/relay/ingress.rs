@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::budget::ByteBudget;
 use super::cms::{PartError, check_part};
 use super::fleet::FleetRoutes;
 use super::metrics::{IngestResult, RelayMetrics, StoreOp};
@@ -55,8 +56,6 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections the relay serves at once; more wait in the kernel's accept queue (Diia
 /// sends a few callbacks at a time; this bounds what a flood of idle sockets can hold).
 const MAX_CONNECTIONS: usize = 1024;
-/// The in-flight budget is counted in KiB (a semaphore counts in `u32`).
-const BUDGET_UNIT: usize = 1024;
 /// Times its length a callback is charged against `max_in_flight_bytes`: while it is
 /// checked and stored, the body, the part being decoded and the sealed copy are held at
 /// once (peak RSS grew by 2.8 bytes per budget byte when only the body was charged).
@@ -181,8 +180,7 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 pub struct Ingress {
     settings: Arc<RelaySettings>,
     store: Arc<dyn CallbackStore>,
-    budget: Arc<Semaphore>,
-    budget_units: u32,
+    budget: ByteBudget,
     metrics: Arc<RelayMetrics>,
     arrivals: Arc<Notify>,
     /// The fleet's routes (`[scaleout]` on): looked up for callbacks with no local route.
@@ -199,14 +197,10 @@ impl Ingress {
         metrics: Arc<RelayMetrics>,
         arrivals: Arc<Notify>,
     ) -> Self {
-        let units = (settings.max_in_flight_bytes / BUDGET_UNIT)
-            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
-        let budget_units = u32::try_from(units).unwrap_or(u32::MAX);
         Self {
+            budget: ByteBudget::new(settings.max_in_flight_bytes),
             settings,
             store,
-            budget: Arc::new(Semaphore::new(units)),
-            budget_units,
             metrics,
             arrivals,
             fleet: None,
@@ -289,12 +283,7 @@ impl Ingress {
         let need = declared
             .unwrap_or(max_body)
             .saturating_mul(IN_FLIGHT_COPIES);
-        let units = u32::try_from(need.div_ceil(BUDGET_UNIT).max(1))
-            .unwrap_or(u32::MAX)
-            .min(self.budget_units);
-        let permit = Arc::clone(&self.budget)
-            .try_acquire_many_owned(units)
-            .map_err(|_| Refusal::Busy)?;
+        let permit = self.budget.try_take(need).ok_or(Refusal::Busy)?;
         Ok(Admitted {
             acquirer,
             request_id,

@@ -87,6 +87,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 pub mod admin;
+pub mod budget;
 pub mod cms;
 pub mod deliver;
 pub mod desk;
